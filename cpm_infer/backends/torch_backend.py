@@ -1,0 +1,73 @@
+"""Eager PyTorch backend: transformers' GPT2LMHeadModel with its DynamicCache (the baseline)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cpm_infer.config import ModelSpec
+from cpm_infer.deps import require
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
+
+log = logging.getLogger(__name__)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: GPT2LMHeadModel, *, device: str | None = None) -> None:
+        self._torch = require("torch", "torch")
+        self.model = model.eval()
+        self.device = self._torch.device(device) if device else next(model.parameters()).device
+        self.model.to(self.device)
+        cfg = model.config
+        self.spec = ModelSpec(
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size, n_positions=cfg.n_positions
+        )
+
+    def _tensor(self, array: np.ndarray):
+        return self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def _forward(self, cache: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        with self._torch.inference_mode():
+            out = self.model(
+                input_ids=self._tensor(input_ids),
+                attention_mask=self._tensor(attention_mask),
+                position_ids=self._tensor(position_ids),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1, :].float().cpu().numpy()
+        return logits, out.cache
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        return self._forward(None, input_ids, attention_mask, position_ids)
+
+    def decode(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        return self._forward(state, input_ids, attention_mask, position_ids)
+
+    def select(self, state: Any, rows: np.ndarray) -> Any:
+        state.batch_select_indices(self._torch.as_tensor(rows, device=self.device))
+        return state
+
+
+def load(path, *, device: str = "cpu", tokenizer_file=None, threads: int | None = None):
+    """Open a Hugging Face checkpoint directory as a TorchBackend."""
+    from cpm_infer.backends import BackendError  # noqa: PLC0415
+    from cpm_infer.checkpoint import open_checkpoint  # noqa: PLC0415
+    from cpm_infer.torch_model import load_model  # noqa: PLC0415
+
+    torch = require("torch", "torch")
+    if (path / "manifest.json").is_file():
+        raise BackendError(f"{path} is an exported artifact; the torch backend needs a checkpoint directory (use --backend auto)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError("--device cuda was asked for but torch sees no CUDA GPU")
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model(open_checkpoint(path, tokenizer_file), device=device)
+    return TorchBackend(model, device=device), tokenizer
