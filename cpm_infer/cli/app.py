@@ -1,0 +1,61 @@
+"""The ``cpm`` entry point: command registration and the one place errors become messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from cpm_infer.cli import generate, info, model, tokenize
+from cpm_infer.errors import CpmError
+
+app = typer.Typer(
+    name="cpm",
+    help="Fast CPM (Chinese GPT-2) generation: export, serve, benchmark, fine-tune.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("generate")(generate.generate)
+app.command("info")(info.info)
+app.command("tokenize")(tokenize.tokenize)
+app.add_typer(model.app, name="model")
+
+
+class Interrupted(CpmError):
+    """Ctrl-C: the command stopped; its message says what was kept."""
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    debug = bool(os.environ.get("CPM_DEBUG"))
+    try:
+        app()
+    except Interrupted as exc:
+        _fail(str(exc), 130)
+    except CpmError as exc:
+        if debug:
+            raise
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the CLI promises one line, never a traceback
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(f"unexpected {type(exc).__name__}: {first} (set CPM_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

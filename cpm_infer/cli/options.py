@@ -1,0 +1,19 @@
+"""Option aliases shared by commands (one definition of each flag, reused everywhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[
+    Optional[Path],
+    typer.Option("--model", "-m", help="Checkpoint directory or exported artifact (default: the bundled demo model)."),
+]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto (from the model directory), torch, ort or trt.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda (cuda:N).")]
+TokenizerOpt = Annotated[
+    Optional[Path], typer.Option("--tokenizer", help="SentencePiece file, if the model directory has none.")
+]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the runtime.")]
