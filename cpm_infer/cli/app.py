@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cpm_infer.cli import generate, info, model, tokenize
+from cpm_infer.cli import bench, generate, info, model, serve, tokenize
 from cpm_infer.errors import CpmError
 
 app = typer.Typer(
@@ -21,7 +21,9 @@ app = typer.Typer(
 app.command("generate")(generate.generate)
 app.command("info")(info.info)
 app.command("tokenize")(tokenize.tokenize)
+app.command("serve")(serve.serve)
 app.add_typer(model.app, name="model")
+app.command("bench")(bench.bench)
 
 
 class Interrupted(CpmError):

@@ -1,0 +1,1 @@
+"""Side-by-side latency measurements of backends on the same inputs (``cpm bench``)."""

@@ -1,0 +1,194 @@
+"""Assemble the runners of a benchmark: the model source, the eager baselines, ORT / TensorRT artifacts.
+
+A backend that cannot run here (package missing, no GPU, artifact for another model) is skipped with
+its reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpm_infer.artifact import ManifestError, read_manifest, sha256_files
+from cpm_infer.bench.runners import HFGenerateRunner, LoopRunner, Runner
+from cpm_infer.checkpoint import Checkpoint, open_checkpoint
+from cpm_infer.config import ModelSpec, preset
+from cpm_infer.errors import CpmError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "torch", "ort", "trt")
+
+
+class ArtifactMismatchError(CpmError):
+    """An artifact was exported from other weights or ships another tokenizer than the checkpoint."""
+
+
+@dataclass
+class BenchSetup:
+    spec: ModelSpec
+    runners: list[Runner] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None
+    workdir: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        if self.workdir is not None:
+            self.workdir.cleanup()
+
+
+def random_checkpoint(preset_name: str, tokenizer_file: Path, out_dir: Path, seed: int = 0) -> Path:
+    """A CPM preset with random weights, saved as a checkpoint (so it can be exported like a real one)."""
+    from cpm_infer.tokenizer import CpmTokenizer  # noqa: PLC0415
+    from cpm_infer.torch_model import random_model, save_checkpoint  # noqa: PLC0415
+
+    spec = preset(preset_name)
+    tok = CpmTokenizer(tokenizer_file)
+    if tok.vocab_size > spec.vocab_size:
+        raise CpmError(f"tokenizer {tokenizer_file} has {tok.vocab_size} pieces, more than the preset's {spec.vocab_size}")
+    return save_checkpoint(random_model(spec, seed, eod_id=tok.eod_id, pad_id=tok.pad_id), tokenizer_file, out_dir)
+
+
+def check_artifact_matches(artifact: Path, ckpt: Checkpoint) -> None:
+    """Refuse an artifact exported from other weights, or shipping another tokenizer."""
+    manifest = read_manifest(artifact)
+    if manifest.source_sha256 != ckpt.weights_sha256():
+        raise ArtifactMismatchError(f"{artifact} was exported from other weights than {ckpt.directory}")
+    if sha256_files([artifact / manifest.tokenizer_file]) != sha256_files([ckpt.tokenizer_file]):
+        raise ArtifactMismatchError(f"{artifact} ships another tokenizer than {ckpt.directory}")
+
+
+def prepare(
+    *,
+    model: Path | None,
+    preset_name: str | None,
+    tokenizer_file: Path | None,
+    backends: Sequence[str],
+    onnx_dirs: Sequence[Path],
+    trt_dirs: Sequence[Path],
+    device: str,
+    threads: int | None,
+    say: Callable[[str], None],
+    check_spec: Callable[[ModelSpec], None] = lambda spec: None,
+) -> BenchSetup:
+    """Open the model source and every requested backend. ``check_spec`` runs as soon as the model
+    shape is known, before anything heavy is loaded (sweep values are checked against the context)."""
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise CpmError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if (model is None) == (preset_name is None):
+        raise CpmError("give exactly one of --model (a checkpoint) or --preset (random weights)")
+    workdir = None
+    if preset_name is not None:
+        check_spec(preset(preset_name))
+        if tokenizer_file is None:
+            from cpm_infer.demo import demo_model_dir  # noqa: PLC0415
+
+            demo = demo_model_dir()
+            if demo is None:
+                raise CpmError("--preset needs a tokenizer file (--tokenizer) when the demo model is not installed")
+            tokenizer_file = demo / "spiece.model"
+        workdir = tempfile.TemporaryDirectory(prefix="cpm-bench-")
+        say(f"creating a random CPM-{preset_name} checkpoint")
+        model = random_checkpoint(preset_name, tokenizer_file, Path(workdir.name) / preset_name)
+        tokenizer_file = None
+    ckpt = open_checkpoint(model, tokenizer_file)
+    check_spec(ckpt.spec)
+    setup = BenchSetup(spec=ckpt.spec, checkpoint=ckpt, workdir=workdir)
+    try:
+        _add_eager(setup, backends, device, threads, say)
+        if "ort" in backends:
+            _add_ort(setup, onnx_dirs, device, threads, say)
+        if "trt" in backends:
+            _add_trt(setup, trt_dirs, device, say)
+    except BaseException:
+        setup.close()
+        raise
+    if not setup.runners:
+        setup.close()
+        raise CpmError("no backend could run: " + "; ".join(f"{k}: {v}" for k, v in setup.skipped.items()))
+    return setup
+
+
+def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads: int | None, say) -> None:
+    if not {"hf", "torch"} & set(backends):
+        return
+    try:
+        from cpm_infer.backends.torch_backend import TorchBackend  # noqa: PLC0415
+        from cpm_infer.deps import require  # noqa: PLC0415
+        from cpm_infer.torch_model import load_model  # noqa: PLC0415
+
+        torch = require("torch", "torch")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CpmError("torch sees no CUDA GPU")
+        if threads:
+            torch.set_num_threads(threads)
+        say("loading the eager PyTorch model")
+        model, _ = load_model(setup.checkpoint, device=device)
+    except CpmError as exc:
+        for name in ("hf", "torch"):
+            if name in backends:
+                setup.skipped[name] = str(exc)
+        return
+    if "hf" in backends:
+        setup.runners.append(HFGenerateRunner(model))
+    if "torch" in backends:
+        setup.runners.append(LoopRunner("torch", TorchBackend(model, device=device)))
+
+
+def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads: int | None, say) -> None:
+    from cpm_infer.backends import load_backend  # noqa: PLC0415
+
+    dirs = list(onnx_dirs)
+    if not dirs:
+        try:
+            from export.onnx_export import export_onnx  # noqa: PLC0415
+
+            say("exporting the model to ONNX (validated) for the ort backend")
+            root = Path(setup.workdir.name if setup.workdir else tempfile.mkdtemp(prefix="cpm-bench-"))
+            dirs = [export_onnx(setup.checkpoint.directory, root / "onnx", device=device, threads=threads).path]
+        except CpmError as exc:
+            setup.skipped["ort"] = f"export failed: {exc}"
+            return
+    for path in dirs:
+        name = "ort" if len(dirs) == 1 else f"ort:{path.name}"
+        try:
+            check_artifact_matches(path, setup.checkpoint)
+            say(f"loading {path} with onnxruntime")
+            backend, _ = load_backend("ort", path, device=device, threads=threads)
+        except (CpmError, ManifestError) as exc:
+            setup.skipped[name] = str(exc)
+            continue
+        setup.runners.append(LoopRunner(name, backend))
+
+
+def _add_trt(setup: BenchSetup, trt_dirs: Sequence[Path], device: str, say) -> None:
+    from cpm_infer.backends import load_backend  # noqa: PLC0415
+
+    if not trt_dirs:
+        setup.skipped["trt"] = "no TensorRT engine given (--trt DIR; build one with cpm export trt)"
+        return
+    for path in trt_dirs:
+        name = "trt" if len(trt_dirs) == 1 else f"trt:{path.name}"
+        try:
+            backend, _ = load_backend("trt", path, device=device if device.startswith("cuda") else "cuda")
+        except CpmError as exc:
+            setup.skipped[name] = str(exc)
+            continue
+        setup.runners.append(LoopRunner(name, backend))
+
+
+def gpu_peak_reader(device: str):
+    """Peak GPU memory (MB) that torch allocated, when benchmarking on CUDA with torch present."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return lambda: torch.cuda.max_memory_allocated() / 2**20

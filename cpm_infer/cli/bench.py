@@ -1,0 +1,83 @@
+"""``cpm bench``: latency of every available backend against eager PyTorch, in one process, same inputs."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cpm_infer.cli.options import DeviceOpt, ThreadsOpt, TokenizerOpt
+from cpm_infer.errors import CpmError
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CpmError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise CpmError(f"{flag} needs at least one value")
+    return values
+
+
+def bench(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint directory to benchmark.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="small, medium or large with random weights.")] = None,
+    onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", help="ONNX artifact(s) of --model (default: export one).")] = None,
+    trt: Annotated[Optional[list[Path]], typer.Option("--trt", help="TensorRT engine artifact(s).")] = None,
+    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: hf (transformers generate), torch, ort, trt.")] = "hf,torch,ort,trt",
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes; the first is the base case.")] = "1",
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths; the first is the base case.")] = "16",
+    new_tokens: Annotated[str, typer.Option("--new-tokens", help="New tokens; the first is the base case.")] = "64",
+    context: Annotated[str, typer.Option("--context", help="Context lengths for decode latency vs context ('' = none).")] = "16,256,900",
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per case (after one warm-up).")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for bench.json, bench.md and plots.")] = Path("bench-results"),
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Benchmark backends side by side: first-token latency, decode ms/step (p50/p90), tokens/s, memory."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    from cpm_infer.bench import harness, report, setup as bench_setup  # noqa: PLC0415
+
+    console = Console(stderr=True)
+    chosen = [b.strip() for b in backends.split(",") if b.strip()]
+    cases_args = dict(
+        batches=_ints(batch, "--batch"),
+        prompt_lens=_ints(prompt_len, "--prompt-len"),
+        new_tokens=_ints(new_tokens, "--new-tokens"),
+        contexts=_ints(context, "--context") if context.strip() else [],
+    )
+    prepared = bench_setup.prepare(
+        model=model, preset_name=preset, tokenizer_file=tokenizer, backends=chosen, onnx_dirs=onnx or [],
+        trt_dirs=trt or [], device=device, threads=threads, say=lambda m: console.print(f"[dim]{m}[/dim]"),
+        check_spec=lambda spec: harness.build_cases(**cases_args, n_positions=spec.n_positions),
+    )
+    try:
+        cases = harness.build_cases(**cases_args, n_positions=prepared.spec.n_positions)
+        for name, reason in prepared.skipped.items():
+            console.print(f"[yellow]skipped {name}:[/yellow] {reason}")
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("benchmarking", total=len(cases) * len(prepared.runners))
+
+            results = []
+            for case in cases:
+                prompts = harness.make_prompts(case, prepared.spec.vocab_size)
+                for runner in prepared.runners:
+                    progress.update(task, description=f"{runner.name}: {case.sweep} b{case.batch} p{case.prompt_len} n{case.new_tokens}")
+                    results.append(harness.measure(runner, case, prompts, repeats=repeats, gpu_peak=bench_setup.gpu_peak_reader(device)))
+                    progress.advance(task)
+        command = "cpm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        env = report.environment({"device": device, "threads": threads, "spec": prepared.spec.to_dict(),
+                                  "source": preset and f"preset {preset} (random weights)" or str(model)})
+        written = report.write_reports(results, out, command=command, env=env, skipped=prepared.skipped)
+    finally:
+        prepared.close()
+    Console().print(report.terminal_table(written["rows"]))
+    console.print("wrote " + ", ".join(str(p) for p in written["files"]))
