@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cpm_infer.cli import bench, generate, info, model, serve, tokenize
+from cpm_infer.cli import bench, export, generate, info, model, serve, tokenize
 from cpm_infer.errors import CpmError
 
 app = typer.Typer(
@@ -23,7 +23,9 @@ app.command("info")(info.info)
 app.command("tokenize")(tokenize.tokenize)
 app.command("serve")(serve.serve)
 app.add_typer(model.app, name="model")
+app.add_typer(export.app, name="export")
 app.command("bench")(bench.bench)
+app.command("demo")(demo.demo)
 
 
 class Interrupted(CpmError):

@@ -1,0 +1,248 @@
+"""ONNX Runtime backend: runs an exported artifact (``cpm export onnx``) on the CPU or CUDA provider.
+
+Needs numpy and onnxruntime only (no torch). With IO binding (the default) each generation owns two
+flat KV buffers per past/present tensor and ping-pongs between them: step t reads its past from one
+and the graph writes present = concat(past, new) into the other, as a prefix of that flat buffer
+(a contiguous (B, nh, L, hs) array), so nothing is allocated per step and, on CUDA, the cache never
+leaves the device. Buffers grow geometrically, so a long generation reallocates O(log n) times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpm_infer import kv
+from cpm_infer.artifact import Manifest, ManifestError, read_manifest
+from cpm_infer.checkpoint import check_tokenizer_fits
+from cpm_infer.config import ModelSpec
+from cpm_infer.deps import require
+from cpm_infer.errors import CpmError
+from cpm_infer.tokenizer import CpmTokenizer
+
+log = logging.getLogger(__name__)
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+class OrtDeviceError(CpmError):
+    """The requested device cannot be used by onnxruntime here."""
+
+
+class OrtLoadError(CpmError):
+    """onnxruntime cannot load or run the graph."""
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``cpu`` | ``cuda`` | ``cuda:N`` -> (kind, index)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise OrtDeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    return kind, int(index or 0)
+
+
+def create_session(graph: Path, *, device: str = "cpu", threads: int | None = None) -> Any:
+    """An InferenceSession on ``device``; one-line errors for a missing provider or a bad graph."""
+    kind, index = parse_device(device)
+    ort = require("onnxruntime", "ort-gpu" if kind == "cuda" else "ort")
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if kind == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise OrtDeviceError(
+                f"--device {device} was asked for but onnxruntime {ort.__version__} has no CUDA provider "
+                "(install cpm-infer[ort-gpu] on a machine with an NVIDIA GPU)"
+            )
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.inter_op_num_threads = 1  # one graph, sequential: parallelism is inside the kernels
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(graph), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types; report one line
+        raise OrtLoadError(f"onnxruntime cannot load {graph}: {_first_line(exc)}") from None
+    if kind == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise OrtDeviceError(f"--device {device} was asked for but onnxruntime found no usable CUDA GPU")
+    return session
+
+
+def check_graph(session: Any, manifest: Manifest, where: Path) -> None:
+    """The graph must have the manifest's IO names, layer count, head shape and dtype."""
+
+    def fail(detail: str) -> None:
+        raise ManifestError(f"{where}: the manifest does not match the graph: {detail}")
+
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if list(inputs) != manifest.inputs or list(outputs) != manifest.outputs:
+        graph_layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
+        missing = [n for n in manifest.inputs + manifest.outputs if n not in inputs and n not in outputs]
+        fail(
+            f"graph has {graph_layers} KV layers and {len(inputs)} inputs / {len(outputs)} outputs, manifest says "
+            f"{manifest.spec.n_layer} layers" + (f" (missing {missing[0]})" if missing else "")
+        )
+    spec = manifest.spec
+    for name in kv.past_names(spec.n_layer)[:2]:
+        shape, dtype = inputs[name].shape, inputs[name].type
+        if shape[1] != spec.n_head or shape[3] != spec.head_dim:
+            fail(f"{name} has shape {shape}, manifest says {spec.n_head} heads of size {spec.head_dim}")
+        if dtype != _ORT_TYPES[manifest.dtype]:
+            fail(f"{name} is {dtype}, manifest says {manifest.dtype}")
+    vocab = outputs[kv.LOGITS].shape[-1]
+    if isinstance(vocab, int) and vocab != spec.vocab_size:
+        fail(f"logits have {vocab} columns, manifest says vocab_size {spec.vocab_size}")
+
+
+@dataclass
+class OrtState:
+    """The KV cache of one generation: ``batch`` rows holding ``past`` tokens each."""
+
+    batch: int
+    past: int
+    arrays: list[np.ndarray] = field(default_factory=list)  # without IO binding: host presents
+    buffers: list[list[Any]] = field(default_factory=list)  # with IO binding: a [A, B] pair per KV name
+    sizes: list[list[int]] = field(default_factory=list)  # element capacity of each buffer
+    current: int = 0  # which buffer of each pair holds the cache
+    binding: Any = None
+    logits: np.ndarray | None = None  # reused host logits buffer (flat)
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, session: Any, spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu", io_binding: bool = True) -> None:
+        self._ort = require("onnxruntime", "ort")
+        self.session, self.spec, self.dtype = session, spec, dtype
+        self.np_dtype = _NP_DTYPES[dtype]
+        self.device_kind, self.device_id = parse_device(device)
+        self.io_binding = io_binding
+        self.past_names = kv.past_names(spec.n_layer)
+        self.present_names = kv.present_names(spec.n_layer)
+
+    # -- the Backend protocol -------------------------------------------------------------
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, OrtState]:
+        state = OrtState(batch=input_ids.shape[0], past=0)
+        if self.io_binding:
+            state.binding = self.session.io_binding()
+            state.buffers = [[None, None] for _ in self.past_names]
+            state.sizes = [[0, 0] for _ in self.past_names]
+        else:
+            empty = np.zeros(kv.kv_shape(self.spec, state.batch, 0), dtype=self.np_dtype)
+            state.arrays = [empty] * len(self.past_names)
+        return self._step(state, input_ids, attention_mask, position_ids)
+
+    def decode(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, OrtState]:
+        return self._step(state, input_ids, attention_mask, position_ids)
+
+    def select(self, state: OrtState, rows: np.ndarray) -> OrtState:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.io_binding:
+            state.arrays = [a[rows] for a in state.arrays]
+        else:
+            shape = kv.kv_shape(self.spec, state.batch, state.past)
+            new_shape = kv.kv_shape(self.spec, len(rows), state.past)
+            other = 1 - state.current
+            for i, pair in enumerate(state.buffers):
+                kept = self._host_view(pair[state.current], shape)[rows]
+                if self.device_kind == "cpu":
+                    target = self._ensure(state, i, other, kept.size)
+                    target[: kept.size].reshape(new_shape)[...] = kept
+                else:  # one host round trip per finished row, not per step
+                    pair[other] = self._ort.OrtValue.ortvalue_from_numpy(kept.reshape(-1), "cuda", self.device_id)
+                    state.sizes[i][other] = kept.size
+            state.current = other
+        state.batch = len(rows)
+        return state
+
+    # -- internals ------------------------------------------------------------------------
+    def _step(self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, OrtState]:
+        ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))
+        batch, seq = ids.shape
+        if self.io_binding:
+            logits = self._run_bound(state, ids, mask, pos)
+        else:
+            feeds = {kv.INPUT_IDS: ids, kv.ATTENTION_MASK: mask, kv.POSITION_IDS: pos}
+            feeds.update(zip(self.past_names, state.arrays, strict=True))
+            outputs = self._run(lambda: self.session.run(None, feeds))
+            logits = outputs[0][:, -1, :]
+            state.arrays = outputs[1:]
+        state.past += seq
+        return np.array(logits, dtype=np.float32), state
+
+    def _run_bound(self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        io, batch, seq = state.binding, ids.shape[0], ids.shape[1]
+        total = state.past + seq
+        for name, array in ((kv.INPUT_IDS, ids), (kv.ATTENTION_MASK, mask), (kv.POSITION_IDS, pos)):
+            io.bind_cpu_input(name, array)
+        past_shape = kv.kv_shape(self.spec, batch, state.past)
+        present_shape = kv.kv_shape(self.spec, batch, total)
+        need = int(np.prod(present_shape))
+        read, write = state.current, 1 - state.current
+        for i, (past_name, present_name) in enumerate(zip(self.past_names, self.present_names, strict=True)):
+            source = self._ensure(state, i, read, max(1, int(np.prod(past_shape))))
+            target = self._ensure(state, i, write, need)
+            io.bind_input(past_name, *self._where(), self.np_dtype, past_shape, self._ptr(source))
+            io.bind_output(present_name, *self._where(), self.np_dtype, present_shape, self._ptr(target))
+        vocab = self.spec.vocab_size
+        if state.logits is None or state.logits.size < batch * seq * vocab:
+            state.logits = np.empty(batch * seq * vocab, dtype=np.float32)
+        io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
+        self._run(lambda: self.session.run_with_iobinding(io))
+        state.current = write
+        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)[:, -1, :]
+
+    def _ensure(self, state: OrtState, index: int, which: int, elements: int) -> Any:
+        """Buffer ``which`` of KV tensor ``index`` with room for ``elements`` (grows x2, capped)."""
+        if state.sizes[index][which] >= elements:
+            return state.buffers[index][which]
+        row = self.spec.n_head * self.spec.n_positions * self.spec.head_dim
+        size = max(elements, min(2 * state.sizes[index][which], max(1, state.batch) * row))
+        if self.device_kind == "cpu":
+            buffer: Any = np.empty(size, dtype=self.np_dtype)
+        else:
+            buffer = self._ort.OrtValue.ortvalue_from_shape_and_type([size], self.np_dtype, "cuda", self.device_id)
+        state.buffers[index][which], state.sizes[index][which] = buffer, size
+        return buffer
+
+    def _where(self) -> tuple[str, int]:
+        return ("cpu", 0) if self.device_kind == "cpu" else ("cuda", self.device_id)
+
+    @staticmethod
+    def _ptr(buffer: Any) -> int:
+        return buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
+
+    def _host_view(self, buffer: Any, shape: tuple[int, ...]) -> np.ndarray:
+        flat = buffer if isinstance(buffer, np.ndarray) else buffer.numpy()
+        return flat[: int(np.prod(shape))].reshape(shape)
+
+    def _run(self, call: Any) -> Any:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types; report one line
+            raise OrtLoadError(f"onnxruntime failed to run the graph: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load(path: Path, *, device: str = "cpu", tokenizer_file: str | os.PathLike[str] | None = None, threads: int | None = None, io_binding: bool = True):
+    """Open an ONNX artifact directory as an OrtBackend (and its tokenizer)."""
+    path = Path(path)
+    kind, _ = parse_device(device)
+    require("onnxruntime", "ort-gpu" if kind == "cuda" else "ort")
+    manifest = read_manifest(path, expected_format="onnx")
+    tokenizer = CpmTokenizer(tokenizer_file or path / manifest.tokenizer_file)
+    check_tokenizer_fits(tokenizer.vocab_size, manifest.spec, path)
+    session = create_session(path / manifest.graph_files["model"], device=device, threads=threads)
+    check_graph(session, manifest, path)
+    log.info("onnxruntime %s on %s (%s)", manifest.graph_files["model"], session.get_providers()[0], manifest.dtype)
+    return OrtBackend(session, manifest.spec, dtype=manifest.dtype, device=device, io_binding=io_binding), tokenizer

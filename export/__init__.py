@@ -1,0 +1,1 @@
+"""Exporters: checkpoint -> ONNX artifact (``export.onnx_export``), validation, ORT fusions; TensorRT in ``export.tensorrt``."""

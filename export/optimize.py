@@ -1,0 +1,58 @@
+"""``--optimize``: ONNX Runtime's offline transformer fusions (onnxruntime.transformers.optimizer).
+
+What applies to our graph: LayerNormalization + residual Add -> SkipLayerNormalization, and the tanh
+GELU + bias -> FastGelu. The GPT-2 attention fusions do not: they expect ORT's own GPT-2 export with a
+stacked (2, B, nh, P, hs) past per layer, while our KV contract keeps key and value separate (the
+fused kernel would still have to write present = concat(past, new), the part that grows with
+context). The fused graph uses com.microsoft operators, so it runs on ONNX Runtime only; the export
+keeps the plain graph next to it for other tools (manifest role ``portable``), and re-validates the
+fused graph against eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cpm_infer.config import ModelSpec
+from cpm_infer.deps import require
+from cpm_infer.errors import CpmError
+
+log = logging.getLogger(__name__)
+
+
+class OptimizeError(CpmError):
+    """onnxruntime's transformer optimizer failed on the graph."""
+
+
+def optimize_graph(
+    source: Path,
+    target: Path,
+    spec: ModelSpec,
+    *,
+    use_gpu: bool = False,
+    external_data_threshold: int = 2 * 1024**3,
+) -> dict[str, int]:
+    """Write the fused graph to ``target``; return the count of each fused operator that was applied."""
+    require("onnxruntime", "export")
+    from onnxruntime.transformers.fusion_options import FusionOptions  # noqa: PLC0415
+    from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
+
+    options = FusionOptions("gpt2")
+    options.enable_gelu_approximation = False  # keep GELU exact: parity with eager is re-checked
+    try:
+        # opt_level 0: only the Python fusions, no provider-specific ORT rewrites baked into the file.
+        model = optimize_model(
+            str(source), model_type="gpt2", num_heads=spec.n_head, hidden_size=spec.n_embd,
+            optimization_options=options, opt_level=0, use_gpu=use_gpu,
+        )
+    except Exception as exc:  # noqa: BLE001 - the optimizer raises many types; report one line
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptimizeError(f"onnxruntime transformer optimizer failed on {source.name}: {text}") from None
+    fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    if not fused:
+        log.warning("no onnxruntime fusion applied to %s", source.name)
+    size = sum(len(t.raw_data) for t in model.model.graph.initializer)
+    model.save_model_to_file(str(target), use_external_data_format=size >= external_data_threshold, all_tensors_to_one_file=True)
+    log.info("fused operators in %s: %s", target.name, fused)
+    return fused
