@@ -98,14 +98,19 @@ def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def terminal_table(rows: Sequence[dict]):
+COMPACT = ("backend", "ttft_ms", "decode_p50_ms", "tokens_per_s", "decode_speedup", "ttft_speedup")
+
+
+def terminal_table(rows: Sequence[dict], *, compact: bool = False):
+    """A rich table; ``compact`` keeps the columns that matter for a single case."""
     from rich.table import Table  # noqa: PLC0415
 
-    table = Table(title="cpm bench: decode x / TTFT x = speedup over eager (>1 is faster)")
-    for _, title, _ in COLUMNS:
+    columns = [c for c in COLUMNS if not compact or c[0] in COMPACT]
+    table = Table(title="decode x / TTFT x = speedup over eager (>1 is faster)")
+    for _, title, _ in columns:
         table.add_column(title, justify="left" if title in ("backend", "sweep") else "right")
     for row in rows:
-        table.add_row(*(_cell(row, k, f) for k, _, f in COLUMNS))
+        table.add_row(*(_cell(row, k, f) for k, _, f in columns))
     return table
 
 

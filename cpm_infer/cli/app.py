@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cpm_infer.cli import bench, export, generate, info, model, serve, tokenize
+from cpm_infer.cli import bench, demo, export, generate, info, model, serve, tokenize
 from cpm_infer.errors import CpmError
 
 app = typer.Typer(
