@@ -1,0 +1,268 @@
+"""TensorRT backend: one engine with a prefill and a decode profile, the named-tensor API
+(TensorRT >= 8.5: ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), one CUDA
+stream, and every buffer allocated once at load.
+
+KV cache. The graph's contract is ``present = concat(past, new)``, written as a contiguous
+(B, nh, P+1, hs) tensor. A present cannot alias its own past: row b of the past starts at
+``b*nh*P*hs``, of the present at ``b*nh*(P+1)*hs``, so writing one over the other races (and
+TensorRT does not allow an output to overlap an input). So each layer's key and value have two
+buffers sized for (max_batch, nh, max_total, hs): step t reads the past from set ``cur`` and writes
+the present into set ``1 - cur``; the next step swaps. Nothing is allocated per step; the price is
+the concat the graph does anyway (O(context) bytes per token, see the README's decode benchmarks).
+Dropping finished rows (``select``) gathers the kept rows into the other set with one device copy
+per run of consecutive rows per tensor, and swaps.
+
+Logits. The graph returns logits for every position; only the last one per row is copied back
+(one strided ``cudaMemcpy2DAsync`` into pinned memory), then the stream is synchronised once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cpm_infer import kv
+from cpm_infer.config import ModelSpec
+from cpm_infer.deps import require
+from cpm_infer.errors import CpmError
+from export.tensorrt import cuda
+from export.tensorrt.compat import RuntimeInfo, cc_string, check_engine_compatible
+from export.tensorrt.profiles import DECODE, PREFILL, EngineLimits, Profile, ProfileError, check_fits
+
+log = logging.getLogger(__name__)
+
+
+class TrtBackendError(CpmError):
+    """The engine cannot be loaded or run, or a call does not fit it."""
+
+
+@dataclass(frozen=True)
+class TrtState:
+    """Where the KV cache is: which buffer set, how many rows and positions, and for which prefill."""
+
+    epoch: int
+    batch: int
+    length: int
+    cur: int
+
+
+def copy_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """(source row, destination row, count) runs gathering ``rows`` into rows 0..len-1."""
+    runs: list[tuple[int, int, int]] = []
+    for dst, src in enumerate(int(r) for r in rows):
+        if runs and runs[-1][0] + runs[-1][2] == src:
+            s, d, n = runs[-1]
+            runs[-1] = (s, d, n + 1)
+        else:
+            runs.append((src, dst, 1))
+    return runs
+
+
+def parse_device(device: str) -> int:
+    """``cuda`` / ``cuda:N`` -> N. ``cpu`` (the CLI default) means GPU 0: an engine only runs on a GPU."""
+    if device in ("cpu", "cuda", "gpu", ""):
+        if device == "cpu":
+            log.warning("TensorRT engines run on a GPU; using cuda:0 instead of --device cpu")
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise TrtBackendError(f"--device {device!r} is not a CUDA device for the TensorRT backend (use cuda or cuda:N)")
+
+
+class TrtBackend:
+    name = "trt"
+
+    def __init__(self, engine_bytes: bytes, spec: ModelSpec, limits: EngineLimits, profiles: list[Profile], *, device: int = 0) -> None:
+        trt = require("tensorrt", "tensorrt")
+        self._trt, self._rt = trt, cuda.runtime()
+        self._buffers: list = []
+        self.model_spec, self.limits, self.profiles = spec, limits, profiles
+        # The loop stops a sequence at spec.n_positions: make that the engine's max total length.
+        self.spec = ModelSpec(spec.n_layer, spec.n_head, spec.n_embd, spec.vocab_size, limits.max_total)
+        cuda.call(self._rt.cudaSetDevice(device), f"selecting GPU {device}")
+        from export.tensorrt.builder import BuildReport, make_logger  # noqa: PLC0415
+
+        self._logger = make_logger(trt, BuildReport())  # TensorRT messages go to logging, not stderr
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
+        if self._engine is None:
+            raise TrtBackendError("TensorRT could not deserialize the engine (see its log above)")
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise TrtBackendError("TensorRT could not create an execution context (out of GPU memory?)")
+        self._stream = cuda.call(self._rt.cudaStreamCreate(), "stream creation")
+        self._stream_handle = int(self._stream)
+        self._check_engine()
+        self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in self._io_names()}
+        self._allocate()
+        self._epoch, self._profile = 0, -1
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _io_names(self) -> list[str]:
+        return [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+
+    def _check_engine(self) -> None:
+        n = self.spec.n_layer
+        names = set(self._io_names())
+        want = set(kv.input_names(n)) | set(kv.output_names(n))
+        if names != want:
+            raise TrtBackendError(f"engine IO does not follow the KV contract for {n} layers ({len(names)} tensors, expected {len(want)})")
+        if self._engine.num_optimization_profiles != 2:
+            raise TrtBackendError(f"engine has {self._engine.num_optimization_profiles} optimization profiles, expected 2 (prefill, decode)")
+        top = self._engine.get_tensor_profile_shape(kv.ATTENTION_MASK, DECODE)[2]
+        if int(top[1]) != self.limits.max_total or int(top[0]) != self.limits.max_batch:
+            raise TrtBackendError(f"engine profile max {tuple(top)} disagrees with the manifest limits {self.limits}")
+
+    def _device(self, nbytes: int, what: str) -> int:
+        buf = cuda.DeviceBuffer(nbytes, what)
+        self._buffers.append(buf)
+        return buf.ptr
+
+    def _pinned(self, count: int, dtype: np.dtype, what: str) -> np.ndarray:
+        buf = cuda.PinnedArray(count, dtype, what)
+        self._buffers.append(buf)
+        return buf.array
+
+    def _allocate(self) -> None:
+        b, t, total, s = self.limits.max_batch, self.limits.max_input, self.limits.max_total, self.spec
+        self._in_dev, self._in_host = {}, {}
+        for name, width in ((kv.INPUT_IDS, t), (kv.POSITION_IDS, t), (kv.ATTENTION_MASK, total)):
+            dt = self._dtypes[name]
+            self._in_dev[name] = self._device(b * width * dt.itemsize, name)
+            self._in_host[name] = self._pinned(b * width, dt, name)
+        self._logits_dev = self._device(b * t * s.vocab_size * 4, "logits")  # prefill: every position
+        self._logits_host = self._pinned(b * s.vocab_size, np.float32, "logits")
+        self._kv_dtype = self._dtypes[kv.past_names(s.n_layer)[0]]
+        per_tensor = b * s.n_head * total * s.head_dim * self._kv_dtype.itemsize
+        self._kv = [[self._device(per_tensor, "KV cache") for _ in range(2 * s.n_layer)] for _ in range(2)]
+        log.info("TensorRT backend: %.1f MiB of KV buffers (2 sets)", 2 * 2 * s.n_layer * per_tensor / 2**20)
+
+    def close(self) -> None:
+        """Free device memory now (also done at garbage collection)."""
+        if getattr(self, "_stream", None) is not None:
+            self._rt.cudaStreamSynchronize(self._stream)
+        for buf in getattr(self, "_buffers", []):
+            buf.free()
+        self._buffers = []
+        if getattr(self, "_stream", None) is not None:
+            self._rt.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down cuda-python already
+            pass
+
+    # -- one step --------------------------------------------------------------------------------
+    def _stage(self, name: str, array: np.ndarray) -> None:
+        host = self._in_host[name][: array.size]
+        host[:] = array.reshape(-1)  # casts int64 -> int32 when TensorRT 8.x made the input int32
+        cuda.call(
+            self._rt.cudaMemcpyAsync(self._in_dev[name], host.ctypes.data, host.nbytes,
+                                     self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream_handle),
+            f"copy of {name}",
+        )
+
+    def _run(self, profile: int, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past_len: int, past_set: int, out_set: int) -> np.ndarray:
+        ctx, s = self._context, self.spec
+        batch, seq = ids.shape
+        if self._profile != profile:
+            if not ctx.set_optimization_profile_async(profile, self._stream_handle):
+                raise TrtBackendError(f"TensorRT refused optimization profile {profile}")
+            self._profile = profile
+        for name, array in ((kv.INPUT_IDS, ids), (kv.ATTENTION_MASK, mask), (kv.POSITION_IDS, pos)):
+            self._stage(name, array)
+            ctx.set_input_shape(name, array.shape)
+            ctx.set_tensor_address(name, self._in_dev[name])
+        past_shape = kv.kv_shape(s, batch, past_len)
+        for i, (past, present) in enumerate(zip(kv.past_names(s.n_layer), kv.present_names(s.n_layer), strict=True)):
+            ctx.set_input_shape(past, past_shape)
+            ctx.set_tensor_address(past, self._kv[past_set][i])
+            ctx.set_tensor_address(present, self._kv[out_set][i])
+        ctx.set_tensor_address(kv.LOGITS, self._logits_dev)
+        if not ctx.execute_async_v3(self._stream_handle):
+            raise TrtBackendError(f"TensorRT execution failed (batch {batch}, seq {seq}, past {past_len})")
+        row = s.vocab_size * 4
+        cuda.call(
+            self._rt.cudaMemcpy2DAsync(self._logits_host.ctypes.data, row, self._logits_dev + (seq - 1) * row, seq * row,
+                                       row, batch, self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream_handle),
+            "copy of logits",
+        )
+        cuda.call(self._rt.cudaStreamSynchronize(self._stream_handle), "TensorRT step")
+        return self._logits_host[: batch * s.vocab_size].reshape(batch, s.vocab_size).copy()
+
+    # -- Backend protocol --------------------------------------------------------------------------
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        batch, seq = input_ids.shape
+        if attention_mask.shape != (batch, seq) or position_ids.shape != (batch, seq):
+            raise TrtBackendError(f"prefill: mask {attention_mask.shape} / positions {position_ids.shape} do not match ids {input_ids.shape}")
+        self._fit(PREFILL, batch, seq, 0)
+        self._epoch += 1
+        logits = self._run(PREFILL, input_ids, attention_mask, position_ids, 0, past_set=1, out_set=0)
+        return logits, TrtState(self._epoch, batch, seq, cur=0)
+
+    def decode(self, state: TrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        self._check_state(state)
+        batch = input_ids.shape[0]
+        if input_ids.shape != (state.batch, 1) or attention_mask.shape != (batch, state.length + 1):
+            raise TrtBackendError(
+                f"decode: ids {input_ids.shape} / mask {attention_mask.shape} do not follow the state "
+                f"(batch {state.batch}, past {state.length})"
+            )
+        self._fit(DECODE, batch, 1, state.length)
+        logits = self._run(DECODE, input_ids, attention_mask, position_ids, state.length, past_set=state.cur, out_set=1 - state.cur)
+        return logits, TrtState(state.epoch, batch, state.length + 1, cur=1 - state.cur)
+
+    def select(self, state: TrtState, rows: np.ndarray) -> TrtState:
+        self._check_state(state)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= state.batch or len(set(rows.tolist())) != rows.size:
+            raise TrtBackendError(f"select: rows {rows.tolist()} are not distinct rows of a batch of {state.batch}")
+        if np.array_equal(rows, np.arange(state.batch)):
+            return state
+        s = self.spec
+        block = s.n_head * state.length * s.head_dim * self._kv_dtype.itemsize  # one row of one tensor
+        src, dst = self._kv[state.cur], self._kv[1 - state.cur]
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for first, to, count in copy_runs(rows):
+            for i in range(2 * s.n_layer):
+                cuda.call(self._rt.cudaMemcpyAsync(dst[i] + to * block, src[i] + first * block, count * block, kind, self._stream_handle),
+                          "KV row gather")
+        return TrtState(state.epoch, int(rows.size), state.length, cur=1 - state.cur)
+
+    def _fit(self, profile: int, batch: int, seq: int, past: int) -> None:
+        try:
+            check_fits(self.profiles[profile], batch=batch, seq=seq, past=past)
+        except ProfileError as exc:
+            raise TrtBackendError(str(exc)) from None
+
+    def _check_state(self, state: TrtState) -> None:
+        if not isinstance(state, TrtState) or state.epoch != self._epoch:
+            raise TrtBackendError("stale TensorRT state: a later prefill has reused its KV buffers")
+
+
+def load(path, *, device: str = "cuda", tokenizer_file=None, threads: int | None = None):
+    """Open an engine artifact (``manifest.json`` with ``"format": "tensorrt"``)."""
+    from cpm_infer.artifact import read_manifest  # noqa: PLC0415
+    from cpm_infer.tokenizer import CpmTokenizer  # noqa: PLC0415
+    from export.tensorrt.profiles import Profile as _Profile  # noqa: PLC0415
+
+    path = Path(path)
+    manifest = read_manifest(path, expected_format="tensorrt")
+    index = parse_device(device)
+    trt = require("tensorrt", "tensorrt")
+    gpu = cuda.gpu_info(index)
+    check_engine_compatible(manifest.details, RuntimeInfo(trt.__version__, gpu.name, cc_string(gpu.compute_capability)))
+    limits = EngineLimits.from_dict(manifest.details.get("limits", {}))
+    profiles = [_Profile.from_dict(p) for p in manifest.details.get("profiles", [])]
+    if len(profiles) != 2:
+        raise TrtBackendError(f"{path}: manifest lists {len(profiles)} profiles, expected prefill and decode")
+    if threads:
+        log.debug("--threads does not apply to the TensorRT backend")
+    backend = TrtBackend((path / manifest.graph_files["model"]).read_bytes(), manifest.spec, limits, profiles, device=index)
+    tokenizer = CpmTokenizer(Path(tokenizer_file) if tokenizer_file else path / manifest.tokenizer_file)
+    return backend, tokenizer

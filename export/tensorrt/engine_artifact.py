@@ -1,0 +1,210 @@
+"""``cpm export trt``: ONNX artifact -> validated TensorRT engine artifact.
+
+The engine artifact is a directory like the ONNX one (``cpm_infer.artifact``): ``model.engine``,
+the tokenizer, ``validation.json`` and ``manifest.json`` with ``"format": "tensorrt"``. TensorRT
+specifics sit in the manifest's ``details``: TensorRT version, GPU name and compute capability (the
+load-time compatibility check), precision and build mode, engine limits and profiles, and sha256 of
+the source ONNX graph and of the tokenizer file.
+
+Everything that can be checked without TensorRT (arguments, source manifest, profiles, output
+directory) is checked first; the build happens in a temporary sibling of OUT_DIR renamed at the end,
+so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpm_infer.artifact import Manifest, read_manifest, sha256_files, tool_versions, write_manifest
+from cpm_infer.deps import require
+from cpm_infer.errors import CpmError
+from export.tensorrt import cuda
+from export.tensorrt.builder import build_engine
+from export.tensorrt.compat import RuntimeInfo, cc_string
+from export.tensorrt.precision import PRECISIONS, BuildPlan, check_trt_supports, choose_precision, parse_version, plan_build
+from export.tensorrt.profiles import EngineLimits, make_profiles
+
+log = logging.getLogger(__name__)
+
+ENGINE = "model.engine"
+REPORT = "validation.json"
+MAX_PARSER_OPSET_BEFORE_10 = 17  # TensorRT 8.6's ONNX parser reads opsets up to 17
+Progress = Callable[[str], None]
+
+
+class TrtExportError(CpmError):
+    """``cpm export trt`` cannot start or cannot finish (nothing is written)."""
+
+
+@dataclass
+class TrtExportResult:
+    path: Path
+    manifest: Manifest
+    precision_reason: str
+    validation: dict[str, Any]
+
+
+def source_graph(onnx_dir: Path, manifest: Manifest) -> tuple[Path, list[Path]]:
+    """The graph TensorRT parses: the portable one (ORT-only fusions are not ONNX TensorRT can read)
+    and the files whose bytes define it (graph + external weights)."""
+    graph = onnx_dir / manifest.graph_files.get("portable", manifest.graph_files["model"])
+    files = [graph]
+    if "weights" in manifest.graph_files:
+        files.append(onnx_dir / manifest.graph_files["weights"])
+    return graph, files
+
+
+def check_request(
+    onnx_dir: Path, out_dir: Path, *, precision: str, limits: EngineLimits, workspace_gb: float, force: bool
+) -> Manifest:
+    """All checks that need neither TensorRT nor a GPU; returns the source manifest."""
+    if precision not in PRECISIONS:
+        raise TrtExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not workspace_gb > 0:
+        raise TrtExportError(f"--workspace-gb must be positive, got {workspace_gb}")
+    source = read_manifest(onnx_dir, expected_format="onnx")
+    limits.check(source.spec)
+    if out_dir.resolve() == onnx_dir.resolve():
+        raise TrtExportError("OUT_DIR must differ from ONNX_DIR")
+    if out_dir.exists() and not force:
+        raise TrtExportError(f"{out_dir} exists; pass --force to replace it")
+    return source
+
+
+def engine_details(
+    *, here: RuntimeInfo, plan: BuildPlan, reason: str, limits: EngineLimits, profiles: list, onnx_sha256: str,
+    tokenizer_sha256: str, source: Manifest, workspace_bytes: int, fp32_layers: int
+) -> dict[str, Any]:
+    return {
+        **here.to_details(),
+        "precision": plan.precision,
+        "precision_reason": reason,
+        "build_mode": plan.mode,
+        "limits": limits.to_dict(),
+        "profiles": [p.to_dict() for p in profiles],
+        "onnx_sha256": onnx_sha256,
+        "onnx_dtype": source.dtype,
+        "onnx_opset": source.details.get("opset"),
+        "tokenizer_sha256": tokenizer_sha256,
+        "workspace_bytes": workspace_bytes,
+        "fp32_layers": fp32_layers,
+    }
+
+
+def export_trt(
+    onnx_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    precision: str = "auto",
+    max_batch: int = 8,
+    max_input: int = 512,
+    max_total: int = 1024,
+    workspace_gb: float = 4.0,
+    timing_cache: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    validate: bool = True,
+    device: int = 0,
+    progress: Progress | None = None,
+) -> TrtExportResult:
+    say = progress or (lambda message: log.info("%s", message))
+    src, out = Path(onnx_dir), Path(out_dir)
+    limits = EngineLimits(max_batch, max_input, max_total)
+    source = check_request(src, out, precision=precision, limits=limits, workspace_gb=workspace_gb, force=force)
+    spec = source.spec
+    profiles = make_profiles(spec, limits)
+
+    trt = require("tensorrt", "tensorrt")
+    trt_version = parse_version(trt.__version__)
+    gpu = cuda.gpu_info(device)
+    call = cuda.runtime()
+    cuda.call(call.cudaSetDevice(device), f"selecting GPU {device}")
+    check_trt_supports(gpu.name, gpu.compute_capability, trt_version)
+    resolved, reason = choose_precision(precision, gpu.compute_capability)
+    plan = plan_build(resolved, source.dtype, trt_version)
+    opset = source.details.get("opset")
+    if trt_version[0] < 10 and isinstance(opset, int) and opset > MAX_PARSER_OPSET_BEFORE_10:
+        raise TrtExportError(
+            f"the ONNX graph uses opset {opset} but TensorRT {trt.__version__} reads opsets up to "
+            f"{MAX_PARSER_OPSET_BEFORE_10}; re-export it with --opset 17"
+        )
+    say(f"{gpu.name} (sm_{gpu.compute_capability[0]}{gpu.compute_capability[1]}), TensorRT {trt.__version__}: {reason}")
+
+    graph, graph_files = source_graph(src, source)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        say(f"building the {plan.precision} engine ({plan.mode}); this takes minutes")
+        workspace = int(workspace_gb * 2**30)
+        engine, report = build_engine(
+            trt, graph, spec=spec, plan=plan, profiles=profiles, workspace_bytes=workspace,
+            timing_cache=Path(timing_cache) if timing_cache else None,
+        )
+        (tmp / ENGINE).write_bytes(engine)
+        tokenizer = src / source.tokenizer_file
+        shutil.copyfile(tokenizer, tmp / source.tokenizer_file)
+        here = RuntimeInfo(trt.__version__, gpu.name, cc_string(gpu.compute_capability))
+        manifest = Manifest(
+            format="tensorrt",
+            spec=spec,
+            dtype=plan.kv_dtype,
+            graph_files={"model": ENGINE},
+            tokenizer_file=source.tokenizer_file,
+            source_sha256=source.source_sha256,
+            tools={**tool_versions(("cpm-infer", "tensorrt", "cuda-python", "cuda-bindings")), "tensorrt": trt.__version__},
+            generation=dict(source.generation),
+            validation_report=REPORT,
+            details=engine_details(
+                here=here, plan=plan, reason=reason, limits=limits, profiles=profiles,
+                onnx_sha256=sha256_files(graph_files), tokenizer_sha256=sha256_files([tokenizer]),
+                source=source, workspace_bytes=workspace, fp32_layers=len(report.fp32_layers),
+            ),
+        )
+        write_manifest(tmp, manifest)
+        validation = _validate(tmp, src, plan.precision, spec, limits, device, validate, say)
+        (tmp / REPORT).write_text(json.dumps(validation, indent=2) + "\n", encoding="utf-8")
+        if validation["status"] == "failed":
+            from export.tensorrt.validate import EngineValidationError  # noqa: PLC0415
+
+            raise EngineValidationError(
+                f"engine validation failed: max logits diff {validation['max_logits_diff']:.3g}, greedy agreement "
+                f"{validation['greedy_agreement']:.1%} (see the tolerances in export/tensorrt/validate.py)"
+            )
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TrtExportResult(out, manifest, reason, validation)
+
+
+def _validate(engine_dir: Path, onnx_dir: Path, precision: str, spec, limits: EngineLimits, device: int, enabled: bool, say: Progress):
+    """The validation report as a dict; 'not run' (with the reason) when it cannot run here."""
+    if not enabled:
+        return {"status": "not run", "reason": "--no-validate", "precision": precision}
+    try:
+        require("onnxruntime", "ort")
+    except CpmError as exc:
+        return {"status": "not run", "reason": str(exc), "precision": precision}
+    from cpm_infer.backends import load_backend  # noqa: PLC0415
+    from export.tensorrt.validate import validate_backend  # noqa: PLC0415
+    from export.validate import validation_cases  # noqa: PLC0415
+
+    longest = max(len(p) for _, prompts in validation_cases(spec) for p in prompts)
+    if longest > limits.max_input or longest + 3 >= limits.max_total:
+        return {"status": "not run", "reason": f"validation prompts ({longest} tokens) exceed the engine limits", "precision": precision}
+    say("validating the engine against the ONNX graph on ONNX Runtime (CPU)")
+    engine, _ = load_backend("trt", engine_dir, device=f"cuda:{device}")
+    reference, _ = load_backend("ort", onnx_dir, device="cpu")
+    try:
+        report = validate_backend(engine, reference, spec, precision, reference_name="the ONNX graph (ORT CPU)", max_batch=limits.max_batch)
+    finally:
+        engine.close()
+    return report.to_dict()
