@@ -315,3 +315,62 @@ def test_fp16_kv_buffers_pass_the_fp16_validation(simulated):
     strict = validate_backend(engine, reference, engine.model_spec, "fp32", max_batch=4)
     assert strict.max_diff == report.max_diff  # same numbers, judged by the fp32 budget
     engine.close()
+
+
+def _run_cli(monkeypatch, capsys, *args):
+    from cpm_infer.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["cpm", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cpm_generate_serves_the_engine_artifact(simulated, monkeypatch, capsys):
+    common = ("-p", "话说天下", "-n", "8", "-t", "0")
+    code, via_engine, err = _run_cli(monkeypatch, capsys, "generate", "-m", str(simulated()), "--backend", "trt", "--device", "cuda", *common)
+    assert code == 0, err
+    code, via_onnx, err = _run_cli(monkeypatch, capsys, "generate", "-m", str(simulated.onnx_dir), *common)
+    assert code == 0, err
+    assert via_engine == via_onnx and via_engine.strip()
+
+
+class _Shifted:
+    """A backend whose logits are off by ``delta`` in one vocabulary column."""
+
+    def __init__(self, inner, delta):
+        self.inner, self.delta, self.name, self.spec = inner, delta, "shifted", inner.spec
+
+    def _shift(self, out):
+        logits, state = out
+        logits = logits.copy()
+        logits[:, 3] += self.delta
+        return logits, state
+
+    def prefill(self, *args):
+        return self._shift(self.inner.prefill(*args))
+
+    def decode(self, *args):
+        return self._shift(self.inner.decode(*args))
+
+    def select(self, state, rows):
+        return self.inner.select(state, rows)
+
+
+def test_validation_fails_beyond_tolerance_in_one_line(onnx_artifact):
+    from export.tensorrt.validate import EngineValidationError
+
+    a, _ = load_backend("ort", onnx_artifact, device="cpu")
+    b, _ = load_backend("ort", onnx_artifact, device="cpu")
+    ok = validate_backend(_Shifted(a, 1e-4), b, a.spec, "fp32")
+    assert ok.status == "passed" and ok.agreement == 1.0
+    bad = validate_backend(_Shifted(a, 50.0), b, a.spec, "fp32")
+    assert bad.status == "failed" and bad.agreement < 1.0
+    with pytest.raises(EngineValidationError, match="engine validation failed: logits differ from the ONNX graph by up to 50") as info:
+        bad.raise_for_failure()
+    assert "\n" not in str(info.value)
+    assert bad.to_dict()["min_agreement"] == 1.0 and len(bad.to_dict()["checks"]) == 12
