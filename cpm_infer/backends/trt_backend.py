@@ -174,16 +174,17 @@ class TrtBackend:
             if not ctx.set_optimization_profile_async(profile, self._stream_handle):
                 raise TrtBackendError(f"TensorRT refused optimization profile {profile}")
             self._profile = profile
+        ok = True  # set_input_shape/set_tensor_address return False (and log why) on a bad binding
         for name, array in ((kv.INPUT_IDS, ids), (kv.ATTENTION_MASK, mask), (kv.POSITION_IDS, pos)):
             self._stage(name, array)
-            ctx.set_input_shape(name, array.shape)
-            ctx.set_tensor_address(name, self._in_dev[name])
+            ok &= ctx.set_input_shape(name, array.shape) and ctx.set_tensor_address(name, self._in_dev[name])
         past_shape = kv.kv_shape(s, batch, past_len)
         for i, (past, present) in enumerate(zip(kv.past_names(s.n_layer), kv.present_names(s.n_layer), strict=True)):
-            ctx.set_input_shape(past, past_shape)
-            ctx.set_tensor_address(past, self._kv[past_set][i])
-            ctx.set_tensor_address(present, self._kv[out_set][i])
-        ctx.set_tensor_address(kv.LOGITS, self._logits_dev)
+            ok &= ctx.set_input_shape(past, past_shape) and ctx.set_tensor_address(past, self._kv[past_set][i])
+            ok &= ctx.set_tensor_address(present, self._kv[out_set][i])
+        ok &= ctx.set_tensor_address(kv.LOGITS, self._logits_dev)
+        if not ok:
+            raise TrtBackendError(f"TensorRT refused the bindings (batch {batch}, seq {seq}, past {past_len}); see the log")
         if not ctx.execute_async_v3(self._stream_handle):
             raise TrtBackendError(f"TensorRT execution failed (batch {batch}, seq {seq}, past {past_len})")
         row = s.vocab_size * 4
