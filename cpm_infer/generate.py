@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # (sequence index in the request, newly final text). Called as text becomes final.
 StreamCallback = Callable[[int, str], None]
+# (sequence index in the request) -> None to go on, or the finish reason that ends the sequence now.
+StopCheck = Callable[[int], str | None]
 
 
 class PromptTooLongError(CpmError):
@@ -48,7 +50,7 @@ class GenerationResult:
     prompt_tokens: int
     token_ids: list[int]
     text: str
-    finish_reason: str  # "eos" | "length" | "stop" | "context"
+    finish_reason: str  # "eos" | "length" | "stop" | "context" | a ``should_stop`` reason
 
 
 @dataclass
@@ -120,12 +122,19 @@ def generate(
     callback: StreamCallback | None = None,
     index_offset: int = 0,
     stats: GenerationStats | None = None,
+    seeds: Sequence[int | None] | None = None,
+    should_stop: StopCheck | None = None,
 ) -> list[GenerationResult]:
     """Generate ``config.num_samples`` continuations of each prompt (token ids, without the prompt).
 
     Results come back in order: prompt 0 samples 0..n-1, prompt 1, ... ``index_offset`` numbers the
     prompts (it seeds the per-sequence generators), so splitting a long list into batches gives the
     same output as one big batch.
+
+    ``seeds`` (one per prompt) batches unrelated requests: prompt i then samples exactly as it would
+    alone, as prompt 0 of a call with ``config.seed = seeds[i]``. ``should_stop(sequence index)`` is
+    asked after every step for each live sequence; a reason string ends that sequence (it is dropped
+    from the batch) with that ``finish_reason``, e.g. when a client went away.
     """
     if not prompts:
         return []
@@ -133,8 +142,15 @@ def generate(
     n_positions = backend.spec.n_positions
     check_prompt_lengths(prompts, n_positions)
 
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
     seqs = [
-        _Sequence(index_offset + i, s, len(p), _make_rng(config.seed, index_offset + i, s))
+        _Sequence(
+            index_offset + i,
+            s,
+            len(p),
+            _make_rng(config.seed, index_offset + i, s) if seeds is None else _make_rng(seeds[i], 0, s),
+        )
         for i, p in enumerate(prompts)
         for s in range(config.num_samples)
     ]
@@ -182,6 +198,8 @@ def generate(
         for row, (index, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
             seq = seqs[index]
             _advance(seq, token, config, tokenizer, eos, width + step, n_positions, track_text, stop_len, callback, index)
+            if seq.finish_reason is None and should_stop is not None:
+                seq.finish_reason = should_stop(index)
             if seq.finish_reason is None:
                 keep.append(row)
                 if seen is not None:
