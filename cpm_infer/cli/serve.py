@@ -1,0 +1,90 @@
+"""``cpm serve``: the HTTP generation service (FastAPI + uvicorn, one model, dynamic batching)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, ThreadsOpt, TokenizerOpt
+
+log = logging.getLogger(__name__)
+
+
+def serve(
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    device: DeviceOpt = "cpu",
+    tokenizer: TokenizerOpt = None,
+    threads: ThreadsOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0 = any free port).")] = 8000,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences generated together (1 = one request at a time).")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0, help="How long a request waits for batch-mates.")] = 10.0,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests waiting for a batch; more get 503.")] = 64,
+    max_new_tokens_cap: Annotated[int, typer.Option("--max-new-tokens-cap", min=1, help="Largest max_new_tokens a request may ask for.")] = 512,
+    default_max_new_tokens: Annotated[int, typer.Option("--default-max-new-tokens", min=1, help="When a request gives none.")] = 100,
+    max_samples: Annotated[int, typer.Option("--max-samples", min=1, help="Largest num_samples per request.")] = 16,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds a request may take in all (504 after).")] = 60.0,
+    max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body (413 above).")] = 64,
+    shutdown_grace: Annotated[float, typer.Option("--shutdown-grace", min=0, help="Seconds in-flight requests get to finish on stop.")] = 10.0,
+    no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Skip the warm-up generation at start.")] = False,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request.")] = False,
+) -> None:
+    """Serve a CPM model over HTTP: /v1/completions (JSON or SSE), /zuowen, /health, /info, /v1/models."""
+    from cpm_infer.deps import require  # noqa: PLC0415
+
+    require("fastapi", "serve")
+    require("uvicorn", "serve")
+    from cpm_infer.backends import detect_backend, load_backend  # noqa: PLC0415
+    from cpm_infer.cli._common import resolve_model  # noqa: PLC0415
+    from cpm_infer.serve.app import create_app  # noqa: PLC0415
+    from cpm_infer.serve.server import bind, serve_forever  # noqa: PLC0415
+    from cpm_infer.serve.settings import ServeSettings  # noqa: PLC0415
+
+    settings = ServeSettings(
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        queue_size=queue_size,
+        max_new_tokens_cap=max_new_tokens_cap,
+        default_max_new_tokens=min(default_max_new_tokens, max_new_tokens_cap),
+        max_samples=max_samples,
+        timeout_s=timeout,
+        max_body_bytes=max_body_kb * 1024,
+        shutdown_grace_s=shutdown_grace,
+    )
+    model_path = resolve_model(model)
+    backend_name = detect_backend(model_path) if backend == "auto" else backend
+    sock = bind(host, port)  # fail on a taken port before spending time loading the model
+    runtime, tok = load_backend(backend_name, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
+    app = create_app(
+        runtime, tok, settings, model_name=model_path.resolve().name, model_info={"path": str(model_path)}, warmup=not no_warmup
+    )
+    bound_host, bound_port = sock.getsockname()[:2]
+    if not _is_loopback(host):
+        log.warning("listening on %s: anyone who can reach this host can use the model; put it behind an authenticating proxy", host)
+    print(
+        f"serving {model_path} ({runtime.name}) on http://{_url_host(bound_host)}:{bound_port}  "
+        f"max batch {max_batch}, wait {batch_wait_ms:g} ms, queue {queue_size}; Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    level = logging.getLogger().getEffectiveLevel()
+    serve_forever(app, sock, log_level="info" if level <= logging.INFO else "warning", access_log=access_log)
+    print("server stopped", file=sys.stderr)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,318 @@
+"""The dynamic batcher: many HTTP requests, one model, one worker thread.
+
+Requests wait in a bounded FIFO queue. The worker takes the oldest one plus every queued request
+with the same generation settings (all but the seed) up to ``max_batch`` rows, waiting at most
+``batch_wait_ms`` after the oldest arrived for batch-mates, and runs them as one ``generate`` call.
+Each request keeps its own seed (``generate(seeds=...)``), so its output is the same whether it ran
+alone or with others. A cancelled request (client gone, timeout, shutdown) leaves the queue at once,
+or, when already running, is dropped from its batch after the current step (``should_stop``); its
+batch-mates go on. Results and streamed text reach the request's event loop through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cpm_infer.backends.base import Backend
+from cpm_infer.config import GenerationConfig
+from cpm_infer.errors import CpmError
+from cpm_infer.generate import GenerationResult, GenerationStats, TokenizerLike, generate
+from cpm_infer.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+# Why a request was cancelled (also its generation's finish_reason).
+DISCONNECTED, TIMEOUT, SHUTDOWN = "disconnected", "timeout", "shutdown"
+
+
+class ServeError(CpmError):
+    """A request the server could not serve; ``status`` is its HTTP status, ``kind`` its error type."""
+
+    status = 500
+    kind = "server_error"
+
+
+class QueueFullError(ServeError):
+    status, kind = 503, "queue_full"
+
+
+class ShuttingDownError(ServeError):
+    status, kind = 503, "shutting_down"
+
+
+class RequestTimeoutError(ServeError):
+    status, kind = 504, "timeout"
+
+
+class ClientGoneError(ServeError):
+    status, kind = 499, "client_closed_request"
+
+
+class GenerationFailedError(ServeError):
+    status, kind = 500, "generation_failed"
+
+
+@dataclass
+class TextEvent:
+    """Newly final text of one sample (streaming requests only)."""
+
+    sample: int
+    text: str
+
+
+@dataclass
+class DoneEvent:
+    results: list[GenerationResult]
+    batch_rows: int  # sequences in the generate() batch this request ran in
+    prefill_s: float
+
+
+@dataclass
+class ErrorEvent:
+    error: ServeError
+
+
+Event = TextEvent | DoneEvent | ErrorEvent
+
+
+class Job:
+    """One request: prompt, settings, timestamps and the channel its events reach the handler through.
+
+    Created on the event loop by ``Batcher.submit``; the worker thread only posts events and reads
+    ``stop_reason`` (a plain attribute: assigning it is atomic).
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], config: GenerationConfig, *, stream: bool, timeout_s: float) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.config = config
+        self.key = config.replace(seed=0)  # requests with equal keys can share a batch
+        self.rows = config.num_samples
+        self.stream = stream
+        self.created = time.monotonic()
+        self.deadline = self.created + timeout_s
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.state = "pending"  # -> "running" -> "done" (changed under the batcher's lock)
+        self.stop_reason: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def post(self, event: Event) -> None:
+        """Hand an event to the request's event loop (from any thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody waits for this request any more
+            pass
+
+    async def next_event(self, idle_s: float | None = None) -> Event | None:
+        """The next event; None after ``idle_s`` without one; RequestTimeoutError at the deadline."""
+        remaining = self.deadline - time.monotonic()
+        wait = remaining if idle_s is None else min(idle_s, remaining)
+        try:
+            return await asyncio.wait_for(self._events.get(), max(wait, 0.0))
+        except asyncio.TimeoutError:
+            if wait < remaining:
+                return None
+            raise RequestTimeoutError(f"the request did not finish within the server's {self.deadline - self.created:g} s timeout") from None
+
+
+class Batcher:
+    """Owns the model: one worker thread runs every generation; handlers only submit and wait."""
+
+    def __init__(self, backend: Backend, tokenizer: TokenizerLike, settings: ServeSettings) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.counters: Counter[str] = Counter()
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._closing = False  # no new requests (graceful shutdown began)
+        self._stopped = False  # the worker exits
+        self._thread: threading.Thread | None = None
+        self._grace_timer: threading.Timer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``."""
+        generate(self.backend, [[self.tokenizer.eod_id]], GenerationConfig(max_new_tokens=2), self.tokenizer)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="cpm-serve-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new requests; let in-flight ones finish for ``grace_s`` seconds, then cancel them."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()  # do not hold a batch open waiting for batch-mates
+        log.info("shutting down: %d queued, %d running; grace %.1f s", len(self._pending), len(self._running), grace_s)
+        if grace_s <= 0:
+            self._cancel_all(SHUTDOWN)
+        else:
+            self._grace_timer = threading.Timer(grace_s, self._cancel_all, args=(SHUTDOWN,))
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Cancel whatever is left and stop the worker (blocking: call it off the event loop)."""
+        with self._cond:
+            self._closing = self._stopped = True
+            self._cond.notify_all()
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+        self._cancel_all(SHUTDOWN)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the generation thread did not stop within %s s", timeout)
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], config: GenerationConfig, *, stream: bool = False) -> Job:
+        """Queue a request (call on the event loop). Raises at once when full or shutting down."""
+        job = Job(prompt_ids, config, stream=stream, timeout_s=self.settings.timeout_s)
+        with self._cond:
+            if self._closing:
+                self.counters["rejected_shutting_down"] += 1
+                raise ShuttingDownError("the server is shutting down; retry on another replica")
+            if len(self._pending) >= self.settings.queue_size:
+                self.counters["rejected_queue_full"] += 1
+                raise QueueFullError(f"the server is busy ({self.settings.queue_size} requests queued); retry later")
+            self._pending.append(job)
+            self.counters["accepted"] += 1
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job, reason: str) -> bool:
+        """Give up on a request: it leaves the queue, or its rows stop after the current step.
+
+        Returns False when it had already finished. The request's handler gets an ErrorEvent.
+        """
+        with self._cond:
+            if job.state == "done":
+                return False
+            if job.state == "pending":
+                self._pending.remove(job)
+            job.state, job.stop_reason, job.finished = "done", reason, time.monotonic()
+            self.counters[f"cancelled_{reason}"] += 1
+            self._cond.notify_all()
+        job.post(ErrorEvent(_error_for(reason)))
+        return True
+
+    def snapshot(self) -> dict[str, object]:
+        with self._cond:
+            return {
+                "queued": len(self._pending),
+                "running": len(self._running),
+                "closing": self._closing,
+                "counters": dict(sorted(self.counters.items())),
+            }
+
+    # -- worker ------------------------------------------------------------------------------
+    def _cancel_all(self, reason: str) -> None:
+        with self._cond:
+            jobs = [*self._pending, *self._running]
+        for job in jobs:
+            self.cancel(job, reason)
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take_batch()
+            if jobs is None:
+                return
+            try:
+                self._run(jobs)
+            except Exception:  # noqa: BLE001 - the worker must outlive any one batch
+                log.exception("batch failed")
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _take_batch(self) -> list[Job] | None:
+        """The oldest request and its compatible batch-mates, once the batch is full or the wait is over."""
+        with self._cond:
+            while True:
+                if self._stopped:
+                    return None
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                first = self._pending[0]
+                batch, rows = [], 0
+                for job in self._pending:
+                    if job is first or (job.key == first.key and rows + job.rows <= self.settings.max_batch):
+                        batch.append(job)
+                        rows += job.rows
+                wait = first.created + self.settings.batch_wait_s - time.monotonic()
+                if rows >= self.settings.max_batch or wait <= 0 or self._closing:
+                    for job in batch:
+                        self._pending.remove(job)
+                        job.state = "running"
+                    self._running = batch
+                    return batch
+                self._cond.wait(wait)
+
+    def _run(self, jobs: list[Job]) -> None:
+        n = jobs[0].config.num_samples  # equal keys: every job has the same settings but the seed
+        owners = [job for job in jobs for _ in range(n)]  # sequence index -> its request
+        started = time.monotonic()
+        for job in jobs:
+            job.started = started
+
+        def on_text(index: int, text: str) -> None:
+            job = owners[index]
+            if job.stream and job.state == "running":
+                job.post(TextEvent(int(index) % n, text))  # generate passes numpy ints
+
+        stats = GenerationStats()
+        try:
+            results = generate(
+                self.backend,
+                [job.prompt_ids for job in jobs],
+                jobs[0].config,
+                self.tokenizer,
+                callback=on_text if any(job.stream for job in jobs) else None,
+                stats=stats,
+                seeds=[job.config.seed for job in jobs],
+                should_stop=lambda index: owners[index].stop_reason,
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad batch fails its requests, not the server
+            log.exception("generation failed for a batch of %d", len(owners))
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            for job in jobs:
+                self._finish(job, ErrorEvent(GenerationFailedError(f"generation failed: {type(exc).__name__}: {first_line}")))
+            return
+        with self._cond:
+            self.counters["batches"] += 1
+            self.counters["batched_rows"] += len(owners)
+            self.counters["generated_tokens"] += stats.new_tokens
+        for i, job in enumerate(jobs):
+            self._finish(job, DoneEvent(results[i * n : (i + 1) * n], len(owners), stats.first_token_s))
+
+    def _finish(self, job: Job, event: DoneEvent | ErrorEvent) -> None:
+        with self._cond:
+            if job.state == "done":  # cancelled meanwhile: its handler has its answer already
+                return
+            job.state, job.finished = "done", time.monotonic()
+            self.counters["completed" if isinstance(event, DoneEvent) else "failed"] += 1
+        job.post(event)
+
+
+def _error_for(reason: str) -> ServeError:
+    if reason == SHUTDOWN:
+        return ShuttingDownError("the server shut down before the request finished; retry on another replica")
+    if reason == TIMEOUT:
+        return RequestTimeoutError("the request did not finish within the server's timeout")
+    return ClientGoneError("the client disconnected")
