@@ -83,8 +83,8 @@ def export_onnx(
         raise ExportError(f"--device {device} was asked for but torch sees no CUDA GPU")
     dtype = "float16" if fp16 else "float32"
 
-    say("reading checkpoint")
-    ckpt = open_checkpoint(model_dir, tokenizer_file)
+    ckpt = open_checkpoint(model_dir, tokenizer_file)  # bad input fails here, before any progress output
+    say(f"loading {ckpt.spec.n_layer}-layer model from {ckpt.directory}")
     model, tokenizer = load_model(ckpt, device=device)
     module = ExportGPT2.from_hf(model, torch.float16 if fp16 else torch.float32).to(device)
 

@@ -34,7 +34,7 @@ class Tolerance:
 
 # fp32 graphs differ from eager by kernel summation order only; fp16 graphs are compared with the
 # fp32 model (what users expect to get), so their budget is half-precision rounding over the layers.
-TOLERANCES = {"float32": Tolerance(atol=1e-4, rtol=1e-3), "float16": Tolerance(atol=2e-2, rtol=2e-2)}
+TOLERANCES = {"float32": Tolerance(atol=1e-4, rtol=1e-4), "float16": Tolerance(atol=2e-2, rtol=2e-2)}
 
 
 class ValidationError(CpmError):
