@@ -9,6 +9,8 @@ import sys
 import typer
 
 from cpm_infer.cli import bench, demo, export, generate, info, model, serve, tokenize
+from cpm_infer.cli import tokenizer as tokenizer_cli
+from cpm_infer.cli import train as train_cli
 from cpm_infer.errors import CpmError
 
 app = typer.Typer(
@@ -23,6 +25,8 @@ app.command("info")(info.info)
 app.command("tokenize")(tokenize.tokenize)
 app.command("serve")(serve.serve)
 app.add_typer(model.app, name="model")
+app.add_typer(train_cli.app, name="train")
+app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.add_typer(export.app, name="export")
 app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)

@@ -1,0 +1,130 @@
+"""Distil a teacher CPM into a student with fewer layers (initialised from teacher layers).
+
+loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * LM cross-entropy, both summed over
+the labelled positions (T: temperature; the T^2 keeps KD gradients on the scale of the LM loss,
+Hinton et al. 2015). Held-out evaluation reports the student's LM loss (perplexity).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+from cpm_infer.checkpoint import open_checkpoint
+from cpm_infer.config import ModelSpec
+from trainer.batches import IGNORE
+from trainer.config import TrainConfig
+from trainer.errors import TrainError
+from trainer.finetune import lm_loss_sum
+from trainer.loop import Callbacks, RunResult, run
+from trainer.setup import check_vocab, file_sha256, load_data, make_accelerator, resume_source, seed_everything
+from trainer.windows import Progress
+
+log = logging.getLogger(__name__)
+
+
+def pick_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers, first and last included (12 -> 4: [0, 4, 7, 11])."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise TrainError(f"the student needs between 1 and {teacher_layers} layers (the teacher's), got {student_layers}")
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
+
+
+def student_from_teacher(teacher, layers: Sequence[int]):
+    """A GPT-2 with the teacher's embeddings, final LayerNorm and the chosen blocks (copied)."""
+    import copy  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    config = copy.deepcopy(teacher.config)
+    config.n_layer = len(layers)
+    student = type(teacher)(config)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith("transformer.h."):
+            index, rest = key[len("transformer.h."):].split(".", 1)
+            if int(index) in layers:
+                state[f"transformer.h.{layers.index(int(index))}.{rest}"] = value
+        else:
+            state[key] = value
+    with torch.no_grad():
+        student.load_state_dict(state, strict=True)
+    student.tie_weights()
+    return student
+
+
+class Distillation:
+    def __init__(self, teacher, temperature: float, alpha: float) -> None:
+        self.teacher = teacher
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def loss(self, model, batch: dict, eval_mode: bool = False):
+        import torch  # noqa: PLC0415
+        import torch.nn.functional as F  # noqa: N812, PLC0415
+
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        lm, count = lm_loss_sum(logits, batch["labels"])
+        if eval_mode or self.alpha == 0:
+            return lm, count
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        keep = batch["labels"][:, 1:] != IGNORE  # (B, T-1): the positions that predict a token
+        t = self.temperature
+        student_logp = F.log_softmax(logits[:, :-1][keep].float() / t, dim=-1)
+        teacher_logp = F.log_softmax(teacher_logits[:, :-1][keep].float() / t, dim=-1)
+        kd = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * (t * t)
+        return self.alpha * kd + (1 - self.alpha) * lm, count
+
+
+def distill(
+    cfg: TrainConfig,
+    *,
+    teacher_dir: str | os.PathLike[str],
+    student_layers: int | None = None,
+    layer_map: Sequence[int] | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    callbacks: Callbacks | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Train a student of ``student_layers`` (or the teacher layers in ``layer_map``) on ``cfg.data``."""
+    from cpm_infer.torch_model import load_model  # noqa: PLC0415
+
+    if not temperature > 0:
+        raise TrainError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise TrainError(f"alpha (the KD weight) must be in [0, 1], got {alpha}")
+    accelerator = make_accelerator(cfg)
+    resume = resume_source(cfg)
+    ckpt = open_checkpoint(teacher_dir)
+    teacher, tokenizer = load_model(ckpt)
+    check_vocab(tokenizer, ckpt.spec, teacher_dir)
+    if layer_map:
+        layers = list(layer_map)
+        if sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= ckpt.spec.n_layer:
+            raise TrainError(f"layer map must be increasing teacher layer indices in [0, {ckpt.spec.n_layer - 1}], got {layers}")
+    else:
+        layers = pick_layers(ckpt.spec.n_layer, student_layers or max(1, ckpt.spec.n_layer // 2))
+    max_len, stride = cfg.resolve_lengths(ckpt.spec.n_positions)
+    with accelerator.main_process_first():
+        data, data_fp = load_data(cfg, tokenizer, max_len, stride, progress if accelerator.is_main_process else None)
+    if resume is not None:
+        student, _ = load_model(resume)
+        if student.config.n_layer != len(layers):
+            raise TrainError(f"{resume} has {student.config.n_layer} layers, not the {len(layers)} asked for")
+    else:
+        student = student_from_teacher(teacher, layers)
+    teacher.to(accelerator.device).eval().requires_grad_(False)
+    seed_everything(cfg.seed + accelerator.process_index)
+    spec = ModelSpec.from_dict({**ckpt.spec.to_dict(), "n_layer": len(layers)})
+    fingerprint = {**cfg.trajectory(), "max_len": max_len, "stride": stride, **data_fp, "spec": spec.to_dict(),
+                   "tokenizer": file_sha256(tokenizer.path), "objective": "distill", "teacher": ckpt.weights_sha256(),
+                   "layers": layers, "temperature": temperature, "alpha": alpha}
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    log.info("distilling teacher layers %s of %d into a %d-layer student", layers, ckpt.spec.n_layer, len(layers))
+    return run(student, Distillation(teacher, temperature, alpha), data, cfg, tokenizer_file=tokenizer.path,
+               fingerprint=fingerprint, accelerator=accelerator, callbacks=callbacks, resume_dir=resume)

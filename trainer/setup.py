@@ -1,0 +1,88 @@
+"""What fine-tuning and distillation share before the loop: runtime, data, checks, fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+
+from cpm_infer.config import ModelSpec
+from cpm_infer.deps import require
+from cpm_infer.tokenizer import CpmTokenizer
+from trainer.batches import eval_windows, split_documents, train_windows
+from trainer.config import TrainConfig
+from trainer.errors import ResumeError, TrainError
+from trainer.loop import Data
+from trainer.state import find_resumable
+from trainer.windows import Progress, load_windows
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An Accelerator for this process: single device, or DDP/DeepSpeed under torchrun/accelerate launch."""
+    torch = require("torch", "torch")
+    accelerate = require("accelerate", "train")
+    on_gpu = torch.cuda.is_available() and not cfg.cpu
+    precision = cfg.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
+    if precision == "fp16" and not on_gpu:
+        raise TrainError("fp16 mixed precision needs a CUDA GPU; use --precision fp32 or bf16 on CPU")
+    # The state is a per-process singleton: reset it so consecutive runs in one process (tests,
+    # notebooks) can change settings.
+    accelerate.state.AcceleratorState._reset_state(True)
+    return accelerate.Accelerator(cpu=not on_gpu, mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def seed_everything(seed: int) -> None:
+    import torch  # noqa: PLC0415
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def check_vocab(tokenizer: CpmTokenizer, spec: ModelSpec, where: Path | str) -> None:
+    if tokenizer.vocab_size != spec.vocab_size:
+        raise TrainError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model at {where} embeds "
+            f"{spec.vocab_size}: wrong tokenizer for this model"
+        )
+
+
+def resume_source(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to overwrite a run without --resume."""
+    if cfg.resume:
+        return find_resumable(cfg.output)
+    if (cfg.output / "last").exists() or (cfg.output / "best").exists():
+        raise ResumeError(f"{cfg.output} already holds a training run; pass --resume to continue it or choose another --output")
+    return None
+
+
+def load_data(cfg: TrainConfig, tokenizer: CpmTokenizer, max_len: int, stride: int, progress: Progress | None) -> tuple[Data, dict]:
+    """Cached train/held-out windows and the data part of the run fingerprint."""
+    cache = load_windows(cfg.data, tokenizer, max_len, stride, fmt=cfg.data_format, cache_dir=cfg.cache_dir, progress=progress)
+    if cfg.val_data:
+        val_cache = load_windows(cfg.val_data, tokenizer, max_len, max_len, fmt=cfg.data_format, cache_dir=cfg.cache_dir)
+        train = np.asarray(cache.windows)
+        val = eval_windows(val_cache, list(range(val_cache.n_docs)))
+        fp = {"data": cache.directory.name, "val": val_cache.directory.name}
+        return Data(cache, train, val, tokenizer.pad_id, val_cache=val_cache), fp
+    train_docs, val_docs = split_documents(cache.n_docs, cfg.val_fraction, cfg.seed)
+    if not train_docs:
+        raise TrainError("no training documents are left after the held-out split")
+    data = Data(cache, train_windows(cache, train_docs), eval_windows(cache, val_docs), tokenizer.pad_id)
+    log.info("%d documents: %d train windows, %d held-out windows (%d docs)", cache.n_docs, len(data.train), len(data.val), len(val_docs))
+    return data, {"data": cache.directory.name, "val_docs": hashlib.sha256(str(val_docs).encode()).hexdigest()[:16]}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
