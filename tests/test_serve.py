@@ -8,6 +8,7 @@ import http.client
 import json
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -264,6 +265,19 @@ def test_full_queue_answers_503_at_once_and_a_disconnect_frees_the_slot(long_che
         assert request(srv, "POST", "/v1/completions", {"prompt": "三国", "max_new_tokens": 4})[0] == 200
 
 
+def test_a_non_streaming_client_that_leaves_is_cancelled_too(long_checkpoint):
+    with long_server(long_checkpoint) as srv:
+        body = json.dumps(LONG).encode()
+        sock = socket.create_connection((srv.host, srv.port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: health(srv)["running"] == 1, what="the request to start")
+        sock.close()
+        wait_until(lambda: health(srv)["running"] == 0, what="the abandoned request to stop")
+        state = health(srv)
+        assert state["counters"]["cancelled_disconnected"] == 1 and state["counters"]["generated_tokens"] < 1000
+
+
 def test_a_request_over_the_timeout_gets_504_and_stops(long_checkpoint):
     with long_server(long_checkpoint, timeout_s=0.5, queue_size=4) as srv:
         began = time.monotonic()
@@ -297,8 +311,9 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(long_checkpoint):
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
-        first = lines.get(timeout=60)
-        assert "on http://127.0.0.1:" in first, first
+        first = ""
+        while "on http://127.0.0.1:" not in first:  # skip any warnings printed while the model loads
+            first = lines.get(timeout=60)
         srv = SimpleNamespace(host="127.0.0.1", port=int(first.split("on http://127.0.0.1:")[1].split()[0]))
 
         def up():
