@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import CORPUS
 
+pytest.importorskip("accelerate", reason="the trainer needs the train extra (accelerate)")
 runner = CliRunner()
 
 

@@ -26,7 +26,7 @@ from trainer.config import TrainConfig
 from trainer.errors import TrainError, TrainingInterrupted
 from trainer.schedule import make_scheduler
 from trainer.state import (
-    METRICS, MetricsLog, capture_rng, check_fingerprint, load_training_state, restore_rng, save_run_checkpoint,
+    DEEPSPEED_STATE, METRICS, MetricsLog, capture_rng, check_fingerprint, load_training_state, restore_rng, save_run_checkpoint,
 )
 from trainer.windows import TokenCache
 
@@ -104,6 +104,7 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
     save_every = cfg.save_every or eval_every
     fingerprint = {**fingerprint, "world_size": acc.num_processes, "total_steps": total}
 
+    deepspeed = _configure_deepspeed(acc, cfg)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -115,7 +116,10 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
     if resume_dir is not None:
         saved = load_training_state(resume_dir)
         check_fingerprint(saved["fingerprint"], fingerprint, resume_dir)
-        optimizer.load_state_dict(saved["optimizer"])
+        if deepspeed:  # ZeRO partitions the optimizer state across ranks: Accelerate saved each shard
+            acc.load_state(str(resume_dir / DEEPSPEED_STATE))
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if acc.scaler is not None and saved.get("scaler"):
             acc.scaler.load_state_dict(saved["scaler"])
@@ -134,15 +138,21 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
 
     def save_last() -> None:
         rng = _gather(acc, capture_rng())
+        shards = None
+        if deepspeed:
+            shards = cfg.output / f".deepspeed-{step}"
+            acc.save_state(str(shards))  # collective: every rank writes its ZeRO partition
         if acc.is_main_process:
             state = {
                 "fingerprint": fingerprint, "step": step, "epoch": step // steps_per_epoch,
-                "batch_in_epoch": (step % steps_per_epoch) * cfg.grad_accum, "optimizer": optimizer.state_dict(),
+                "batch_in_epoch": (step % steps_per_epoch) * cfg.grad_accum,
+                "optimizer": None if deepspeed else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "rng": rng, "best_val_loss": best, "bad_evals": bad_evals,
             }
             info = {"step": step, "total_steps": total, "train_loss": last_loss, "best_val_loss": _finite(best)}
-            save_run_checkpoint(acc.unwrap_model(model), tokenizer_file, last_dir, info, state)
+            save_run_checkpoint(acc.unwrap_model(model), tokenizer_file, last_dir, info, state,
+                                extra_dirs={DEEPSPEED_STATE: shards} if shards else None)
             if cb.on_save:
                 cb.on_save(last_dir)
         acc.wait_for_everyone()
@@ -159,10 +169,11 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
                 tensors = {k: torch.from_numpy(v).to(acc.device) for k, v in batch.items()}
                 with sync, acc.autocast():
                     part, _ = objective.loss(model, tensors)
-                    acc.backward(part / max(1, group_tokens))
+                    # DeepSpeed divides by its gradient_accumulation_steps itself: undo that.
+                    acc.backward(part / max(1, group_tokens) * (cfg.grad_accum if deepspeed else 1))
                 loss_sum += float(part.detach())
             grad_norm = None
-            if cfg.max_grad_norm > 0:
+            if cfg.max_grad_norm > 0 and not deepspeed:  # DeepSpeed clips (gradient_clipping)
                 grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
             optimizer.step()
             if not acc.optimizer_step_was_skipped:
@@ -217,6 +228,20 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
                 break
     return RunResult(step, total, last_dir, best_dir if (has_val and best_dir.exists()) else None,
                      _finite(best), last_loss, stopped)
+
+
+def _configure_deepspeed(acc, cfg: TrainConfig) -> bool:
+    """Under ``accelerate launch --use_deepspeed``: hand DeepSpeed the batch geometry and clipping
+    (its engine steps at accumulation boundaries and clips), since no dataloader is prepared."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return False
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm
+    return True
 
 
 def evaluate(model, objective: Objective, data: Data, batch_size: int, acc) -> float:

@@ -27,11 +27,14 @@ log = logging.getLogger(__name__)
 TRAINING_STATE = "training_state.pt"
 TRAINER_JSON = "trainer_state.json"
 METRICS = "metrics.csv"
+DEEPSPEED_STATE = "deepspeed"  # Accelerate's save_state of a ZeRO run (optimizer partitions per rank)
 METRIC_FIELDS = ("step", "epoch", "split", "loss", "ppl", "lr", "tokens_per_s", "grad_norm", "elapsed_s")
 
 
-def save_run_checkpoint(model, tokenizer_file: Path, dest: Path, info: dict, training_state: dict | None) -> Path:
-    """Write ``dest`` (model + tokenizer + generation config + trainer json [+ training state]) atomically."""
+def save_run_checkpoint(model, tokenizer_file: Path, dest: Path, info: dict, training_state: dict | None,
+                        extra_dirs: dict[str, Path] | None = None) -> Path:
+    """Write ``dest`` (model + tokenizer + generation config + trainer json [+ training state]) atomically;
+    ``extra_dirs`` (name -> directory, e.g. DeepSpeed's per-rank shards) are moved inside before the swap."""
     import torch  # noqa: PLC0415
 
     from cpm_infer.torch_model import save_checkpoint  # noqa: PLC0415
@@ -43,6 +46,8 @@ def save_run_checkpoint(model, tokenizer_file: Path, dest: Path, info: dict, tra
         (staging / TRAINER_JSON).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         if training_state is not None:
             torch.save(training_state, staging / TRAINING_STATE)
+        for name, directory in (extra_dirs or {}).items():
+            shutil.move(str(directory), str(staging / name))
         _swap_in(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
