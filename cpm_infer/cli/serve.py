@@ -14,25 +14,40 @@ from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, ThreadsOpt, T
 log = logging.getLogger(__name__)
 
 
+HostOpt = Annotated[str, typer.Option("--host", help="Address (loopback by default; 0.0.0.0 exposes it).")]
+PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0 = any free port).")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Sequences per batch (1 = one at a time).")]
+WaitOpt = Annotated[float, typer.Option("--batch-wait-ms", min=0, help="How long a request waits for batch-mates.")]
+QueueOpt = Annotated[int, typer.Option("--queue-size", min=1, help="Requests waiting for a batch; more get 503.")]
+CapOpt = Annotated[int, typer.Option("--max-new-tokens-cap", min=1, help="Largest max_new_tokens a request may ask.")]
+DefaultTokensOpt = Annotated[int, typer.Option("--default-max-new-tokens", min=1, help="When a request gives none.")]
+SamplesOpt = Annotated[int, typer.Option("--max-samples", min=1, help="Largest num_samples per request.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds a request may take (504 after).")]
+BodyOpt = Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body in KiB (413 above).")]
+GraceOpt = Annotated[float, typer.Option("--shutdown-grace", min=0, help="Seconds in-flight requests get on stop.")]
+NoWarmupOpt = Annotated[bool, typer.Option("--no-warmup", help="Skip the warm-up generation at start.")]
+AccessLogOpt = Annotated[bool, typer.Option("--access-log", help="Log every request.")]
+
+
 def serve(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     device: DeviceOpt = "cpu",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0 = any free port).")] = 8000,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences generated together (1 = one request at a time).")] = 8,
-    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0, help="How long a request waits for batch-mates.")] = 10.0,
-    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests waiting for a batch; more get 503.")] = 64,
-    max_new_tokens_cap: Annotated[int, typer.Option("--max-new-tokens-cap", min=1, help="Largest max_new_tokens a request may ask for.")] = 512,
-    default_max_new_tokens: Annotated[int, typer.Option("--default-max-new-tokens", min=1, help="When a request gives none.")] = 100,
-    max_samples: Annotated[int, typer.Option("--max-samples", min=1, help="Largest num_samples per request.")] = 16,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds a request may take in all (504 after).")] = 60.0,
-    max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body (413 above).")] = 64,
-    shutdown_grace: Annotated[float, typer.Option("--shutdown-grace", min=0, help="Seconds in-flight requests get to finish on stop.")] = 10.0,
-    no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Skip the warm-up generation at start.")] = False,
-    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request.")] = False,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    max_batch: MaxBatchOpt = 8,
+    batch_wait_ms: WaitOpt = 10.0,
+    queue_size: QueueOpt = 64,
+    max_new_tokens_cap: CapOpt = 512,
+    default_max_new_tokens: DefaultTokensOpt = 100,
+    max_samples: SamplesOpt = 16,
+    timeout: TimeoutOpt = 60.0,
+    max_body_kb: BodyOpt = 64,
+    shutdown_grace: GraceOpt = 10.0,
+    no_warmup: NoWarmupOpt = False,
+    access_log: AccessLogOpt = False,
 ) -> None:
     """Serve a CPM model over HTTP: /v1/completions (JSON or SSE), /zuowen, /health, /info, /v1/models."""
     from cpm_infer.deps import require  # noqa: PLC0415
@@ -60,12 +75,11 @@ def serve(
     backend_name = detect_backend(model_path) if backend == "auto" else backend
     sock = bind(host, port)  # fail on a taken port before spending time loading the model
     runtime, tok = load_backend(backend_name, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
-    app = create_app(
-        runtime, tok, settings, model_name=model_path.resolve().name, model_info={"path": str(model_path)}, warmup=not no_warmup
-    )
+    name, info = model_path.resolve().name, {"path": str(model_path)}
+    app = create_app(runtime, tok, settings, model_name=name, model_info=info, warmup=not no_warmup)
     bound_host, bound_port = sock.getsockname()[:2]
     if not _is_loopback(host):
-        log.warning("listening on %s: anyone who can reach this host can use the model; put it behind an authenticating proxy", host)
+        log.warning("listening on %s: anyone who can reach it can use the model; add an authenticating proxy", host)
     print(
         f"serving {model_path} ({runtime.name}) on http://{_url_host(bound_host)}:{bound_port}  "
         f"max batch {max_batch}, wait {batch_wait_ms:g} ms, queue {queue_size}; Ctrl-C to stop",

@@ -106,15 +106,20 @@ def create_app(
         job = batcher.submit(ids, config, stream=body.stream)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
         if body.stream:
-            return EventStreamResponse(_stream(job, batcher, meta, arrived), on_close=lambda: batcher.cancel(job, DISCONNECTED))
+            events = _stream(job, batcher, meta, arrived)
+            return EventStreamResponse(events, on_close=lambda: batcher.cancel(job, DISCONNECTED))
         done = await _wait(job, batcher, request)
         timings = _timings(job, done, arrived)
-        return JSONResponse(schemas.completion_body(request_id=meta["id"], created=meta["created"], model=model_name,
-                                                    results=done.results, timings=timings))
+        answer = schemas.completion_body(
+            request_id=meta["id"], created=meta["created"], model=model_name, results=done.results, timings=timings
+        )
+        return JSONResponse(answer)
 
     async def essay(request: Request, title: str, context: str, max_len: int, seed: int | None) -> dict[str, str]:
         def encode() -> tuple[list[int], int]:
-            ids = schemas.encode_prompt(tokenizer, title=title, context=context, n_positions=n_positions, max_new_tokens=1)
+            ids = schemas.encode_prompt(
+                tokenizer, title=title, context=context, n_positions=n_positions, max_new_tokens=1
+            )
             return ids, len(tokenizer.encode(title)) + 1  # where the context starts (after <sep>)
 
         ids, context_start = await run_in_threadpool(encode)
@@ -193,7 +198,8 @@ async def _stream(job: Job, batcher: Batcher, meta: dict[str, Any], arrived: flo
             return
         else:
             choices = [{"index": r.sample_index, "text": "", "finish_reason": r.finish_reason} for r in event.results]
-            yield sse({**chunk, "choices": choices, "usage": schemas.usage(event.results), "timings": _timings(job, event, arrived)})
+            usage, timings = schemas.usage(event.results), _timings(job, event, arrived)
+            yield sse({**chunk, "choices": choices, "usage": usage, "timings": timings})
             yield sse("[DONE]")
             return
 

@@ -119,7 +119,8 @@ class Job:
         except asyncio.TimeoutError:
             if wait < remaining:
                 return None
-            raise RequestTimeoutError(f"the request did not finish within the server's {self.deadline - self.created:g} s timeout") from None
+            limit = self.deadline - self.created
+            raise RequestTimeoutError(f"the request did not finish within the server's {limit:g} s timeout") from None
 
 
 class Batcher:
@@ -292,7 +293,8 @@ class Batcher:
             log.exception("generation failed for a batch of %d", len(owners))
             first_line = (str(exc).strip().splitlines() or [""])[0]
             for job in jobs:
-                self._finish(job, ErrorEvent(GenerationFailedError(f"generation failed: {type(exc).__name__}: {first_line}")))
+                error = GenerationFailedError(f"generation failed: {type(exc).__name__}: {first_line}")
+                self._finish(job, ErrorEvent(error))
             return
         with self._cond:
             self.counters["batches"] += 1

@@ -68,7 +68,9 @@ class EssayRequest(BaseModel):
 
 def completion_config(req: CompletionRequest, settings: ServeSettings) -> GenerationConfig:
     """The request's GenerationConfig, within the server's limits (ConfigError -> 422)."""
-    max_new = req.max_new_tokens if req.max_new_tokens is not None else min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
+    max_new = req.max_new_tokens
+    if max_new is None:
+        max_new = min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
     if max_new > settings.max_new_tokens_cap:
         raise ConfigError(f"max_new_tokens {max_new} is over this server's cap of {settings.max_new_tokens_cap}")
     if req.num_samples > settings.max_samples:
@@ -139,7 +141,12 @@ def completion_body(
         "created": created,
         "model": model,
         "choices": [
-            {"index": r.sample_index, "text": r.text, "finish_reason": r.finish_reason, "completion_tokens": len(r.token_ids)}
+            {
+                "index": r.sample_index,
+                "text": r.text,
+                "finish_reason": r.finish_reason,
+                "completion_tokens": len(r.token_ids),
+            }
             for r in results
         ],
         "usage": usage(results),

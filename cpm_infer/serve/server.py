@@ -94,7 +94,9 @@ class BackgroundServer:
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         self.server = make_server(app, log_level=log_level)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="cpm-serve", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="cpm-serve", daemon=True
+        )
 
     def start(self, timeout: float = 60.0) -> BackgroundServer:
         self.thread.start()

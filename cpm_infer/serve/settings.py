@@ -35,7 +35,10 @@ class ServeSettings:
         check(self.batch_wait_ms >= 0, f"batch wait must be >= 0 ms, got {self.batch_wait_ms}")
         check(self.queue_size >= 1, f"queue size must be >= 1, got {self.queue_size}")
         check(self.max_new_tokens_cap >= 1, f"max_new_tokens cap must be >= 1, got {self.max_new_tokens_cap}")
-        check(self.default_max_new_tokens >= 1, f"default max_new_tokens must be >= 1, got {self.default_max_new_tokens}")
+        check(
+            self.default_max_new_tokens >= 1,
+            f"default max_new_tokens must be >= 1, got {self.default_max_new_tokens}",
+        )
         check(self.max_samples >= 1, f"max samples must be >= 1, got {self.max_samples}")
         check(self.timeout_s > 0, f"timeout must be > 0 s, got {self.timeout_s}")
         check(self.max_body_bytes >= 256, f"max body size must be >= 256 bytes, got {self.max_body_bytes}")

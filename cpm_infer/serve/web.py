@@ -20,7 +20,13 @@ from cpm_infer.serve.batcher import ServeError
 
 log = logging.getLogger(__name__)
 
-_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 422: "invalid_request"}
+_KINDS = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    422: "invalid_request",
+}
 
 
 def error_body(status: int, kind: str, message: str) -> dict[str, Any]:
@@ -111,8 +117,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "request_too_large", f"the request body is over this server's limit of {self.max_bytes} bytes")
-        await response(scope, receive, send)
+        message = f"the request body is over this server's limit of {self.max_bytes} bytes"
+        await error_response(413, "request_too_large", message)(scope, receive, send)
 
 
 def sse(data: dict[str, Any] | str) -> str:
