@@ -173,10 +173,13 @@ def test_new_model_from_tokenizer(seed_dir: Path, tiny_vocab: Path, tmp_path: Pa
 
     run = tmp_path / "run"
     cpm("train", "finetune", seed_dir, "-o", run, "--tokenizer", tiny_vocab, "--layers", "1", "--heads", "2", "--hidden", "16",
-        "--context", "32", "--max-steps", "2", "--batch-size", "4", "--val-fraction", "0", "--cache-dir", tmp_path / "c")
+        "--context", "32", "--max-steps", "2", "--batch-size", "4", "--val-fraction", "0", "--cache-dir", tmp_path / "c",
+        "--grad-checkpointing", "--precision", "bf16")  # bf16 autocast runs on CPU too
     spec = open_checkpoint(run / "last").spec
     assert (spec.n_layer, spec.n_embd, spec.n_positions) == (1, 16, 32)
     assert not (run / "best").exists()  # no held-out data, no best
+    result = cpm("train", "finetune", seed_dir, "-o", tmp_path / "fp16", "--tokenizer", tiny_vocab, "--precision", "fp16", code=1)
+    assert "fp16 mixed precision needs a CUDA GPU" in str(result.exception)
 
 
 def test_distill_from_the_cli(seed_dir: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:

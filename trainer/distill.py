@@ -18,7 +18,7 @@ from trainer.config import TrainConfig
 from trainer.errors import TrainError
 from trainer.finetune import lm_loss_sum
 from trainer.loop import Callbacks, RunResult, run
-from trainer.setup import check_vocab, file_sha256, load_data, make_accelerator, resume_source, seed_everything
+from trainer.prepare import check_vocab, file_sha256, load_data, make_accelerator, resume_source, seed_everything
 from trainer.windows import Progress
 
 log = logging.getLogger(__name__)

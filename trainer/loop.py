@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,7 +84,6 @@ class RunResult:
     best_val_loss: float | None
     final_train_loss: float | None
     stopped: str  # "done", "early stopping" or "session limit"
-    history: list[dict] = field(default_factory=list)
 
 
 def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_file: Path, fingerprint: dict,
@@ -105,8 +104,9 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
     fingerprint = {**fingerprint, "world_size": acc.num_processes, "total_steps": total}
 
     deepspeed = _configure_deepspeed(acc, cfg)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:  # transformers 5 renamed it; older versions have only the old name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)
@@ -167,8 +167,9 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
             for i, batch in enumerate(batches):
                 sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(model)
                 tensors = {k: torch.from_numpy(v).to(acc.device) for k, v in batch.items()}
-                with sync, acc.autocast():
-                    part, _ = objective.loss(model, tensors)
+                with sync:
+                    with acc.autocast():
+                        part, _ = objective.loss(model, tensors)
                     # DeepSpeed divides by its gradient_accumulation_steps itself: undo that.
                     acc.backward(part / max(1, group_tokens) * (cfg.grad_accum if deepspeed else 1))
                 loss_sum += float(part.detach())
@@ -222,7 +223,7 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
                 save_last()
             if evaluated or step % save_every == 0:
                 window_t = time.perf_counter()  # tokens/s measures training only, not evals and saves
-            if stop_requested:
+            if stop_requested and step < total:
                 raise TrainingInterrupted(f"interrupted at step {step} of {total}; resumable checkpoint saved to {last_dir} (continue with --resume)")
             if stopped != "done":
                 break
