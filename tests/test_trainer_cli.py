@@ -221,3 +221,14 @@ def test_student_initialisation_and_kd_loss(tiny_checkpoint: Path) -> None:
         kd, _ = Distillation(teacher, 2.0, 1.0).loss(student.eval(), batch)
     assert float(kd_only) == pytest.approx(0.0, abs=1e-4) and int(count) == ids.shape[1] - 1
     assert float(mixed) == pytest.approx(0.5 * float(kd) + 0.5 * float(lm_only), rel=1e-5)
+
+
+def test_early_stopping(seed_dir: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # An lr of 1e-30 leaves every held-out loss exactly equal: no improvement after the first evaluation.
+    run = tmp_path / "run"
+    args = common(seed_dir, run, tmp_path / "cache")
+    result = cpm("train", "finetune", *args, "-m", tiny_checkpoint, "--eval-every", "2", "--patience", "1", "--lr", "1e-30",
+                 "--schedule", "constant", "--warmup-steps", "0")
+    assert "trained 4/8 steps (early stopping)" in result.output
+    assert json.loads((run / "best" / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((run / "last" / "trainer_state.json").read_text())["step"] == 4
