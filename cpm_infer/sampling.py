@@ -44,22 +44,33 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     return np.where(logits < kth, -np.inf, logits)
 
 
-def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+def top_p_filter(logits: np.ndarray, p: float, candidates: int = 256) -> np.ndarray:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches ``p``.
 
-    The most likely token is always kept.
+    The most likely token is always kept. Only the ``candidates`` most likely tokens of each row are
+    sorted (argpartition); a row whose candidates hold less than ``p`` of the mass falls back to a full
+    sort, so the result is exact either way. (A full sort of a 30000-token row costs ~2 ms.)
     """
     if p >= 1.0:
         return logits
-    order = np.argsort(-logits, axis=-1, kind="stable")
-    sorted_logits = np.take_along_axis(logits, order, axis=-1)
-    probs = softmax(sorted_logits)
-    mass_before = np.cumsum(probs, axis=-1) - probs
-    drop_sorted = mass_before >= p
-    drop_sorted[:, 0] = False
-    drop = np.empty_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, axis=-1)
-    return np.where(drop, -np.inf, logits)
+    probs = softmax(logits.astype(np.float32, copy=False))
+    m = min(candidates, logits.shape[-1])
+    top = np.argpartition(-probs, m - 1, axis=-1)[:, :m] if m < logits.shape[-1] else np.broadcast_to(np.arange(m), probs.shape)
+    keep = np.zeros(logits.shape, dtype=bool)
+    covered = np.take_along_axis(probs, top, axis=-1).sum(axis=-1) >= p
+    for rows, index in ((np.flatnonzero(covered), top), (np.flatnonzero(~covered), None)):
+        if not len(rows):
+            continue
+        cand = index[rows] if index is not None else np.broadcast_to(np.arange(logits.shape[-1]), (len(rows), logits.shape[-1]))
+        cand_p = np.take_along_axis(probs[rows], cand, axis=-1)
+        order = np.argsort(-cand_p, axis=-1, kind="stable")
+        sorted_ids = np.take_along_axis(cand, order, axis=-1)
+        sorted_p = np.take_along_axis(cand_p, order, axis=-1)
+        kept = (np.cumsum(sorted_p, axis=-1) - sorted_p) < p
+        kept[:, 0] = True
+        for row, ids, mask in zip(rows, sorted_ids, kept, strict=True):
+            keep[row, ids[mask]] = True
+    return np.where(keep, logits, -np.inf)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -75,13 +86,12 @@ def greedy(logits: np.ndarray) -> np.ndarray:
 def sample(logits: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """Draw one token per row, row i from ``rngs[i]`` (one generator per sequence keeps results
     independent of how sequences are batched)."""
-    probs = softmax(logits.astype(np.float64))
-    out = np.empty(len(probs), dtype=np.int64)
-    for i, (row, rng) in enumerate(zip(probs, rngs, strict=True)):
-        # Inverse-CDF draw: one uniform per token, reproducible for a given generator state.
-        cdf = np.cumsum(row)
-        out[i] = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(row) - 1)
-    return out
+    probs = softmax(logits.astype(np.float32, copy=False))
+    cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
+    # Inverse-CDF draw: one uniform per row, reproducible for a given generator state.
+    u = np.array([rng.random() for rng in rngs]) * cdf[:, -1]
+    chosen = (cdf <= u[:, None]).sum(axis=-1)
+    return np.minimum(chosen, logits.shape[-1] - 1).astype(np.int64)
 
 
 def build_pipeline(config: GenerationConfig, banned: Sequence[int]) -> list[Processor]:

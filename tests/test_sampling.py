@@ -79,3 +79,15 @@ def test_greedy():
 def test_pipeline_builds_only_steps_that_change_something(config, count):
     assert len(sampling.build_pipeline(config, [])) == count
     assert len(sampling.build_pipeline(config, [0])) == count + 1
+
+
+def test_top_p_candidate_path_equals_full_sort():
+    rng = np.random.default_rng(0)
+    peaked = rng.normal(size=(6, 3000)) * 4.0  # top 256 hold the mass: the fast path
+    flat = rng.normal(size=(3, 3000)) * 0.1  # they do not: the full-sort fallback
+    for logits in (peaked, flat, np.concatenate([peaked, flat])):
+        fast = sampling.top_p_filter(logits, 0.9)
+        full = sampling.top_p_filter(logits, 0.9, candidates=logits.shape[-1])
+        assert np.array_equal(np.isfinite(fast), np.isfinite(full))
+        kept_mass = (sampling.softmax(logits) * np.isfinite(fast)).sum(axis=-1)
+        assert np.all(kept_mass >= 0.9)
