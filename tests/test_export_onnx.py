@@ -219,6 +219,16 @@ def test_fp16_graph_keeps_layernorm_and_softmax_in_float32(tiny_checkpoint, tmp_
     constants = [onnx.numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     assert any(c.size == 1 and float(c.item()) == MASK_VALUE for c in constants)
     assert not any(c.size == 1 and float(c.item()) == float(np.finfo(np.float16).min) for c in constants)
+    if report.status == "passed":  # the ORT backend runs it with float16 KV buffers
+        from cpm_infer.backends import load_backend
+        from cpm_infer.config import GenerationConfig
+        from cpm_infer.generate import generate
+
+        cfg = GenerationConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
+        (eager, tok), (half, _) = load_backend("torch", tiny_checkpoint), load_backend("ort", tmp_path / "fp16")
+        assert half.np_dtype == np.float16
+        prompts = [tok.encode("话说天下大势"), tok.encode("滚滚长江")]
+        assert [r.token_ids for r in generate(half, prompts, cfg, tok)] == [r.token_ids for r in generate(eager, prompts, cfg, tok)]
 
 
 def test_optimize_fuses_and_revalidates(tiny_checkpoint, tmp_path):
