@@ -169,6 +169,19 @@ def test_failed_validation_names_output_and_writes_nothing(monkeypatch, tiny_che
     assert list(tmp_path.iterdir()) == []
 
 
+def test_interrupted_export_leaves_nothing(monkeypatch, tiny_checkpoint, tmp_path):
+    import export.onnx_export as onnx_export
+
+    def interrupted(module, tmp, *args):
+        (tmp / "model.onnx").write_bytes(b"half a graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_export_graph", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(tiny_checkpoint, tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_validation_detects_a_different_model(artifact):
     from cpm_infer.backends.ort_backend import create_session
     from cpm_infer.artifact import read_manifest
