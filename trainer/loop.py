@@ -292,15 +292,18 @@ def _finite(value: float) -> float | None:
 
 
 class _StopOnSigint:
-    """First Ctrl-C: ask the loop to stop after the current step. Second: stop now."""
+    """First Ctrl-C (or SIGTERM: cluster preemption, torchrun shutting its workers down): ask the
+    loop to stop after the current step. Second: stop now."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self) -> _StopOnSigint:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
@@ -310,5 +313,5 @@ class _StopOnSigint:
         log.warning("interrupt: finishing the current step and saving a resumable checkpoint (Ctrl-C again to abort)")
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

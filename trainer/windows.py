@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cpm_infer.tokenizer import CpmTokenizer
-from trainer.errors import DataError, TrainError
+from trainer.errors import TrainError
 from trainer.formats import Document, read_documents, resolve_files
 
 log = logging.getLogger(__name__)
