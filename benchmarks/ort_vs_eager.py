@@ -11,7 +11,8 @@ prefill of 16 and of 900 tokens (how the per-step KV concat grows with context),
 greedy tokens of every runner are identical (the CPM-small-shape parity check).
 
 Writes benchmarks/results/ort_vs_eager-<machine>.json and .md. The weights use initializer_range 0.1
-(not 0.02) so that greedy output varies instead of repeating one token; timing does not depend on it.
+(not 0.02) and random biases/LayerNorms so that greedy output varies instead of repeating one token
+and the parity check means something; timing does not depend on the values.
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ def prepare(work: Path, vocab: Path, seed: int, log) -> tuple[Path, Path]:
         tok = CpmTokenizer(vocab)
         torch.manual_seed(seed)
         config = hf_config(PRESETS["small"], tok.eod_id, tok.pad_id, base={"initializer_range": 0.1})
-        save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), vocab, ckpt)
+        model = transformers.GPT2LMHeadModel(config).eval()
+        with torch.no_grad():  # biases and LayerNorms random too (fresh ones are all 0 / 1)
+            for param in model.parameters():
+                if param.ndim == 1:
+                    param.add_(0.1 * torch.randn_like(param))
+        save_checkpoint(model, vocab, ckpt)
     if not (art / "manifest.json").is_file() or read_manifest(art).source_sha256 != open_checkpoint(ckpt).weights_sha256():
         log(f"exporting {art} (--optimize; validated against eager)")
         export_onnx(ckpt, art, force=True, optimize=True, progress=log)

@@ -108,7 +108,7 @@ def export_onnx(
 
             say("applying onnxruntime transformer fusions")
             fusions = optimize_graph(tmp / GRAPH, tmp / OPTIMIZED_GRAPH, ckpt.spec, use_gpu=kind == "cuda",
-                                     external_data_threshold=external_data_threshold)
+                                     dtype=dtype, external_data_threshold=external_data_threshold)
             say(f"validating {OPTIMIZED_GRAPH} against eager PyTorch on {device}")
             reports.append(_validate(create_session, tmp / OPTIMIZED_GRAPH, reference, ckpt.spec, dtype, device, threads))
             graph_files.update(model=OPTIMIZED_GRAPH, portable=GRAPH)

@@ -1,12 +1,12 @@
-"""``--optimize``: ONNX Runtime's offline transformer fusions (onnxruntime.transformers.optimizer).
+"""``--optimize``: ONNX Runtime's offline transformer fusions, plus our attention fusion.
 
-What applies to our graph: LayerNormalization + residual Add -> SkipLayerNormalization, and the tanh
-GELU + bias -> FastGelu. The GPT-2 attention fusions do not: they expect ORT's own GPT-2 export with a
-stacked (2, B, nh, P, hs) past per layer, while our KV contract keeps key and value separate (the
-fused kernel would still have to write present = concat(past, new), the part that grows with
-context). The fused graph uses com.microsoft operators, so it runs on ONNX Runtime only; the export
-keeps the plain graph next to it for other tools (manifest role ``portable``), and re-validates the
-fused graph against eager PyTorch.
+From onnxruntime.transformers.optimizer: LayerNormalization + residual Add -> SkipLayerNormalization,
+tanh GELU + bias -> FastGelu. Its GPT-2 attention fusions do not match our graph (they expect ORT's
+own GPT-2 export with a stacked past), so ``export.attention_fusion`` rewrites each layer's attention
+into com.microsoft.MultiHeadAttention instead, for float32 graphs on the CPU provider (the kernel we
+can validate here). The fused graph uses com.microsoft operators, so it runs on ONNX Runtime only:
+the export keeps the plain graph next to it (manifest role ``portable``) and re-validates the fused
+graph against eager PyTorch.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def optimize_graph(
     spec: ModelSpec,
     *,
     use_gpu: bool = False,
+    dtype: str = "float32",
     external_data_threshold: int = 2 * 1024**3,
 ) -> dict[str, int]:
     """Write the fused graph to ``target``; return the count of each fused operator that was applied."""
@@ -50,6 +51,12 @@ def optimize_graph(
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OptimizeError(f"onnxruntime transformer optimizer failed on {source.name}: {text}") from None
     fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    if dtype == "float32" and not use_gpu:
+        from export.attention_fusion import fuse_attention  # noqa: PLC0415
+
+        layers = fuse_attention(model, spec.n_layer, spec.n_head)
+        if layers:
+            fused["MultiHeadAttention"] = layers
     if not fused:
         log.warning("no onnxruntime fusion applied to %s", source.name)
     size = sum(len(t.raw_data) for t in model.model.graph.initializer)

@@ -55,6 +55,34 @@ def run_blocked(block: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
+def randomize_vectors(model, seed: int = 1):
+    """Give biases and LayerNorm parameters random values: a fresh GPT-2 has them all 0 or 1, which
+    would hide mixed-up biases or norms (and the exporter would merge the identical tensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(0.2 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def save_random_checkpoint(vocab: Path, out: Path) -> Path:
+    from conftest import make_tiny_model
+
+    from cpm_infer.tokenizer import CpmTokenizer
+    from cpm_infer.torch_model import save_checkpoint
+
+    tok = CpmTokenizer(vocab)
+    model = randomize_vectors(make_tiny_model(tok.vocab_size, eod_id=tok.eod_id, pad_id=tok.pad_id))
+    return save_checkpoint(model, vocab, out)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_vocab) -> Path:
+    """Like conftest's tiny checkpoint, with every parameter random (this module's exports use it)."""
+    return save_random_checkpoint(tiny_vocab, tmp_path_factory.mktemp("ckpt") / "tiny-random")
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_checkpoint) -> Path:
     """The tiny checkpoint exported through the CLI (fp32, plain graph)."""
@@ -99,14 +127,14 @@ def test_export_module_equals_transformers(variant):
 
         torch.manual_seed(0)
         model = transformers.GPT2LMHeadModel(model.config).eval()
-    assert max(_hf_vs_export(model)) < 1e-5
+    assert max(_hf_vs_export(randomize_vectors(model))) < 1e-5
 
 
 def test_export_module_fp16_is_close_and_refuses_unknown_activation():
     from export.gpt2 import ExportGPT2, UnsupportedModelError
     from conftest import make_tiny_model
 
-    model = make_tiny_model(120)
+    model = randomize_vectors(make_tiny_model(120))
     assert max(_hf_vs_export(model, torch.float16)) < 0.05
     model.config.activation_function = "swish"
     with pytest.raises(UnsupportedModelError, match="swish"):
@@ -251,11 +279,12 @@ def test_optimize_fuses_and_revalidates(tiny_checkpoint, tmp_path):
     result = export_onnx(tiny_checkpoint, tmp_path / "opt", optimize=True)
     assert [r.graph for r in result.reports] == ["model.onnx", "model_optimized.onnx"]
     assert all(r.status == "passed" for r in result.reports)
+    assert result.manifest.details["fusions"]["MultiHeadAttention"] == 2  # every layer's attention
     assert result.manifest.details["fusions"].get("SkipLayerNormalization", 0) > 0
     m = read_manifest(tmp_path / "opt")
     assert m.graph_files == {"model": "model_optimized.onnx", "portable": "model.onnx"}
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt" / "model_optimized.onnx")).graph.node}
-    assert {"SkipLayerNormalization", "FastGelu"} <= ops
+    assert {"SkipLayerNormalization", "FastGelu", "MultiHeadAttention"} <= ops and "Softmax" not in ops
 
 
 # -- bad input --------------------------------------------------------------------------------

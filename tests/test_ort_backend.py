@@ -23,10 +23,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_vocab) -> Path:
+    """A tiny checkpoint with every parameter random (biases and LayerNorms too)."""
+    from test_export_onnx import save_random_checkpoint
+
+    return save_random_checkpoint(tiny_vocab, tmp_path_factory.mktemp("ckpt") / "tiny-random")
+
+
+@pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_checkpoint) -> Path:
     from export.onnx_export import export_onnx
 
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("ort") / "tiny-onnx").path
+
+
+@pytest.fixture(scope="module")
+def fused_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
+    """--optimize: the backend runs model_optimized.onnx (MultiHeadAttention, SkipLayerNorm, FastGelu)."""
+    from export.onnx_export import export_onnx
+
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("ort") / "tiny-fused", optimize=True).path
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +89,16 @@ def test_prefill_decode_and_padded_batch_match_eager(backends):
     torch_backend, bound, _, _ = backends
     for ref, got in zip(_steps(torch_backend, PROMPTS, TOKENS), _steps(bound, PROMPTS, TOKENS), strict=True):
         assert got.dtype == np.float32 and got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_graph_matches_eager_with_padding_and_dropped_rows(backends, fused_artifact):
+    from cpm_infer.backends.ort_backend import load
+
+    torch_backend = backends[0]
+    fused, _ = load(fused_artifact)
+    assert "model_optimized.onnx" in fused.session._model_path
+    for ref, got in zip(_steps(torch_backend, PROMPTS, TOKENS, 2, np.array([0, 2])), _steps(fused, PROMPTS, TOKENS, 2, np.array([0, 2])), strict=True):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
