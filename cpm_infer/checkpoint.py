@@ -7,12 +7,12 @@ and a CPM tokenizer file (``spiece.model`` or ``chinese_vocab.model``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cpm_infer.artifact import sha256_files
 from cpm_infer.config import ModelSpec
 from cpm_infer.errors import CpmError
 from cpm_infer.tokenizer import TOKENIZER_FILENAMES, find_tokenizer_file
@@ -41,12 +41,7 @@ class Checkpoint:
 
     def weights_sha256(self) -> str:
         """One digest over all weight files, in order (identifies the exact weights exported)."""
-        digest = hashlib.sha256()
-        for path in self.weight_files:
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_files(self.weight_files)
 
 
 def read_config(directory: Path) -> dict:
