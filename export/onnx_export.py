@@ -23,6 +23,7 @@ from cpm_infer.artifact import Manifest, tool_versions, write_manifest
 from cpm_infer.config import GenerationConfig
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError
+from export.quantize import QuantizeOptions
 from export.validate import EagerReference, ValidationReport, validate_graph, write_report
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,19 @@ def export_onnx(
     threads: int | None = None,
     external_data_threshold: int = PROTOBUF_LIMIT,
     progress: Progress | None = None,
+    quantize: QuantizeOptions | None = None,
 ) -> ExportResult:
-    """Export, validate (always), optionally optimize, and atomically write the artifact."""
+    """Export, validate (always), optionally optimize and quantize (with its quality gate), and
+    atomically write the artifact. ``quantize`` on a float32 ONNX artifact quantizes that instead."""
     say = progress or (lambda message: log.info("%s", message))
+    if quantize is not None:
+        from export.quantize import check_request  # noqa: PLC0415
+
+        check_request(model_dir, quantize, fp16=fp16, device=device)
+        if (Path(model_dir) / "manifest.json").is_file():
+            from export.quantize_artifact import quantize_artifact  # noqa: PLC0415
+
+            return quantize_artifact(model_dir, out_dir, quantize, force=force, threads=threads, progress=say)
     torch = require("torch", "export")
     require("onnx", "export")
     require("onnxruntime", "export")
@@ -116,6 +127,11 @@ def export_onnx(
                 graph_files["optimized_weights"] = f"{OPTIMIZED_GRAPH}.data"
         else:
             fusions = {}
+        quantization = None
+        if quantize is not None:
+            from export.quantize import apply_quantization  # noqa: PLC0415
+
+            graph_files, quantization = apply_quantization(tmp, graph_files, ckpt.spec, tokenizer, quantize, threads=threads, say=say)
 
         say("writing artifact")
         shutil.copyfile(ckpt.tokenizer_file, tmp / TOKENIZER)
@@ -138,6 +154,7 @@ def export_onnx(
                 "validation": {r.graph: r.status for r in reports},
                 "fusions": fusions,
                 "mask_value": "finite -1e4 via where(); LayerNorm and softmax in float32",
+                **({"quantization": quantization} if quantization else {}),
             },
         )
         write_manifest(tmp, manifest)

@@ -161,6 +161,14 @@ class OrtBackend:
         state.batch = len(rows)
         return state
 
+    def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Logits of every position (B, T, V) float32 from a prefill with an empty past, no state kept
+        (scoring, ``cpm_infer.eval``); the graph outputs them anyway."""
+        ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
+        empty = np.zeros(kv.kv_shape(self.spec, ids.shape[0], 0), dtype=self.np_dtype)
+        feeds = {kv.INPUT_IDS: ids, kv.ATTENTION_MASK: mask, kv.POSITION_IDS: pos, **dict.fromkeys(self.past_names, empty)}
+        return self._run(lambda: self.session.run([kv.LOGITS], feeds))[0]
+
     # -- internals ------------------------------------------------------------------------
     def _step(self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, OrtState]:
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))

@@ -55,6 +55,13 @@ class TorchBackend:
         state.batch_select_indices(self._torch.as_tensor(rows, device=self.device))
         return state
 
+    def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Logits of every position (B, T, V) float32, no cache kept (scoring, ``cpm_infer.eval``)."""
+        with self._torch.inference_mode():
+            out = self.model(input_ids=self._tensor(input_ids), attention_mask=self._tensor(attention_mask),
+                             position_ids=self._tensor(position_ids), use_cache=False)
+            return out.logits.float().cpu().numpy()
+
 
 def load(path, *, device: str = "cpu", tokenizer_file=None, threads: int | None = None):
     """Open a Hugging Face checkpoint directory as a TorchBackend."""

@@ -9,6 +9,7 @@ import sys
 import typer
 
 from cpm_infer.cli import bench, demo, export, generate, info, model, serve, tokenize
+from cpm_infer.cli import eval as eval_cli
 from cpm_infer.cli import tokenizer as tokenizer_cli
 from cpm_infer.cli import train as train_cli
 from cpm_infer.errors import CpmError
@@ -30,6 +31,7 @@ app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.add_typer(export.app, name="export")
 app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
+app.add_typer(eval_cli.app, name="eval")
 
 
 class Interrupted(CpmError):

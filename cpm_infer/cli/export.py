@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,6 +23,10 @@ def onnx(
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision graph for GPUs (LayerNorm/softmax stay float32).")] = False,
     optimize: Annotated[bool, typer.Option("--optimize", help="Apply onnxruntime transformer fusions (re-validated).")] = False,
     opset: Annotated[int, typer.Option("--opset", min=14, help="ONNX opset.")] = 17,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 (dynamic, per-channel) or int4 (MatMulNBits) weights, CPU; MODEL_DIR may be a float32 artifact.")] = None,
+    gate_file: Annotated[Optional[Path], typer.Option("--gate-file", help="Held-out text for the quality gate (default: the demo model's held-out chapter).")] = None,
+    gate_threshold: Annotated[Optional[float], typer.Option("--gate-threshold", min=0, help="Allowed relative perplexity increase (default int8 0.02, int4 0.10).")] = None,
+    force_quality: Annotated[bool, typer.Option("--force-quality", help="Write the quantized artifact even when it fails the quality gate.")] = False,
     device: DeviceOpt = "cpu",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
@@ -31,6 +35,7 @@ def onnx(
     from rich.console import Console  # noqa: PLC0415
 
     from export.onnx_export import export_onnx  # noqa: PLC0415 - imports torch: only when the command runs
+    from export.quantize import QuantizeOptions  # noqa: PLC0415
 
     console = Console(stderr=True)
     with console.status("exporting", spinner="dots") as status:
@@ -42,11 +47,25 @@ def onnx(
         result = export_onnx(
             model_dir, out_dir, force=force, fp16=fp16, optimize=optimize, opset=opset, device=device,
             tokenizer_file=tokenizer, threads=threads, progress=progress,
+            quantize=quantize and QuantizeOptions(quantize, gate_file, gate_threshold, force_quality),
         )
     print_reports(result.reports, Console())
+    if "quantization" in result.manifest.details:
+        print_quantization(result.manifest.details["quantization"], Console())
     files = ", ".join(f"{role}: {name}" for role, name in result.manifest.graph_files.items())
     size = sum(p.stat().st_size for p in result.path.iterdir() if p.is_file()) / 2**20
     print(f"wrote {result.path} ({files}; {size:.1f} MiB)", file=sys.stderr)
+
+
+def print_quantization(details: dict, console) -> None:
+    """The scheme and the quality gate's numbers (also stored in the manifest)."""
+    from export.quality_gate import GateResult  # noqa: PLC0415
+
+    gate = GateResult(**details["gate"])
+    parts = ", ".join(f"{k} {details[k]}" for k in ("lm_head", "embedding", "block_size", "symmetric", "accuracy_level",
+                                                     "per_channel", "reduce_range", "weight_type") if k in details)
+    console.print(f"{details['scheme']} weights ({parts}; {details['weights_mib']} MiB of weights)")
+    console.print(gate.summary(), style="green" if gate.passed else "bold red")
 
 
 def print_reports(reports, console) -> None:

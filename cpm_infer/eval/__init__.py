@@ -1,0 +1,21 @@
+"""Model quality on text: perplexity (``cpm eval ppl``) and zero-shot candidate scoring (``cpm eval score``).
+
+Works on every backend: those that expose ``logits_all`` (torch, ort) score a window in one forward
+pass; any other ``Backend`` is scored token by token through ``prefill`` + ``decode`` (teacher forcing).
+Imports numpy only; the runtime comes with the backend.
+"""
+
+from cpm_infer.eval.logprobs import EvalError, token_logprobs
+from cpm_infer.eval.perplexity import PerplexityResult, perplexity, read_documents
+from cpm_infer.eval.zero_shot import ZeroShotResult, read_examples, score_examples
+
+__all__ = [
+    "EvalError",
+    "PerplexityResult",
+    "ZeroShotResult",
+    "perplexity",
+    "read_documents",
+    "read_examples",
+    "score_examples",
+    "token_logprobs",
+]

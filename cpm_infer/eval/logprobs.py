@@ -1,0 +1,50 @@
+"""Log-probabilities of the next tokens under any backend, from the logits of every position."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cpm_infer.backends.base import Backend
+from cpm_infer.errors import CpmError
+
+
+class EvalError(CpmError):
+    """Unusable evaluation input (no text, a too-short gate file, a bad template) or model."""
+
+
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) per row: ``logits`` (N, V) float, ``targets`` (N,) int -> (N,) float64."""
+    logits = logits.astype(np.float32, copy=False)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
+    return logits[np.arange(len(targets)), targets].astype(np.float64) - log_norm
+
+
+def all_logits(backend: Backend, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Logits of every position (B, T, V), from one pass where the backend has ``logits_all``, else
+    by teacher forcing: prefill the first token, then decode the rest one at a time (any Backend)."""
+    fast = getattr(backend, "logits_all", None)
+    if fast is not None:
+        return np.asarray(fast(ids, mask, pos), dtype=np.float32)
+    seq = ids.shape[1]
+    logits, state = backend.prefill(ids[:, :1], mask[:, :1], pos[:, :1])
+    rows = [logits]
+    for t in range(1, seq):
+        logits, state = backend.decode(state, ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1])
+        rows.append(logits)
+    return np.stack(rows, axis=1)
+
+
+def token_logprobs(backend: Backend, input_ids: np.ndarray) -> np.ndarray:
+    """log p(ids[:, t+1] | ids[:, :t+1]) for unpadded rows ``input_ids`` (B, T) -> (B, T-1) float64."""
+    ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise EvalError(f"scoring needs at least 2 tokens per row, got shape {ids.shape}")
+    if ids.shape[1] > backend.spec.n_positions:
+        raise EvalError(f"{ids.shape[1]} tokens exceed the model's context of {backend.spec.n_positions}")
+    batch, seq = ids.shape
+    mask = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+    logits = all_logits(backend, ids, mask, pos)[:, :-1, :]  # position t predicts token t + 1
+    flat = log_softmax_at(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return flat.reshape(batch, seq - 1)

@@ -1,0 +1,103 @@
+"""The quality gate of a quantized export: held-out perplexity of the quantized graph vs the float32 graph.
+
+Both graphs run on ONNX Runtime over the same text with the same windows (``cpm_infer.eval``). The
+export is refused when perplexity rises by more than the scheme's threshold (defaults: int8 +2%,
+int4 +10%) unless forced; the numbers go to the manifest either way. The default text is the demo
+model's held-out chapter (三国演义 chapter 60, never trained on); for other models pass text of
+their own domain (``--gate-file``). Too little text is refused: a perplexity over a few hundred
+tokens moves by more than the thresholds on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cpm_infer.config import ModelSpec
+from cpm_infer.errors import CpmError
+from cpm_infer.tokenizer import CpmTokenizer
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = {"int8": 0.02, "int4": 0.10}  # relative perplexity increase allowed by default
+MIN_TOKENS = 1000  # predicted tokens a gate text must give
+
+
+class QualityGateError(CpmError):
+    """The quantized graph lost more perplexity than allowed (and the gate was not forced)."""
+
+
+@dataclass
+class GateResult:
+    file: str
+    tokens: int
+    window: int
+    stride: int
+    fp32_perplexity: float
+    quantized_perplexity: float
+    increase: float  # relative: quantized / fp32 - 1
+    threshold: float
+    passed: bool
+    forced: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else ("FAILED, forced" if self.forced else "FAILED")
+        return (f"quality gate {verdict}: perplexity {self.fp32_perplexity:.3f} (float32) -> {self.quantized_perplexity:.3f} "
+                f"({self.increase:+.2%}, limit +{self.threshold:.0%}) over {self.tokens} tokens of {Path(self.file).name}")
+
+
+def default_gate_file() -> Path | None:
+    """The demo model's held-out chapter, where the package ships it."""
+    from cpm_infer.demo import DEMO_DIR  # noqa: PLC0415
+
+    path = DEMO_DIR / "heldout.txt"
+    return path if path.is_file() else None
+
+
+def run_gate(
+    fp32_graph: Path,
+    quantized_graph: Path,
+    spec: ModelSpec,
+    tokenizer: CpmTokenizer,
+    *,
+    scheme: str,
+    gate_file: str | os.PathLike[str] | None = None,
+    threshold: float | None = None,
+    force: bool = False,
+    threads: int | None = None,
+    min_tokens: int = MIN_TOKENS,
+    say: Callable[[str], None] = lambda message: None,
+) -> GateResult:
+    """Measure both graphs; raise QualityGateError past the threshold unless ``force``."""
+    from cpm_infer.backends.ort_backend import OrtBackend, create_session  # noqa: PLC0415
+    from cpm_infer.eval import perplexity, read_documents  # noqa: PLC0415
+
+    path = Path(gate_file) if gate_file is not None else default_gate_file()
+    if path is None:
+        raise QualityGateError("no gate text: pass --gate-file (held-out text in the model's domain); the demo held-out chapter is not installed")
+    limit = THRESHOLDS[scheme] if threshold is None else threshold
+    if limit < 0:
+        raise QualityGateError(f"the gate threshold must be >= 0, got {limit}")
+    documents = read_documents(path)
+    results = []
+    for label, graph in (("float32", fp32_graph), (scheme, quantized_graph)):
+        say(f"quality gate: perplexity of the {label} graph on {path.name}")
+        backend = OrtBackend(create_session(graph, threads=threads), spec)
+        results.append(perplexity(backend, tokenizer, documents, min_tokens=min_tokens))
+    base, quant = results
+    increase = quant.perplexity / base.perplexity - 1
+    result = GateResult(
+        file=str(path), tokens=base.tokens, window=base.window, stride=base.stride, fp32_perplexity=base.perplexity,
+        quantized_perplexity=quant.perplexity, increase=increase, threshold=limit, passed=increase <= limit, forced=force,
+    )
+    log.info("%s", result.summary())
+    if not result.passed and not force:
+        raise QualityGateError(f"{result.summary()}; refusing the export (pass --force-quality to write it anyway)")
+    return result

@@ -1,0 +1,217 @@
+"""INT8 / INT4 quantized export: parity with float32, the quality gate, the manifest, refusals, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import CORPUS
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+# Quantized vs float32 graph, max |log p| difference over all positions (nats). Measured on this
+# tiny model: int8 0.015, int4 0.12 (initializer_range 0.02; wider random inits amplify errors).
+LOGPROB_TOLERANCE = {"int8": 0.05, "int4": 0.3}
+
+
+def _checkpoint(tiny_vocab: Path, out: Path, *, seed: int = 0, init: float = 0.02) -> Path:
+    """A 2-layer, 64-wide GPT-2, by default with GPT-2's own init (0.02)."""
+    import torch
+    import transformers
+
+    from cpm_infer.config import ModelSpec
+    from cpm_infer.tokenizer import CpmTokenizer
+    from cpm_infer.torch_model import hf_config, save_checkpoint
+
+    tok = CpmTokenizer(tiny_vocab)
+    spec = ModelSpec(n_layer=2, n_head=4, n_embd=64, vocab_size=tok.vocab_size, n_positions=128)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(hf_config(spec, tok.eod_id, tok.pad_id, base={"initializer_range": init})).eval()
+    return save_checkpoint(model, tiny_vocab, out)
+
+
+@pytest.fixture(scope="module")
+def gate_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gate") / "gate.txt"
+    path.write_text((CORPUS + "\n") * 3, encoding="utf-8")  # ~1850 predicted tokens with the tiny vocab
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(tiny_vocab, tmp_path_factory) -> Path:
+    from export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("quant")
+    return export_onnx(_checkpoint(tiny_vocab, root / "ckpt"), root / "fp32", optimize=True).path
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32_artifact, gate_text, tmp_path_factory) -> dict[str, Path]:
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeOptions
+
+    root = tmp_path_factory.mktemp("quantized")
+    return {s: export_onnx(fp32_artifact, root / s, quantize=QuantizeOptions(s, gate_text)).path for s in ("int8", "int4")}
+
+
+def _vocab(artifact: Path) -> int:
+    from cpm_infer.artifact import read_manifest
+
+    return read_manifest(artifact).spec.vocab_size
+
+
+def _logprobs(artifact: Path, ids: np.ndarray) -> np.ndarray:
+    from cpm_infer.backends import load_backend
+
+    backend, _ = load_backend("ort", artifact)
+    mask = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    logits = backend.logits_all(ids, mask, pos).astype(np.float64)
+    peak = logits.max(-1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_logprobs_close_to_fp32(fp32_artifact, quantized, scheme):
+    ids = np.random.default_rng(0).integers(0, _vocab(fp32_artifact), size=(2, 40))
+    diff = np.abs(_logprobs(quantized[scheme], ids) - _logprobs(fp32_artifact, ids)).max()
+    assert 0 < diff <= LOGPROB_TOLERANCE[scheme]  # > 0: the weights really changed
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_manifest_records_scheme_and_gate(quantized, scheme):
+    from cpm_infer.artifact import read_manifest
+
+    manifest = read_manifest(quantized[scheme])
+    q = manifest.details["quantization"]
+    assert manifest.graph_files == {"model": f"model_{scheme}.onnx"}  # float32 graphs are not shipped
+    assert q["scheme"] == scheme and q["lm_head"] == scheme
+    if scheme == "int4":
+        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["embedding"]) == (128, True, 4, "int4")
+        assert q["operators"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}  # 4 per layer + LM head
+    else:
+        assert (q["per_channel"], q["reduce_range"], q["weight_type"], q["embedding"]) == (True, True, "QInt8", "float32")
+        assert q["operators"]["MatMulInteger"] == 9
+    gate = q["gate"]
+    assert gate["passed"] and not gate["forced"] and gate["tokens"] > 1000
+    assert gate["increase"] == pytest.approx(gate["quantized_perplexity"] / gate["fp32_perplexity"] - 1)
+    assert gate["threshold"] == {"int8": 0.02, "int4": 0.10}[scheme]
+
+
+def test_quantized_weights_are_smaller(fp32_artifact, quantized):
+    def graph_bytes(path: Path) -> int:
+        from cpm_infer.artifact import read_manifest
+
+        return (path / read_manifest(path).graph_files["model"]).stat().st_size
+
+    fp32, int8, int4 = graph_bytes(fp32_artifact), graph_bytes(quantized["int8"]), graph_bytes(quantized["int4"])
+    assert int4 < int8 < fp32
+
+
+def test_gate_refuses_and_force_writes(fp32_artifact, tiny_vocab, gate_text, tmp_path):
+    """A 'quantized' graph far worse than the reference is refused; forced, it is kept with its numbers."""
+    from cpm_infer.artifact import read_manifest
+    from cpm_infer.tokenizer import CpmTokenizer
+    from export.onnx_export import export_onnx
+    from export.quality_gate import QualityGateError, run_gate
+
+    # A wide init (0.3) makes a confidently wrong model: perplexity far above the vocab size.
+    wide = export_onnx(_checkpoint(tiny_vocab, tmp_path / "ckpt", init=0.3), tmp_path / "wide").path
+    spec = read_manifest(fp32_artifact).spec
+    tok = CpmTokenizer(tiny_vocab)
+    worse, better = wide / "model.onnx", fp32_artifact / "model_optimized.onnx"
+    with pytest.raises(QualityGateError, match=r"^quality gate FAILED: perplexity .* refusing the export") as err:
+        run_gate(better, worse, spec, tok, scheme="int4", gate_file=gate_text)
+    assert "\n" not in str(err.value)
+    forced = run_gate(better, worse, spec, tok, scheme="int4", gate_file=gate_text, force=True)
+    assert forced.quantized_perplexity > 10 * forced.fp32_perplexity and not forced.passed and forced.forced
+    same = run_gate(better, better, spec, tok, scheme="int8", gate_file=gate_text, threshold=0.0)
+    assert same.passed and same.increase == 0
+
+
+def test_gate_file_too_short_refused(fp32_artifact, tmp_path):
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeOptions
+
+    short = tmp_path / "short.txt"
+    short.write_text(CORPUS.splitlines()[0], encoding="utf-8")
+    out = tmp_path / "q"
+    with pytest.raises(Exception, match=r"predicted tokens; at least 1000 are needed") as err:
+        export_onnx(fp32_artifact, out, quantize=QuantizeOptions("int8", short))
+    assert "\n" not in str(err.value) and not out.exists()
+    assert not list(tmp_path.glob(".q.tmp-*"))  # nothing half-written
+
+
+def test_requantizing_refused(quantized, tmp_path):
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeError, QuantizeOptions
+
+    with pytest.raises(QuantizeError, match=r"is already quantized \(int8\)"):
+        export_onnx(quantized["int8"], tmp_path / "again", quantize=QuantizeOptions("int4"))
+
+
+def test_quantize_refuses_fp16_gpu_and_unknown_scheme(fp32_artifact, tmp_path):
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeError, QuantizeOptions
+
+    for kwargs, message in (({"fp16": True}, "drop --fp16"), ({"device": "cuda"}, "CPU provider")):
+        with pytest.raises(QuantizeError, match=message):
+            export_onnx(fp32_artifact, tmp_path / "x", quantize=QuantizeOptions("int8"), **kwargs)
+    with pytest.raises(QuantizeError, match="unknown quantization scheme 'int3'"):
+        export_onnx(fp32_artifact, tmp_path / "x", quantize=QuantizeOptions("int3"))
+
+
+def test_untie_lm_head_keeps_logits(fp32_artifact, tmp_path):
+    """The LM head rewrite alone (no quantization) changes nothing but the graph structure."""
+    import onnx
+
+    from cpm_infer.artifact import read_manifest
+    from export.quantize import untie_lm_head
+
+    manifest = read_manifest(fp32_artifact)
+    model = onnx.load(str(fp32_artifact / "model.onnx"))
+    assert untie_lm_head(model, manifest.spec) is not None
+    assert not [n for n in model.graph.node if n.op_type == "Gemm"]
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    for name in ("manifest.json", "spiece.model"):
+        (tmp_path / name).write_bytes((fp32_artifact / name).read_bytes())
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["graph_files"] = {"model": "model.onnx"}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    ids = np.random.default_rng(1).integers(0, manifest.spec.vocab_size, size=(1, 20))
+    np.testing.assert_allclose(_logprobs(tmp_path, ids), _logprobs(fp32_artifact, ids), atol=1e-5)
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``cpm ARGS`` through the real entry point (one-line errors, exit codes)."""
+    import sys
+
+    from cpm_infer.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["cpm", *args])
+    monkeypatch.delenv("CPM_DEBUG", raising=False)
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_quantized_export_and_generate(tiny_vocab, gate_text, tmp_path, monkeypatch, capsys):
+    """cpm export onnx CKPT OUT --quantize int4 from a checkpoint, gate printed, then cpm generate on it."""
+    ckpt = _checkpoint(tiny_vocab, tmp_path / "ckpt")
+    out = tmp_path / "int4"
+    code, stdout, err = run_cli(monkeypatch, capsys, "export", "onnx", str(ckpt), str(out), "--optimize", "--quantize", "int4",
+                                "--gate-file", str(gate_text))
+    assert code == 0, err
+    assert "quality gate passed: perplexity" in " ".join(stdout.split())
+    code, stdout, err = run_cli(monkeypatch, capsys, "generate", "-m", str(out), "-p", "话说天下大势", "-n", "8", "-t", "0")
+    assert code == 0 and stdout.strip(), err
+    code, _, err = run_cli(monkeypatch, capsys, "export", "onnx", str(out), str(tmp_path / "again"), "--quantize", "int8")
+    assert code == 1 and err.startswith("error: ") and "already quantized (int4)" in err and err.count("\n") == 1
