@@ -154,6 +154,7 @@ def export_onnx(
                 "validation": {r.graph: r.status for r in reports},
                 "fusions": fusions,
                 "mask_value": "finite -1e4 via where(); LayerNorm and softmax in float32",
+                **({"kv_cache": "shared"} if fusions.get("GroupQueryAttention") else {}),  # see export.kv_share
                 **({"quantization": quantization} if quantization else {}),
             },
         )

@@ -4,7 +4,8 @@ From onnxruntime.transformers.optimizer: LayerNormalization + residual Add -> Sk
 tanh GELU + bias -> FastGelu. Its GPT-2 attention fusions do not match our graph (they expect ORT's
 own GPT-2 export with a stacked past), so ``export.attention_fusion`` rewrites each layer's attention
 into com.microsoft.MultiHeadAttention instead, for float32 graphs on the CPU provider (the kernel we
-can validate here). The fused graph uses com.microsoft operators, so it runs on ONNX Runtime only:
+can validate here), and ``export.kv_share`` turns that into GroupQueryAttention, whose KV cache can
+be appended in place (manifest ``kv_cache: shared``). The fused graph uses com.microsoft operators, so it runs on ONNX Runtime only:
 the export keeps the plain graph next to it (manifest role ``portable``) and re-validates the fused
 graph against eager PyTorch.
 """
@@ -56,7 +57,10 @@ def optimize_graph(
 
         layers = fuse_attention(model, spec.n_layer, spec.n_head)
         if layers:
-            fused["MultiHeadAttention"] = layers
+            from export.kv_share import share_kv  # noqa: PLC0415
+
+            # MultiHeadAttention -> GroupQueryAttention: the KV cache is appended in place (export.kv_share).
+            fused["GroupQueryAttention"] = share_kv(model.model)
     if not fused:
         log.warning("no onnxruntime fusion applied to %s", source.name)
     size = sum(len(t.raw_data) for t in model.model.graph.initializer)

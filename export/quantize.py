@@ -17,6 +17,7 @@ the README); every choice is written to the manifest's ``details.quantization``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -111,7 +112,8 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
             raise QuantizeError(f"{source.name}: the embedding Gather on wte was not found")
         nodes.append(embedding)
     try:
-        quantized = _quantize_int8(model, nodes, config) if config.scheme == "int8" else _quantize_int4(model, nodes, config)
+        with _quiet_quantizer_logs():
+            quantized = _quantize_int8(model, nodes, config) if config.scheme == "int8" else _quantize_int4(model, nodes, config)
     except CpmError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizers raise many types; report one line
@@ -281,6 +283,22 @@ def _quantize_int4(model: Any, nodes: list[str], config: QuantConfig) -> Any:
     )
     quantizer.process()
     return quantizer.model.model
+
+
+@contextlib.contextmanager
+def _quiet_quantizer_logs():
+    """ORT's quantizers warn on the root logger that pre-processing was skipped (its optimizations are
+    applied by the session at load instead) and that int4 weights raise the opset/IR version (21/10,
+    needed for the int4 Gather data; the session loads the result): keep the CLI output clean."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _save(model: Any, path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cpm_infer import kv
-from cpm_infer.cli.app import main
+from conftest import run_cli
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -35,18 +35,6 @@ from cpm_infer.cli.app import main
 sys.argv = ["cpm", *sys.argv[1:]]
 main()
 """
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cpm", *args])
-    monkeypatch.delenv("CPM_DEBUG", raising=False)
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_blocked(block: str, *args: str) -> subprocess.CompletedProcess:
@@ -279,12 +267,13 @@ def test_optimize_fuses_and_revalidates(tiny_checkpoint, tmp_path):
     result = export_onnx(tiny_checkpoint, tmp_path / "opt", optimize=True)
     assert [r.graph for r in result.reports] == ["model.onnx", "model_optimized.onnx"]
     assert all(r.status == "passed" for r in result.reports)
-    assert result.manifest.details["fusions"]["MultiHeadAttention"] == 2  # every layer's attention
+    assert result.manifest.details["fusions"]["GroupQueryAttention"] == 2  # every layer's attention (export.kv_share)
+    assert result.manifest.details["kv_cache"] == "shared"
     assert result.manifest.details["fusions"].get("SkipLayerNormalization", 0) > 0
     m = read_manifest(tmp_path / "opt")
     assert m.graph_files == {"model": "model_optimized.onnx", "portable": "model.onnx"}
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt" / "model_optimized.onnx")).graph.node}
-    assert {"SkipLayerNormalization", "FastGelu", "MultiHeadAttention"} <= ops and "Softmax" not in ops
+    assert {"SkipLayerNormalization", "FastGelu", "GroupQueryAttention"} <= ops and "Softmax" not in ops
 
 
 # -- bad input --------------------------------------------------------------------------------

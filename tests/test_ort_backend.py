@@ -39,7 +39,8 @@ def artifact(tmp_path_factory, tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="module")
 def fused_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
-    """--optimize: the backend runs model_optimized.onnx (MultiHeadAttention, SkipLayerNorm, FastGelu)."""
+    """--optimize: the backend runs model_optimized.onnx (GroupQueryAttention with the KV cache shared
+    between past and present, SkipLayerNorm, FastGelu)."""
     from export.onnx_export import export_onnx
 
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("ort") / "tiny-fused", optimize=True).path

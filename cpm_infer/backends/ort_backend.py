@@ -5,6 +5,10 @@ flat KV buffers per past/present tensor and ping-pongs between them: step t read
 and the graph writes present = concat(past, new) into the other, as a prefix of that flat buffer
 (a contiguous (B, nh, L, hs) array), so nothing is allocated per step and, on CUDA, the cache never
 leaves the device. Buffers grow geometrically, so a long generation reallocates O(log n) times.
+
+Artifacts whose manifest says ``kv_cache: shared`` (attention as GroupQueryAttention, see
+``export.kv_share``) write the new key/value in place on the CPU: one (B, nh, capacity, hs) buffer per
+past/present pair is bound as both, so a decode step copies nothing of the past.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class OrtState:
     buffers: list[list[Any]] = field(default_factory=list)  # with IO binding: a [A, B] pair per KV name
     sizes: list[list[int]] = field(default_factory=list)  # element capacity of each buffer
     current: int = 0  # which buffer of each pair holds the cache
+    capacity: int = 0  # shared KV mode: sequence slots of each (B, nh, capacity, hs) buffer
     binding: Any = None
     logits: np.ndarray | None = None  # reused host logits buffer (flat)
 
@@ -117,12 +122,15 @@ class OrtState:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, session: Any, spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu", io_binding: bool = True) -> None:
+    def __init__(self, session: Any, spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu", io_binding: bool = True,
+                 kv_shared: bool = False) -> None:
         self._ort = require("onnxruntime", "ort")
         self.session, self.spec, self.dtype = session, spec, dtype
         self.np_dtype = _NP_DTYPES[dtype]
         self.device_kind, self.device_id = parse_device(device)
         self.io_binding = io_binding
+        # In-place KV writes need the graph's support (manifest) and host buffers (the CPU provider).
+        self.kv_shared = kv_shared and io_binding and self.device_kind == "cpu"
         self.past_names = kv.past_names(spec.n_layer)
         self.present_names = kv.present_names(spec.n_layer)
 
@@ -145,6 +153,8 @@ class OrtBackend:
         rows = np.asarray(rows, dtype=np.int64)
         if not self.io_binding:
             state.arrays = [a[rows] for a in state.arrays]
+        elif self.kv_shared:
+            state.buffers = [[np.ascontiguousarray(pair[0][rows]), None] for pair in state.buffers]
         else:
             shape = kv.kv_shape(self.spec, state.batch, state.past)
             new_shape = kv.kv_shape(self.spec, len(rows), state.past)
@@ -189,6 +199,8 @@ class OrtBackend:
         total = state.past + seq
         for name, array in ((kv.INPUT_IDS, ids), (kv.ATTENTION_MASK, mask), (kv.POSITION_IDS, pos)):
             io.bind_cpu_input(name, array)
+        if self.kv_shared:
+            return self._run_shared(state, batch, seq, total)
         past_shape = kv.kv_shape(self.spec, batch, state.past)
         present_shape = kv.kv_shape(self.spec, batch, total)
         need = int(np.prod(present_shape))
@@ -204,6 +216,28 @@ class OrtBackend:
         io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
         self._run(lambda: self.session.run_with_iobinding(io))
         state.current = write
+        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)[:, -1, :]
+
+    def _run_shared(self, state: OrtState, batch: int, seq: int, total: int) -> np.ndarray:
+        """Past and present bound to the same (B, nh, capacity, hs) buffer: the graph appends in place."""
+        io = state.binding
+        if total > state.capacity:  # grow x2 (capped at the context), keeping the filled prefix: O(log n) times
+            capacity = min(max(total, 2 * state.capacity, 64), max(total, self.spec.n_positions))
+            shape = kv.kv_shape(self.spec, batch, capacity)
+            grown = [np.empty(shape, dtype=self.np_dtype) for _ in self.past_names]
+            for new, pair in zip(grown, state.buffers, strict=True):
+                if pair[0] is not None:
+                    new[:, :, : state.past] = pair[0][:, :, : state.past]
+            state.buffers, state.capacity = [[buffer, None] for buffer in grown], capacity
+        shape = kv.kv_shape(self.spec, batch, state.capacity)
+        for (buffer, _), past_name, present_name in zip(state.buffers, self.past_names, self.present_names, strict=True):
+            io.bind_input(past_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
+            io.bind_output(present_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
+        vocab = self.spec.vocab_size
+        if state.logits is None or state.logits.size < batch * seq * vocab:
+            state.logits = np.empty(batch * seq * vocab, dtype=np.float32)
+        io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
+        self._run(lambda: self.session.run_with_iobinding(io))
         return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)[:, -1, :]
 
     def _ensure(self, state: OrtState, index: int, which: int, elements: int) -> Any:
@@ -253,4 +287,5 @@ def load(path: Path, *, device: str = "cpu", tokenizer_file: str | os.PathLike[s
     session = create_session(path / manifest.graph_files["model"], device=device, threads=threads)
     check_graph(session, manifest, path)
     log.info("onnxruntime %s on %s (%s)", manifest.graph_files["model"], session.get_providers()[0], manifest.dtype)
-    return OrtBackend(session, manifest.spec, dtype=manifest.dtype, device=device, io_binding=io_binding), tokenizer
+    shared = manifest.details.get("kv_cache") == "shared"
+    return OrtBackend(session, manifest.spec, dtype=manifest.dtype, device=device, io_binding=io_binding, kv_shared=shared), tokenizer

@@ -1,0 +1,93 @@
+"""The in-place KV cache (--optimize: GroupQueryAttention, past and present bound to one buffer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_checkpoint, tmp_path_factory) -> Path:
+    from export.onnx_export import export_onnx
+
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("kvshare") / "fused", optimize=True).path
+
+
+def _decode(backend, prompts: list[list[int]], steps: int):
+    """Greedy prefill + ``steps`` decode steps: the logits of each step, the state, the last mask and positions."""
+    from cpm_infer.generate import left_pad
+
+    ids, mask, pos = left_pad(prompts, pad_id=0)
+    logits, state = backend.prefill(ids, mask, pos)
+    out = [logits]
+    for _ in range(steps):
+        token = logits.argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        logits, state = backend.decode(state, token, mask, pos)
+        out.append(logits)
+    return out, state, mask, pos
+
+
+def test_manifest_marks_shared_kv_and_backend_uses_it(fused):
+    from cpm_infer.artifact import read_manifest
+    from cpm_infer.backends import load_backend
+
+    assert read_manifest(fused).details["kv_cache"] == "shared"
+    backend, _ = load_backend("ort", fused)
+    assert backend.kv_shared
+
+
+def test_shared_buffer_matches_concat_and_eager_past_its_first_capacity(fused, tiny_checkpoint):
+    """100 steps cross the first capacity (64 slots): the grown buffer keeps the prefix; the same graph
+    run with separate past/present (concat, no IO binding) and eager PyTorch agree at every step."""
+    from cpm_infer.backends import load_backend
+    from cpm_infer.backends.ort_backend import OrtBackend
+
+    shared, tok = load_backend("ort", fused)
+    concat = OrtBackend(shared.session, shared.spec, io_binding=False)
+    eager, _ = load_backend("torch", tiny_checkpoint)
+    prompts = [tok.encode("话说天下大势，分久必合"), tok.encode("青山")]  # left padding in row 1
+    got, state, _, _ = _decode(shared, prompts, 100)
+    assert state.capacity == 128 and state.past == len(prompts[0]) + 100
+    for reference in (_decode(concat, prompts, 100)[0], _decode(eager, prompts, 100)[0]):
+        for a, b in zip(got, reference, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_writes_in_place(fused):
+    """Within its capacity, a decode step neither allocates nor moves the cache, and leaves the past as it was."""
+    from cpm_infer.backends import load_backend
+
+    backend, tok = load_backend("ort", fused)
+    _, state, mask, pos = _decode(backend, [tok.encode("滚滚长江东逝水")], 1)
+    before = [pair[0] for pair in state.buffers]
+    past = state.past
+    snapshot = before[0][:, :, :past].copy()
+    _, state = backend.decode(state, np.array([[5]]), np.ones((1, past + 1), np.int64), pos + 1)
+    assert all(a is pair[0] for a, pair in zip(before, state.buffers, strict=True))
+    np.testing.assert_array_equal(state.buffers[0][0][:, :, :past], snapshot)
+    assert not np.array_equal(state.buffers[0][0][:, :, past], snapshot[:, :, -1])  # the new slot was written
+
+
+def test_select_keeps_rows(fused, tiny_checkpoint):
+    """Dropping a row of the shared buffer: the kept rows continue exactly like eager PyTorch."""
+    from cpm_infer.backends import load_backend
+
+    shared, tok = load_backend("ort", fused)
+    eager, _ = load_backend("torch", tiny_checkpoint)
+    prompts = [tok.encode("话说"), tok.encode("天下大势"), tok.encode("分久必合，合久必分")]
+    rows = np.array([0, 2])
+    outs = []
+    for backend in (shared, eager):
+        _, state, mask, pos = _decode(backend, prompts, 3)
+        state = backend.select(state, rows)
+        mask = np.concatenate([mask[rows], np.ones((2, 1), np.int64)], axis=1)
+        logits, _ = backend.decode(state, np.array([[9], [11]]), mask, pos[rows] + 1)
+        outs.append(logits)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
