@@ -69,15 +69,18 @@ class QuantConfig:
         return data
 
 
-# Decided from measurements (CPM-small-shape decode speed, demo-model held-out perplexity; README):
-# - LM head quantized in both: it is the largest single matrix, and keeping it float32 cost decode
-#   time (int8 +11%, int4 +27% ms/token) for no measurable perplexity gain.
-# - int8 reduce_range: this CPU (AVX2, no VNNI) multiplies u8 x s8 pairs into saturating int16;
-#   7-bit weights avoid it (perplexity +0.01% instead of +0.12%, same speed).
-# - embedding: int8 would be one scale per tensor (quantize_dynamic's Gather), so it stays float32;
-#   int4 uses GatherBlockQuantized with the same 128-blocks as the MatMuls (artifact 146 -> 70 MB).
-#   One row is read per token either way, so this is about size, not speed.
-# - int4 symmetric: no zero points, and closer to float32 than asymmetric on the demo model.
+# Decided from measurements (README: quantization table; CPM-small-shape decode on 2 AVX2 cores, batch 1,
+# and held-out perplexity of the demo model on its chapter 60):
+# - LM head quantized in both: it is the largest matrix (30000x768), and keeping it float32 made a decode
+#   step 19-28% slower for int8 (7.7-8.9 -> 9.9-10.6 ms) and 64-113% slower for int4 (4.7-5.1 -> 8.4-10.1
+#   ms), for at most 0.07% perplexity.
+# - int8 reduce_range: this CPU class (AVX2 without VNNI) multiplies u8 x s8 pairs into saturating int16;
+#   7-bit weights avoid that. On the demo models the two differ by under 0.1% perplexity either way.
+# - embedding: int8 would get one scale for the whole table (quantize_dynamic's Gather), so it stays
+#   float32; int4 uses GatherBlockQuantized with the MatMuls' 128-blocks (+0.05% perplexity, CPM-small
+#   artifact 146 -> 70 MB). One row is read per token either way: size, not speed.
+# - int4 symmetric: asymmetric (zero points) made a decode step ~25% slower (5.7 -> 7.2 ms); it was closer
+#   to float32 on the demo model (-0.04% vs +0.87% perplexity), both far inside the +10% gate.
 CONFIGS = {
     "int8": QuantConfig("int8", lm_head="int8", embedding="float32", reduce_range=True),
     "int4": QuantConfig("int4", lm_head="int4", embedding="int4"),
