@@ -78,7 +78,8 @@ def _add_helpers(model: Any) -> None:
     p = "kv_share_"
     zero, one = const("i0", np.array(0, np.int64)), const("i1", np.array(1, np.int64))
     axes0, axes12 = const("axes0", np.array([0], np.int64)), const("axes12", np.array([1, 2], np.int64))
-    one32, one_f, neg = const("one32", np.array(1, np.int32)), const("one_f", np.array(1.0, np.float32)), const("mask", np.array(-MASK_VALUE, np.float32))
+    one32 = const("one32", np.array(1, np.int32))
+    one_f, neg = const("one_f", np.array(1.0, np.float32)), const("mask", np.array(-MASK_VALUE, np.float32))
     n = helper.make_node
     nodes = [
         n("Shape", [kv.ATTENTION_MASK], [p + "mask_shape"]),

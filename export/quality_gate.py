@@ -81,7 +81,9 @@ def run_gate(
 
     path = Path(gate_file) if gate_file is not None else default_gate_file()
     if path is None:
-        raise QualityGateError("no gate text: pass --gate-file (held-out text in the model's domain); the demo held-out chapter is not installed")
+        raise QualityGateError(
+            "no gate text: pass --gate-file (held-out text in the model's domain); the demo held-out chapter is not installed"
+        )
     limit = THRESHOLDS[scheme] if threshold is None else threshold
     if limit < 0:
         raise QualityGateError(f"the gate threshold must be >= 0, got {limit}")

@@ -250,15 +250,18 @@ def _drop_if_unused(model: Any, name: str) -> None:
 
 def _embedding_gather(model: Any, spec: ModelSpec) -> str | None:
     for node in model.graph.node:
-        if node.op_type == "Gather" and (w := _initializer(model, node.input[0])) is not None and w.shape == (spec.vocab_size, spec.n_embd):
+        if node.op_type != "Gather":
+            continue
+        weight = _initializer(model, node.input[0])
+        if weight is not None and weight.shape == (spec.vocab_size, spec.n_embd):
             return node.name
     return None
 
 
 def _quantize_int8(model: Any, nodes: list[str], config: QuantConfig) -> Any:
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
-
     import tempfile  # noqa: PLC0415
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
 
     # quantize_dynamic reads and writes files (it runs shape inference on a saved copy).
     with tempfile.TemporaryDirectory(prefix="cpm-int8-") as scratch:
@@ -267,7 +270,8 @@ def _quantize_int8(model: Any, nodes: list[str], config: QuantConfig) -> Any:
         quantize_dynamic(
             source, target, weight_type=getattr(QuantType, config.weight_type), per_channel=config.per_channel,
             reduce_range=config.reduce_range, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gather"],
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1}, use_external_data_format=True,  # 1: FLOAT, for com.microsoft outputs shape inference cannot type
+            # DefaultTensorType 1 (FLOAT): the type of com.microsoft outputs that shape inference cannot infer.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1}, use_external_data_format=True,
         )
         import onnx  # noqa: PLC0415
 

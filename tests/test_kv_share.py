@@ -65,7 +65,7 @@ def test_decode_writes_in_place(fused):
     from cpm_infer.backends import load_backend
 
     backend, tok = load_backend("ort", fused)
-    _, state, mask, pos = _decode(backend, [tok.encode("滚滚长江东逝水")], 1)
+    _, state, _, pos = _decode(backend, [tok.encode("滚滚长江东逝水")], 1)
     before = [pair[0] for pair in state.buffers]
     past = state.past
     snapshot = before[0][:, :, :past].copy()

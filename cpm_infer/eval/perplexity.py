@@ -131,7 +131,8 @@ def perplexity(
     ids = [document_ids(tokenizer, d) for d in documents]
     predicted = sum(max(0, len(x) - 1) for x in ids)
     if predicted < max(1, min_tokens):
-        raise EvalError(f"the text gives {predicted} predicted tokens; at least {max(1, min_tokens)} are needed for a meaningful perplexity")
+        need = max(1, min_tokens)
+        raise EvalError(f"the text gives {predicted} predicted tokens; at least {need} are needed for a meaningful perplexity")
     plan = plan_windows([len(x) for x in ids], window, stride)
     batches = _batches(plan, batch_size)
     nll, count, done = 0.0, 0, 0

@@ -65,7 +65,8 @@ class ZeroShotResult:
         return sum(bool(s.correct) for s in labelled) / len(labelled) if labelled else None
 
     def to_dict(self) -> dict:
-        return {"scope": self.scope, "accuracy": self.accuracy, "examples": [{**asdict(s), "correct": s.correct} for s in self.scores]}
+        examples = [{**asdict(s), "correct": s.correct} for s in self.scores]
+        return {"scope": self.scope, "accuracy": self.accuracy, "examples": examples}
 
 
 def read_examples(path: str | os.PathLike[str]) -> list[Example]:
