@@ -82,3 +82,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_vocab: Path) 
     tok = CpmTokenizer(tiny_vocab)
     model = make_tiny_model(tok.vocab_size, eod_id=tok.eod_id, pad_id=tok.pad_id)
     return save_checkpoint(model, tiny_vocab, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``cpm ARGS`` through the real entry point (one-line errors, exit codes): (code, stdout, stderr)."""
+    import sys
+
+    from cpm_infer.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["cpm", *args])
+    monkeypatch.delenv("CPM_DEBUG", raising=False)
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
 from cpm_infer.bench import harness, report
 from cpm_infer.bench.runners import Timing
+from conftest import run_cli as _cli
 
 
 class FixedRunner:
@@ -71,19 +71,6 @@ def test_ratios_and_reports(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "| ort | base | 1 | 16 | 8 | 10.0 | 4.00 |" in md and "trt: absent" in md
     assert (tmp_path / "throughput_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def _cli(monkeypatch, capsys, *args):
-    from cpm_infer.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["cpm", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_end_to_end_with_skips(monkeypatch, capsys, tmp_path, tiny_checkpoint):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import CORPUS
+from conftest import run_cli
 
 pytest.importorskip("torch")
 
@@ -185,20 +185,6 @@ def test_bad_examples_refused(backends, tmp_path, row, template, message):
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
     with pytest.raises(EvalError, match=message):
         score_examples(backends["ort"], backends["tok"], read_examples(path), template=template)
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from cpm_infer.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["cpm", *args])
-    monkeypatch.delenv("CPM_DEBUG", raising=False)
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_ppl_and_score(backends, tiny_checkpoint, text_file, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import CORPUS
+from conftest import run_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
@@ -184,23 +185,6 @@ def test_untie_lm_head_keeps_logits(fp32_artifact, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     ids = np.random.default_rng(1).integers(0, manifest.spec.vocab_size, size=(1, 20))
     np.testing.assert_allclose(_logprobs(tmp_path, ids), _logprobs(fp32_artifact, ids), atol=1e-5)
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``cpm ARGS`` through the real entry point (one-line errors, exit codes)."""
-    import sys
-
-    from cpm_infer.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["cpm", *args])
-    monkeypatch.delenv("CPM_DEBUG", raising=False)
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_quantized_export_and_generate(tiny_vocab, gate_text, tmp_path, monkeypatch, capsys):

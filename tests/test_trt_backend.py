@@ -33,6 +33,7 @@ from export.tensorrt.engine_artifact import engine_details
 from export.tensorrt.precision import plan_build
 from export.tensorrt.profiles import EngineLimits, make_profiles
 from export.tensorrt.validate import validate_backend
+from conftest import run_cli as _run_cli
 
 
 def test_copy_runs_merges_consecutive_rows():
@@ -315,19 +316,6 @@ def test_fp16_kv_buffers_pass_the_fp16_validation(simulated):
     strict = validate_backend(engine, reference, engine.model_spec, "fp32", max_batch=4)
     assert strict.max_diff == report.max_diff  # same numbers, judged by the fp32 budget
     engine.close()
-
-
-def _run_cli(monkeypatch, capsys, *args):
-    from cpm_infer.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["cpm", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cpm_generate_serves_the_engine_artifact(simulated, monkeypatch, capsys):
