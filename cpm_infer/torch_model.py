@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cpm_infer.atomic import staged_dir
 from cpm_infer.checkpoint import Checkpoint, CheckpointError, check_tokenizer_fits, open_checkpoint
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
@@ -121,10 +122,7 @@ def save_checkpoint(model: GPT2LMHeadModel, tokenizer_file: str | os.PathLike[st
     from safetensors.torch import save_file  # noqa: PLC0415
 
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         config = model.config.to_dict()
         config["architectures"] = ["GPT2LMHeadModel"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str), encoding="utf-8")
@@ -134,14 +132,4 @@ def save_checkpoint(model: GPT2LMHeadModel, tokenizer_file: str | os.PathLike[st
         generation = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
         shutil.copyfile(tokenizer_file, tmp / "spiece.model")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

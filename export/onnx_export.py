@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cpm_infer import kv
 from cpm_infer.artifact import Manifest, tool_versions, write_manifest
+from cpm_infer.atomic import staged_dir
 from cpm_infer.config import GenerationConfig
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError
@@ -100,10 +101,7 @@ def export_onnx(
     module = ExportGPT2.from_hf(model, torch.float16 if fp16 else torch.float32).to(device)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         say(f"exporting {dtype} graph (opset {opset})")
         graph_files = {"model": GRAPH}
         external = _export_graph(module, tmp, opset, device, external_data_threshold)
@@ -159,10 +157,6 @@ def export_onnx(
             },
         )
         write_manifest(tmp, manifest)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out, manifest, reports)
 
 
@@ -223,14 +217,3 @@ def _validate(create_session, graph: Path, reference, spec, dtype: str, device: 
         report.reason = ("ran on the CPU provider, which computes most float16 ops in float32 (inserted casts): "
                          "checks graph, IO types and fp16 storage, not fp16 arithmetic; validate on a GPU with --device cuda")
     return report
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished artifact into place; an old OUT_DIR (--force) is removed only afterwards."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cpm_infer.artifact import read_manifest, tool_versions, write_manifest
+from cpm_infer.atomic import staged_dir
 from cpm_infer.tokenizer import CpmTokenizer
-from export.onnx_export import TOOLS, ExportError, ExportResult, _replace
+from export.onnx_export import TOOLS, ExportError, ExportResult
 from export.quantize import QuantizeError, QuantizeOptions, apply_quantization, quantized_scheme
 
 
@@ -40,10 +41,7 @@ def quantize_artifact(
         raise ExportError("the quantized artifact must go to another directory than its source")
     tokenizer = CpmTokenizer(source / manifest.tokenizer_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         manifest.graph_files, quantization = apply_quantization(
             tmp, dict(manifest.graph_files), manifest.spec, tokenizer, options, threads=threads, source_dir=source, say=say
         )
@@ -54,8 +52,4 @@ def quantize_artifact(
         manifest.details = {**manifest.details, "quantization": {**quantization, "source_artifact": str(source.resolve())}}
         manifest.tools = {**manifest.tools, **tool_versions(TOOLS)}
         write_manifest(tmp, manifest)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out, manifest, [])

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cpm_infer.atomic import swap_in
 from trainer.errors import ResumeError
 
 log = logging.getLogger(__name__)
@@ -48,22 +49,11 @@ def save_run_checkpoint(model, tokenizer_file: Path, dest: Path, info: dict, tra
             torch.save(training_state, staging / TRAINING_STATE)
         for name, directory in (extra_dirs or {}).items():
             shutil.move(str(directory), str(staging / name))
-        _swap_in(staging, dest)
+        swap_in(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
-
-
-def _swap_in(staging: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-        staging.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(dest)
 
 
 def find_resumable(output: Path) -> Path:

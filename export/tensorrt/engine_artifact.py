@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cpm_infer.artifact import Manifest, read_manifest, sha256_files, tool_versions, write_manifest
+from cpm_infer.atomic import staged_dir
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError
 from export.tensorrt import cuda
@@ -137,10 +138,7 @@ def export_trt(
     say(f"{gpu.name} (sm_{gpu.compute_capability[0]}{gpu.compute_capability[1]}), TensorRT {trt.__version__}: {reason}")
 
     graph, graph_files = source_graph(src, source)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         say(f"building the {plan.precision} engine ({plan.mode}); this takes minutes")
         workspace = int(workspace_gb * 2**30)
         engine, report = build_engine(
@@ -177,11 +175,6 @@ def export_trt(
                 f"engine validation failed: max logits diff {validation['max_logits_diff']:.3g}, greedy agreement "
                 f"{validation['greedy_agreement']:.1%} (see the tolerances in export/tensorrt/validate.py)"
             )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return TrtExportResult(out, manifest, reason, validation)
 
 
