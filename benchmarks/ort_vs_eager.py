@@ -43,19 +43,20 @@ def machine_name() -> str:
     except (OSError, AttributeError):
         pass
     words = [w for w in re.sub(r"\(.*?\)|processor|\d+-core|cpu|@.*", "", model, flags=re.I).lower().split() if w]
-    return "-".join(words[:3] + [f"{os.cpu_count()}c"])
+    return "-".join([*words[:3], f"{os.cpu_count()}c"])
 
 
 def prepare(work: Path, vocab: Path, seed: int, log) -> tuple[Path, Path]:
     """A CPM-small random checkpoint and its validated ONNX artifact (reused when already there)."""
+    import torch
+    import transformers
+
     from cpm_infer.artifact import read_manifest
     from cpm_infer.checkpoint import open_checkpoint
     from cpm_infer.config import PRESETS
     from cpm_infer.tokenizer import CpmTokenizer
     from cpm_infer.torch_model import hf_config, save_checkpoint
     from export.onnx_export import export_onnx
-    import torch
-    import transformers
 
     ckpt, art = work / "cpm-small-random", work / "cpm-small-onnx"
     if not (ckpt / "config.json").is_file():
@@ -69,7 +70,10 @@ def prepare(work: Path, vocab: Path, seed: int, log) -> tuple[Path, Path]:
                 if param.ndim == 1:
                     param.add_(0.1 * torch.randn_like(param))
         save_checkpoint(model, vocab, ckpt)
-    if not (art / "manifest.json").is_file() or read_manifest(art).source_sha256 != open_checkpoint(ckpt).weights_sha256():
+    if (
+        not (art / "manifest.json").is_file()
+        or read_manifest(art).source_sha256 != open_checkpoint(ckpt).weights_sha256()
+    ):
         log(f"exporting {art} (--optimize; validated against eager)")
         export_onnx(ckpt, art, force=True, optimize=True, progress=log)
     return ckpt, art
@@ -96,7 +100,7 @@ def time_hf_generate(model, prompt, new_tokens: int) -> tuple[float, float, list
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         total = time.perf_counter() - start
-    return 1000 * first, 1000 * (total - first) / (new_tokens - 1), out[0, len(prompt):].tolist()
+    return 1000 * first, 1000 * (total - first) / (new_tokens - 1), out[0, len(prompt) :].tolist()
 
 
 def time_decode_at(backend, past: int, steps: int, warmup: int, vocab: int, rng) -> float:
@@ -136,7 +140,8 @@ def main() -> None:
     import torch
 
     from cpm_infer.artifact import read_manifest
-    from cpm_infer.backends.ort_backend import OrtBackend, create_session, load as load_ort
+    from cpm_infer.backends.ort_backend import OrtBackend, create_session
+    from cpm_infer.backends.ort_backend import load as load_ort
     from cpm_infer.backends.torch_backend import TorchBackend
     from cpm_infer.config import GenerationConfig
     from cpm_infer.torch_model import load_model
@@ -154,7 +159,9 @@ def main() -> None:
         model, tok = load_model(ckpt)
         runners = {"torch": TorchBackend(model)}
         runners["ort"], _ = load_ort(art, threads=args.threads)
-        plain = create_session(art / manifest.graph_files.get("portable", manifest.graph_files["model"]), threads=args.threads)
+        plain = create_session(
+            art / manifest.graph_files.get("portable", manifest.graph_files["model"]), threads=args.threads
+        )
         runners["ort-plain"] = OrtBackend(plain, manifest.spec, dtype=manifest.dtype)
 
         rng = np.random.default_rng(args.seed)
@@ -173,15 +180,22 @@ def main() -> None:
                 if round_:
                     raw[name]["first_token_ms"].append(first)
                     raw[name]["decode_ms_per_token"].append(decode)
-            log(f"round {round_}{' (warm-up)' if not round_ else ''}: " + ", ".join(
-                f"{n} {raw[n]['decode_ms_per_token'][-1]:.1f} ms/token" for n in names if round_))
+            log(
+                f"round {round_}{' (warm-up)' if not round_ else ''}: "
+                + ", ".join(f"{n} {raw[n]['decode_ms_per_token'][-1]:.1f} ms/token" for n in names if round_)
+            )
 
         past_raw: dict[str, dict[str, list[float]]] = {n: {str(p): [] for p in args.pasts} for n in runners}
         for _ in range(args.past_repeats):
             for past in args.pasts:
                 for name, backend in runners.items():
-                    past_raw[name][str(past)].append(time_decode_at(backend, past, args.past_steps, 3, manifest.spec.vocab_size, rng))
-            log("past sweep: " + ", ".join(f"{n}@{p} {past_raw[n][str(p)][-1]:.1f}" for n in runners for p in args.pasts))
+                    past_raw[name][str(past)].append(
+                        time_decode_at(backend, past, args.past_steps, 3, manifest.spec.vocab_size, rng)
+                    )
+            log(
+                "past sweep: "
+                + ", ".join(f"{n}@{p} {past_raw[n][str(p)][-1]:.1f}" for n in runners for p in args.pasts)
+            )
 
     med = {n: {k: statistics.median(v) for k, v in raw[n].items()} for n in names}
     best = {n: {k: min(v) for k, v in raw[n].items()} for n in names}  # least disturbed by other processes
@@ -190,18 +204,36 @@ def main() -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": args.machine,
         "environment": environment(args.threads, load_before),
-        "setup": {"spec": manifest.spec.to_dict(), "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                  "repeats": args.repeats, "warmup_rounds": 1, "eos_ignored": True, "artifact_graph": manifest.graph_files["model"],
-                  "validation": manifest.details.get("validation"), "fusions": manifest.details.get("fusions")},
+        "setup": {
+            "spec": manifest.spec.to_dict(),
+            "batch": 1,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "warmup_rounds": 1,
+            "eos_ignored": True,
+            "artifact_graph": manifest.graph_files["model"],
+            "validation": manifest.details.get("validation"),
+            "fusions": manifest.details.get("fusions"),
+        },
         "median": med,
         "best": best,
         "decode_ms_per_token_at_past": past_med,
-        "ratios": {f"{n}/{base}": med[n]["decode_ms_per_token"] / med[base]["decode_ms_per_token"]
-                   for n in ("ort", "ort-plain") for base in ("torch", "hf-generate")},
-        "ratios_best": {f"{n}/{base}": best[n]["decode_ms_per_token"] / best[base]["decode_ms_per_token"]
-                        for n in ("ort", "ort-plain") for base in ("torch", "hf-generate")},
+        "ratios": {
+            f"{n}/{base}": med[n]["decode_ms_per_token"] / med[base]["decode_ms_per_token"]
+            for n in ("ort", "ort-plain")
+            for base in ("torch", "hf-generate")
+        },
+        "ratios_best": {
+            f"{n}/{base}": best[n]["decode_ms_per_token"] / best[base]["decode_ms_per_token"]
+            for n in ("ort", "ort-plain")
+            for base in ("torch", "hf-generate")
+        },
         "greedy_tokens_equal": {n: tokens[n] == tokens["torch"] for n in names},
-        "first_mismatch": {n: next((i for i, (a, b) in enumerate(zip(tokens[n], tokens["torch"])) if a != b), None) for n in names},
+        "first_mismatch": {
+            n: next((i for i, (a, b) in enumerate(zip(tokens[n], tokens["torch"], strict=False)) if a != b), None)
+            for n in names
+        },
         "distinct_tokens": len(set(tokens["torch"])),
         "raw": raw,
         "raw_past": past_raw,
@@ -222,9 +254,15 @@ def environment(threads: int, load_before: tuple[float, float, float]) -> dict:
         cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
     except (OSError, AttributeError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "tools": tool_versions(["torch", "transformers", "onnxruntime", "onnx", "numpy"])}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "tools": tool_versions(["torch", "transformers", "onnxruntime", "onnx", "numpy"]),
+    }
 
 
 def markdown(r: dict) -> str:
@@ -234,23 +272,39 @@ def markdown(r: dict) -> str:
         "",
         f"`{r['command']}`",
         "",
-        f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads; load average before {env['loadavg_before'][0]:.2f}, "
+        f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads; load average before "
+        f"{env['loadavg_before'][0]:.2f}, "
         f"after {env['loadavg_after'][0]:.2f}. Tools: " + ", ".join(f"{k} {v}" for k, v in env["tools"].items()) + ".",
         f"Batch {s['batch']}, {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens (greedy, EOS ignored), "
-        f"median (and best) of {s['repeats']} rounds after {s['warmup_rounds']} warm-up round; ORT graph `{s['artifact_graph']}` (fusions {s['fusions']}).",
+        f"median (and best) of {s['repeats']} rounds after {s['warmup_rounds']} warm-up round; ORT graph "
+        f"`{s['artifact_graph']}` (fusions {s['fusions']}).",
         "",
-        "| runner | first token (ms) | decode (ms/token) | best decode (ms/token) | " + " | ".join(f"decode at past {p} (ms/token)" for p in next(iter(r["decode_ms_per_token_at_past"].values()))) + f" | {s['new_tokens']} greedy tokens = torch loop |",
+        "| runner | first token (ms) | decode (ms/token) | best decode (ms/token) | "
+        + " | ".join(f"decode at past {p} (ms/token)" for p in next(iter(r["decode_ms_per_token_at_past"].values())))
+        + f" | {s['new_tokens']} greedy tokens = torch loop |",
         "|---|---:|---:|---:|" + "---:|" * len(next(iter(r["decode_ms_per_token_at_past"].values()))) + "---|",
     ]
     for name, m in r["median"].items():
         pasts = r["decode_ms_per_token_at_past"].get(name)
-        past_cells = " | ".join(f"{v:.1f}" for v in pasts.values()) if pasts else " | ".join("-" for _ in next(iter(r["decode_ms_per_token_at_past"].values())))
+        past_cells = (
+            " | ".join(f"{v:.1f}" for v in pasts.values())
+            if pasts
+            else " | ".join("-" for _ in next(iter(r["decode_ms_per_token_at_past"].values())))
+        )
         equal = "yes" if r["greedy_tokens_equal"][name] else f"no (first differs at {r['first_mismatch'][name]})"
-        lines.append(f"| {name} | {m['first_token_ms']:.1f} | {m['decode_ms_per_token']:.1f} | "
-                     f"{r['best'][name]['decode_ms_per_token']:.1f} | {past_cells} | {equal} |")
-    lines += ["", "Decode ratios of medians (target: ort/torch <= 0.5): " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()) + ".",
-              "Ratios of best rounds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios_best"].items()) + ".",
-              f"Greedy output had {r['distinct_tokens']} distinct tokens out of {s['new_tokens']}.", ""]
+        lines.append(
+            f"| {name} | {m['first_token_ms']:.1f} | {m['decode_ms_per_token']:.1f} | "
+            f"{r['best'][name]['decode_ms_per_token']:.1f} | {past_cells} | {equal} |"
+        )
+    lines += [
+        "",
+        "Decode ratios of medians (target: ort/torch <= 0.5): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items())
+        + ".",
+        "Ratios of best rounds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios_best"].items()) + ".",
+        f"Greedy output had {r['distinct_tokens']} distinct tokens out of {s['new_tokens']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -26,9 +26,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PROMPTS = ["话说天下大势，分久必合，合久必分。", "滚滚长江东逝水，浪花淘尽英雄。", "今天天气很好，我们一起去公园散步。",
-           "人工智能正在改变我们的生活。", "白发渔樵江渚上，惯看秋月春风。", "春眠不觉晓，处处闻啼鸟。",
-           "我的家乡在一个美丽的小山村。", "读书使人进步。"]
+PROMPTS = [
+    "话说天下大势，分久必合，合久必分。",
+    "滚滚长江东逝水，浪花淘尽英雄。",
+    "今天天气很好，我们一起去公园散步。",
+    "人工智能正在改变我们的生活。",
+    "白发渔樵江渚上，惯看秋月春风。",
+    "春眠不觉晓，处处闻啼鸟。",
+    "我的家乡在一个美丽的小山村。",
+    "读书使人进步。",
+]
 MODES = {"batched": {"max_batch": 16, "batch_wait_ms": 10}, "one-at-a-time": {"max_batch": 1, "batch_wait_ms": 0}}
 # "default": the server's sampling defaults (temperature 1, top_p 0.9: numpy sorts the vocabulary per row
 # and step); "greedy": argmax only, so the model's own batching gain shows.
@@ -39,8 +46,24 @@ class Server:
     """`cpm serve` in a subprocess on a free port."""
 
     def __init__(self, model: Path, max_batch: int, batch_wait_ms: float, backend: str, threads: int | None) -> None:
-        cmd = [sys.executable, "-m", "cpm_infer.cli.app", "serve", "--model", str(model), "--backend", backend, "--port", "0",
-               "--max-batch", str(max_batch), "--batch-wait-ms", str(batch_wait_ms), "--queue-size", "256"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cpm_infer.cli.app",
+            "serve",
+            "--model",
+            str(model),
+            "--backend",
+            backend,
+            "--port",
+            "0",
+            "--max-batch",
+            str(max_batch),
+            "--batch-wait-ms",
+            str(batch_wait_ms),
+            "--queue-size",
+            "256",
+        ]
         if threads:
             cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -96,7 +119,13 @@ def run_level(server: Server, clients: int, requests: int, max_new_tokens: int, 
                 i = todo.get_nowait()
             except queue.Empty:
                 break
-            body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens, "ignore_eos": True, "seed": i, **sampling}
+            body = {
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_new_tokens": max_new_tokens,
+                "ignore_eos": True,
+                "seed": i,
+                **sampling,
+            }
             start = time.perf_counter()
             status, answer = server.call("POST", "/v1/completions", body, conn)
             elapsed = time.perf_counter() - start
@@ -143,7 +172,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="Requests per concurrency level.")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--sampling", nargs="+", choices=list(SAMPLING), default=["default"])
-    parser.add_argument("--machine", default=f"{platform.machine()}-{os.cpu_count()}cpu", help="Name for the results files.")
+    parser.add_argument(
+        "--machine", default=f"{platform.machine()}-{os.cpu_count()}cpu", help="Name for the results files."
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
 
@@ -156,7 +187,9 @@ def main() -> None:
                 server.call("POST", "/v1/completions", {"prompt": PROMPTS[i], "max_new_tokens": 4})
             for sampling in args.sampling:
                 for clients in args.clients:
-                    result = run_level(server, clients, max(args.requests, clients), args.max_new_tokens, SAMPLING[sampling])
+                    result = run_level(
+                        server, clients, max(args.requests, clients), args.max_new_tokens, SAMPLING[sampling]
+                    )
                     row = {"mode": mode, **options, "sampling": sampling, **result}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -170,7 +203,8 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "model": f"{info['model']} ({spec['n_layer']} layers, hidden {spec['n_embd']}, vocab {spec['vocab_size']}), backend {info['backend']}",
+        "model": f"{info['model']} ({spec['n_layer']} layers, hidden {spec['n_embd']}, vocab "
+        "{spec['vocab_size']}), backend {info['backend']}",
         "max_new_tokens": args.max_new_tokens,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -188,15 +222,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"- command: `{meta['command']}`",
         f"- model: {meta['model']}; {meta['max_new_tokens']} new tokens per request (ignore_eos), one seed per request",
         "- sampling: default = temperature 1, top_p 0.9 (the server's defaults); greedy = temperature 0",
-        f"- machine: {meta['cpu']}, {meta['cpu_count']} CPUs; load average at the end {meta['load_average_at_end']}; {meta['time']}",
+        f"- machine: {meta['cpu']}, {meta['cpu_count']} CPUs; load average at the end "
+        f"{meta['load_average_at_end']}; {meta['time']}",
         "- batched: `--max-batch 16 --batch-wait-ms 10`; one-at-a-time: `--max-batch 1`",
         "",
         "| mode | sampling | clients | requests | req/s | tokens/s | p50 ms | p99 ms | mean batch |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['sampling']} | {r['clients']} | {r['requests']} | {r['requests_per_s']} | {r['tokens_per_s']} | "
-                     f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch_size']} |")
+        lines.append(
+            f"| {r['mode']} | {r['sampling']} | {r['clients']} | {r['requests']} | {r['requests_per_s']} | "
+            f"{r['tokens_per_s']} | "
+            f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch_size']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

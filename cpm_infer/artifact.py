@@ -70,7 +70,7 @@ class Manifest:
         if self.dtype not in DTYPES:
             raise ManifestError(f"manifest dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if "model" not in self.graph_files:
-            raise ManifestError("manifest graph_files has no \"model\" entry")
+            raise ManifestError('manifest graph_files has no "model" entry')
         if self.inputs != kv.input_names(n) or self.outputs != kv.output_names(n):
             raise ManifestError(
                 f"manifest IO names do not follow the KV contract for {n} layers "
@@ -109,7 +109,9 @@ class Manifest:
             raise ManifestError(f"{where} does not hold a JSON object")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ManifestError(f"{where} has schema_version {version!r}; this cpm-infer reads version {SCHEMA_VERSION}")
+            raise ManifestError(
+                f"{where} has schema_version {version!r}; this cpm-infer reads version {SCHEMA_VERSION}"
+            )
         try:
             spec = ModelSpec.from_dict(data["spec"])
             axes = {name: {int(i): str(d) for i, d in dims.items()} for name, dims in data["dynamic_axes"].items()}

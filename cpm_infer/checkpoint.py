@@ -61,7 +61,9 @@ def spec_from_config(config: dict, where: Path) -> ModelSpec:
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if model_type != "gpt2" and not any(str(a).startswith("GPT2") for a in archs):
-        raise CheckpointError(f"{where} holds a {model_type or 'unknown'!s} model; cpm-infer serves GPT-2 (CPM) checkpoints")
+        raise CheckpointError(
+            f"{where} holds a {model_type or 'unknown'!s} model; cpm-infer serves GPT-2 (CPM) checkpoints"
+        )
     try:
         return ModelSpec(
             n_layer=int(config["n_layer"]),
@@ -95,7 +97,9 @@ def find_weights(directory: Path) -> tuple[Path, ...]:
     )
 
 
-def open_checkpoint(directory: str | os.PathLike[str], tokenizer_file: str | os.PathLike[str] | None = None) -> Checkpoint:
+def open_checkpoint(
+    directory: str | os.PathLike[str], tokenizer_file: str | os.PathLike[str] | None = None
+) -> Checkpoint:
     """Locate config, weights and tokenizer of a checkpoint; read nothing heavy."""
     path = Path(directory)
     if not path.exists():
@@ -112,7 +116,9 @@ def open_checkpoint(directory: str | os.PathLike[str], tokenizer_file: str | os.
     else:
         found = find_tokenizer_file(path)
         if found is None:
-            raise CheckpointError(f"no tokenizer ({' or '.join(TOKENIZER_FILENAMES)}) in {path}; pass one with --tokenizer")
+            raise CheckpointError(
+                f"no tokenizer ({' or '.join(TOKENIZER_FILENAMES)}) in {path}; pass one with --tokenizer"
+            )
         tok = found
     return Checkpoint(directory=path, config=config, spec=spec, weight_files=weights, tokenizer_file=tok)
 

@@ -91,22 +91,36 @@ class GenerationConfig:
             if not ok:
                 raise ConfigError(message)
 
-        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        check(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}",
+        )
         check(
             _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
             f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens!r}",
         )
-        check(_is_num(self.temperature) and self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        check(
+            _is_num(self.temperature) and self.temperature >= 0,
+            f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}",
+        )
         check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
         check(_is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         check(
             _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}",
         )
-        check(all(_is_int(i) and i >= 0 for i in self.banned_ids), f"banned_ids must be non-negative integers, got {self.banned_ids!r}")
+        check(
+            all(_is_int(i) and i >= 0 for i in self.banned_ids),
+            f"banned_ids must be non-negative integers, got {self.banned_ids!r}",
+        )
         check(all(isinstance(s, str) and s for s in self.stop_strings), "stop_strings must be non-empty strings")
-        check(self.seed is None or (_is_int(self.seed) and self.seed >= 0), f"seed must be a non-negative integer, got {self.seed!r}")
-        check(_is_int(self.num_samples) and self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples!r}")
+        check(
+            self.seed is None or (_is_int(self.seed) and self.seed >= 0),
+            f"seed must be a non-negative integer, got {self.seed!r}",
+        )
+        check(
+            _is_int(self.num_samples) and self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples!r}"
+        )
         # Frozen dataclass: normalise sequences to tuples so configs hash and compare by value.
         object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))

@@ -197,7 +197,9 @@ def generate(
         keep = []
         for row, (index, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
             seq = seqs[index]
-            _advance(seq, token, config, tokenizer, eos, width + step, n_positions, track_text, stop_len, callback, index)
+            _advance(
+                seq, token, config, tokenizer, eos, width + step, n_positions, track_text, stop_len, callback, index
+            )
             if seq.finish_reason is None and should_stop is not None:
                 seq.finish_reason = should_stop(index)
             if seq.finish_reason is None:

@@ -11,4 +11,4 @@ def plain_prompt(tokenizer: CpmTokenizer, text: str) -> list[int]:
 
 def essay_prompt(tokenizer: CpmTokenizer, title: str, context: str = "") -> list[int]:
     """``title <sep> context``: the essay format of yangjianxin1/CPM (training and generation)."""
-    return tokenizer.encode(title) + [tokenizer.sep_id] + tokenizer.encode(context)
+    return [*tokenizer.encode(title), tokenizer.sep_id, *tokenizer.encode(context)]

@@ -55,13 +55,21 @@ def top_p_filter(logits: np.ndarray, p: float, candidates: int = 256) -> np.ndar
         return logits
     probs = softmax(logits.astype(np.float32, copy=False))
     m = min(candidates, logits.shape[-1])
-    top = np.argpartition(-probs, m - 1, axis=-1)[:, :m] if m < logits.shape[-1] else np.broadcast_to(np.arange(m), probs.shape)
+    top = (
+        np.argpartition(-probs, m - 1, axis=-1)[:, :m]
+        if m < logits.shape[-1]
+        else np.broadcast_to(np.arange(m), probs.shape)
+    )
     keep = np.zeros(logits.shape, dtype=bool)
     covered = np.take_along_axis(probs, top, axis=-1).sum(axis=-1) >= p
     for rows, index in ((np.flatnonzero(covered), top), (np.flatnonzero(~covered), None)):
         if not len(rows):
             continue
-        cand = index[rows] if index is not None else np.broadcast_to(np.arange(logits.shape[-1]), (len(rows), logits.shape[-1]))
+        cand = (
+            index[rows]
+            if index is not None
+            else np.broadcast_to(np.arange(logits.shape[-1]), (len(rows), logits.shape[-1]))
+        )
         cand_p = np.take_along_axis(probs[rows], cand, axis=-1)
         order = np.argsort(-cand_p, axis=-1, kind="stable")
         sorted_ids = np.take_along_axis(cand, order, axis=-1)

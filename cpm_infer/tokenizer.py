@@ -33,7 +33,7 @@ class TokenizerError(CpmError):
 
 def _jieba():
     """Import jieba once, quietly (it logs its dictionary loading to stderr at DEBUG)."""
-    import jieba  # noqa: PLC0415 - import cost is paid on first use, not at CLI start-up
+    import jieba
 
     jieba.setLogLevel(logging.WARNING)
     return jieba
@@ -43,7 +43,7 @@ class CpmTokenizer:
     """Exact CPM tokenization over any CPM-style SentencePiece model file."""
 
     def __init__(self, model_file: str | os.PathLike[str]) -> None:
-        import sentencepiece as spm  # noqa: PLC0415
+        import sentencepiece as spm
 
         path = Path(model_file)
         if not path.is_file():

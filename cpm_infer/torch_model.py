@@ -66,7 +66,9 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
             return safetensors_torch.load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many types; report one line
-        raise CheckpointError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise CheckpointError(
+            f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def _normalise(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -107,7 +109,8 @@ def load_model(
     for key, shape in expected.items():
         if state[key].shape != shape:
             raise CheckpointError(
-                f"weights in {ckpt.directory} do not match config.json: {key} is {tuple(state[key].shape)}, expected {tuple(shape)}"
+                f"weights in {ckpt.directory} do not match config.json: {key} is {tuple(state[key].shape)}, "
+                f"expected {tuple(shape)}"
             )
     torch_dtype = getattr(torch, dtype)
     model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, assign=True, strict=True)
@@ -115,21 +118,31 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-def save_checkpoint(model: GPT2LMHeadModel, tokenizer_file: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+def save_checkpoint(
+    model: GPT2LMHeadModel, tokenizer_file: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> Path:
     """Write an HF-style checkpoint (config.json, model.safetensors, generation_config.json, spiece.model)
     atomically: into a temporary sibling directory renamed at the end."""
     require("safetensors", "torch")
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     out = Path(out_dir)
     with staged_dir(out) as tmp:
         config = model.config.to_dict()
         config["architectures"] = ["GPT2LMHeadModel"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != _TIED and not k.endswith(_LEGACY_SUFFIXES)}
+        state = {
+            k: v.detach().contiguous().cpu()
+            for k, v in model.state_dict().items()
+            if k != _TIED and not k.endswith(_LEGACY_SUFFIXES)
+        }
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer = CpmTokenizer(tokenizer_file)
-        generation = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
+        generation = {
+            "bos_token_id": tokenizer.eod_id,
+            "eos_token_id": tokenizer.eod_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
         shutil.copyfile(tokenizer_file, tmp / "spiece.model")
     return out

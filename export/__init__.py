@@ -1,1 +1,2 @@
-"""Exporters: checkpoint -> ONNX artifact (``export.onnx_export``), validation, ORT fusions; TensorRT in ``export.tensorrt``."""
+"""Exporters: checkpoint -> ONNX artifact (``export.onnx_export``), validation, ORT fusions;
+TensorRT in ``export.tensorrt``."""

@@ -31,7 +31,7 @@ MASK_INT32 = "attention_mask_int32"
 
 def fuse_attention(model: Any, n_layer: int, n_head: int) -> int:
     """Rewrite ``model`` (an onnxruntime.transformers OnnxModel) in place; returns the layers fused."""
-    from onnx import helper  # noqa: PLC0415
+    from onnx import helper
 
     producers = model.output_name_to_node()
     consumers = model.input_name_to_nodes()
@@ -46,7 +46,16 @@ def fuse_attention(model: Any, n_layer: int, n_head: int) -> int:
         model.add_node(
             helper.make_node(
                 "MultiHeadAttention",
-                [split.output[0], split.output[1], split.output[2], "", MASK_INT32, "", concat_k.input[0], concat_v.input[0]],
+                [
+                    split.output[0],
+                    split.output[1],
+                    split.output[2],
+                    "",
+                    MASK_INT32,
+                    "",
+                    concat_k.input[0],
+                    concat_v.input[0],
+                ],
                 [out_reshape.output[0], concat_k.output[0], concat_v.output[0]],
                 name=f"/blocks.{i}/MultiHeadAttention",
                 domain="com.microsoft",
@@ -58,7 +67,9 @@ def fuse_attention(model: Any, n_layer: int, n_head: int) -> int:
         )
         fused += 1
     if fused:
-        model.add_node(helper.make_node("Cast", [kv.ATTENTION_MASK], [MASK_INT32], name="/CastMaskInt32", to=6))  # INT32
+        model.add_node(
+            helper.make_node("Cast", [kv.ATTENTION_MASK], [MASK_INT32], name="/CastMaskInt32", to=6)
+        )  # INT32
         if not any(op.domain == "com.microsoft" for op in model.model.opset_import):
             model.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         model.prune_graph()  # the unfused attention nodes and causal-mask builders are now dead
@@ -121,7 +132,7 @@ def _only_consumer(name: str, consumers: dict, op_type: str):
 
 
 def _attr(node: Any, name: str):
-    from onnx import helper  # noqa: PLC0415
+    from onnx import helper
 
     for attribute in node.attribute:
         if attribute.name == name:

@@ -94,8 +94,19 @@ class ExportGPT2(nn.Module):
     ``past`` is flat: key 0, value 0, key 1, value 1, ... (``cpm_infer.kv.past_names`` order).
     """
 
-    def __init__(self, n_layer: int, n_head: int, n_embd: int, vocab_size: int, n_positions: int, *,
-                 inner: int, eps: float, activation: str, scalings: list[float]) -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        vocab_size: int,
+        n_positions: int,
+        *,
+        inner: int,
+        eps: float,
+        activation: str,
+        scalings: list[float],
+    ) -> None:
         super().__init__()
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, n_embd // n_head
         self.wte = nn.Parameter(torch.empty(vocab_size, n_embd))
@@ -115,14 +126,25 @@ class ExportGPT2(nn.Module):
             raise UnsupportedModelError("GPT-2 with cross-attention (add_cross_attention) cannot be exported")
         activation = cfg.activation_function
         if activation not in _ACTIVATIONS:
-            raise UnsupportedModelError(f"GPT-2 activation {activation!r} is not supported by the exporter ({', '.join(_ACTIVATIONS)})")
+            raise UnsupportedModelError(
+                f"GPT-2 activation {activation!r} is not supported by the exporter ({', '.join(_ACTIVATIONS)})"
+            )
         head_dim = cfg.n_embd // cfg.n_head
         scalings = []
         for i in range(cfg.n_layer):
             s = head_dim**-0.5 if cfg.scale_attn_weights else 1.0
             scalings.append(s / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else s)
-        module = cls(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.n_positions,
-                     inner=cfg.n_inner or 4 * cfg.n_embd, eps=cfg.layer_norm_epsilon, activation=activation, scalings=scalings)
+        module = cls(
+            cfg.n_layer,
+            cfg.n_head,
+            cfg.n_embd,
+            cfg.vocab_size,
+            cfg.n_positions,
+            inner=cfg.n_inner or 4 * cfg.n_embd,
+            eps=cfg.layer_norm_epsilon,
+            activation=activation,
+            scalings=scalings,
+        )
         src = model.transformer
         with torch.no_grad():
             module.wte.copy_(src.wte.weight)
@@ -131,7 +153,12 @@ class ExportGPT2(nn.Module):
             for block, hf in zip(module.blocks, src.h, strict=True):
                 block.ln_1.load_state_dict(hf.ln_1.state_dict())
                 block.ln_2.load_state_dict(hf.ln_2.state_dict())
-                for name, weight in (("attn", hf.attn.c_attn), ("proj", hf.attn.c_proj), ("fc", hf.mlp.c_fc), ("mlp_proj", hf.mlp.c_proj)):
+                for name, weight in (
+                    ("attn", hf.attn.c_attn),
+                    ("proj", hf.attn.c_proj),
+                    ("fc", hf.mlp.c_fc),
+                    ("mlp_proj", hf.mlp.c_proj),
+                ):
                     getattr(block, f"{name}_w").copy_(weight.weight)
                     getattr(block, f"{name}_b").copy_(weight.bias)
         if dtype != torch.float32:
@@ -146,12 +173,15 @@ class ExportGPT2(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.wte.dtype
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ):
         seq, total = input_ids.shape[1], attention_mask.shape[1]
         # Query i sits at absolute slot total - seq + i; it sees earlier slots that are not padding.
-        causal = torch.arange(total, device=input_ids.device)[None, :] <= (
-            torch.arange(seq, device=input_ids.device) + (total - seq)
-        )[:, None]  # (T, P+T)
+        causal = (
+            torch.arange(total, device=input_ids.device)[None, :]
+            <= (torch.arange(seq, device=input_ids.device) + (total - seq))[:, None]
+        )  # (T, P+T)
         allowed = causal[None, None, :, :] & (attention_mask[:, None, None, :] > 0)  # (B, 1, T, P+T)
         x = self.wte[input_ids] + self.wpe[position_ids]  # (B, T, C)
         presents = []

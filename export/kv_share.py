@@ -37,7 +37,7 @@ BIAS = "kv_share_attention_bias"
 def share_kv(model: Any) -> int:
     """Rewrite every fused MultiHeadAttention of ``model`` (an onnx ModelProto) into GroupQueryAttention;
     returns how many. The graph's IO names and shapes are unchanged."""
-    from onnx import helper  # noqa: PLC0415
+    from onnx import helper
 
     graph = model.graph
     rewritten = 0
@@ -69,7 +69,7 @@ def share_kv(model: Any) -> int:
 
 def _add_helpers(model: Any) -> None:
     """seqlens_k (B,) int32, total_sequence_length () int32 and the padding bias (B, 1, S, total) float."""
-    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper
 
     def const(name: str, value: np.ndarray) -> str:
         model.graph.initializer.append(numpy_helper.from_array(value, f"kv_share_{name}"))
@@ -98,7 +98,12 @@ def _add_helpers(model: Any) -> None:
         n("Gather", [p + "ids_shape", one], [p + "seq"], axis=0),
         n("Unsqueeze", [p + "seq", axes0], [p + "seq_1d"]),
         n("Unsqueeze", [p + "total64", axes0], [p + "total_1d"]),
-        n("Concat", [p + "batch_1d", const("one_1d", np.array([1], np.int64)), p + "seq_1d", p + "total_1d"], [p + "bias_shape"], axis=0),
+        n(
+            "Concat",
+            [p + "batch_1d", const("one_1d", np.array([1], np.int64)), p + "seq_1d", p + "total_1d"],
+            [p + "bias_shape"],
+            axis=0,
+        ),
         n("Expand", [p + "bias_4d", p + "bias_shape"], [BIAS]),
     ]
     for i, node in enumerate(nodes):

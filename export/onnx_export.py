@@ -70,20 +70,20 @@ def export_onnx(
     atomically write the artifact. ``quantize`` on a float32 ONNX artifact quantizes that instead."""
     say = progress or (lambda message: log.info("%s", message))
     if quantize is not None:
-        from export.quantize import check_request  # noqa: PLC0415
+        from export.quantize import check_request
 
         check_request(model_dir, quantize, fp16=fp16, device=device)
         if (Path(model_dir) / "manifest.json").is_file():
-            from export.quantize_artifact import quantize_artifact  # noqa: PLC0415
+            from export.quantize_artifact import quantize_artifact
 
             return quantize_artifact(model_dir, out_dir, quantize, force=force, threads=threads, progress=say)
     torch = require("torch", "export")
     require("onnx", "export")
     require("onnxruntime", "export")
-    from cpm_infer.backends.ort_backend import create_session, parse_device  # noqa: PLC0415
-    from cpm_infer.checkpoint import open_checkpoint  # noqa: PLC0415
-    from cpm_infer.torch_model import load_model  # noqa: PLC0415
-    from export.gpt2 import ExportGPT2  # noqa: PLC0415
+    from cpm_infer.backends.ort_backend import create_session, parse_device
+    from cpm_infer.checkpoint import open_checkpoint
+    from cpm_infer.torch_model import load_model
+    from export.gpt2 import ExportGPT2
 
     out = Path(out_dir)
     if out.exists() and not force:
@@ -113,13 +113,21 @@ def export_onnx(
         say(f"validating {GRAPH} against eager PyTorch on {device}")
         reports.append(_validate(create_session, tmp / GRAPH, reference, ckpt.spec, dtype, device, threads))
         if optimize:
-            from export.optimize import optimize_graph  # noqa: PLC0415
+            from export.optimize import optimize_graph
 
             say("applying onnxruntime transformer fusions")
-            fusions = optimize_graph(tmp / GRAPH, tmp / OPTIMIZED_GRAPH, ckpt.spec, use_gpu=kind == "cuda",
-                                     dtype=dtype, external_data_threshold=external_data_threshold)
+            fusions = optimize_graph(
+                tmp / GRAPH,
+                tmp / OPTIMIZED_GRAPH,
+                ckpt.spec,
+                use_gpu=kind == "cuda",
+                dtype=dtype,
+                external_data_threshold=external_data_threshold,
+            )
             say(f"validating {OPTIMIZED_GRAPH} against eager PyTorch on {device}")
-            reports.append(_validate(create_session, tmp / OPTIMIZED_GRAPH, reference, ckpt.spec, dtype, device, threads))
+            reports.append(
+                _validate(create_session, tmp / OPTIMIZED_GRAPH, reference, ckpt.spec, dtype, device, threads)
+            )
             graph_files.update(model=OPTIMIZED_GRAPH, portable=GRAPH)
             if (tmp / f"{OPTIMIZED_GRAPH}.data").is_file():
                 graph_files["optimized_weights"] = f"{OPTIMIZED_GRAPH}.data"
@@ -127,9 +135,11 @@ def export_onnx(
             fusions = {}
         quantization = None
         if quantize is not None:
-            from export.quantize import apply_quantization  # noqa: PLC0415
+            from export.quantize import apply_quantization
 
-            graph_files, quantization = apply_quantization(tmp, graph_files, ckpt.spec, tokenizer, quantize, threads=threads, say=say)
+            graph_files, quantization = apply_quantization(
+                tmp, graph_files, ckpt.spec, tokenizer, quantize, threads=threads, say=say
+            )
 
         say("writing artifact")
         shutil.copyfile(ckpt.tokenizer_file, tmp / TOKENIZER)
@@ -148,7 +158,12 @@ def export_onnx(
                 "opset": opset,
                 "exporter": "torch.onnx TorchScript (dynamo=False), module export.gpt2.ExportGPT2",
                 "source": str(ckpt.directory.resolve()),
-                "special_ids": {"eod": tokenizer.eod_id, "pad": tokenizer.pad_id, "sep": tokenizer.sep_id, "unk": tokenizer.unk_id},
+                "special_ids": {
+                    "eod": tokenizer.eod_id,
+                    "pad": tokenizer.pad_id,
+                    "sep": tokenizer.sep_id,
+                    "unk": tokenizer.unk_id,
+                },
                 "validation": {r.graph: r.status for r in reports},
                 "fusions": fusions,
                 "mask_value": "finite -1e4 via where(); LayerNorm and softmax in float32",
@@ -162,15 +177,18 @@ def export_onnx(
 
 def _export_graph(module, tmp: Path, opset: int, device: str, threshold: int) -> str | None:
     """Trace ``module`` into ``tmp/model.onnx``; returns the external-data file name if one is used."""
-    import onnx  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import onnx
+    import torch
 
     n = module.n_layer
     batch, seq, past = 2, 3, 2  # distinct from each other and from the head sizes, so no axis is baked in
     ids = torch.ones((batch, seq), dtype=torch.int64, device=device)
     mask = torch.ones((batch, past + seq), dtype=torch.int64, device=device)
     pos = torch.arange(past, past + seq, device=device).repeat(batch, 1)
-    pasts = tuple(torch.zeros((batch, module.n_head, past, module.head_dim), dtype=module.dtype, device=device) for _ in range(2 * n))
+    pasts = tuple(
+        torch.zeros((batch, module.n_head, past, module.head_dim), dtype=module.dtype, device=device)
+        for _ in range(2 * n)
+    )
     raw = tmp / "_raw"
     raw.mkdir()
     with warnings.catch_warnings(), torch.no_grad():
@@ -190,17 +208,25 @@ def _export_graph(module, tmp: Path, opset: int, device: str, threshold: int) ->
     proto = onnx.load(str(raw / GRAPH), load_external_data=True)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = f"{GRAPH}.data" if size >= threshold else None
-    onnx.save_model(proto, str(tmp / GRAPH), save_as_external_data=external is not None,
-                    all_tensors_to_one_file=True, location=external, size_threshold=1024)
+    onnx.save_model(
+        proto,
+        str(tmp / GRAPH),
+        save_as_external_data=external is not None,
+        all_tensors_to_one_file=True,
+        location=external,
+        size_threshold=1024,
+    )
     shutil.rmtree(raw)
     onnx.checker.check_model(str(tmp / GRAPH))
     log.info("exported %s (%.1f MiB of weights%s)", GRAPH, size / 2**20, ", external data" if external else "")
     return external
 
 
-def _validate(create_session, graph: Path, reference, spec, dtype: str, device: str, threads: int | None) -> ValidationReport:
+def _validate(
+    create_session, graph: Path, reference, spec, dtype: str, device: str, threads: int | None
+) -> ValidationReport:
     """Validate one graph; a half-precision graph the CPU provider cannot load is reported, not hidden."""
-    from cpm_infer.backends.ort_backend import OrtLoadError  # noqa: PLC0415
+    from cpm_infer.backends.ort_backend import OrtLoadError
 
     try:
         session = create_session(graph, device=device, threads=threads)
@@ -208,12 +234,19 @@ def _validate(create_session, graph: Path, reference, spec, dtype: str, device: 
         if dtype != "float16" or not device.startswith("cpu"):
             raise
         log.warning("fp16 graph not validated on CPU: %s", exc)
-        return ValidationReport(graph=graph.name, dtype=dtype, provider="CPUExecutionProvider", status="not run",
-                                reason=f"{exc}; validate it on a GPU with --device cuda")
+        return ValidationReport(
+            graph=graph.name,
+            dtype=dtype,
+            provider="CPUExecutionProvider",
+            status="not run",
+            reason=f"{exc}; validate it on a GPU with --device cuda",
+        )
     report = validate_graph(session, graph.name, reference, spec, dtype)
     report.raise_for_failure()
     if dtype == "float16" and report.provider == "CPUExecutionProvider":
         # ORT's CPU provider lacks fp16 kernels for most ops and inserts float32 casts around them.
-        report.reason = ("ran on the CPU provider, which computes most float16 ops in float32 (inserted casts): "
-                         "checks graph, IO types and fp16 storage, not fp16 arithmetic; validate on a GPU with --device cuda")
+        report.reason = (
+            "ran on the CPU provider, which computes most float16 ops in float32 (inserted casts): "
+            "checks graph, IO types and fp16 storage, not fp16 arithmetic; validate on a GPU with --device cuda"
+        )
     return report

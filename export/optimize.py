@@ -5,9 +5,9 @@ tanh GELU + bias -> FastGelu. Its GPT-2 attention fusions do not match our graph
 own GPT-2 export with a stacked past), so ``export.attention_fusion`` rewrites each layer's attention
 into com.microsoft.MultiHeadAttention instead, for float32 graphs on the CPU provider (the kernel we
 can validate here), and ``export.kv_share`` turns that into GroupQueryAttention, whose KV cache can
-be appended in place (manifest ``kv_cache: shared``). The fused graph uses com.microsoft operators, so it runs on ONNX Runtime only:
-the export keeps the plain graph next to it (manifest role ``portable``) and re-validates the fused
-graph against eager PyTorch.
+be appended in place (manifest ``kv_cache: shared``). The fused graph uses com.microsoft operators,
+so it runs on ONNX Runtime only: the export keeps the plain graph next to it (manifest role
+``portable``) and re-validates the fused graph against eager PyTorch.
 """
 
 from __future__ import annotations
@@ -37,33 +37,40 @@ def optimize_graph(
 ) -> dict[str, int]:
     """Write the fused graph to ``target``; return the count of each fused operator that was applied."""
     require("onnxruntime", "export")
-    from onnxruntime.transformers.fusion_options import FusionOptions  # noqa: PLC0415
-    from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("gpt2")
     options.enable_gelu_approximation = False  # keep GELU exact: parity with eager is re-checked
     try:
         # opt_level 0: only the Python fusions, no provider-specific ORT rewrites baked into the file.
         model = optimize_model(
-            str(source), model_type="gpt2", num_heads=spec.n_head, hidden_size=spec.n_embd,
-            optimization_options=options, opt_level=0, use_gpu=use_gpu,
+            str(source),
+            model_type="gpt2",
+            num_heads=spec.n_head,
+            hidden_size=spec.n_embd,
+            optimization_options=options,
+            opt_level=0,
+            use_gpu=use_gpu,
         )
     except Exception as exc:  # noqa: BLE001 - the optimizer raises many types; report one line
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OptimizeError(f"onnxruntime transformer optimizer failed on {source.name}: {text}") from None
     fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
     if dtype == "float32" and not use_gpu:
-        from export.attention_fusion import fuse_attention  # noqa: PLC0415
+        from export.attention_fusion import fuse_attention
 
         layers = fuse_attention(model, spec.n_layer, spec.n_head)
         if layers:
-            from export.kv_share import share_kv  # noqa: PLC0415
+            from export.kv_share import share_kv
 
             # MultiHeadAttention -> GroupQueryAttention: the KV cache is appended in place (export.kv_share).
             fused["GroupQueryAttention"] = share_kv(model.model)
     if not fused:
         log.warning("no onnxruntime fusion applied to %s", source.name)
     size = sum(len(t.raw_data) for t in model.model.graph.initializer)
-    model.save_model_to_file(str(target), use_external_data_format=size >= external_data_threshold, all_tensors_to_one_file=True)
+    model.save_model_to_file(
+        str(target), use_external_data_format=size >= external_data_threshold, all_tensors_to_one_file=True
+    )
     log.info("fused operators in %s: %s", target.name, fused)
     return fused

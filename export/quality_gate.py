@@ -49,13 +49,16 @@ class GateResult:
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else ("FAILED, forced" if self.forced else "FAILED")
-        return (f"quality gate {verdict}: perplexity {self.fp32_perplexity:.3f} (float32) -> {self.quantized_perplexity:.3f} "
-                f"({self.increase:+.2%}, limit +{self.threshold:.0%}) over {self.tokens} tokens of {Path(self.file).name}")
+        return (
+            f"quality gate {verdict}: perplexity {self.fp32_perplexity:.3f} (float32) -> "
+            f"{self.quantized_perplexity:.3f} "
+            f"({self.increase:+.2%}, limit +{self.threshold:.0%}) over {self.tokens} tokens of {Path(self.file).name}"
+        )
 
 
 def default_gate_file() -> Path | None:
     """The demo model's held-out chapter, where the package ships it."""
-    from cpm_infer.demo import DEMO_DIR  # noqa: PLC0415
+    from cpm_infer.demo import DEMO_DIR
 
     path = DEMO_DIR / "heldout.txt"
     return path if path.is_file() else None
@@ -76,13 +79,14 @@ def run_gate(
     say: Callable[[str], None] = lambda message: None,
 ) -> GateResult:
     """Measure both graphs; raise QualityGateError past the threshold unless ``force``."""
-    from cpm_infer.backends.ort_backend import OrtBackend, create_session  # noqa: PLC0415
-    from cpm_infer.eval import perplexity, read_documents  # noqa: PLC0415
+    from cpm_infer.backends.ort_backend import OrtBackend, create_session
+    from cpm_infer.eval import perplexity, read_documents
 
     path = Path(gate_file) if gate_file is not None else default_gate_file()
     if path is None:
         raise QualityGateError(
-            "no gate text: pass --gate-file (held-out text in the model's domain); the demo held-out chapter is not installed"
+            "no gate text: pass --gate-file (held-out text in the model's domain); the demo held-out chapter "
+            "is not installed"
         )
     limit = THRESHOLDS[scheme] if threshold is None else threshold
     if limit < 0:
@@ -96,8 +100,16 @@ def run_gate(
     base, quant = results
     increase = quant.perplexity / base.perplexity - 1
     result = GateResult(
-        file=str(path), tokens=base.tokens, window=base.window, stride=base.stride, fp32_perplexity=base.perplexity,
-        quantized_perplexity=quant.perplexity, increase=increase, threshold=limit, passed=increase <= limit, forced=force,
+        file=str(path),
+        tokens=base.tokens,
+        window=base.window,
+        stride=base.stride,
+        fp32_perplexity=base.perplexity,
+        quantized_perplexity=quant.perplexity,
+        increase=increase,
+        threshold=limit,
+        passed=increase <= limit,
+        forced=force,
     )
     log.info("%s", result.summary())
     if not result.passed and not force:

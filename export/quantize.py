@@ -61,7 +61,9 @@ class QuantConfig:
         if self.scheme == "int8":
             for key in ("block_size", "symmetric", "accuracy_level"):
                 data.pop(key)
-            data["method"] = "onnxruntime.quantization.quantize_dynamic (MatMulInteger, activations uint8 per tensor per call)"
+            data["method"] = (
+                "onnxruntime.quantization.quantize_dynamic (MatMulInteger, activations uint8 per tensor per call)"
+            )
         else:
             for key in ("per_channel", "reduce_range", "weight_type"):
                 data.pop(key)
@@ -93,7 +95,9 @@ def config_for(scheme: str, **overrides: Any) -> QuantConfig:
     config = replace(CONFIGS[scheme], **overrides)
     for part in ("lm_head", "embedding"):
         if getattr(config, part) not in (scheme, "float32"):
-            raise QuantizeError(f"{part} must be {scheme} or float32 for the {scheme} scheme, not {getattr(config, part)!r}")
+            raise QuantizeError(
+                f"{part} must be {scheme} or float32 for the {scheme} scheme, not {getattr(config, part)!r}"
+            )
     return config
 
 
@@ -102,13 +106,18 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
     onnx = require("onnx", "export")
     require("onnxruntime", "export")
     model = onnx.load(str(source), load_external_data=True)
-    if any(n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "GatherBlockQuantized") for n in model.graph.node):
+    if any(
+        n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "GatherBlockQuantized")
+        for n in model.graph.node
+    ):
         raise QuantizeError(f"{source.name} is already quantized")
     lm_head = untie_lm_head(model, spec) if config.lm_head != "float32" else None
     if config.lm_head != "float32" and lm_head is None:
         raise QuantizeError(f"{source.name}: the tied LM head (Gemm on wte, transB=1) was not found")
     embedding = _embedding_gather(model, spec)
-    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and _initializer(model, n.input[1]) is not None]
+    matmuls = [
+        n.name for n in model.graph.node if n.op_type == "MatMul" and _initializer(model, n.input[1]) is not None
+    ]
     nodes = [m for m in matmuls if m != lm_head or config.lm_head != "float32"]
     if config.embedding != "float32":
         if embedding is None:
@@ -116,7 +125,11 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
         nodes.append(embedding)
     try:
         with _quiet_quantizer_logs():
-            quantized = _quantize_int8(model, nodes, config) if config.scheme == "int8" else _quantize_int4(model, nodes, config)
+            quantized = (
+                _quantize_int8(model, nodes, config)
+                if config.scheme == "int8"
+                else _quantize_int4(model, nodes, config)
+            )
     except CpmError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizers raise many types; report one line
@@ -124,15 +137,31 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
         raise QuantizeError(f"onnxruntime {config.scheme} quantization of {source.name} failed: {text}") from None
     size = sum(_nbytes(t) for t in quantized.graph.initializer)
     external = size >= PROTOBUF_LIMIT
-    onnx.save_model(quantized, str(target), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{target.name}.data" if external else None, size_threshold=1024)
+    onnx.save_model(
+        quantized,
+        str(target),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{target.name}.data" if external else None,
+        size_threshold=1024,
+    )
     counts: dict[str, int] = {}
     for node in quantized.graph.node:
-        if node.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "GatherBlockQuantized", "DynamicQuantizeLinear"):
+        if node.op_type in (
+            "MatMulNBits",
+            "MatMulInteger",
+            "DynamicQuantizeMatMul",
+            "GatherBlockQuantized",
+            "DynamicQuantizeLinear",
+        ):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     log.info("quantized %s -> %s: %s, %.1f MiB of weights", source.name, target.name, counts, size / 2**20)
-    return {"quantized_nodes": len(nodes), "operators": counts, "weights_mib": round(size / 2**20, 1),
-            "external_data": f"{target.name}.data" if external else None}
+    return {
+        "quantized_nodes": len(nodes),
+        "operators": counts,
+        "weights_mib": round(size / 2**20, 1),
+        "external_data": f"{target.name}.data" if external else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -151,10 +180,14 @@ def check_request(model_dir: str | os.PathLike[str], options: QuantizeOptions, *
     if fp16:
         raise QuantizeError("--quantize starts from the float32 graph; drop --fp16")
     if not device.startswith("cpu"):
-        raise QuantizeError(f"--quantize targets the CPU provider (int8/int4 CPU kernels); --device {device} is not supported")
+        raise QuantizeError(
+            f"--quantize targets the CPU provider (int8/int4 CPU kernels); --device {device} is not supported"
+        )
     scheme = quantized_scheme(model_dir)
     if scheme:
-        raise QuantizeError(f"{model_dir} is already quantized ({scheme}); quantize its float32 checkpoint or artifact instead")
+        raise QuantizeError(
+            f"{model_dir} is already quantized ({scheme}); quantize its float32 checkpoint or artifact instead"
+        )
 
 
 def quantized_scheme(directory: str | os.PathLike[str]) -> str | None:
@@ -162,7 +195,7 @@ def quantized_scheme(directory: str | os.PathLike[str]) -> str | None:
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         return None
-    from cpm_infer.artifact import read_json  # noqa: PLC0415
+    from cpm_infer.artifact import read_json
 
     data = read_json(path)
     details = data.get("details") if isinstance(data, dict) else None
@@ -184,7 +217,7 @@ def apply_quantization(
     """Quantize the float32 ``graph_files`` (in ``source_dir``, default ``directory``) into the artifact
     in progress in ``directory``, run the quality gate, and keep only the quantized graph there.
     Returns the new graph_files and ``details.quantization``."""
-    from export.quality_gate import run_gate  # noqa: PLC0415
+    from export.quality_gate import run_gate
 
     config = config_for(options.scheme)
     source = graph_files["model"]
@@ -192,22 +225,36 @@ def apply_quantization(
     target = f"model_{options.scheme}.onnx"
     say(f"quantizing {source} to {options.scheme}")
     info = quantize_graph(fp32_graph, directory / target, spec, config)
-    gate = run_gate(fp32_graph, directory / target, spec, tokenizer, scheme=options.scheme, gate_file=options.gate_file,
-                    threshold=options.gate_threshold, force=options.force_quality, threads=threads, say=say)
+    gate = run_gate(
+        fp32_graph,
+        directory / target,
+        spec,
+        tokenizer,
+        scheme=options.scheme,
+        gate_file=options.gate_file,
+        threshold=options.gate_threshold,
+        force=options.force_quality,
+        threads=threads,
+        say=say,
+    )
     for name in set(graph_files.values()):  # a quantized artifact ships only what it runs
         (directory / name).unlink(missing_ok=True)
     files = {"model": target}
     if info.pop("external_data"):
         files["weights"] = f"{target}.data"
-    details = {**config.to_dict(), **info, "source_graph": f"{source} (float32, validated against eager; not shipped)",
-               "gate": gate.to_dict()}
+    details = {
+        **config.to_dict(),
+        **info,
+        "source_graph": f"{source} (float32, validated against eager; not shipped)",
+        "gate": gate.to_dict(),
+    }
     return files, details
 
 
 def untie_lm_head(model: Any, spec: ModelSpec) -> str | None:
     """Replace the LM head ``Gemm(x, wte, C, transB=1)`` by ``MatMul(x, wte^T)`` (+ C when nonzero) on a
     new initializer; returns the MatMul's name, or None when the graph has no such Gemm."""
-    from onnx import helper, numpy_helper  # noqa: PLC0415
+    from onnx import helper, numpy_helper
 
     for index, node in enumerate(model.graph.node):
         if node.op_type != "Gemm" or _attrs(node).get("transB") != 1 or _attrs(node).get("transA", 0) != 0:
@@ -224,8 +271,10 @@ def untie_lm_head(model: Any, spec: ModelSpec) -> str | None:
             new = [helper.make_node("MatMul", [node.input[0], LM_HEAD_WEIGHT], [node.output[0]], name=name)]
         else:
             product = f"{name}_output"
-            new = [helper.make_node("MatMul", [node.input[0], LM_HEAD_WEIGHT], [product], name=name),
-                   helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}_bias")]
+            new = [
+                helper.make_node("MatMul", [node.input[0], LM_HEAD_WEIGHT], [product], name=name),
+                helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}_bias"),
+            ]
         del model.graph.node[index]
         for offset, replacement in enumerate(new):
             model.graph.node.insert(index + offset, replacement)
@@ -259,34 +308,46 @@ def _embedding_gather(model: Any, spec: ModelSpec) -> str | None:
 
 
 def _quantize_int8(model: Any, nodes: list[str], config: QuantConfig) -> Any:
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # quantize_dynamic reads and writes files (it runs shape inference on a saved copy).
     with tempfile.TemporaryDirectory(prefix="cpm-int8-") as scratch:
         source, target = Path(scratch) / "in.onnx", Path(scratch) / "out.onnx"
         _save(model, source)
         quantize_dynamic(
-            source, target, weight_type=getattr(QuantType, config.weight_type), per_channel=config.per_channel,
-            reduce_range=config.reduce_range, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gather"],
+            source,
+            target,
+            weight_type=getattr(QuantType, config.weight_type),
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            nodes_to_quantize=nodes,
+            op_types_to_quantize=["MatMul", "Gather"],
             # DefaultTensorType 1 (FLOAT): the type of com.microsoft outputs that shape inference cannot infer.
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1}, use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},
+            use_external_data_format=True,
         )
-        import onnx  # noqa: PLC0415
+        import onnx
 
         return onnx.load(str(target), load_external_data=True)
 
 
 def _quantize_int4(model: Any, nodes: list[str], config: QuantConfig) -> Any:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: PLC0415
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # Its nodes_to_include adds to op_types_to_quantize instead of narrowing it: exclude the others.
     kinds = ("MatMul", "Gather")
     excluded = [n.name for n in model.graph.node if n.op_type in kinds and n.name not in set(nodes)]
     quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-        nodes_to_exclude=excluded, op_types_to_quantize=kinds, quant_axes=(("MatMul", 0), ("Gather", 1)),
+        model,
+        bits=4,
+        block_size=config.block_size,
+        is_symmetric=config.symmetric,
+        accuracy_level=config.accuracy_level,
+        nodes_to_exclude=excluded,
+        op_types_to_quantize=kinds,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     quantizer.process()
     return quantizer.model.model
@@ -309,14 +370,20 @@ def _quiet_quantizer_logs():
 
 
 def _save(model: Any, path: Path) -> None:
-    import onnx  # noqa: PLC0415
+    import onnx
 
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
 
 
 def _initializer(model: Any, name: str) -> np.ndarray | None:
-    from onnx import numpy_helper  # noqa: PLC0415
+    from onnx import numpy_helper
 
     for tensor in model.graph.initializer:
         if tensor.name == name:
@@ -326,7 +393,7 @@ def _initializer(model: Any, name: str) -> np.ndarray | None:
 
 def _constant(model: Any, name: str) -> np.ndarray | None:
     """An initializer, or the value of a Constant node, by output name."""
-    from onnx import helper, numpy_helper  # noqa: PLC0415
+    from onnx import helper, numpy_helper
 
     value = _initializer(model, name)
     if value is not None:
@@ -340,7 +407,7 @@ def _constant(model: Any, name: str) -> np.ndarray | None:
 
 
 def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper  # noqa: PLC0415
+    from onnx import helper
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 

@@ -31,7 +31,9 @@ def quantize_artifact(
     source, out = Path(source), Path(out_dir)
     scheme = quantized_scheme(source)
     if scheme:
-        raise QuantizeError(f"{source} is already quantized ({scheme}); quantize its float32 checkpoint or artifact instead")
+        raise QuantizeError(
+            f"{source} is already quantized ({scheme}); quantize its float32 checkpoint or artifact instead"
+        )
     manifest = read_manifest(source, expected_format="onnx")
     if manifest.dtype != "float32":
         raise QuantizeError(f"{source} is a {manifest.dtype} artifact; --quantize starts from a float32 one")
@@ -43,13 +45,23 @@ def quantize_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(out) as tmp:
         manifest.graph_files, quantization = apply_quantization(
-            tmp, dict(manifest.graph_files), manifest.spec, tokenizer, options, threads=threads, source_dir=source, say=say
+            tmp,
+            dict(manifest.graph_files),
+            manifest.spec,
+            tokenizer,
+            options,
+            threads=threads,
+            source_dir=source,
+            say=say,
         )
         say("writing artifact")
         shutil.copyfile(source / manifest.tokenizer_file, tmp / manifest.tokenizer_file)
         if manifest.validation_report and (source / manifest.validation_report).is_file():
             shutil.copyfile(source / manifest.validation_report, tmp / manifest.validation_report)
-        manifest.details = {**manifest.details, "quantization": {**quantization, "source_artifact": str(source.resolve())}}
+        manifest.details = {
+            **manifest.details,
+            "quantization": {**quantization, "source_artifact": str(source.resolve())},
+        }
         manifest.tools = {**manifest.tools, **tool_versions(TOOLS)}
         write_manifest(tmp, manifest)
     return ExportResult(out, manifest, [])

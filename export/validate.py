@@ -89,9 +89,17 @@ class ValidationReport:
     def raise_for_failure(self) -> None:
         for check in self.checks:
             if check.logits_diff > check.logits_tolerance:
-                raise ValidationError(self.graph, f"{check.case}, {check.step}", kv.LOGITS, check.logits_diff, check.logits_tolerance)
+                raise ValidationError(
+                    self.graph, f"{check.case}, {check.step}", kv.LOGITS, check.logits_diff, check.logits_tolerance
+                )
             if check.present_diff > check.present_tolerance:
-                raise ValidationError(self.graph, f"{check.case}, {check.step}", check.worst_present, check.present_diff, check.present_tolerance)
+                raise ValidationError(
+                    self.graph,
+                    f"{check.case}, {check.step}",
+                    check.worst_present,
+                    check.present_diff,
+                    check.present_tolerance,
+                )
 
 
 def validation_cases(spec: ModelSpec, seed: int = 0) -> list[tuple[str, list[list[int]]]]:
@@ -113,12 +121,14 @@ class EagerReference:
     """transformers' GPT2LMHeadModel with its DynamicCache: all-position logits and the cache as numpy."""
 
     def __init__(self, model: Any) -> None:
-        import torch  # noqa: PLC0415 - validation needs the export extra anyway
+        import torch
 
         self.torch, self.model = torch, model.eval()
         self.device = next(model.parameters()).device
 
-    def run(self, cache: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
+    def run(
+        self, cache: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray], Any]:
         t = self.torch
         with t.inference_mode():
             out = self.model(
@@ -128,7 +138,9 @@ class EagerReference:
                 cache=cache,
                 use_cache=True,
             )
-        presents = [getattr(layer, part).float().cpu().numpy() for layer in out.cache.layers for part in ("keys", "values")]
+        presents = [
+            getattr(layer, part).float().cpu().numpy() for layer in out.cache.layers for part in ("keys", "values")
+        ]
         return out.logits.float().cpu().numpy(), presents, out.cache
 
 
@@ -161,7 +173,12 @@ def validate_graph(
         past = [np.zeros(kv.kv_shape(spec, len(prompts), 0), dtype=np_dtype)] * len(names)
         cache = None
         for step in range(decode_steps + 1):
-            feeds = {kv.INPUT_IDS: ids, kv.ATTENTION_MASK: mask, kv.POSITION_IDS: pos, **dict(zip(kv.past_names(spec.n_layer), past))}
+            feeds = {
+                kv.INPUT_IDS: ids,
+                kv.ATTENTION_MASK: mask,
+                kv.POSITION_IDS: pos,
+                **dict(zip(kv.past_names(spec.n_layer), past, strict=False)),
+            }
             got = session.run(None, feeds)
             ref_logits, ref_presents, cache = reference.run(cache, ids, mask, pos)
             present_diffs = [_masked_max(g, r, mask) for g, r in zip(got[1:], ref_presents, strict=True)]
@@ -170,7 +187,7 @@ def validate_graph(
                 Check(
                     case=case,
                     step=f"prefill (seq {ids.shape[1]})" if step == 0 else f"decode {step} (past {mask.shape[1] - 1})",
-                    logits_diff=_masked_max(got[0], ref_logits, mask[:, -ids.shape[1]:]),
+                    logits_diff=_masked_max(got[0], ref_logits, mask[:, -ids.shape[1] :]),
                     logits_tolerance=tol.of(ref_logits),
                     present_diff=present_diffs[worst],
                     present_tolerance=tol.of(ref_presents[worst]),
@@ -189,12 +206,12 @@ def validate_graph(
 
 
 def write_report(reports: list[ValidationReport], path: Path) -> None:
-    import json  # noqa: PLC0415
+    import json
 
     path.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n", encoding="utf-8")
 
 
 def read_report(path: Path) -> list[ValidationReport]:
-    from cpm_infer.artifact import read_json  # noqa: PLC0415
+    from cpm_infer.artifact import read_json
 
     return [ValidationReport.from_dict(row) for row in read_json(path)]

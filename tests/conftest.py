@@ -59,7 +59,17 @@ def tiny_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "tiny.model"
 
 
-def make_tiny_model(vocab_size: int, *, seed: int = 0, n_layer: int = 2, n_head: int = 4, n_embd: int = 32, n_positions: int = 128, eod_id: int = 7, pad_id: int = 5):
+def make_tiny_model(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_embd: int = 32,
+    n_positions: int = 128,
+    eod_id: int = 7,
+    pad_id: int = 5,
+):
     """A random GPT-2 with a wide init (0.3) so its greedy output varies instead of repeating one token."""
     import torch
     import transformers

@@ -7,10 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_cli as _cli
 
 from cpm_infer.bench import harness, report
 from cpm_infer.bench.runners import Timing
-from conftest import run_cli as _cli
 
 
 class FixedRunner:
@@ -40,9 +40,16 @@ def test_measure_computes_percentiles_and_excludes_warmup():
 
 
 def test_cases_and_context_limit():
-    cases = harness.build_cases(batches=[1, 4], prompt_lens=[16, 32], new_tokens=[8], contexts=[16, 100], n_positions=128)
+    cases = harness.build_cases(
+        batches=[1, 4], prompt_lens=[16, 32], new_tokens=[8], contexts=[16, 100], n_positions=128
+    )
     assert [(c.sweep, c.batch, c.prompt_len, c.new_tokens) for c in cases] == [
-        ("base", 1, 16, 8), ("batch", 4, 16, 8), ("prompt", 1, 32, 8), ("context", 1, 16, 8), ("context", 1, 100, 8)]
+        ("base", 1, 16, 8),
+        ("batch", 4, 16, 8),
+        ("prompt", 1, 32, 8),
+        ("context", 1, 16, 8),
+        ("context", 1, 100, 8),
+    ]
     with pytest.raises(harness.BenchError, match="exceeds the model's context of 128"):
         harness.build_cases(batches=[1], prompt_lens=[16], new_tokens=[8], contexts=[125], n_positions=128)
     with pytest.raises(harness.BenchError, match="positive"):
@@ -58,12 +65,19 @@ def test_ratios_and_reports(tmp_path):
     def m(backend, decode, ttft, sweep="base", batch=1):
         return harness.Measurement(backend, batch, 16, 8, sweep, ttft, decode, decode, decode, 100.0, 50.0, None, 1)
 
-    results = [m("hf-generate", 10.0, 40.0), m("torch", 8.0, 40.0), m("ort", 4.0, 10.0),
-               m("hf-generate", 20.0, 80.0, "batch", 4), m("ort", 5.0, 20.0, "batch", 4)]
+    results = [
+        m("hf-generate", 10.0, 40.0),
+        m("torch", 8.0, 40.0),
+        m("ort", 4.0, 10.0),
+        m("hf-generate", 20.0, 80.0, "batch", 4),
+        m("ort", 5.0, 20.0, "batch", 4),
+    ]
     rows = report.with_ratios(results)
     assert [r["decode_speedup"] for r in rows] == [1.0, 1.25, 2.5, 1.0, 4.0]
     assert rows[2]["ttft_speedup"] == 4.0
-    written = report.write_reports(results, tmp_path, command="cpm bench x", env=report.environment(), skipped={"trt": "absent"})
+    written = report.write_reports(
+        results, tmp_path, command="cpm bench x", env=report.environment(), skipped={"trt": "absent"}
+    )
     names = sorted(p.name for p in written["files"])
     assert names == ["bench.json", "bench.md", "throughput_vs_batch.png"]
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -75,20 +89,53 @@ def test_ratios_and_reports(tmp_path):
 
 def test_cli_end_to_end_with_skips(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     out = tmp_path / "bench"
-    code, stdout, err = _cli(monkeypatch, capsys, "bench", "-m", str(tiny_checkpoint), "--backends", "hf,torch,ort,trt",
-                             "--new-tokens", "4", "--batch", "1,2", "--context", "8,32", "--repeats", "1", "-o", str(out))
+    code, stdout, err = _cli(
+        monkeypatch,
+        capsys,
+        "bench",
+        "-m",
+        str(tiny_checkpoint),
+        "--backends",
+        "hf,torch,ort,trt",
+        "--new-tokens",
+        "4",
+        "--batch",
+        "1,2",
+        "--context",
+        "8,32",
+        "--repeats",
+        "1",
+        "-o",
+        str(out),
+    )
     assert code == 0, err
     data = json.loads((out / "bench.json").read_text())
     backends = {r["backend"] for r in data["results"]}
     assert backends == {"hf-generate", "torch", "ort"}
     assert "trt" in data["skipped"]
-    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "decode_vs_context.png", "throughput_vs_batch.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        "bench.json",
+        "bench.md",
+        "decode_vs_context.png",
+        "throughput_vs_batch.png",
+    }
     assert "decode x" in stdout
 
 
 def test_cli_refuses_sweep_beyond_context(monkeypatch, capsys, tiny_checkpoint, tmp_path):
-    code, _, err = _cli(monkeypatch, capsys, "bench", "-m", str(tiny_checkpoint), "--backends", "torch",
-                        "--context", "500", "-o", str(tmp_path / "b"))
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "bench",
+        "-m",
+        str(tiny_checkpoint),
+        "--backends",
+        "torch",
+        "--context",
+        "500",
+        "-o",
+        str(tmp_path / "b"),
+    )
     assert code == 1 and "exceeds the model's context of 128" in err and err.count("\n") == 1
 
 
@@ -100,16 +147,52 @@ def test_mismatched_artifact_is_skipped_with_reason(monkeypatch, capsys, tmp_pat
     from export.onnx_export import export_onnx
 
     tok = CpmTokenizer(tiny_vocab)
-    other = save_checkpoint(make_tiny_model(tok.vocab_size, seed=9, eod_id=tok.eod_id, pad_id=tok.pad_id), tiny_vocab, tmp_path / "other")
+    other = save_checkpoint(
+        make_tiny_model(tok.vocab_size, seed=9, eod_id=tok.eod_id, pad_id=tok.pad_id), tiny_vocab, tmp_path / "other"
+    )
     artifact = export_onnx(other, tmp_path / "other-onnx").path
-    code, _, err = _cli(monkeypatch, capsys, "bench", "-m", str(tiny_checkpoint), "--backends", "torch,ort", "--onnx", str(artifact),
-                        "--new-tokens", "3", "--context", "", "--repeats", "1", "-o", str(tmp_path / "b"))
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "bench",
+        "-m",
+        str(tiny_checkpoint),
+        "--backends",
+        "torch,ort",
+        "--onnx",
+        str(artifact),
+        "--new-tokens",
+        "3",
+        "--context",
+        "",
+        "--repeats",
+        "1",
+        "-o",
+        str(tmp_path / "b"),
+    )
     assert code == 0, err
     assert "skipped ort" in err and "other weights" in err
     # same weights, another tokenizer file
     same = tmp_path / "same-onnx"
     shutil.copytree(export_onnx(tiny_checkpoint, tmp_path / "mine").path, same)
     (same / "spiece.model").write_bytes((tiny_vocab.parent / "corpus.txt").read_bytes())
-    code, _, err = _cli(monkeypatch, capsys, "bench", "-m", str(tiny_checkpoint), "--backends", "ort", "--onnx", str(same),
-                        "--new-tokens", "3", "--context", "", "--repeats", "1", "-o", str(tmp_path / "b2"))
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "bench",
+        "-m",
+        str(tiny_checkpoint),
+        "--backends",
+        "ort",
+        "--onnx",
+        str(same),
+        "--new-tokens",
+        "3",
+        "--context",
+        "",
+        "--repeats",
+        "1",
+        "-o",
+        str(tmp_path / "b2"),
+    )
     assert code == 1 and "another tokenizer" in err

@@ -66,7 +66,10 @@ def test_sharded_safetensors(tmp_path, tiny_checkpoint, reference):
     state = _state(ckpt)
     (ckpt / "model.safetensors").unlink()
     keys = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     weight_map = {}
     for name, part in halves.items():
         save_file({k: state[k] for k in part}, str(ckpt / name))
@@ -100,7 +103,10 @@ def test_real_cpm_config_eos_50256_still_stops_at_eod(tmp_path, tiny_checkpoint)
     [
         (lambda d: (d / "config.json").unlink(), "no config.json"),
         (lambda d: (d / "config.json").write_text("{not json"), "cannot read"),
-        (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 5})), "holds a bert model"),
+        (
+            lambda d: (d / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 5})),
+            "holds a bert model",
+        ),
         (lambda d: (d / "model.safetensors").unlink(), "no weights"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "cannot read weights"),
         (lambda d: (d / "spiece.model").unlink(), "no tokenizer"),

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli as run
 
 
@@ -48,7 +47,13 @@ def test_generate_input_file_to_jsonl(monkeypatch, capsys, tmp_path, tiny_checkp
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [(r.get("prompt") or r.get("title"), r["sample"]) for r in rows] == [
-        ("话说天下", 0), ("话说天下", 1), ("赤壁", 0), ("赤壁", 1), ("滚滚长江", 0), ("滚滚长江", 1)]
+        ("话说天下", 0),
+        ("话说天下", 1),
+        ("赤壁", 0),
+        ("赤壁", 1),
+        ("滚滚长江", 0),
+        ("滚滚长江", 1),
+    ]
     assert all(r["new_tokens"] <= 8 and r["finish_reason"] in {"eos", "length"} for r in rows)
     # the batch size does not change what each prompt gets
     out1 = tmp_path / "out1.jsonl"
@@ -70,13 +75,15 @@ def test_generate_input_file_to_jsonl(monkeypatch, capsys, tmp_path, tiny_checkp
     ],
 )
 def test_generate_bad_input_is_one_line(monkeypatch, capsys, tiny_checkpoint, args, message):
-    code, out, err = run(monkeypatch, capsys, "generate", "-m", str(tiny_checkpoint), *args)
+    code, _out, err = run(monkeypatch, capsys, "generate", "-m", str(tiny_checkpoint), *args)
     assert code == 1
     assert message in err and err.count("\n") == 1 and err.startswith("error: ")
 
 
 def test_truncate_makes_long_prompts_fit(monkeypatch, capsys, tiny_checkpoint):
-    code, out, err = run(monkeypatch, capsys, "generate", "-m", str(tiny_checkpoint), "-p", "话说" * 200, "-n", "5", "--truncate")
+    code, _out, err = run(
+        monkeypatch, capsys, "generate", "-m", str(tiny_checkpoint), "-p", "话说" * 200, "-n", "5", "--truncate"
+    )
     assert code == 0, err
 
 
@@ -114,7 +121,21 @@ def test_tokenize_text_and_jsonl(monkeypatch, capsys, tmp_path, tiny_checkpoint,
 
 def test_model_create_refuses_existing_dir(monkeypatch, capsys, tmp_path, tiny_vocab):
     out = tmp_path / "m"
-    args = ("model", "create", str(out), "--tokenizer", str(tiny_vocab), "--layers", "1", "--hidden", "16", "--heads", "2", "--context", "64")
+    args = (
+        "model",
+        "create",
+        str(out),
+        "--tokenizer",
+        str(tiny_vocab),
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--context",
+        "64",
+    )
     assert run(monkeypatch, capsys, *args)[0] == 0
     assert (out / "config.json").is_file() and (out / "spiece.model").is_file()
     code, _, err = run(monkeypatch, capsys, *args)

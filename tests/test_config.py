@@ -48,7 +48,11 @@ def test_dict_round_trip_and_unknown_keys():
 
 
 def test_presets_match_cpm_sizes():
-    assert [(s.n_layer, s.n_embd, s.n_head) for s in PRESETS.values()] == [(12, 768, 12), (24, 1024, 16), (32, 2560, 32)]
+    assert [(s.n_layer, s.n_embd, s.n_head) for s in PRESETS.values()] == [
+        (12, 768, 12),
+        (24, 1024, 16),
+        (32, 2560, 32),
+    ]
     assert all(s.vocab_size == 30000 and s.n_positions == 1024 for s in PRESETS.values())
     # CPM-small is ~109M parameters with a tied head (436 MB fp32)
     assert 108e6 < PRESETS["small"].parameter_count() < 110e6

@@ -1,4 +1,5 @@
-"""cpm eval: windows, perplexity on torch and ORT (they agree), teacher-forced fallback, zero-shot scoring, bad input."""
+"""cpm eval: windows, perplexity on torch and ORT (they agree), teacher-forced fallback, zero-shot scoring,
+bad input."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from tests.conftest import CORPUS
-from conftest import run_cli
 
 pytest.importorskip("torch")
 
@@ -35,7 +36,9 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("lengths", "window", "stride"), [([1, 2, 5], 4, 2), ([300], 128, 64), ([129, 128, 127], 128, 127), ([50], 8, 1)])
+@pytest.mark.parametrize(
+    ("lengths", "window", "stride"), [([1, 2, 5], 4, 2), ([300], 128, 64), ([129, 128, 127], 128, 127), ([50], 8, 1)]
+)
 def test_windows_predict_every_token_once(lengths, window, stride):
     from cpm_infer.eval.perplexity import plan_windows
 
@@ -117,7 +120,12 @@ def test_zero_shot_prefers_the_models_own_continuation(backends):
 
     tok, backend = backends["tok"], backends["ort"]
     prompt = "话说天下大势，分久必合"
-    greedy = generate(backend, [tok.encode(prompt)], GenerationConfig(temperature=0, max_new_tokens=6, ignore_eos=True, ban_unk=True), tok)[0]
+    greedy = generate(
+        backend,
+        [tok.encode(prompt)],
+        GenerationConfig(temperature=0, max_new_tokens=6, ignore_eos=True, ban_unk=True),
+        tok,
+    )[0]
     own = tok.decode(greedy.token_ids)
     assert own.strip()
     rng = np.random.default_rng(0)
@@ -132,9 +140,11 @@ def test_zero_shot_torch_and_ort_agree(backends, tmp_path):
     from cpm_infer.eval import read_examples, score_examples
 
     path = tmp_path / "ex.jsonl"
-    rows = [{"text": "话说天下大势", "candidates": ["分久必合", "白发渔樵"], "label": "分久必合"},
-            {"text": "青山依旧在", "candidates": ["几度夕阳红", "一壶浊酒", "秋月春风"], "label": 0},
-            {"text": "汉朝", "candidates": ["自高祖", "光武中兴"]}]
+    rows = [
+        {"text": "话说天下大势", "candidates": ["分久必合", "白发渔樵"], "label": "分久必合"},
+        {"text": "青山依旧在", "candidates": ["几度夕阳红", "一壶浊酒", "秋月春风"], "label": 0},
+        {"text": "汉朝", "candidates": ["自高祖", "光武中兴"]},
+    ]
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     examples = read_examples(path)
     assert [e.label for e in examples] == [0, 0, None]
@@ -146,10 +156,13 @@ def test_zero_shot_torch_and_ort_agree(backends, tmp_path):
     assert t.accuracy in (0.0, 0.5, 1.0) and t.to_dict()["examples"][2]["correct"] is None
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("", "holds no text to evaluate"),
-    ("\n \n\n\t\n", "holds no text to evaluate"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "holds no text to evaluate"),
+        ("\n \n\n\t\n", "holds no text to evaluate"),
+    ],
+)
 def test_eval_file_without_text_refused(tmp_path, content, message):
     from cpm_infer.eval import EvalError, read_documents
 
@@ -159,10 +172,13 @@ def test_eval_file_without_text_refused(tmp_path, content, message):
         read_documents(path)
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ('{"title": "x"}', 'needs a "text" or "content" string field'),
-    ("not json", "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"title": "x"}', 'needs a "text" or "content" string field'),
+        ("not json", "not a JSON object"),
+    ],
+)
 def test_bad_jsonl_refused(tmp_path, line, message):
     from cpm_infer.eval import EvalError, read_documents
 
@@ -172,12 +188,15 @@ def test_bad_jsonl_refused(tmp_path, line, message):
         read_documents(path)
 
 
-@pytest.mark.parametrize(("row", "template", "message"), [
-    ({"text": "a", "candidates": ["x"]}, None, "at least 2 non-empty strings"),
-    ({"text": "a", "candidates": ["x", "y"], "label": "z"}, None, "neither one of the candidates"),
-    ({"text": "a", "candidates": ["x", "y"]}, "{text}", "exactly once"),
-    ({"text": "a", "candidates": ["x", "y"]}, "{question}{candidate}", "cannot be filled"),
-])
+@pytest.mark.parametrize(
+    ("row", "template", "message"),
+    [
+        ({"text": "a", "candidates": ["x"]}, None, "at least 2 non-empty strings"),
+        ({"text": "a", "candidates": ["x", "y"], "label": "z"}, None, "neither one of the candidates"),
+        ({"text": "a", "candidates": ["x", "y"]}, "{text}", "exactly once"),
+        ({"text": "a", "candidates": ["x", "y"]}, "{question}{candidate}", "cannot be filled"),
+    ],
+)
 def test_bad_examples_refused(backends, tmp_path, row, template, message):
     from cpm_infer.eval import EvalError, read_examples, score_examples
 
@@ -189,16 +208,32 @@ def test_bad_examples_refused(backends, tmp_path, row, template, message):
 
 def test_cli_ppl_and_score(backends, tiny_checkpoint, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ppl.json"
-    code, stdout, err = run_cli(monkeypatch, capsys, "eval", "ppl", str(backends["artifact"]), str(text_file), "--json", str(out))
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "eval", "ppl", str(backends["artifact"]), str(text_file), "--json", str(out)
+    )
     assert code == 0, err
     data = json.loads(out.read_text())
     assert data["backend"] == "ort" and f"perplexity {data['perplexity']:.3f}" in stdout and "tokens/s" in stdout
-    code, stdout, err = run_cli(monkeypatch, capsys, "eval", "ppl", str(tiny_checkpoint), str(text_file), "--window", "64")
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "eval", "ppl", str(tiny_checkpoint), str(text_file), "--window", "64"
+    )
     assert code == 0 and "torch backend" in stdout and "window(s) of 64" in stdout, err
 
     examples = tmp_path / "ex.jsonl"
-    examples.write_text(json.dumps({"text": "话说", "candidates": ["天下", "秋月"], "label": 0}, ensure_ascii=False) + "\n", encoding="utf-8")
-    code, stdout, err = run_cli(monkeypatch, capsys, "eval", "score", str(backends["artifact"]), str(examples), "--template", "{text}{candidate}大势")
+    examples.write_text(
+        json.dumps({"text": "话说", "candidates": ["天下", "秋月"], "label": 0}, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "eval",
+        "score",
+        str(backends["artifact"]),
+        str(examples),
+        "--template",
+        "{text}{candidate}大势",
+    )
     assert code == 0 and "accuracy" in stdout, err
 
 
@@ -207,5 +242,7 @@ def test_cli_empty_file_one_line_error(backends, tmp_path, monkeypatch, capsys):
     empty.write_text("\n\n", encoding="utf-8")
     code, _, err = run_cli(monkeypatch, capsys, "eval", "ppl", str(backends["artifact"]), str(empty))
     assert code == 1 and err == f"error: {empty} holds no text to evaluate\n"
-    code, _, err = run_cli(monkeypatch, capsys, "eval", "score", str(backends["artifact"]), str(empty), "--scope", "tokens")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "eval", "score", str(backends["artifact"]), str(empty), "--scope", "tokens"
+    )
     assert code == 1 and err.startswith("error: unknown --scope 'tokens'") and err.count("\n") == 1

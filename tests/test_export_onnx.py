@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from cpm_infer import kv
-from conftest import run_cli
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -40,7 +40,9 @@ main()
 def run_blocked(block: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BLOCK": block}
     env.pop("CPM_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
 
 
 def randomize_vectors(model, seed: int = 1):
@@ -75,14 +77,20 @@ def tiny_checkpoint(tmp_path_factory, tiny_vocab) -> Path:
 def artifact(tmp_path_factory, tiny_checkpoint) -> Path:
     """The tiny checkpoint exported through the CLI (fp32, plain graph)."""
     out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    code = subprocess.run([sys.executable, "-m", "cpm_infer.cli.app", "export", "onnx", str(tiny_checkpoint), str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    code = subprocess.run(
+        [sys.executable, "-m", "cpm_infer.cli.app", "export", "onnx", str(tiny_checkpoint), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert code.returncode == 0, code.stderr
     assert "passed" in code.stdout and "left-padded batch 3" in code.stdout  # the printed report
     return out
 
 
 # -- the export module ------------------------------------------------------------------------
+
 
 def _hf_vs_export(model, dtype=torch.float32):
     from cpm_infer.generate import left_pad
@@ -94,16 +102,27 @@ def _hf_vs_export(model, dtype=torch.float32):
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         got = module(ids, mask, pos, *module.empty_past(2))
-        key_diff = (ref.cache.layers[1].keys - got[3]).transpose(1, 2)[real].abs().max().item()  # before the cache grows
+        key_diff = (
+            (ref.cache.layers[1].keys - got[3]).transpose(1, 2)[real].abs().max().item()
+        )  # before the cache grows
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.int64)], 1)
-        ref2 = model(input_ids=torch.tensor([[3], [4]]), attention_mask=step_mask, position_ids=pos[:, -1:] + 1, cache=ref.cache, use_cache=True)
+        ref2 = model(
+            input_ids=torch.tensor([[3], [4]]),
+            attention_mask=step_mask,
+            position_ids=pos[:, -1:] + 1,
+            cache=ref.cache,
+            use_cache=True,
+        )
         got2 = module(torch.tensor([[3], [4]]), step_mask, pos[:, -1:] + 1, *got[1:])
     logits_diff = (ref.logits - got[0])[real].abs().max().item()
     decode_diff = (ref2.logits - got2[0]).abs().max().item()
     return logits_diff, key_diff, decode_diff
 
 
-@pytest.mark.parametrize("variant", [{}, {"activation_function": "gelu"}, {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True}])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"activation_function": "gelu"}, {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True}],
+)
 def test_export_module_equals_transformers(variant):
     from conftest import make_tiny_model
 
@@ -119,8 +138,9 @@ def test_export_module_equals_transformers(variant):
 
 
 def test_export_module_fp16_is_close_and_refuses_unknown_activation():
-    from export.gpt2 import ExportGPT2, UnsupportedModelError
     from conftest import make_tiny_model
+
+    from export.gpt2 import ExportGPT2, UnsupportedModelError
 
     model = randomize_vectors(make_tiny_model(120))
     assert max(_hf_vs_export(model, torch.float16)) < 0.05
@@ -130,6 +150,7 @@ def test_export_module_fp16_is_close_and_refuses_unknown_activation():
 
 
 # -- the artifact -----------------------------------------------------------------------------
+
 
 def test_artifact_is_complete_and_manifest_matches(artifact, tiny_checkpoint):
     from cpm_infer.artifact import read_manifest
@@ -179,7 +200,9 @@ def test_failed_validation_names_output_and_writes_nothing(monkeypatch, tiny_che
         return ValidationReport(graph_name, "float32", "CPUExecutionProvider", "failed", checks=[check])
 
     monkeypatch.setattr(onnx_export, "validate_graph", failing)
-    with pytest.raises(ValidationError, match=r"present\.1\.value differs from eager PyTorch by 0\.5 .*batch 4, decode 2") as info:
+    with pytest.raises(
+        ValidationError, match=r"present\.1\.value differs from eager PyTorch by 0\.5 .*batch 4, decode 2"
+    ) as info:
         onnx_export.export_onnx(tiny_checkpoint, tmp_path / "art")
     assert info.value.output == "present.1.value" and info.value.max_diff == 0.5
     assert list(tmp_path.iterdir()) == []
@@ -199,14 +222,17 @@ def test_interrupted_export_leaves_nothing(monkeypatch, tiny_checkpoint, tmp_pat
 
 
 def test_validation_detects_a_different_model(artifact):
-    from cpm_infer.backends.ort_backend import create_session
-    from cpm_infer.artifact import read_manifest
-    from export.validate import EagerReference, ValidationError, validate_graph
     from conftest import make_tiny_model
+
+    from cpm_infer.artifact import read_manifest
+    from cpm_infer.backends.ort_backend import create_session
+    from export.validate import EagerReference, ValidationError, validate_graph
 
     spec = read_manifest(artifact).spec
     other = make_tiny_model(spec.vocab_size, seed=1, n_positions=spec.n_positions)
-    report = validate_graph(create_session(artifact / "model.onnx"), "model.onnx", EagerReference(other), spec, "float32", decode_steps=1)
+    report = validate_graph(
+        create_session(artifact / "model.onnx"), "model.onnx", EagerReference(other), spec, "float32", decode_steps=1
+    )
     assert report.status == "failed"
     with pytest.raises(ValidationError, match="logits differs from eager PyTorch by"):
         report.raise_for_failure()
@@ -239,13 +265,21 @@ def test_fp16_graph_keeps_layernorm_and_softmax_in_float32(tiny_checkpoint, tmp_
     # Say exactly what ran: on this CPU the report either passed (with the casts caveat) or says why not.
     assert report.status in ("passed", "not run") and report.reason
     model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "fp16" / "model.onnx")))
-    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    }
     assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16 and types["logits"] == onnx.TensorProto.FLOAT
     safe = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
     assert len(safe) == 2 * 2 + 1 + 2  # ln_1, ln_2 per layer, ln_f, one softmax per layer
     assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in safe)
     # The mask fill is a finite -1e4 (never finfo(float16).min, which overflows once added to).
-    constants = [onnx.numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    constants = [
+        onnx.numpy_helper.to_array(a.t)
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
     assert any(c.size == 1 and float(c.item()) == MASK_VALUE for c in constants)
     assert not any(c.size == 1 and float(c.item()) == float(np.finfo(np.float16).min) for c in constants)
     if report.status == "passed":  # the ORT backend runs it with float16 KV buffers
@@ -257,7 +291,9 @@ def test_fp16_graph_keeps_layernorm_and_softmax_in_float32(tiny_checkpoint, tmp_
         (eager, tok), (half, _) = load_backend("torch", tiny_checkpoint), load_backend("ort", tmp_path / "fp16")
         assert half.np_dtype == np.float16
         prompts = [tok.encode("话说天下大势"), tok.encode("滚滚长江")]
-        assert [r.token_ids for r in generate(half, prompts, cfg, tok)] == [r.token_ids for r in generate(eager, prompts, cfg, tok)]
+        assert [r.token_ids for r in generate(half, prompts, cfg, tok)] == [
+            r.token_ids for r in generate(eager, prompts, cfg, tok)
+        ]
 
 
 def test_optimize_fuses_and_revalidates(tiny_checkpoint, tmp_path):
@@ -278,6 +314,7 @@ def test_optimize_fuses_and_revalidates(tiny_checkpoint, tmp_path):
 
 # -- bad input --------------------------------------------------------------------------------
 
+
 def test_not_gpt2_checkpoint_is_one_line_error(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     bert = tmp_path / "bert"
     bert.mkdir()
@@ -290,7 +327,9 @@ def test_not_gpt2_checkpoint_is_one_line_error(monkeypatch, capsys, tmp_path, ti
 def test_cuda_without_gpu_is_one_line_error(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    code, _, err = run_cli(monkeypatch, capsys, "export", "onnx", str(tiny_checkpoint), str(tmp_path / "o"), "--device", "cuda")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", "onnx", str(tiny_checkpoint), str(tmp_path / "o"), "--device", "cuda"
+    )
     assert code == 1 and err.count("\n") == 1 and "no CUDA GPU" in err
 
 

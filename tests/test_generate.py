@@ -79,7 +79,12 @@ def test_eod_stops_each_row_and_finished_rows_are_dropped():
 
 def test_ignore_eos_and_min_new_tokens():
     backend = ScriptBackend({1: [7, 7, 7, 9]})
-    assert generate(backend, [[1]], GREEDY.replace(max_new_tokens=4, ignore_eos=True), ScriptTok())[0].token_ids == [7, 7, 7, 9]
+    assert generate(backend, [[1]], GREEDY.replace(max_new_tokens=4, ignore_eos=True), ScriptTok())[0].token_ids == [
+        7,
+        7,
+        7,
+        9,
+    ]
     backend = ScriptBackend({1: [7, 7, 7, 9]})
     result = generate(backend, [[1]], GREEDY.replace(max_new_tokens=6, min_new_tokens=2), ScriptTok())[0]
     # <eod> is banned for the first two tokens, so the runner-up (-5.0 everywhere: id 1, the first
@@ -99,8 +104,13 @@ def test_stop_strings_cut_text_and_streaming_never_shows_them():
 def test_streaming_concatenates_to_the_final_text():
     backend = ScriptBackend({1: [10, 11, 12], 2: [13, 14, 15, 16]})
     streamed: dict[int, str] = {}
-    results = generate(backend, [[1], [2]], GREEDY.replace(max_new_tokens=4), ScriptTok(),
-                       callback=lambda i, t: streamed.__setitem__(i, streamed.get(i, "") + t))
+    results = generate(
+        backend,
+        [[1], [2]],
+        GREEDY.replace(max_new_tokens=4),
+        ScriptTok(),
+        callback=lambda i, t: streamed.__setitem__(i, streamed.get(i, "") + t),
+    )
     assert streamed == {0: results[0].text, 1: results[1].text}
     assert results[0].text == "klmm"
 
@@ -142,6 +152,7 @@ def test_stats_are_filled():
 
 # --- the eager PyTorch backend -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny():
     from conftest import make_tiny_model
@@ -163,10 +174,16 @@ def test_greedy_matches_transformers_generate(tiny):
     prompts = [[11, 12, 13, 14, 15, 16], [20, 21, 22]]
     config = GenerationConfig(temperature=0, max_new_tokens=24, ban_unk=False, ignore_eos=True)
     ours = generate(backend, prompts, config, TinyTok())
-    for prompt, result in zip(prompts, ours):
-        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=24, do_sample=False, pad_token_id=5, eos_token_id=None)
-        assert result.token_ids == ref[0, len(prompt):].tolist()
+    for prompt, result in zip(prompts, ours, strict=False):
+        ref = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=5,
+            eos_token_id=None,
+        )
+        assert result.token_ids == ref[0, len(prompt) :].tolist()
         assert len(set(result.token_ids)) > 4, "the tiny model must not just repeat one token"
 
 
@@ -182,12 +199,16 @@ def test_left_padded_batch_equals_rows_alone(tiny):
 def test_same_seed_same_samples_independent_of_batching(tiny):
     _, backend = tiny
     prompts = [[11, 12, 13], [20, 21, 22, 23]]
-    config = GenerationConfig(temperature=1.0, top_k=20, top_p=0.95, max_new_tokens=12, seed=42, num_samples=2, ignore_eos=True)
+    config = GenerationConfig(
+        temperature=1.0, top_k=20, top_p=0.95, max_new_tokens=12, seed=42, num_samples=2, ignore_eos=True
+    )
     first = [r.token_ids for r in generate(backend, prompts, config, TinyTok())]
     second = [r.token_ids for r in generate(backend, prompts, config, TinyTok())]
     assert first == second
     assert first[0] != first[1], "two samples of one prompt differ"
-    one_by_one = [r.token_ids for i, p in enumerate(prompts) for r in generate(backend, [p], config, TinyTok(), index_offset=i)]
+    one_by_one = [
+        r.token_ids for i, p in enumerate(prompts) for r in generate(backend, [p], config, TinyTok(), index_offset=i)
+    ]
     assert one_by_one == first
     other_seed = [r.token_ids for r in generate(backend, prompts, config.replace(seed=43), TinyTok())]
     assert other_seed != first

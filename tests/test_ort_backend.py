@@ -63,7 +63,9 @@ def _run_cli(*args: str, block: str = "") -> subprocess.CompletedProcess:
 
     env = {**os.environ, "BLOCK": block or "nothing-blocked"}
     env.pop("CPM_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", source, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", source, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
 
 
 def _steps(backend, prompts, tokens, select_at=None, rows=None):
@@ -99,7 +101,11 @@ def test_fused_graph_matches_eager_with_padding_and_dropped_rows(backends, fused
     torch_backend = backends[0]
     fused, _ = load(fused_artifact)
     assert "model_optimized.onnx" in fused.session._model_path
-    for ref, got in zip(_steps(torch_backend, PROMPTS, TOKENS, 2, np.array([0, 2])), _steps(fused, PROMPTS, TOKENS, 2, np.array([0, 2])), strict=True):
+    for ref, got in zip(
+        _steps(torch_backend, PROMPTS, TOKENS, 2, np.array([0, 2])),
+        _steps(fused, PROMPTS, TOKENS, 2, np.array([0, 2])),
+        strict=True,
+    ):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -114,7 +120,11 @@ def test_dropping_rows_matches_eager(backends):
 
 def test_io_binding_equals_plain_run(backends):
     _, bound, unbound, _ = backends
-    for a, b in zip(_steps(bound, PROMPTS, TOKENS, 3, np.array([1, 2])), _steps(unbound, PROMPTS, TOKENS, 3, np.array([1, 2])), strict=True):
+    for a, b in zip(
+        _steps(bound, PROMPTS, TOKENS, 3, np.array([1, 2])),
+        _steps(unbound, PROMPTS, TOKENS, 3, np.array([1, 2])),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -148,7 +158,11 @@ def test_cli_greedy_64_tokens_equal_eager(artifact, tiny_checkpoint, monkeypatch
     from cpm_infer.cli.app import main
 
     def cli(*args: str) -> str:
-        monkeypatch.setattr(sys, "argv", ["cpm", "generate", "-p", "话说天下大势，分久必合", "-n", "64", "-t", "0", "--ignore-eos", *args])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            ["cpm", "generate", "-p", "话说天下大势，分久必合", "-n", "64", "-t", "0", "--ignore-eos", *args],
+        )
         with pytest.raises(SystemExit) as done:
             main()
         assert done.value.code in (0, None)
@@ -217,8 +231,14 @@ def test_manifest_not_matching_graph_is_one_line_error(artifact, tmp_path, edit)
         match = "onnxruntime cannot load"
     else:
         spec = m.spec.to_dict() | ({"n_layer": 3} if edit == "layers" else {"n_head": 2})
-        m = Manifest(format="onnx", spec=ModelSpec(**spec), dtype=m.dtype, graph_files=m.graph_files,
-                     tokenizer_file=m.tokenizer_file, source_sha256=m.source_sha256)
+        m = Manifest(
+            format="onnx",
+            spec=ModelSpec(**spec),
+            dtype=m.dtype,
+            graph_files=m.graph_files,
+            tokenizer_file=m.tokenizer_file,
+            source_sha256=m.source_sha256,
+        )
         write_manifest(broken, m)
         match = "manifest does not match the graph"
     with pytest.raises(CpmError, match=match) as info:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from tests.conftest import CORPUS
-from conftest import run_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
@@ -31,7 +31,9 @@ def _checkpoint(tiny_vocab: Path, out: Path, *, seed: int = 0, init: float = 0.0
     tok = CpmTokenizer(tiny_vocab)
     spec = ModelSpec(n_layer=2, n_head=4, n_embd=64, vocab_size=tok.vocab_size, n_positions=128)
     torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(hf_config(spec, tok.eod_id, tok.pad_id, base={"initializer_range": init})).eval()
+    model = transformers.GPT2LMHeadModel(
+        hf_config(spec, tok.eod_id, tok.pad_id, base={"initializer_range": init})
+    ).eval()
     return save_checkpoint(model, tiny_vocab, out)
 
 
@@ -56,7 +58,9 @@ def quantized(fp32_artifact, gate_text, tmp_path_factory) -> dict[str, Path]:
     from export.quantize import QuantizeOptions
 
     root = tmp_path_factory.mktemp("quantized")
-    return {s: export_onnx(fp32_artifact, root / s, quantize=QuantizeOptions(s, gate_text)).path for s in ("int8", "int4")}
+    return {
+        s: export_onnx(fp32_artifact, root / s, quantize=QuantizeOptions(s, gate_text)).path for s in ("int8", "int4")
+    }
 
 
 def _vocab(artifact: Path) -> int:
@@ -95,7 +99,12 @@ def test_manifest_records_scheme_and_gate(quantized, scheme):
         assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["embedding"]) == (128, True, 4, "int4")
         assert q["operators"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}  # 4 per layer + LM head
     else:
-        assert (q["per_channel"], q["reduce_range"], q["weight_type"], q["embedding"]) == (True, True, "QInt8", "float32")
+        assert (q["per_channel"], q["reduce_range"], q["weight_type"], q["embedding"]) == (
+            True,
+            True,
+            "QInt8",
+            "float32",
+        )
         assert q["operators"]["MatMulInteger"] == 9
     gate = q["gate"]
     assert gate["passed"] and not gate["forced"] and gate["tokens"] > 1000
@@ -191,11 +200,26 @@ def test_cli_quantized_export_and_generate(tiny_vocab, gate_text, tmp_path, monk
     """cpm export onnx CKPT OUT --quantize int4 from a checkpoint, gate printed, then cpm generate on it."""
     ckpt = _checkpoint(tiny_vocab, tmp_path / "ckpt")
     out = tmp_path / "int4"
-    code, stdout, err = run_cli(monkeypatch, capsys, "export", "onnx", str(ckpt), str(out), "--optimize", "--quantize", "int4",
-                                "--gate-file", str(gate_text))
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "export",
+        "onnx",
+        str(ckpt),
+        str(out),
+        "--optimize",
+        "--quantize",
+        "int4",
+        "--gate-file",
+        str(gate_text),
+    )
     assert code == 0, err
     assert "quality gate passed: perplexity" in " ".join(stdout.split())
-    code, stdout, err = run_cli(monkeypatch, capsys, "generate", "-m", str(out), "-p", "话说天下大势", "-n", "8", "-t", "0")
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "generate", "-m", str(out), "-p", "话说天下大势", "-n", "8", "-t", "0"
+    )
     assert code == 0 and stdout.strip(), err
-    code, _, err = run_cli(monkeypatch, capsys, "export", "onnx", str(out), str(tmp_path / "again"), "--quantize", "int8")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", "onnx", str(out), str(tmp_path / "again"), "--quantize", "int8"
+    )
     assert code == 1 and err.startswith("error: ") and "already quantized (int4)" in err and err.count("\n") == 1

@@ -22,16 +22,18 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from cpm_infer.backends import load_backend  # noqa: E402
-from cpm_infer.config import GenerationConfig  # noqa: E402
-from cpm_infer.generate import generate  # noqa: E402
-from cpm_infer.prompts import essay_prompt  # noqa: E402
-from cpm_infer.serve import schemas  # noqa: E402
-from cpm_infer.serve.app import create_app  # noqa: E402
-from cpm_infer.serve.server import BackgroundServer  # noqa: E402
-from cpm_infer.serve.settings import ServeSettings  # noqa: E402
+from cpm_infer.backends import load_backend
+from cpm_infer.config import GenerationConfig
+from cpm_infer.generate import generate
+from cpm_infer.prompts import essay_prompt
+from cpm_infer.serve import schemas
+from cpm_infer.serve.app import create_app
+from cpm_infer.serve.server import BackgroundServer
+from cpm_infer.serve.settings import ServeSettings
 
-SETTINGS = ServeSettings(max_batch=8, batch_wait_ms=250, queue_size=32, max_new_tokens_cap=64, timeout_s=30, max_body_bytes=4096)
+SETTINGS = ServeSettings(
+    max_batch=8, batch_wait_ms=250, queue_size=32, max_new_tokens_cap=64, timeout_s=30, max_body_bytes=4096
+)
 SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "max_new_tokens": 16}
 
 
@@ -52,7 +54,9 @@ class EventStream:
 
     def __init__(self, srv, body: dict, timeout: float = 30) -> None:
         self.conn = http.client.HTTPConnection(srv.host, srv.port, timeout=timeout)
-        self.conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+        self.conn.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+        )
         self.resp = self.conn.getresponse()
 
     def next(self):
@@ -150,13 +154,20 @@ def test_completion_is_what_generating_alone_gives(server, reference):
     want = expected(reference, tok.encode("话说天下大势"), 7)
     choice = body["choices"][0]
     assert choice["text"] == want.text and choice["finish_reason"] == want.finish_reason
-    assert body["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": len(want.token_ids),
-                             "total_tokens": want.prompt_tokens + len(want.token_ids)}
+    assert body["usage"] == {
+        "prompt_tokens": want.prompt_tokens,
+        "completion_tokens": len(want.token_ids),
+        "total_tokens": want.prompt_tokens + len(want.token_ids),
+    }
     timings = body["timings"]
     assert timings["batch_size"] >= 1 and 0 <= timings["queue_ms"] <= timings["first_token_ms"] <= timings["total_ms"]
 
-    status, body = request(server, "POST", "/v1/completions", {"title": "三国", "context": "话说", "seed": 2, **SAMPLING})
-    assert status == 200 and body["choices"][0]["text"] == expected(reference, essay_prompt(tok, "三国", "话说"), 2).text
+    status, body = request(
+        server, "POST", "/v1/completions", {"title": "三国", "context": "话说", "seed": 2, **SAMPLING}
+    )
+    assert (
+        status == 200 and body["choices"][0]["text"] == expected(reference, essay_prompt(tok, "三国", "话说"), 2).text
+    )
 
 
 def test_essay_route_keeps_the_seed_services_contract(server, reference):
@@ -169,7 +180,9 @@ def test_essay_route_keeps_the_seed_services_contract(server, reference):
     result = generate(backend, [ids], config, tok)[0]
     assert got["content"] == tok.decode(tok.encode("话说天下") + result.token_ids)
     assert got["content"].startswith("话说天下")
-    status, posted = request(server, "POST", "/zuowen", {"title": "三国", "context": "话说天下", "max_len": 30, "seed": 5})
+    status, posted = request(
+        server, "POST", "/zuowen", {"title": "三国", "context": "话说天下", "max_len": 30, "seed": 5}
+    )
     assert status == 200 and posted == got
 
 
@@ -182,14 +195,26 @@ def test_streaming_sends_text_as_it_is_generated(server, reference):
     assert len(texts) > 1 and all(e["choices"][0]["finish_reason"] is None for e in events[:-2])
     want = expected(reference, tok.encode("滚滚长江"), 3)
     assert "".join(texts) == want.text
-    assert final["choices"][0]["finish_reason"] == want.finish_reason and final["usage"]["completion_tokens"] == len(want.token_ids)
+    assert final["choices"][0]["finish_reason"] == want.finish_reason and final["usage"]["completion_tokens"] == len(
+        want.token_ids
+    )
 
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, reference):
     _, tok = reference
-    jobs = [({"prompt": p, "seed": s, **SAMPLING}, {}) for p, s in
-            [("话说天下大势", 1), ("滚滚长江东逝水", 2), ("白发渔樵", 3), ("话说天下大势", 4), ("青山依旧在", 1)]]
-    jobs.append(({"prompt": "白发渔樵", "seed": 3, **SAMPLING, "temperature": 0.5}, {"temperature": 0.5}))  # other settings
+    jobs = [
+        ({"prompt": p, "seed": s, **SAMPLING}, {})
+        for p, s in [
+            ("话说天下大势", 1),
+            ("滚滚长江东逝水", 2),
+            ("白发渔樵", 3),
+            ("话说天下大势", 4),
+            ("青山依旧在", 1),
+        ]
+    ]
+    jobs.append(
+        ({"prompt": "白发渔樵", "seed": 3, **SAMPLING, "temperature": 0.5}, {"temperature": 0.5})
+    )  # other settings
     start = threading.Barrier(len(jobs) + 1)
     streamed = {1}  # one client streams; it is batched like the others
 
@@ -207,7 +232,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, ref
         futures = [pool.submit(call, i) for i in range(len(jobs))]
         start.wait(10)
         answers = [f.result(timeout=60) for f in futures]
-    for (body, extra), (text, _) in zip(jobs, answers):
+    for (body, extra), (text, _) in zip(jobs, answers, strict=False):
         assert text == expected(reference, tok.encode(body["prompt"]), body["seed"], **extra).text
     sizes = [size for _, size in answers]
     assert max(sizes) > 1 and max(sizes) <= SETTINGS.max_batch  # requests shared batches
@@ -242,7 +267,9 @@ def test_limits_and_malformed_requests(server):
     assert request(server, "GET", "/nowhere")[1]["error"]["type"] == "not_found"
     assert request(server, "GET", "/zuowen?max_len=abc&title=x")[0] == 422
     assert request(server, "GET", "/zuowen")[0] == 422  # no title
-    status, answer = request(server, "POST", "/v1/completions", {"prompt": "话说" * 400, "truncate": True, "max_new_tokens": 4})
+    status, answer = request(
+        server, "POST", "/v1/completions", {"prompt": "话说" * 400, "truncate": True, "max_new_tokens": 4}
+    )
     assert status == 200 and answer["usage"]["prompt_tokens"] == 124
 
 
@@ -269,8 +296,10 @@ def test_a_non_streaming_client_that_leaves_is_cancelled_too(long_checkpoint):
     with long_server(long_checkpoint) as srv:
         body = json.dumps(LONG).encode()
         sock = socket.create_connection((srv.host, srv.port), timeout=10)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         wait_until(lambda: health(srv)["running"] == 1, what="the request to start")
         sock.close()
         wait_until(lambda: health(srv)["running"] == 0, what="the abandoned request to stop")
@@ -305,8 +334,21 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(long_checkpoint):
 
 
 def test_cli_serves_and_stops_cleanly_on_sigterm(long_checkpoint):
-    cmd = [sys.executable, "-m", "cpm_infer.cli.app", "serve", "--model", str(long_checkpoint), "--port", "0",
-           "--max-new-tokens-cap", "1000", "--shutdown-grace", "0.5", "--no-warmup"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cpm_infer.cli.app",
+        "serve",
+        "--model",
+        str(long_checkpoint),
+        "--port",
+        "0",
+        "--max-new-tokens-cap",
+        "1000",
+        "--shutdown-grace",
+        "0.5",
+        "--no-warmup",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()

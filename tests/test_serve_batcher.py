@@ -9,11 +9,11 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from cpm_infer.backends import load_backend  # noqa: E402
-from cpm_infer.config import GenerationConfig  # noqa: E402
-from cpm_infer.generate import generate  # noqa: E402
-from cpm_infer.serve.batcher import Batcher, DoneEvent, ErrorEvent, QueueFullError, ShuttingDownError  # noqa: E402
-from cpm_infer.serve.settings import ServeSettings  # noqa: E402
+from cpm_infer.backends import load_backend
+from cpm_infer.config import GenerationConfig
+from cpm_infer.generate import generate
+from cpm_infer.serve.batcher import Batcher, DoneEvent, ErrorEvent, QueueFullError, ShuttingDownError
+from cpm_infer.serve.settings import ServeSettings
 
 SAMPLED = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95)
 
@@ -31,7 +31,7 @@ def test_per_prompt_seeds_sample_as_if_each_prompt_ran_alone(model):
     backend, tok = model
     prompts, seeds = _prompts(tok), [11, 12, 13, 11]
     batched = generate(backend, prompts, SAMPLED, tok, seeds=seeds)
-    alone = [generate(backend, [p], SAMPLED.replace(seed=s), tok)[0] for p, s in zip(prompts, seeds)]
+    alone = [generate(backend, [p], SAMPLED.replace(seed=s), tok)[0] for p, s in zip(prompts, seeds, strict=False)]
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     assert batched[0].token_ids != batched[3].token_ids  # same seed, other prompt: not a copy
     # Without per-prompt seeds the row index seeds the generator: index_offset alone cannot do this.
@@ -77,7 +77,10 @@ def test_batcher_groups_equal_settings_and_keeps_fifo(model):
         batcher.close()
     assert all(isinstance(e, DoneEvent) for e in events)
     assert [e.batch_rows for e in events] == [2, 1, 2]  # the two sampled requests shared a batch
-    assert events[0].results[0].token_ids == generate(backend, [tok.encode("话说")], SAMPLED.replace(seed=1), tok)[0].token_ids
+    assert (
+        events[0].results[0].token_ids
+        == generate(backend, [tok.encode("话说")], SAMPLED.replace(seed=1), tok)[0].token_ids
+    )
 
 
 def test_batcher_refuses_when_full_and_cancel_frees_the_place(model):

@@ -7,7 +7,10 @@ from cpm_infer.tokenizer import CpmTokenizer, TokenizerError, find_tokenizer_fil
 
 def test_golden_file_matches_exactly(shared_vocab):
     tok = CpmTokenizer(shared_vocab)
-    rows = [json.loads(line) for line in (shared_vocab.parent / "golden-public.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (shared_vocab.parent / "golden-public.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert len(rows) > 100
     id_mismatch = [r["text"] for r in rows if tok.encode(r["text"]) != r["ids"]]
     decode_mismatch = [r["text"] for r in rows if tok.decode(r["ids"]) != r["decoded"]]
@@ -52,8 +55,9 @@ def test_vocab_without_cpm_specials_is_refused(tmp_path):
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world\nthe quick brown fox\n" * 20, encoding="utf-8")
-    spm.SentencePieceTrainer.Train(input=str(corpus), model_prefix=str(tmp_path / "plain"), vocab_size=30,
-                                   hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.Train(
+        input=str(corpus), model_prefix=str(tmp_path / "plain"), vocab_size=30, hard_vocab_limit=False, minloglevel=2
+    )
     with pytest.raises(TokenizerError, match="not a CPM-style vocabulary"):
         CpmTokenizer(tmp_path / "plain.model")
 

@@ -8,9 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import CORPUS
+from typer.testing import CliRunner
 
 pytest.importorskip("accelerate", reason="the trainer needs the train extra (accelerate)")
 runner = CliRunner()
@@ -35,7 +34,9 @@ def seed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = CORPUS.strip().splitlines()
     for i in range(8):
         body = "\n\n".join(lines[i:] + lines[:i])
-        (out / f"essay{i}.txt").write_text(f"---\n标题：第{i}篇\n日期：2021-01-0{i + 1}\n作者：某\n---\n\n{body}\n", encoding="utf-8")
+        (out / f"essay{i}.txt").write_text(
+            f"---\n标题：第{i}篇\n日期：2021-01-0{i + 1}\n作者：某\n---\n\n{body}\n", encoding="utf-8"
+        )
     return out
 
 
@@ -49,9 +50,32 @@ def cpm(*args: str, code: int = 0):
 
 
 def common(seed_dir: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return [seed_dir, "-o", out, "--max-len", "32", "--batch-size", "4", "--max-steps", "8", "--eval-every", "4",
-            "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", "--cache-dir", cache, "--val-fraction", "0.25",
-            "--seed", "7", *extra]
+    return [
+        seed_dir,
+        "-o",
+        out,
+        "--max-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--log-every",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "3e-3",
+        "--cache-dir",
+        cache,
+        "--val-fraction",
+        "0.25",
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def train_losses(run: Path) -> dict[int, float]:
@@ -101,7 +125,9 @@ def test_finetuned_checkpoint_exports_to_onnx(straight_run: Path, tmp_path: Path
     assert (tmp_path / "onnx" / "manifest.json").is_file()
 
 
-def test_resume_after_session_limit_is_exact(seed_dir: Path, tiny_checkpoint: Path, straight_run: Path, tmp_path: Path) -> None:
+def test_resume_after_session_limit_is_exact(
+    seed_dir: Path, tiny_checkpoint: Path, straight_run: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     args = common(seed_dir, run, tmp_path / "cache")
     cpm("train", "finetune", *args, "-m", tiny_checkpoint, "--stop-after-steps", "3")
@@ -113,15 +139,29 @@ def test_resume_after_session_limit_is_exact(seed_dir: Path, tiny_checkpoint: Pa
         assert (ours[key] - tensor).abs().max() <= 1e-6, key
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(seed_dir: Path, tiny_checkpoint: Path, straight_run: Path, tmp_path: Path) -> None:
+def test_ctrl_c_saves_a_resumable_checkpoint(
+    seed_dir: Path, tiny_checkpoint: Path, straight_run: Path, tmp_path: Path
+) -> None:
     from trainer.config import TrainConfig
     from trainer.errors import TrainingInterrupted
     from trainer.finetune import finetune
     from trainer.loop import Callbacks
 
     run = tmp_path / "run"
-    cfg = TrainConfig(data=[seed_dir], output=run, max_len=32, batch_size=4, max_steps=8, eval_every=4, log_every=1,
-                      warmup_steps=2, lr=3e-3, cache_dir=tmp_path / "cache", val_fraction=0.25, seed=7)
+    cfg = TrainConfig(
+        data=[seed_dir],
+        output=run,
+        max_len=32,
+        batch_size=4,
+        max_steps=8,
+        eval_every=4,
+        log_every=1,
+        warmup_steps=2,
+        lr=3e-3,
+        cache_dir=tmp_path / "cache",
+        val_fraction=0.25,
+        seed=7,
+    )
 
     def press_ctrl_c(info) -> None:
         if info.step == 5:
@@ -149,14 +189,18 @@ def test_incompatible_or_missing_resume_is_refused(seed_dir: Path, tiny_checkpoi
     assert "already holds a training run" in str(result.exception)
 
 
-def test_max_len_above_context_and_vocab_mismatch_are_refused(seed_dir: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_max_len_above_context_and_vocab_mismatch_are_refused(
+    seed_dir: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     from trainer.errors import TrainError
     from trainer.sp_train import train_tokenizer
 
     result = cpm("train", "finetune", seed_dir, "-o", tmp_path / "a", "-m", tiny_checkpoint, "--max-len", "256", code=1)
     assert isinstance(result.exception, TrainError) and "exceeds the model's context of 128" in str(result.exception)
     other = train_tokenizer([seed_dir], tmp_path / "other.model", vocab_size=264)
-    result = cpm("train", "finetune", seed_dir, "-o", tmp_path / "b", "-m", tiny_checkpoint, "--tokenizer", other, code=1)
+    result = cpm(
+        "train", "finetune", seed_dir, "-o", tmp_path / "b", "-m", tiny_checkpoint, "--tokenizer", other, code=1
+    )
     assert isinstance(result.exception, TrainError) and "wrong tokenizer" in str(result.exception)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -164,7 +208,9 @@ def test_max_len_above_context_and_vocab_mismatch_are_refused(seed_dir: Path, ti
 def test_malformed_data_error_from_the_cli(tiny_checkpoint: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "好"}\n{"title": 3, "content": "x"}\n', encoding="utf-8")
-    result = cpm("train", "finetune", bad, "-o", tmp_path / "run", "-m", tiny_checkpoint, "--cache-dir", tmp_path / "c", code=1)
+    result = cpm(
+        "train", "finetune", bad, "-o", tmp_path / "run", "-m", tiny_checkpoint, "--cache-dir", tmp_path / "c", code=1
+    )
     assert str(result.exception).startswith(f"{bad}:2:")
 
 
@@ -172,13 +218,40 @@ def test_new_model_from_tokenizer(seed_dir: Path, tiny_vocab: Path, tmp_path: Pa
     from cpm_infer.checkpoint import open_checkpoint
 
     run = tmp_path / "run"
-    cpm("train", "finetune", seed_dir, "-o", run, "--tokenizer", tiny_vocab, "--layers", "1", "--heads", "2", "--hidden", "16",
-        "--context", "32", "--max-steps", "2", "--batch-size", "4", "--val-fraction", "0", "--cache-dir", tmp_path / "c",
-        "--grad-checkpointing", "--precision", "bf16")  # bf16 autocast runs on CPU too
+    cpm(
+        "train",
+        "finetune",
+        seed_dir,
+        "-o",
+        run,
+        "--tokenizer",
+        tiny_vocab,
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--hidden",
+        "16",
+        "--context",
+        "32",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0",
+        "--cache-dir",
+        tmp_path / "c",
+        "--grad-checkpointing",
+        "--precision",
+        "bf16",
+    )  # bf16 autocast runs on CPU too
     spec = open_checkpoint(run / "last").spec
     assert (spec.n_layer, spec.n_embd, spec.n_positions) == (1, 16, 32)
     assert not (run / "best").exists()  # no held-out data, no best
-    result = cpm("train", "finetune", seed_dir, "-o", tmp_path / "fp16", "--tokenizer", tiny_vocab, "--precision", "fp16", code=1)
+    result = cpm(
+        "train", "finetune", seed_dir, "-o", tmp_path / "fp16", "--tokenizer", tiny_vocab, "--precision", "fp16", code=1
+    )
     assert "fp16 mixed precision needs a CUDA GPU" in str(result.exception)
 
 
@@ -186,15 +259,36 @@ def test_distill_from_the_cli(seed_dir: Path, tiny_checkpoint: Path, tmp_path: P
     from cpm_infer.torch_model import load_model
 
     run = tmp_path / "run"
-    cpm("train", "distill", *common(seed_dir, run, tmp_path / "cache"), "--teacher", tiny_checkpoint, "--student-layers", "1",
-        "--temperature", "2", "--alpha", "0.7", "--max-steps", "4")
+    cpm(
+        "train",
+        "distill",
+        *common(seed_dir, run, tmp_path / "cache"),
+        "--teacher",
+        tiny_checkpoint,
+        "--student-layers",
+        "1",
+        "--temperature",
+        "2",
+        "--alpha",
+        "0.7",
+        "--max-steps",
+        "4",
+    )
     student, _ = load_model(run / "last")
     teacher, _ = load_model(tiny_checkpoint)
     assert student.config.n_layer == 1 and teacher.config.n_layer == 2
     losses = train_losses(run)
     assert sorted(losses) == [1, 2, 3, 4]
-    result = cpm("train", "distill", *common(seed_dir, tmp_path / "x", tmp_path / "cache"), "--teacher", tiny_checkpoint,
-                 "--layer-map", "1,0", code=1)
+    result = cpm(
+        "train",
+        "distill",
+        *common(seed_dir, tmp_path / "x", tmp_path / "cache"),
+        "--teacher",
+        tiny_checkpoint,
+        "--layer-map",
+        "1,0",
+        code=1,
+    )
     assert "layer map" in str(result.exception)
 
 
@@ -227,8 +321,23 @@ def test_early_stopping(seed_dir: Path, tiny_checkpoint: Path, tmp_path: Path) -
     # An lr of 1e-30 leaves every held-out loss exactly equal: no improvement after the first evaluation.
     run = tmp_path / "run"
     args = common(seed_dir, run, tmp_path / "cache")
-    result = cpm("train", "finetune", *args, "-m", tiny_checkpoint, "--eval-every", "2", "--patience", "1", "--lr", "1e-30",
-                 "--schedule", "constant", "--warmup-steps", "0")
+    result = cpm(
+        "train",
+        "finetune",
+        *args,
+        "-m",
+        tiny_checkpoint,
+        "--eval-every",
+        "2",
+        "--patience",
+        "1",
+        "--lr",
+        "1e-30",
+        "--schedule",
+        "constant",
+        "--warmup-steps",
+        "0",
+    )
     assert "trained 4/8 steps (early stopping)" in result.output
     assert json.loads((run / "best" / "trainer_state.json").read_text())["step"] == 2
     assert json.loads((run / "last" / "trainer_state.json").read_text())["step"] == 4

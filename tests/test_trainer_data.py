@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,10 @@ def test_seed_format_directory(tmp_path: Path) -> None:
     write(tmp_path / "d" / "b.txt", "---\n标题: 第二篇\n---\n正文一行\n")
     write(tmp_path / "d" / ".hidden", "ignored")
     docs = read_documents([tmp_path / "d"])
-    assert [(d.title, d.content) for d in docs] == [("桃园结义", "话说天下大势，分久必合。\n合久必分。"), ("第二篇", "正文一行")]
+    assert [(d.title, d.content) for d in docs] == [
+        ("桃园结义", "话说天下大势，分久必合。\n合久必分。"),
+        ("第二篇", "正文一行"),
+    ]
     assert docs[0].source.endswith("a.txt:1")
 
 
@@ -60,7 +65,12 @@ def test_jsonl_title_content_and_text(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("line", "what"),
-    [("{not json", "invalid JSON"), ('["a"]', "JSON object"), ('{"title": "t"}', "string fields"), ('{"text": "  "}', "empty document")],
+    [
+        ("{not json", "invalid JSON"),
+        ('["a"]', "JSON object"),
+        ('{"title": "t"}', "string fields"),
+        ('{"text": "  "}', "empty document"),
+    ],
 )
 def test_malformed_jsonl_names_the_line(tmp_path: Path, line: str, what: str) -> None:
     path = write(tmp_path / "d.jsonl", '{"text": "好"}\n\n' + line + "\n")
@@ -110,11 +120,15 @@ def test_document_ids_layout(tiny_vocab: Path) -> None:
     assert document_ids(tok, Document(content="天下", title=None, source="x:1")) == [*tok.encode("天下"), tok.eod_id]
 
 
-def test_cache_is_built_once_and_keyed_by_lengths(tmp_path: Path, tiny_vocab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_is_built_once_and_keyed_by_lengths(
+    tmp_path: Path, tiny_vocab: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from cpm_infer.tokenizer import CpmTokenizer
 
     tok = CpmTokenizer(tiny_vocab)
-    data = write(tmp_path / "d.txt", "话说天下大势，分久必合，合久必分。\n\n滚滚长江东逝水，浪花淘尽英雄。\n是非成败转头空。\n")
+    data = write(
+        tmp_path / "d.txt", "话说天下大势，分久必合，合久必分。\n\n滚滚长江东逝水，浪花淘尽英雄。\n是非成败转头空。\n"
+    )
     seen: list[tuple[int, int]] = []
     cache = load_windows([data], tok, 8, 4, cache_dir=tmp_path / "c", progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (2, 2)
@@ -131,7 +145,9 @@ def test_cache_is_built_once_and_keyed_by_lengths(tmp_path: Path, tiny_vocab: Pa
     assert other.directory != cache.directory and len(other.windows) < len(cache.windows)
 
 
-def test_interrupted_cache_build_leaves_no_entry(tmp_path: Path, tiny_vocab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_cache_build_leaves_no_entry(
+    tmp_path: Path, tiny_vocab: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from cpm_infer.tokenizer import CpmTokenizer
 
     tok = CpmTokenizer(tiny_vocab)
@@ -155,7 +171,10 @@ def test_split_sampler_and_collate(tmp_path: Path, tiny_vocab: Path) -> None:
     from cpm_infer.tokenizer import CpmTokenizer
 
     tok = CpmTokenizer(tiny_vocab)
-    data = write(tmp_path / "d.txt", "\n".join(["话说天下大势，分久必合，合久必分。", "滚滚长江东逝水", "是非成败转头空", "青山依旧在"] * 3))
+    data = write(
+        tmp_path / "d.txt",
+        "\n".join(["话说天下大势，分久必合，合久必分。", "滚滚长江东逝水", "是非成败转头空", "青山依旧在"] * 3),
+    )
     cache = load_windows([data], tok, 6, 3, cache_dir=tmp_path / "c")
     train_docs, val_docs = split_documents(cache.n_docs, 0.25, seed=1)
     assert len(val_docs) == 3 and not set(train_docs) & set(val_docs)
@@ -167,7 +186,7 @@ def test_split_sampler_and_collate(tmp_path: Path, tiny_vocab: Path) -> None:
 
     sampler = EpochSampler(len(train), 2, seed=3)
     epoch0 = [sampler.batch(0, i).tolist() for i in range(sampler.batches_per_epoch)]
-    flat = sum(epoch0, [])
+    flat = functools.reduce(operator.iadd, epoch0, [])
     assert len(set(flat)) == len(flat) == 2 * sampler.batches_per_epoch and max(flat) < len(train)
     assert epoch0 != [sampler.batch(1, i).tolist() for i in range(sampler.batches_per_epoch)]
     ranks = [EpochSampler(len(train), 2, seed=3, rank=r, world=2) for r in range(2)]

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import CORPUS
+from typer.testing import CliRunner
 
 
 def free_port() -> int:
@@ -31,15 +30,59 @@ def test_two_process_data_parallel_finetune(tiny_checkpoint: Path, tmp_path: Pat
 
     data = tmp_path / "essays.jsonl"
     lines = CORPUS.strip().splitlines()
-    data.write_text("".join(json.dumps({"title": f"第{i}篇", "content": "\n".join(lines[i:] + lines[:i])}, ensure_ascii=False) + "\n"
-                            for i in range(8)), encoding="utf-8")
+    data.write_text(
+        "".join(
+            json.dumps({"title": f"第{i}篇", "content": "\n".join(lines[i:] + lines[:i])}, ensure_ascii=False) + "\n"
+            for i in range(8)
+        ),
+        encoding="utf-8",
+    )
     run = tmp_path / "run"
-    args = [str(data), "-o", str(run), "-m", str(tiny_checkpoint), "--max-len", "32", "--batch-size", "2", "--grad-accum", "2",
-            "--max-steps", "4", "--eval-every", "2", "--log-every", "1", "--warmup-steps", "1", "--lr", "3e-3",
-            "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25", "--cpu"]
+    args = [
+        str(data),
+        "-o",
+        str(run),
+        "-m",
+        str(tiny_checkpoint),
+        "--max-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "3e-3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--val-fraction",
+        "0.25",
+        "--cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "cpm_infer.cli.app", "train", "finetune", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "cpm_infer.cli.app",
+        "train",
+        "finetune",
+        *args,
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -18,7 +18,9 @@ WORDS = ("曹操", "玄德", "孔明", "关公", "云长", "张飞", "孙权", "
 def demo() -> Path:
     path = demo_model_dir()
     if path is None:
-        pytest.skip(f"the demo model is not installed at {DEMO_DIR} (build it with python -m trainer.recipes.demo_sanguo)")
+        pytest.skip(
+            f"the demo model is not installed at {DEMO_DIR} (build it with python -m trainer.recipes.demo_sanguo)"
+        )
     return path
 
 

@@ -13,8 +13,15 @@ import pytest
 from trainer.errors import ResumeError, TrainError
 from trainer.schedule import lr_factor
 from trainer.state import (
-    TRAINING_STATE, MetricsLog, capture_rng, check_fingerprint, find_resumable, load_training_state, read_metrics,
-    restore_rng, save_run_checkpoint,
+    TRAINING_STATE,
+    MetricsLog,
+    capture_rng,
+    check_fingerprint,
+    find_resumable,
+    load_training_state,
+    read_metrics,
+    restore_rng,
+    save_run_checkpoint,
 )
 
 
@@ -103,13 +110,17 @@ def test_rng_capture_restores_every_generator() -> None:
 
 def test_schedules() -> None:
     linear = lr_factor("linear", 10, 110)
-    assert linear(0) == pytest.approx(0.1) and linear(9) == 1.0 and linear(60) == pytest.approx(0.5) and linear(110) == 0.0
+    assert (
+        linear(0) == pytest.approx(0.1) and linear(9) == 1.0 and linear(60) == pytest.approx(0.5) and linear(110) == 0.0
+    )
     cosine = lr_factor("cosine", 0, 100, min_ratio=0.1)
     assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.55) and cosine(100) == pytest.approx(0.1)
     assert lr_factor("constant", 2, 10)(7) == 1.0
     with pytest.raises(TrainError):
         lr_factor("exp", 0, 10)
-    assert all(0 <= lr_factor("cosine", 5, 50)(s) <= 1 and not math.isnan(lr_factor("cosine", 5, 50)(s)) for s in range(60))
+    assert all(
+        0 <= lr_factor("cosine", 5, 50)(s) <= 1 and not math.isnan(lr_factor("cosine", 5, 50)(s)) for s in range(60)
+    )
 
 
 def test_metrics_log_drops_rows_past_the_resumed_step(tmp_path: Path) -> None:

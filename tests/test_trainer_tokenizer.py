@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import CORPUS
+from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +75,13 @@ def test_bad_tokenizer_requests(tmp_path: Path) -> None:
 
     data = tmp_path / "d.txt"
     data.write_text(CORPUS, encoding="utf-8")
-    result = CliRunner().invoke(app, ["tokenizer", "train", str(data), "-o", str(tmp_path / "x.model"), "--vocab-size", "50000"])
+    result = CliRunner().invoke(
+        app, ["tokenizer", "train", str(data), "-o", str(tmp_path / "x.model"), "--vocab-size", "50000"]
+    )
     assert result.exit_code == 1 and "Vocabulary size too high" in str(result.exception)
     assert not (tmp_path / "x.model").exists()
     (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
-    result = CliRunner().invoke(app, ["tokenizer", "train", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "y.model")])
+    result = CliRunner().invoke(
+        app, ["tokenizer", "train", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "y.model")]
+    )
     assert result.exit_code == 1 and "empty" in str(result.exception)

@@ -12,7 +12,14 @@ from cpm_infer.backends import detect_backend, load_backend
 from cpm_infer.config import ModelSpec
 from cpm_infer.errors import CpmError
 from export.tensorrt.compat import EngineMismatchError, RuntimeInfo, check_engine_compatible
-from export.tensorrt.engine_artifact import ENGINE, TrtExportError, check_request, engine_details, export_trt, source_graph
+from export.tensorrt.engine_artifact import (
+    ENGINE,
+    TrtExportError,
+    check_request,
+    engine_details,
+    export_trt,
+    source_graph,
+)
 from export.tensorrt.precision import plan_build
 from export.tensorrt.profiles import EngineLimits, ProfileError, make_profiles
 
@@ -33,12 +40,20 @@ def engine_dir(tmp_path, tiny_vocab):
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"graph")
     details = engine_details(
-        here=V100, plan=plan, reason="auto -> fp16", limits=limits, profiles=make_profiles(SPEC, limits),
-        onnx_sha256=sha256_files([onnx_file]), tokenizer_sha256=sha256_files([tiny_vocab]),
+        here=V100,
+        plan=plan,
+        reason="auto -> fp16",
+        limits=limits,
+        profiles=make_profiles(SPEC, limits),
+        onnx_sha256=sha256_files([onnx_file]),
+        tokenizer_sha256=sha256_files([tiny_vocab]),
         source=Manifest("onnx", SPEC, "float32", {"model": "model.onnx"}, "spiece.model", "abc", details={"opset": 17}),
-        workspace_bytes=2**30, fp32_layers=9,
+        workspace_bytes=2**30,
+        fp32_layers=9,
     )
-    write_manifest(out, Manifest("tensorrt", SPEC, plan.kv_dtype, {"model": ENGINE}, "spiece.model", "abc", details=details))
+    write_manifest(
+        out, Manifest("tensorrt", SPEC, plan.kv_dtype, {"model": ENGINE}, "spiece.model", "abc", details=details)
+    )
     return out
 
 
@@ -109,7 +124,9 @@ def test_request_checks_run_before_tensorrt_is_needed(onnx_dir, tmp_path):
     with pytest.raises(TrtExportError, match="--workspace-gb must be positive"):
         check_request(onnx_dir, tmp_path / "new", precision="auto", limits=limits, workspace_gb=0, force=False)
     with pytest.raises(ProfileError, match="exceeds the model's context"):
-        check_request(onnx_dir, tmp_path / "new", precision="auto", limits=EngineLimits(1, 8, 4096), workspace_gb=1, force=False)
+        check_request(
+            onnx_dir, tmp_path / "new", precision="auto", limits=EngineLimits(1, 8, 4096), workspace_gb=1, force=False
+        )
     (tmp_path / "exists").mkdir()
     with pytest.raises(TrtExportError, match="exists; pass --force"):
         check_request(onnx_dir, tmp_path / "exists", precision="auto", limits=limits, workspace_gb=1, force=False)
@@ -120,8 +137,14 @@ def test_request_checks_run_before_tensorrt_is_needed(onnx_dir, tmp_path):
 
 
 def test_portable_graph_is_what_tensorrt_parses(tmp_path):
-    source = Manifest("onnx", SPEC, "float32", {"model": "model_optimized.onnx", "portable": "model.onnx", "weights": "model.onnx.data"},
-                      "spiece.model", "abc")
+    source = Manifest(
+        "onnx",
+        SPEC,
+        "float32",
+        {"model": "model_optimized.onnx", "portable": "model.onnx", "weights": "model.onnx.data"},
+        "spiece.model",
+        "abc",
+    )
     graph, files = source_graph(tmp_path, source)
     assert graph == tmp_path / "model.onnx"
     assert files == [tmp_path / "model.onnx", tmp_path / "model.onnx.data"]

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import run_cli as _run_cli
 
 from cpm_infer import kv
 from cpm_infer.artifact import Manifest, read_manifest, write_manifest
@@ -33,7 +34,6 @@ from export.tensorrt.engine_artifact import engine_details
 from export.tensorrt.precision import plan_build
 from export.tensorrt.profiles import EngineLimits, make_profiles
 from export.tensorrt.validate import validate_backend
-from conftest import run_cli as _run_cli
 
 
 def test_copy_runs_merges_consecutive_rows():
@@ -104,7 +104,7 @@ class FakeCuda:
     def view(self, ptr, n):
         for base, mem in self.heap.items():
             if base <= ptr and ptr + n <= base + mem.size:
-                return mem[ptr - base: ptr - base + n]
+                return mem[ptr - base : ptr - base + n]
         raise AssertionError(f"device access {ptr:#x}+{n} outside every allocation")
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
@@ -164,7 +164,9 @@ class FakeContext:
         for name, value in zip(kv.output_names(e.n_layer), outs, strict=True):
             data = np.ascontiguousarray(value.astype(e.dtypes[name])).view(np.uint8).reshape(-1)
             for start, size in regions:  # TensorRT forbids outputs overlapping inputs
-                assert self.addr[name] + data.size <= start or start + size <= self.addr[name], f"{name} overlaps an input"
+                assert self.addr[name] + data.size <= start or start + size <= self.addr[name], (
+                    f"{name} overlaps an input"
+                )
             cu.view(self.addr[name], data.size)[:] = data
         return True
 
@@ -175,7 +177,9 @@ class FakeEngine:
         self.names = kv.input_names(spec.n_layer) + kv.output_names(spec.n_layer)
         self.num_io_tensors, self.num_optimization_profiles = len(self.names), 2
         self.profile_shapes = [p.shapes(spec) for p in profiles]
-        self.dtypes = {n: np.dtype(np.int32) for n in kv.input_names(spec.n_layer)[:3]}  # TensorRT 8.x casts int64 inputs
+        self.dtypes = {
+            n: np.dtype(np.int32) for n in kv.input_names(spec.n_layer)[:3]
+        }  # TensorRT 8.x casts int64 inputs
         self.dtypes.update({n: np.dtype(kv_dtype) for n in self.names if "key" in n or "value" in n})
         self.dtypes[kv.LOGITS] = np.dtype(np.float32)
 
@@ -228,7 +232,8 @@ def simulated(onnx_artifact, tmp_path, monkeypatch):
     monkeypatch.setattr(cuda, "runtime", lambda: fake_cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engines))
 
-    def make(kv_dtype="float32", limits=EngineLimits(4, 16, 40)):
+    def make(kv_dtype="float32", limits=None):
+        limits = limits or EngineLimits(4, 16, 40)
         out = tmp_path / f"engine-{kv_dtype}-{len(engines)}"
         out.mkdir()
         profiles = make_profiles(source.spec, limits)
@@ -239,11 +244,29 @@ def simulated(onnx_artifact, tmp_path, monkeypatch):
         precision = "fp16" if kv_dtype == "float16" else "fp32"
         plan = plan_build(precision, "float32", (10, 4, 0))
         details = engine_details(
-            here=RuntimeInfo("10.4.0", "Fake GPU", "7.5"), plan=plan, reason="test", limits=limits, profiles=profiles,
-            onnx_sha256="0" * 64, tokenizer_sha256="0" * 64, source=source, workspace_bytes=1, fp32_layers=0,
+            here=RuntimeInfo("10.4.0", "Fake GPU", "7.5"),
+            plan=plan,
+            reason="test",
+            limits=limits,
+            profiles=profiles,
+            onnx_sha256="0" * 64,
+            tokenizer_sha256="0" * 64,
+            source=source,
+            workspace_bytes=1,
+            fp32_layers=0,
         )
-        write_manifest(out, Manifest("tensorrt", source.spec, plan.kv_dtype, {"model": "model.engine"}, source.tokenizer_file,
-                                     source.source_sha256, details=details))
+        write_manifest(
+            out,
+            Manifest(
+                "tensorrt",
+                source.spec,
+                plan.kv_dtype,
+                {"model": "model.engine"},
+                source.tokenizer_file,
+                source.source_sha256,
+                details=details,
+            ),
+        )
         return out
 
     make.onnx_dir, make.cuda = onnx_artifact, fake_cuda
@@ -263,7 +286,7 @@ def test_simulated_engine_generates_what_onnx_runtime_generates(simulated):
 
 
 def test_select_and_ping_pong_match_the_reference(simulated):
-    engine, tok = load_backend("trt", simulated(), device="cuda:0")
+    engine, _tok = load_backend("trt", simulated(), device="cuda:0")
     reference, _ = load_backend("ort", simulated.onnx_dir, device="cpu")
     ids, mask, pos = left_pad([[5, 6, 7, 8], [9, 10], [11, 12, 13]], pad_id=0)
     (a, sa), (b, sb) = engine.prefill(ids, mask, pos), reference.prefill(ids, mask, pos)
@@ -320,7 +343,9 @@ def test_fp16_kv_buffers_pass_the_fp16_validation(simulated):
 
 def test_cpm_generate_serves_the_engine_artifact(simulated, monkeypatch, capsys):
     common = ("-p", "话说天下", "-n", "8", "-t", "0")
-    code, via_engine, err = _run_cli(monkeypatch, capsys, "generate", "-m", str(simulated()), "--backend", "trt", "--device", "cuda", *common)
+    code, via_engine, err = _run_cli(
+        monkeypatch, capsys, "generate", "-m", str(simulated()), "--backend", "trt", "--device", "cuda", *common
+    )
     assert code == 0, err
     code, via_onnx, err = _run_cli(monkeypatch, capsys, "generate", "-m", str(simulated.onnx_dir), *common)
     assert code == 0, err
@@ -358,7 +383,9 @@ def test_validation_fails_beyond_tolerance_in_one_line(onnx_artifact):
     assert ok.status == "passed" and ok.agreement == 1.0
     bad = validate_backend(_Shifted(a, 50.0), b, a.spec, "fp32")
     assert bad.status == "failed" and bad.agreement < 1.0
-    with pytest.raises(EngineValidationError, match="engine validation failed: logits differ from the ONNX graph by up to 50") as info:
+    with pytest.raises(
+        EngineValidationError, match="engine validation failed: logits differ from the ONNX graph by up to 50"
+    ) as info:
         bad.raise_for_failure()
     assert "\n" not in str(info.value)
     assert bad.to_dict()["min_agreement"] == 1.0 and len(bad.to_dict()["checks"]) == 12

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli as run
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -22,7 +21,15 @@ def test_help_lists_the_options_without_importing_runtimes():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
-    for flag in ("--precision", "--max-batch", "--max-input", "--max-total", "--workspace-gb", "--timing-cache", "--force"):
+    for flag in (
+        "--precision",
+        "--max-batch",
+        "--max-input",
+        "--max-total",
+        "--workspace-gb",
+        "--timing-cache",
+        "--force",
+    ):
         assert flag in out
 
 
@@ -44,8 +51,19 @@ def onnx_dir(tiny_checkpoint, tmp_path_factory):
     ],
 )
 def test_argument_errors_are_one_line(monkeypatch, capsys, onnx_dir, tmp_path, extra, message):
-    code, _, err = run(monkeypatch, capsys, "export", "trt", str(onnx_dir), str(tmp_path / "engine"),
-                       "--max-input", "16", "--max-total", "64", *extra)
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "export",
+        "trt",
+        str(onnx_dir),
+        str(tmp_path / "engine"),
+        "--max-input",
+        "16",
+        "--max-total",
+        "64",
+        *extra,
+    )
     assert code == 1
     assert err.strip().splitlines()[-1] == message or err.strip().splitlines()[-1].startswith(message)
     assert not (tmp_path / "engine").exists()
@@ -53,7 +71,18 @@ def test_argument_errors_are_one_line(monkeypatch, capsys, onnx_dir, tmp_path, e
 
 def test_existing_out_dir_and_missing_source(monkeypatch, capsys, onnx_dir, tmp_path):
     (tmp_path / "taken").mkdir()
-    code, _, err = run(monkeypatch, capsys, "export", "trt", str(onnx_dir), str(tmp_path / "taken"), "--max-input", "16", "--max-total", "64")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "export",
+        "trt",
+        str(onnx_dir),
+        str(tmp_path / "taken"),
+        "--max-input",
+        "16",
+        "--max-total",
+        "64",
+    )
     assert code == 1 and "exists; pass --force to replace it" in err
     code, _, err = run(monkeypatch, capsys, "export", "trt", str(tmp_path / "nothing"), str(tmp_path / "e"))
     assert code == 1 and "is not an exported artifact" in err
@@ -66,7 +95,18 @@ def test_typer_range_checks(monkeypatch, capsys, onnx_dir, tmp_path):
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message shown when TensorRT is missing")
 def test_valid_request_without_tensorrt_names_the_extra(monkeypatch, capsys, onnx_dir, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "export", "trt", str(onnx_dir), str(tmp_path / "engine"), "--max-input", "16", "--max-total", "64")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "export",
+        "trt",
+        str(onnx_dir),
+        str(tmp_path / "engine"),
+        "--max-input",
+        "16",
+        "--max-total",
+        "64",
+    )
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: tensorrt is not available") and "pip install 'cpm-infer[tensorrt]'" in last

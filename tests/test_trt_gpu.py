@@ -44,8 +44,16 @@ def onnx_dirs(gpu, request, tmp_path_factory):
 def _build(onnx_dir, out, precision, tmp_path):
     from export.tensorrt.engine_artifact import export_trt
 
-    return export_trt(onnx_dir, out, precision=precision, max_batch=4, max_input=32, max_total=96, workspace_gb=1,
-                      timing_cache=tmp_path / "timing.cache")
+    return export_trt(
+        onnx_dir,
+        out,
+        precision=precision,
+        max_batch=4,
+        max_input=32,
+        max_total=96,
+        workspace_gb=1,
+        timing_cache=tmp_path / "timing.cache",
+    )
 
 
 def test_fp32_engine_builds_validates_and_generates_like_onnx_runtime(gpu, onnx_dirs, tmp_path):
@@ -61,9 +69,13 @@ def test_fp32_engine_builds_validates_and_generates_like_onnx_runtime(gpu, onnx_
     assert (tmp_path / "timing.cache").stat().st_size > 0
     engine, tok = load_backend("auto", result.path, device="cuda")
     reference, _ = load_backend("ort", onnx_dirs["float32"], device="cpu")
-    prompts = [tok.encode(t) for t in ("滚滚长江东逝水", "话说天下大势", "白发")]  # left-padded: a zero-length past per row
+    prompts = [
+        tok.encode(t) for t in ("滚滚长江东逝水", "话说天下大势", "白发")
+    ]  # left-padded: a zero-length past per row
     config = GenerationConfig(max_new_tokens=16, temperature=0.0, ban_unk=False)
-    assert [r.token_ids for r in generate(engine, prompts, config, tok)] == [r.token_ids for r in generate(reference, prompts, config, tok)]
+    assert [r.token_ids for r in generate(engine, prompts, config, tok)] == [
+        r.token_ids for r in generate(reference, prompts, config, tok)
+    ]
     engine.close()
 
 

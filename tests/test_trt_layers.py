@@ -11,7 +11,7 @@ import pytest
 from export.tensorrt.layers import LayerInfo, apply_fp32, layers_from_network, layers_from_onnx, select_fp32_layers
 
 
-def L(i, kind, op, ins, outs, float_out=True):  # noqa: N802 - short constructor for readable graphs
+def L(i, kind, op, ins, outs, float_out=True):
     return LayerInfo(i, kind, op, tuple(ins), tuple(outs), float_out, f"l{i}")
 
 
@@ -107,9 +107,18 @@ class _Layer:
 
 def _fake_trt():
     enum = SimpleNamespace
-    types = enum(**{k: SimpleNamespace(name=k) for k in ("ELEMENTWISE", "REDUCE", "UNARY", "SOFTMAX", "NORMALIZATION", "MATRIX_MULTIPLY")})
-    ops = SimpleNamespace(POW=SimpleNamespace(name="POW"), AVG=SimpleNamespace(name="AVG"), SUM=SimpleNamespace(name="SUM"))
-    classes = {n: type(n, (_Layer,), {}) for n in ("IElementWiseLayer", "IReduceLayer", "IUnaryLayer", "INormalizationLayer")}
+    types = enum(
+        **{
+            k: SimpleNamespace(name=k)
+            for k in ("ELEMENTWISE", "REDUCE", "UNARY", "SOFTMAX", "NORMALIZATION", "MATRIX_MULTIPLY")
+        }
+    )
+    ops = SimpleNamespace(
+        POW=SimpleNamespace(name="POW"), AVG=SimpleNamespace(name="AVG"), SUM=SimpleNamespace(name="SUM")
+    )
+    classes = {
+        n: type(n, (_Layer,), {}) for n in ("IElementWiseLayer", "IReduceLayer", "IUnaryLayer", "INormalizationLayer")
+    }
     return SimpleNamespace(LayerType=types, float32="f32", float16="f16", bool="bool", ops=ops, **classes)
 
 
@@ -125,11 +134,16 @@ def test_network_adapter_and_apply(monkeypatch):
     network = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
     described = layers_from_network(network, trt)
     assert [(d.kind, d.op, d.name) for d in described] == [
-        ("NORMALIZATION", None, "ln"), ("MATRIX_MULTIPLY", None, "mm"), ("ELEMENTWISE", "POW", "pow"), ("SOFTMAX", None, "sm"),
+        ("NORMALIZATION", None, "ln"),
+        ("MATRIX_MULTIPLY", None, "mm"),
+        ("ELEMENTWISE", "POW", "pow"),
+        ("SOFTMAX", None, "sm"),
     ]
     assert type(layers[2]).__name__ == "IElementWiseLayer"  # recast to reach .op, as the API requires
     chosen = select_fp32_layers(described)
     assert sorted(chosen) == [0, 2, 3]
     assert apply_fp32(network, trt, sorted(chosen)) == 3
-    assert layers[0].compute_precision == "f32" and layers[0].precision == "f32" and layers[0].output_types == {0: "f32"}
+    assert (
+        layers[0].compute_precision == "f32" and layers[0].precision == "f32" and layers[0].output_types == {0: "f32"}
+    )
     assert layers[1].precision is None

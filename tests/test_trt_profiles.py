@@ -84,7 +84,9 @@ def test_check_fits_names_the_flag_to_raise():
     profiles = make_profiles(SPEC, EngineLimits(2, 8, 32))
     check_fits(profiles[PREFILL], batch=2, seq=8, past=0)
     check_fits(profiles[DECODE], batch=1, seq=1, past=31)
-    with pytest.raises(ProfileError, match="a batch of 3 exceeds the engine's prefill limit of 2; rebuild .* --max-batch"):
+    with pytest.raises(
+        ProfileError, match="a batch of 3 exceeds the engine's prefill limit of 2; rebuild .* --max-batch"
+    ):
         check_fits(profiles[PREFILL], batch=3, seq=4, past=0)
     with pytest.raises(ProfileError, match="a prompt of 9 .* --max-input"):
         check_fits(profiles[PREFILL], batch=1, seq=9, past=0)

@@ -14,8 +14,22 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 # Settings that shape the optimisation trajectory: a resume must match them exactly.
 TRAJECTORY_FIELDS = (
-    "max_len", "stride", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
-    "min_lr_ratio", "max_grad_norm", "epochs", "max_steps", "precision", "seed", "val_fraction", "data_format",
+    "max_len",
+    "stride",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "epochs",
+    "max_steps",
+    "precision",
+    "seed",
+    "val_fraction",
+    "data_format",
 )
 
 
@@ -60,7 +74,9 @@ class TrainConfig:
         self.val_data = [Path(p) for p in self.val_data]
         self.output = Path(self.output)
         need(bool(self.data), "no training data given")
-        need(self.data_format in FORMATS, f"unknown data format {self.data_format!r}; choose one of {', '.join(FORMATS)}")
+        need(
+            self.data_format in FORMATS, f"unknown data format {self.data_format!r}; choose one of {', '.join(FORMATS)}"
+        )
         need(0 <= self.val_fraction < 1, f"val fraction must be in [0, 1), got {self.val_fraction}")
         need(self.max_len is None or self.max_len >= 2, f"max_len must be >= 2, got {self.max_len}")
         need(self.stride is None or self.stride >= 1, f"stride must be >= 1, got {self.stride}")
@@ -72,7 +88,9 @@ class TrainConfig:
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight decay and max grad norm must be >= 0")
         need(0 <= self.min_lr_ratio <= 1, f"min lr ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        need(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        need(
+            self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
 

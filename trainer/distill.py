@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 def pick_layers(teacher_layers: int, student_layers: int) -> list[int]:
     """Evenly spaced teacher layers, first and last included (12 -> 4: [0, 4, 7, 11])."""
     if not 1 <= student_layers <= teacher_layers:
-        raise TrainError(f"the student needs between 1 and {teacher_layers} layers (the teacher's), got {student_layers}")
+        raise TrainError(
+            f"the student needs between 1 and {teacher_layers} layers (the teacher's), got {student_layers}"
+        )
     if student_layers == 1:
         return [teacher_layers - 1]
     return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
@@ -35,9 +37,9 @@ def pick_layers(teacher_layers: int, student_layers: int) -> list[int]:
 
 def student_from_teacher(teacher, layers: Sequence[int]):
     """A GPT-2 with the teacher's embeddings, final LayerNorm and the chosen blocks (copied)."""
-    import copy  # noqa: PLC0415
+    import copy
 
-    import torch  # noqa: PLC0415
+    import torch
 
     config = copy.deepcopy(teacher.config)
     config.n_layer = len(layers)
@@ -45,7 +47,7 @@ def student_from_teacher(teacher, layers: Sequence[int]):
     state = {}
     for key, value in teacher.state_dict().items():
         if key.startswith("transformer.h."):
-            index, rest = key[len("transformer.h."):].split(".", 1)
+            index, rest = key[len("transformer.h.") :].split(".", 1)
             if int(index) in layers:
                 state[f"transformer.h.{layers.index(int(index))}.{rest}"] = value
         else:
@@ -63,15 +65,17 @@ class Distillation:
         self.alpha = alpha
 
     def loss(self, model, batch: dict, eval_mode: bool = False):
-        import torch  # noqa: PLC0415
-        import torch.nn.functional as F  # noqa: N812, PLC0415
+        import torch
+        import torch.nn.functional as F
 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         lm, count = lm_loss_sum(logits, batch["labels"])
         if eval_mode or self.alpha == 0:
             return lm, count
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            teacher_logits = self.teacher(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
         keep = batch["labels"][:, 1:] != IGNORE  # (B, T-1): the positions that predict a token
         t = self.temperature
         student_logp = F.log_softmax(logits[:, :-1][keep].float() / t, dim=-1)
@@ -92,7 +96,7 @@ def distill(
     progress: Progress | None = None,
 ) -> RunResult:
     """Train a student of ``student_layers`` (or the teacher layers in ``layer_map``) on ``cfg.data``."""
-    from cpm_infer.torch_model import load_model  # noqa: PLC0415
+    from cpm_infer.torch_model import load_model
 
     if not temperature > 0:
         raise TrainError(f"temperature must be > 0, got {temperature}")
@@ -106,7 +110,9 @@ def distill(
     if layer_map:
         layers = list(layer_map)
         if sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= ckpt.spec.n_layer:
-            raise TrainError(f"layer map must be increasing teacher layer indices in [0, {ckpt.spec.n_layer - 1}], got {layers}")
+            raise TrainError(
+                f"layer map must be increasing teacher layer indices in [0, {ckpt.spec.n_layer - 1}], got {layers}"
+            )
     else:
         layers = pick_layers(ckpt.spec.n_layer, student_layers or max(1, ckpt.spec.n_layer // 2))
     max_len, stride = cfg.resolve_lengths(ckpt.spec.n_positions)
@@ -121,10 +127,29 @@ def distill(
     teacher.to(accelerator.device).eval().requires_grad_(False)
     seed_everything(cfg.seed + accelerator.process_index)
     spec = ModelSpec.from_dict({**ckpt.spec.to_dict(), "n_layer": len(layers)})
-    fingerprint = {**cfg.trajectory(), "max_len": max_len, "stride": stride, **data_fp, "spec": spec.to_dict(),
-                   "tokenizer": file_sha256(tokenizer.path), "objective": "distill", "teacher": ckpt.weights_sha256(),
-                   "layers": layers, "temperature": temperature, "alpha": alpha}
+    fingerprint = {
+        **cfg.trajectory(),
+        "max_len": max_len,
+        "stride": stride,
+        **data_fp,
+        "spec": spec.to_dict(),
+        "tokenizer": file_sha256(tokenizer.path),
+        "objective": "distill",
+        "teacher": ckpt.weights_sha256(),
+        "layers": layers,
+        "temperature": temperature,
+        "alpha": alpha,
+    }
     cfg.output.mkdir(parents=True, exist_ok=True)
     log.info("distilling teacher layers %s of %d into a %d-layer student", layers, ckpt.spec.n_layer, len(layers))
-    return run(student, Distillation(teacher, temperature, alpha), data, cfg, tokenizer_file=tokenizer.path,
-               fingerprint=fingerprint, accelerator=accelerator, callbacks=callbacks, resume_dir=resume)
+    return run(
+        student,
+        Distillation(teacher, temperature, alpha),
+        data,
+        cfg,
+        tokenizer_file=tokenizer.path,
+        fingerprint=fingerprint,
+        accelerator=accelerator,
+        callbacks=callbacks,
+        resume_dir=resume,
+    )

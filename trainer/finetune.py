@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 
 def lm_loss_sum(logits, labels):
     """(sum of next-token cross-entropies over labelled positions, their count)."""
-    import torch.nn.functional as F  # noqa: N812, PLC0415
+    import torch.nn.functional as F
 
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, (shift_labels != IGNORE).sum()
 
 
@@ -53,7 +55,7 @@ def finetune(
     With ``cfg.resume`` the weights, tokenizer and training state come from ``cfg.output/last``;
     the given model must still be the one the run started from.
     """
-    from cpm_infer.torch_model import load_model  # noqa: PLC0415
+    from cpm_infer.torch_model import load_model
 
     if (model_dir is None) == (new_spec is None):
         raise TrainError("give either a model to fine-tune or the shape of a new model (with a tokenizer)")
@@ -82,20 +84,37 @@ def finetune(
     else:
         model = new_model(spec, tokenizer, cfg.seed, new_config)
     seed_everything(cfg.seed + accelerator.process_index)
-    fingerprint = {**cfg.trajectory(), "max_len": max_len, "stride": stride, **data_fp, **init,
-                   "spec": spec.to_dict(), "tokenizer": file_sha256(tokenizer.path), "objective": "lm"}
+    fingerprint = {
+        **cfg.trajectory(),
+        "max_len": max_len,
+        "stride": stride,
+        **data_fp,
+        **init,
+        "spec": spec.to_dict(),
+        "tokenizer": file_sha256(tokenizer.path),
+        "objective": "lm",
+    }
     cfg.output.mkdir(parents=True, exist_ok=True)
     log.info("training %s parameters on %s", f"{sum(p.numel() for p in model.parameters()):,}", accelerator.device)
-    return run(model, LanguageModeling(), data, cfg, tokenizer_file=tokenizer.path, fingerprint=fingerprint,
-               accelerator=accelerator, callbacks=callbacks, resume_dir=resume)
+    return run(
+        model,
+        LanguageModeling(),
+        data,
+        cfg,
+        tokenizer_file=tokenizer.path,
+        fingerprint=fingerprint,
+        accelerator=accelerator,
+        callbacks=callbacks,
+        resume_dir=resume,
+    )
 
 
 def new_model(spec: ModelSpec, tokenizer: CpmTokenizer, seed: int, overrides: dict | None = None):
     """A freshly initialised CPM-layout GPT-2 (seeded)."""
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
 
-    from cpm_infer.torch_model import hf_config  # noqa: PLC0415
+    from cpm_infer.torch_model import hf_config
 
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(hf_config(spec, tokenizer.eod_id, tokenizer.pad_id, base=overrides))

@@ -50,7 +50,11 @@ def resolve_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise DataError(f"data directory {path} holds no files")
             files.extend(found)
@@ -102,7 +106,10 @@ def read_documents(paths: Iterable[str | os.PathLike[str]], fmt: str = "auto") -
                 raise DataError(f"{path}:1: empty file: no seed-format document")
             log.warning("%s holds no documents; skipped", path)
     if not docs:
-        raise DataError(f"no documents in {', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''}: the data is empty")
+        raise DataError(
+            f"no documents in {', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''}: the "
+            "data is empty"
+        )
     return docs
 
 
@@ -128,7 +135,9 @@ def _seed(path: Path, lines: list[str]) -> Iterator[Document]:
         cut = min((i for i in (line.find("："), line.find(":")) if i >= 0), default=-1)
         key, value = (line[:cut], line[cut + 1 :]) if cut >= 0 else (line, "")
         if cut < 0 or key.strip() not in _SEED_KEYS:
-            raise DataError(f"{path}:{index}: expected a header line (标题：/日期：/作者：) or the closing '---', got {line[:30]!r}")
+            raise DataError(
+                f"{path}:{index}: expected a header line (标题：/日期：/作者：) or the closing '---', got {line[:30]!r}"
+            )
         header[_SEED_KEYS[key.strip()]] = value.strip()
     title = header.get("title", "")
     if not title:
@@ -152,11 +161,13 @@ def _jsonl(path: Path, lines: list[str]) -> Iterator[Document]:
         title = obj.get("title")
         body = obj.get("content") if title is not None or "content" in obj else obj.get("text")
         if not isinstance(body, str) or (title is not None and not isinstance(title, str)):
-            raise DataError(f"{path}:{number}: a line needs string fields \"title\" + \"content\", or \"text\"")
+            raise DataError(f'{path}:{number}: a line needs string fields "title" + "content", or "text"')
         content = clean_text(body.splitlines())
         if not content:
             raise DataError(f"{path}:{number}: empty document")
-        yield Document(content=content, title=(title.strip() or None) if title is not None else None, source=f"{path}:{number}")
+        yield Document(
+            content=content, title=(title.strip() or None) if title is not None else None, source=f"{path}:{number}"
+        )
 
 
 def _text(path: Path, lines: list[str]) -> Iterator[Document]:

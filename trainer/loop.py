@@ -26,7 +26,14 @@ from trainer.config import TrainConfig
 from trainer.errors import TrainError, TrainingInterrupted
 from trainer.schedule import make_scheduler
 from trainer.state import (
-    DEEPSPEED_STATE, METRICS, MetricsLog, capture_rng, check_fingerprint, load_training_state, restore_rng, save_run_checkpoint,
+    DEEPSPEED_STATE,
+    METRICS,
+    MetricsLog,
+    capture_rng,
+    check_fingerprint,
+    load_training_state,
+    restore_rng,
+    save_run_checkpoint,
 )
 from trainer.windows import TokenCache
 
@@ -86,10 +93,20 @@ class RunResult:
     stopped: str  # "done", "early stopping" or "session limit"
 
 
-def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_file: Path, fingerprint: dict,
-        accelerator, callbacks: Callbacks | None = None, resume_dir: Path | None = None) -> RunResult:
+def run(
+    model,
+    objective: Objective,
+    data: Data,
+    cfg: TrainConfig,
+    *,
+    tokenizer_file: Path,
+    fingerprint: dict,
+    accelerator,
+    callbacks: Callbacks | None = None,
+    resume_dir: Path | None = None,
+) -> RunResult:
     """Train ``model`` (already on CPU, not yet prepared) and return where its checkpoints are."""
-    import torch  # noqa: PLC0415
+    import torch
 
     cb = callbacks or Callbacks()
     acc = accelerator
@@ -97,7 +114,9 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
     sampler.check()
     steps_per_epoch = sampler.batches_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
-        raise TrainError(f"an epoch has {sampler.batches_per_epoch} micro-batch(es), fewer than --grad-accum {cfg.grad_accum}")
+        raise TrainError(
+            f"an epoch has {sampler.batches_per_epoch} micro-batch(es), fewer than --grad-accum {cfg.grad_accum}"
+        )
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
@@ -126,7 +145,9 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
         restore_rng(saved["rng"][acc.process_index])
         step, best, bad_evals = int(saved["step"]), float(saved["best_val_loss"]), int(saved["bad_evals"])
         log.info("resumed from %s at step %d of %d", resume_dir, step, total)
-    metrics = MetricsLog(cfg.output / METRICS, step if resume_dir is not None else None) if acc.is_main_process else None
+    metrics = (
+        MetricsLog(cfg.output / METRICS, step if resume_dir is not None else None) if acc.is_main_process else None
+    )
 
     best_dir = cfg.output / "best"
     last_dir = cfg.output / "last"
@@ -144,15 +165,26 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
             acc.save_state(str(shards))  # collective: every rank writes its ZeRO partition
         if acc.is_main_process:
             state = {
-                "fingerprint": fingerprint, "step": step, "epoch": step // steps_per_epoch,
+                "fingerprint": fingerprint,
+                "step": step,
+                "epoch": step // steps_per_epoch,
                 "batch_in_epoch": (step % steps_per_epoch) * cfg.grad_accum,
                 "optimizer": None if deepspeed else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "rng": rng, "best_val_loss": best, "bad_evals": bad_evals,
+                "scheduler": scheduler.state_dict(),
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "rng": rng,
+                "best_val_loss": best,
+                "bad_evals": bad_evals,
             }
             info = {"step": step, "total_steps": total, "train_loss": last_loss, "best_val_loss": _finite(best)}
-            save_run_checkpoint(acc.unwrap_model(model), tokenizer_file, last_dir, info, state,
-                                extra_dirs={DEEPSPEED_STATE: shards} if shards else None)
+            save_run_checkpoint(
+                acc.unwrap_model(model),
+                tokenizer_file,
+                last_dir,
+                info,
+                state,
+                extra_dirs={DEEPSPEED_STATE: shards} if shards else None,
+            )
             if cb.on_save:
                 cb.on_save(last_dir)
         acc.wait_for_everyone()
@@ -184,20 +216,41 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
             window_tokens += sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes
 
             # One all-reduce per step: the mean loss over ranks and whether any rank got Ctrl-C.
-            totals = acc.reduce(torch.tensor([loss_sum, group_tokens, float(stop.requested)], dtype=torch.float64, device=acc.device), "sum")
+            totals = acc.reduce(
+                torch.tensor([loss_sum, group_tokens, float(stop.requested)], dtype=torch.float64, device=acc.device),
+                "sum",
+            )
             last_loss = float(totals[0] / max(1.0, float(totals[1])))
             stop_requested = bool(totals[2] > 0)
             if not math.isfinite(last_loss):
-                raise TrainError(f"the training loss became {last_loss} at step {step}: lower --lr or use another precision")
+                raise TrainError(
+                    f"the training loss became {last_loss} at step {step}: lower --lr or use another precision"
+                )
 
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
-                info = StepInfo(step, total, step // steps_per_epoch, last_loss, scheduler.get_last_lr()[0],
-                                window_tokens / max(1e-9, now - window_t), grad_norm)
+                info = StepInfo(
+                    step,
+                    total,
+                    step // steps_per_epoch,
+                    last_loss,
+                    scheduler.get_last_lr()[0],
+                    window_tokens / max(1e-9, now - window_t),
+                    grad_norm,
+                )
                 window_tokens, window_t = 0, now
                 if metrics:
-                    metrics.write(step=step, epoch=info.epoch, split="train", loss=info.loss, ppl=_ppl(info.loss), lr=info.lr,
-                                  tokens_per_s=info.tokens_per_s, grad_norm=grad_norm, elapsed_s=now - t0)
+                    metrics.write(
+                        step=step,
+                        epoch=info.epoch,
+                        split="train",
+                        loss=info.loss,
+                        ppl=_ppl(info.loss),
+                        lr=info.lr,
+                        tokens_per_s=info.tokens_per_s,
+                        grad_norm=grad_norm,
+                        elapsed_s=now - t0,
+                    )
                 if cb.on_step and acc.is_main_process:
                     cb.on_step(info)
 
@@ -207,11 +260,22 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
                 improved = val < best
                 best, bad_evals = (val, 0) if improved else (best, bad_evals + 1)
                 if metrics:
-                    metrics.write(step=step, epoch=step // steps_per_epoch, split="val", loss=val, ppl=_ppl(val),
-                                  elapsed_s=time.perf_counter() - t0)
+                    metrics.write(
+                        step=step,
+                        epoch=step // steps_per_epoch,
+                        split="val",
+                        loss=val,
+                        ppl=_ppl(val),
+                        elapsed_s=time.perf_counter() - t0,
+                    )
                 if improved and acc.is_main_process:
-                    save_run_checkpoint(acc.unwrap_model(model), tokenizer_file, best_dir,
-                                        {"step": step, "val_loss": val, "val_ppl": _ppl(val)}, None)
+                    save_run_checkpoint(
+                        acc.unwrap_model(model),
+                        tokenizer_file,
+                        best_dir,
+                        {"step": step, "val_loss": val, "val_ppl": _ppl(val)},
+                        None,
+                    )
                 if cb.on_eval and acc.is_main_process:
                     cb.on_eval(EvalInfo(step, val, _ppl(val), improved))
                 evaluated = True
@@ -224,11 +288,15 @@ def run(model, objective: Objective, data: Data, cfg: TrainConfig, *, tokenizer_
             if evaluated or step % save_every == 0:
                 window_t = time.perf_counter()  # tokens/s measures training only, not evals and saves
             if stop_requested and step < total:
-                raise TrainingInterrupted(f"interrupted at step {step} of {total}; resumable checkpoint saved to {last_dir} (continue with --resume)")
+                raise TrainingInterrupted(
+                    f"interrupted at step {step} of {total}; resumable checkpoint saved to {last_dir} "
+                    "(continue with --resume)"
+                )
             if stopped != "done":
                 break
-    return RunResult(step, total, last_dir, best_dir if (has_val and best_dir.exists()) else None,
-                     _finite(best), last_loss, stopped)
+    return RunResult(
+        step, total, last_dir, best_dir if (has_val and best_dir.exists()) else None, _finite(best), last_loss, stopped
+    )
 
 
 def _configure_deepspeed(acc, cfg: TrainConfig) -> bool:
@@ -247,13 +315,16 @@ def _configure_deepspeed(acc, cfg: TrainConfig) -> bool:
 
 def evaluate(model, objective: Objective, data: Data, batch_size: int, acc) -> float:
     """Token-weighted mean loss over this run's held-out windows (all ranks together)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     with torch.no_grad():
         for rows in eval_batches(data.val, batch_size, acc.process_index, acc.num_processes):
-            batch = {k: torch.from_numpy(v).to(acc.device) for k, v in collate(data.val_cache or data.cache, data.val, rows, data.pad_id).items()}
+            batch = {
+                k: torch.from_numpy(v).to(acc.device)
+                for k, v in collate(data.val_cache or data.cache, data.val, rows, data.pad_id).items()
+            }
             with acc.autocast():
                 loss_sum, count = objective.loss(model, batch, eval_mode=True)
             total += torch.stack([loss_sum.double(), torch.as_tensor(count, dtype=torch.float64, device=acc.device)])
@@ -276,7 +347,7 @@ def _gather(acc, obj: Any) -> list[Any]:
     """Every rank's ``obj`` (RNG states differ per rank), as a list indexed by rank."""
     if acc.num_processes == 1:
         return [obj]
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     out: list[Any] = [None] * acc.num_processes
     dist.all_gather_object(out, obj)
@@ -306,7 +377,7 @@ class _StopOnSigint:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+    def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True

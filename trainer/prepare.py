@@ -39,7 +39,7 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def seed_everything(seed: int) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -59,15 +59,23 @@ def resume_source(cfg: TrainConfig) -> Path | None:
     if cfg.resume:
         return find_resumable(cfg.output)
     if (cfg.output / "last").exists() or (cfg.output / "best").exists():
-        raise ResumeError(f"{cfg.output} already holds a training run; pass --resume to continue it or choose another --output")
+        raise ResumeError(
+            f"{cfg.output} already holds a training run; pass --resume to continue it or choose another --output"
+        )
     return None
 
 
-def load_data(cfg: TrainConfig, tokenizer: CpmTokenizer, max_len: int, stride: int, progress: Progress | None) -> tuple[Data, dict]:
+def load_data(
+    cfg: TrainConfig, tokenizer: CpmTokenizer, max_len: int, stride: int, progress: Progress | None
+) -> tuple[Data, dict]:
     """Cached train/held-out windows and the data part of the run fingerprint."""
-    cache = load_windows(cfg.data, tokenizer, max_len, stride, fmt=cfg.data_format, cache_dir=cfg.cache_dir, progress=progress)
+    cache = load_windows(
+        cfg.data, tokenizer, max_len, stride, fmt=cfg.data_format, cache_dir=cfg.cache_dir, progress=progress
+    )
     if cfg.val_data:
-        val_cache = load_windows(cfg.val_data, tokenizer, max_len, max_len, fmt=cfg.data_format, cache_dir=cfg.cache_dir)
+        val_cache = load_windows(
+            cfg.val_data, tokenizer, max_len, max_len, fmt=cfg.data_format, cache_dir=cfg.cache_dir
+        )
         train = np.asarray(cache.windows)
         val = eval_windows(val_cache, list(range(val_cache.n_docs)))
         fp = {"data": cache.directory.name, "val": val_cache.directory.name}
@@ -76,7 +84,13 @@ def load_data(cfg: TrainConfig, tokenizer: CpmTokenizer, max_len: int, stride: i
     if not train_docs:
         raise TrainError("no training documents are left after the held-out split")
     data = Data(cache, train_windows(cache, train_docs), eval_windows(cache, val_docs), tokenizer.pad_id)
-    log.info("%d documents: %d train windows, %d held-out windows (%d docs)", cache.n_docs, len(data.train), len(data.val), len(val_docs))
+    log.info(
+        "%d documents: %d train windows, %d held-out windows (%d docs)",
+        cache.n_docs,
+        len(data.train),
+        len(data.val),
+        len(val_docs),
+    )
     return data, {"data": cache.directory.name, "val_docs": hashlib.sha256(str(val_docs).encode()).hexdigest()[:16]}
 
 

@@ -33,6 +33,6 @@ def lr_factor(schedule: str, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, warmup_steps, total_steps, min_ratio))

@@ -30,7 +30,7 @@ _ENCODE_MAP = str.maketrans({" ": SPACE, "\n": NEWLINE})
 
 def cpm_pretokenize(text: str) -> str:
     """CPM's pre-processing: jieba cut, space -> ▂ and newline -> ▃ in each word, words joined by ' '."""
-    import jieba  # noqa: PLC0415
+    import jieba
 
     jieba.setLogLevel(logging.WARNING)
     return " ".join(word.translate(_ENCODE_MAP) for word in jieba.cut(text, cut_all=False))
@@ -58,7 +58,7 @@ def train_tokenizer(
 ) -> Path:
     """Train on the documents of ``data`` (any trainer format; titles included) and write
     ``out_file`` (a ``.model`` file that CpmTokenizer loads)."""
-    import sentencepiece as spm  # noqa: PLC0415
+    import sentencepiece as spm
 
     if vocab_size < 16:
         raise TrainError(f"vocab size must be >= 16, got {vocab_size}")
@@ -85,7 +85,10 @@ def train_tokenizer(
                 vocab_size=vocab_size,
                 model_type=model_type,
                 character_coverage=character_coverage,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
                 control_symbols=CONTROL,
                 user_defined_symbols=USER_DEFINED,
                 max_sentence_length=16384,

@@ -32,19 +32,27 @@ DEEPSPEED_STATE = "deepspeed"  # Accelerate's save_state of a ZeRO run (optimize
 METRIC_FIELDS = ("step", "epoch", "split", "loss", "ppl", "lr", "tokens_per_s", "grad_norm", "elapsed_s")
 
 
-def save_run_checkpoint(model, tokenizer_file: Path, dest: Path, info: dict, training_state: dict | None,
-                        extra_dirs: dict[str, Path] | None = None) -> Path:
+def save_run_checkpoint(
+    model,
+    tokenizer_file: Path,
+    dest: Path,
+    info: dict,
+    training_state: dict | None,
+    extra_dirs: dict[str, Path] | None = None,
+) -> Path:
     """Write ``dest`` (model + tokenizer + generation config + trainer json [+ training state]) atomically;
     ``extra_dirs`` (name -> directory, e.g. DeepSpeed's per-rank shards) are moved inside before the swap."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from cpm_infer.torch_model import save_checkpoint  # noqa: PLC0415
+    from cpm_infer.torch_model import save_checkpoint
 
     staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_checkpoint(model, tokenizer_file, staging)
-        (staging / TRAINER_JSON).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        (staging / TRAINER_JSON).write_text(
+            json.dumps(info, indent=2, ensure_ascii=False, default=str), encoding="utf-8"
+        )
         if training_state is not None:
             torch.save(training_state, staging / TRAINING_STATE)
         for name, directory in (extra_dirs or {}).items():
@@ -72,13 +80,15 @@ def find_resumable(output: Path) -> Path:
 
 
 def load_training_state(directory: Path) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     path = directory / TRAINING_STATE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file raises many types; report one line
-        raise ResumeError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ResumeError(
+            f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
@@ -91,7 +101,7 @@ def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    import torch  # noqa: PLC0415
+    import torch
 
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -105,7 +115,7 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
     version, *rest = state["python"]
     random.setstate((version, tuple(rest[0]), rest[1]))

@@ -126,7 +126,14 @@ def load_windows(
             shutil.rmtree(entry, ignore_errors=True)
     docs = read_documents(files, fmt)
     ids = _encode_all(tokenizer, docs, progress)
-    _write(entry, ids, tokenizer, max_len, stride, meta={"files": [str(f) for f in files], "format": fmt, "tokenizer": str(tokenizer.path)})
+    _write(
+        entry,
+        ids,
+        tokenizer,
+        max_len,
+        stride,
+        meta={"files": [str(f) for f in files], "format": fmt, "tokenizer": str(tokenizer.path)},
+    )
     log.info("cached %d documents as %s", len(docs), entry)
     return _open(entry)
 
@@ -153,9 +160,17 @@ def _write(entry: Path, ids: list[list[int]], tokenizer: CpmTokenizer, max_len: 
         np.save(tmp / "tokens.npy", tokens)
         np.save(tmp / "doc_offsets.npy", offsets)
         np.save(tmp / "windows.npy", windows)
-        info = {**meta, "layout": LAYOUT_VERSION, "max_len": max_len, "stride": stride, "n_docs": len(ids),
-                "n_tokens": int(offsets[-1]), "n_windows": len(windows), "vocab_size": tokenizer.vocab_size,
-                "pad_id": tokenizer.pad_id}
+        info = {
+            **meta,
+            "layout": LAYOUT_VERSION,
+            "max_len": max_len,
+            "stride": stride,
+            "n_docs": len(ids),
+            "n_tokens": int(offsets[-1]),
+            "n_windows": len(windows),
+            "vocab_size": tokenizer.vocab_size,
+            "pad_id": tokenizer.pad_id,
+        }
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
         if entry.exists():  # another process built it meanwhile: keep theirs
             shutil.rmtree(tmp)

@@ -38,8 +38,9 @@ class CT2Runner:
         import ctranslate2
 
         self.name, self.pieces = name, pieces
-        self.generator = ctranslate2.Generator(str(model_dir), device="cpu", compute_type=compute_type,
-                                               intra_threads=threads, inter_threads=1)
+        self.generator = ctranslate2.Generator(
+            str(model_dir), device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
+        )
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
         tokens = [[self.pieces[i] for i in row] for row in prompts.tolist()]
@@ -52,8 +53,13 @@ class CT2Runner:
 
         start = time.perf_counter()
         results = self.generator.generate_batch(
-            tokens, max_length=new_tokens, min_length=new_tokens, sampling_topk=1, beam_size=1,
-            include_prompt_in_result=False, callback=on_step,
+            tokens,
+            max_length=new_tokens,
+            min_length=new_tokens,
+            sampling_topk=1,
+            beam_size=1,
+            include_prompt_in_result=False,
+            callback=on_step,
         )
         produced = sum(len(r.sequences_ids[0]) for r in results)
         return Timing(stamps[0] - start, list(np.diff(stamps)), produced)
@@ -148,9 +154,15 @@ def main() -> None:
             results.append(harness.measure(runner, case, prompts, repeats=args.repeats))
             log(f"  decode p50 {results[-1].decode_p50_ms:.2f} ms/step, {results[-1].tokens_per_s:.1f} tokens/s")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    env = report.environment({"threads": args.threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                              "source": "CPM-small shape, random weights (benchmarks/ort_vs_eager.py checkpoint)",
-                              "ctranslate2": __import__("ctranslate2").__version__})
+    env = report.environment(
+        {
+            "threads": args.threads,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "source": "CPM-small shape, random weights (benchmarks/ort_vs_eager.py checkpoint)",
+            "ctranslate2": __import__("ctranslate2").__version__,
+        }
+    )
     out = args.out_dir or ROOT / "benchmarks" / "results" / f"peers-{args.machine}"
     written = report.write_reports(results, out, command=command, env=env, skipped={})
     print((out / "bench.md").read_text(encoding="utf-8"))

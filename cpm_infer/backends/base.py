@@ -31,7 +31,9 @@ class Backend(Protocol):
     name: str
     spec: ModelSpec
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, State]:
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, State]:
         """Run the prompt (past length 0); return last-position logits (B, V) and the KV state."""
         ...
 

@@ -122,8 +122,16 @@ class OrtState:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, session: Any, spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu", io_binding: bool = True,
-                 kv_shared: bool = False) -> None:
+    def __init__(
+        self,
+        session: Any,
+        spec: ModelSpec,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        io_binding: bool = True,
+        kv_shared: bool = False,
+    ) -> None:
         self._ort = require("onnxruntime", "ort")
         self.session, self.spec, self.dtype = session, spec, dtype
         self.np_dtype = _NP_DTYPES[dtype]
@@ -135,7 +143,9 @@ class OrtBackend:
         self.present_names = kv.present_names(spec.n_layer)
 
     # -- the Backend protocol -------------------------------------------------------------
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, OrtState]:
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, OrtState]:
         state = OrtState(batch=input_ids.shape[0], past=0)
         if self.io_binding:
             state.binding = self.session.io_binding()
@@ -146,7 +156,9 @@ class OrtBackend:
             state.arrays = [empty] * len(self.past_names)
         return self._step(state, input_ids, attention_mask, position_ids)
 
-    def decode(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, OrtState]:
+    def decode(
+        self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, OrtState]:
         return self._step(state, input_ids, attention_mask, position_ids)
 
     def select(self, state: OrtState, rows: np.ndarray) -> OrtState:
@@ -176,13 +188,18 @@ class OrtBackend:
         (scoring, ``cpm_infer.eval``); the graph outputs them anyway."""
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
         empty = np.zeros(kv.kv_shape(self.spec, ids.shape[0], 0), dtype=self.np_dtype)
-        feeds = {kv.INPUT_IDS: ids, kv.ATTENTION_MASK: mask, kv.POSITION_IDS: pos, **dict.fromkeys(self.past_names, empty)}
+        feeds = {
+            kv.INPUT_IDS: ids,
+            kv.ATTENTION_MASK: mask,
+            kv.POSITION_IDS: pos,
+            **dict.fromkeys(self.past_names, empty),
+        }
         return self._run(lambda: self.session.run([kv.LOGITS], feeds))[0]
 
     # -- internals ------------------------------------------------------------------------
     def _step(self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, OrtState]:
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))
-        batch, seq = ids.shape
+        _batch, seq = ids.shape
         if self.io_binding:
             logits = self._run_bound(state, ids, mask, pos)
         else:
@@ -230,7 +247,9 @@ class OrtBackend:
                     new[:, :, : state.past] = pair[0][:, :, : state.past]
             state.buffers, state.capacity = [[buffer, None] for buffer in grown], capacity
         shape = kv.kv_shape(self.spec, batch, state.capacity)
-        for (buffer, _), past_name, present_name in zip(state.buffers, self.past_names, self.present_names, strict=True):
+        for (buffer, _), past_name, present_name in zip(
+            state.buffers, self.past_names, self.present_names, strict=True
+        ):
             io.bind_input(past_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
             io.bind_output(present_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
         vocab = self.spec.vocab_size
@@ -276,7 +295,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load(path: Path, *, device: str = "cpu", tokenizer_file: str | os.PathLike[str] | None = None, threads: int | None = None, io_binding: bool = True):
+def load(
+    path: Path,
+    *,
+    device: str = "cpu",
+    tokenizer_file: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    io_binding: bool = True,
+):
     """Open an ONNX artifact directory as an OrtBackend (and its tokenizer)."""
     path = Path(path)
     kind, _ = parse_device(device)
@@ -288,4 +314,6 @@ def load(path: Path, *, device: str = "cpu", tokenizer_file: str | os.PathLike[s
     check_graph(session, manifest, path)
     log.info("onnxruntime %s on %s (%s)", manifest.graph_files["model"], session.get_providers()[0], manifest.dtype)
     shared = manifest.details.get("kv_cache") == "shared"
-    return OrtBackend(session, manifest.spec, dtype=manifest.dtype, device=device, io_binding=io_binding, kv_shared=shared), tokenizer
+    return OrtBackend(
+        session, manifest.spec, dtype=manifest.dtype, device=device, io_binding=io_binding, kv_shared=shared
+    ), tokenizer

@@ -26,7 +26,11 @@ class TorchBackend:
         self.model.to(self.device)
         cfg = model.config
         self.spec = ModelSpec(
-            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size, n_positions=cfg.n_positions
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.n_positions,
         )
 
     def _tensor(self, array: np.ndarray):
@@ -58,20 +62,26 @@ class TorchBackend:
     def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits of every position (B, T, V) float32, no cache kept (scoring, ``cpm_infer.eval``)."""
         with self._torch.inference_mode():
-            out = self.model(input_ids=self._tensor(input_ids), attention_mask=self._tensor(attention_mask),
-                             position_ids=self._tensor(position_ids), use_cache=False)
+            out = self.model(
+                input_ids=self._tensor(input_ids),
+                attention_mask=self._tensor(attention_mask),
+                position_ids=self._tensor(position_ids),
+                use_cache=False,
+            )
             return out.logits.float().cpu().numpy()
 
 
 def load(path, *, device: str = "cpu", tokenizer_file=None, threads: int | None = None):
     """Open a Hugging Face checkpoint directory as a TorchBackend."""
-    from cpm_infer.backends import BackendError  # noqa: PLC0415
-    from cpm_infer.checkpoint import open_checkpoint  # noqa: PLC0415
-    from cpm_infer.torch_model import load_model  # noqa: PLC0415
+    from cpm_infer.backends import BackendError
+    from cpm_infer.checkpoint import open_checkpoint
+    from cpm_infer.torch_model import load_model
 
     torch = require("torch", "torch")
     if (path / "manifest.json").is_file():
-        raise BackendError(f"{path} is an exported artifact; the torch backend needs a checkpoint directory (use --backend auto)")
+        raise BackendError(
+            f"{path} is an exported artifact; the torch backend needs a checkpoint directory (use --backend auto)"
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendError("--device cuda was asked for but torch sees no CUDA GPU")
     if threads:

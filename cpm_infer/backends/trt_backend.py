@@ -75,7 +75,9 @@ def parse_device(device: str) -> int:
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, engine_bytes: bytes, spec: ModelSpec, limits: EngineLimits, profiles: list[Profile], *, device: int = 0) -> None:
+    def __init__(
+        self, engine_bytes: bytes, spec: ModelSpec, limits: EngineLimits, profiles: list[Profile], *, device: int = 0
+    ) -> None:
         trt = require("tensorrt", "tensorrt")
         self._trt, self._rt = trt, cuda.runtime()
         self._buffers: list = []
@@ -83,7 +85,7 @@ class TrtBackend:
         # The loop stops a sequence at spec.n_positions: make that the engine's max total length.
         self.spec = ModelSpec(spec.n_layer, spec.n_head, spec.n_embd, spec.vocab_size, limits.max_total)
         cuda.call(self._rt.cudaSetDevice(device), f"selecting GPU {device}")
-        from export.tensorrt.builder import BuildReport, make_logger  # noqa: PLC0415
+        from export.tensorrt.builder import BuildReport, make_logger
 
         self._logger = make_logger(trt, BuildReport())  # TensorRT messages go to logging, not stderr
         self._runtime = trt.Runtime(self._logger)
@@ -109,9 +111,14 @@ class TrtBackend:
         names = set(self._io_names())
         want = set(kv.input_names(n)) | set(kv.output_names(n))
         if names != want:
-            raise TrtBackendError(f"engine IO does not follow the KV contract for {n} layers ({len(names)} tensors, expected {len(want)})")
+            raise TrtBackendError(
+                f"engine IO does not follow the KV contract for {n} layers ({len(names)} tensors, expected {len(want)})"
+            )
         if self._engine.num_optimization_profiles != 2:
-            raise TrtBackendError(f"engine has {self._engine.num_optimization_profiles} optimization profiles, expected 2 (prefill, decode)")
+            raise TrtBackendError(
+                f"engine has {self._engine.num_optimization_profiles} optimization profiles, expected 2 "
+                "(prefill, decode)"
+            )
         top = self._engine.get_tensor_profile_shape(kv.ATTENTION_MASK, DECODE)[2]
         if int(top[1]) != self.limits.max_total or int(top[0]) != self.limits.max_batch:
             raise TrtBackendError(f"engine profile max {tuple(top)} disagrees with the manifest limits {self.limits}")
@@ -154,7 +161,7 @@ class TrtBackend:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down cuda-python already
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown may have torn down cuda-python already
             pass
 
     # -- one step --------------------------------------------------------------------------------
@@ -162,12 +169,26 @@ class TrtBackend:
         host = self._in_host[name][: array.size]
         host[:] = array.reshape(-1)  # casts int64 -> int32 when TensorRT 8.x made the input int32
         cuda.call(
-            self._rt.cudaMemcpyAsync(self._in_dev[name], host.ctypes.data, host.nbytes,
-                                     self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream_handle),
+            self._rt.cudaMemcpyAsync(
+                self._in_dev[name],
+                host.ctypes.data,
+                host.nbytes,
+                self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                self._stream_handle,
+            ),
             f"copy of {name}",
         )
 
-    def _run(self, profile: int, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past_len: int, past_set: int, out_set: int) -> np.ndarray:
+    def _run(
+        self,
+        profile: int,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        pos: np.ndarray,
+        past_len: int,
+        past_set: int,
+        out_set: int,
+    ) -> np.ndarray:
         ctx, s = self._context, self.spec
         batch, seq = ids.shape
         if self._profile != profile:
@@ -184,13 +205,23 @@ class TrtBackend:
             ok &= ctx.set_tensor_address(present, self._kv[out_set][i])
         ok &= ctx.set_tensor_address(kv.LOGITS, self._logits_dev)
         if not ok:
-            raise TrtBackendError(f"TensorRT refused the bindings (batch {batch}, seq {seq}, past {past_len}); see the log")
+            raise TrtBackendError(
+                f"TensorRT refused the bindings (batch {batch}, seq {seq}, past {past_len}); see the log"
+            )
         if not ctx.execute_async_v3(self._stream_handle):
             raise TrtBackendError(f"TensorRT execution failed (batch {batch}, seq {seq}, past {past_len})")
         row = s.vocab_size * 4
         cuda.call(
-            self._rt.cudaMemcpy2DAsync(self._logits_host.ctypes.data, row, self._logits_dev + (seq - 1) * row, seq * row,
-                                       row, batch, self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream_handle),
+            self._rt.cudaMemcpy2DAsync(
+                self._logits_host.ctypes.data,
+                row,
+                self._logits_dev + (seq - 1) * row,
+                seq * row,
+                row,
+                batch,
+                self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                self._stream_handle,
+            ),
             "copy of logits",
         )
         cuda.call(self._rt.cudaStreamSynchronize(self._stream_handle), "TensorRT step")
@@ -200,7 +231,10 @@ class TrtBackend:
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
         batch, seq = input_ids.shape
         if attention_mask.shape != (batch, seq) or position_ids.shape != (batch, seq):
-            raise TrtBackendError(f"prefill: mask {attention_mask.shape} / positions {position_ids.shape} do not match ids {input_ids.shape}")
+            raise TrtBackendError(
+                f"prefill: mask {attention_mask.shape} / positions {position_ids.shape} do not match ids "
+                f"{input_ids.shape}"
+            )
         self._fit(PREFILL, batch, seq, 0)
         self._epoch += 1
         logits = self._run(PREFILL, input_ids, attention_mask, position_ids, 0, past_set=1, out_set=0)
@@ -215,7 +249,9 @@ class TrtBackend:
                 f"(batch {state.batch}, past {state.length})"
             )
         self._fit(DECODE, batch, 1, state.length)
-        logits = self._run(DECODE, input_ids, attention_mask, position_ids, state.length, past_set=state.cur, out_set=1 - state.cur)
+        logits = self._run(
+            DECODE, input_ids, attention_mask, position_ids, state.length, past_set=state.cur, out_set=1 - state.cur
+        )
         return logits, TrtState(state.epoch, batch, state.length + 1, cur=1 - state.cur)
 
     def select(self, state: TrtState, rows: np.ndarray) -> TrtState:
@@ -231,8 +267,12 @@ class TrtBackend:
         kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         for first, to, count in copy_runs(rows):
             for i in range(2 * s.n_layer):
-                cuda.call(self._rt.cudaMemcpyAsync(dst[i] + to * block, src[i] + first * block, count * block, kind, self._stream_handle),
-                          "KV row gather")
+                cuda.call(
+                    self._rt.cudaMemcpyAsync(
+                        dst[i] + to * block, src[i] + first * block, count * block, kind, self._stream_handle
+                    ),
+                    "KV row gather",
+                )
         return TrtState(state.epoch, int(rows.size), state.length, cur=1 - state.cur)
 
     def _fit(self, profile: int, batch: int, seq: int, past: int) -> None:
@@ -248,9 +288,9 @@ class TrtBackend:
 
 def load(path, *, device: str = "cuda", tokenizer_file=None, threads: int | None = None):
     """Open an engine artifact (``manifest.json`` with ``"format": "tensorrt"``)."""
-    from cpm_infer.artifact import read_manifest  # noqa: PLC0415
-    from cpm_infer.tokenizer import CpmTokenizer  # noqa: PLC0415
-    from export.tensorrt.profiles import Profile as _Profile  # noqa: PLC0415
+    from cpm_infer.artifact import read_manifest
+    from cpm_infer.tokenizer import CpmTokenizer
+    from export.tensorrt.profiles import Profile as _Profile
 
     path = Path(path)
     manifest = read_manifest(path, expected_format="tensorrt")
@@ -264,6 +304,8 @@ def load(path, *, device: str = "cuda", tokenizer_file=None, threads: int | None
         raise TrtBackendError(f"{path}: manifest lists {len(profiles)} profiles, expected prefill and decode")
     if threads:
         log.debug("--threads does not apply to the TensorRT backend")
-    backend = TrtBackend((path / manifest.graph_files["model"]).read_bytes(), manifest.spec, limits, profiles, device=index)
+    backend = TrtBackend(
+        (path / manifest.graph_files["model"]).read_bytes(), manifest.spec, limits, profiles, device=index
+    )
     tokenizer = CpmTokenizer(Path(tokenizer_file) if tokenizer_file else path / manifest.tokenizer_file)
     return backend, tokenizer

@@ -73,7 +73,8 @@ def build_cases(
     for case in cases:
         if case.prompt_len + case.new_tokens > n_positions:
             raise BenchError(
-                f"prompt {case.prompt_len} + new tokens {case.new_tokens} exceeds the model's context of {n_positions} ({case.sweep} sweep)"
+                f"prompt {case.prompt_len} + new tokens {case.new_tokens} exceeds the model's context of "
+                f"{n_positions} ({case.sweep} sweep)"
             )
     return cases
 
@@ -98,7 +99,7 @@ class RssSampler:
             with open(f"/proc/{os.getpid()}/statm") as handle:
                 return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError):
-            import resource  # noqa: PLC0415 - fallback where /proc is absent (macOS): lifetime peak
+            import resource
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -38,7 +38,7 @@ def with_ratios(results: Sequence[Measurement]) -> list[dict]:
 
 def environment(extra: dict | None = None) -> dict:
     """Machine and library versions, recorded with every report."""
-    import os  # noqa: PLC0415
+    import os
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -52,8 +52,14 @@ def environment(extra: dict | None = None) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions, **(extra or {})}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        **(extra or {}),
+    }
 
 
 COLUMNS = [
@@ -103,7 +109,7 @@ COMPACT = ("backend", "ttft_ms", "decode_p50_ms", "tokens_per_s", "decode_speedu
 
 def terminal_table(rows: Sequence[dict], *, compact: bool = False):
     """A rich table; ``compact`` keeps the columns that matter for a single case."""
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     columns = [c for c in COLUMNS if not compact or c[0] in COMPACT]
     table = Table(title="decode x / TTFT x = speedup over eager (>1 is faster)")
@@ -116,14 +122,21 @@ def terminal_table(rows: Sequence[dict], *, compact: bool = False):
 
 def plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:
     """decode latency vs context length; throughput vs batch size (one line per backend)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     written = []
     specs = [
-        ("decode_vs_context.png", "context", "prompt_len", "decode_p50_ms", "context length (tokens)", "decode ms/step (p50)"),
+        (
+            "decode_vs_context.png",
+            "context",
+            "prompt_len",
+            "decode_p50_ms",
+            "context length (tokens)",
+            "decode ms/step (p50)",
+        ),
         ("throughput_vs_batch.png", "batch", "batch", "tokens_per_s", "batch size", "tokens/s"),
     ]
     base_row = [r for r in rows if r["sweep"] == "base"]
@@ -147,12 +160,20 @@ def plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_reports(results: Sequence[Measurement], out_dir: Path, *, command: str, env: dict, skipped: dict[str, str]) -> dict:
+def write_reports(
+    results: Sequence[Measurement], out_dir: Path, *, command: str, env: dict, skipped: dict[str, str]
+) -> dict:
     """bench.json, bench.md and the plots in ``out_dir``; returns what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = with_ratios(results)
     env = {**env, "baseline": baseline_name(results)}
-    report = {"command": command, "environment": env, "baseline": baseline_name(results), "skipped": skipped, "results": rows}
+    report = {
+        "command": command,
+        "environment": env,
+        "baseline": baseline_name(results),
+        "skipped": skipped,
+        "results": rows,
+    }
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     md = markdown(rows, env, command)
     if skipped:

@@ -66,8 +66,8 @@ class HFGenerateRunner:
         self.model = model
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
-        import torch  # noqa: PLC0415
-        from transformers import LogitsProcessor, LogitsProcessorList  # noqa: PLC0415
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
 
         stamps: list[float] = []
 

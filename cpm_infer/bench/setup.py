@@ -42,13 +42,15 @@ class BenchSetup:
 
 def random_checkpoint(preset_name: str, tokenizer_file: Path, out_dir: Path, seed: int = 0) -> Path:
     """A CPM preset with random weights, saved as a checkpoint (so it can be exported like a real one)."""
-    from cpm_infer.tokenizer import CpmTokenizer  # noqa: PLC0415
-    from cpm_infer.torch_model import random_model, save_checkpoint  # noqa: PLC0415
+    from cpm_infer.tokenizer import CpmTokenizer
+    from cpm_infer.torch_model import random_model, save_checkpoint
 
     spec = preset(preset_name)
     tok = CpmTokenizer(tokenizer_file)
     if tok.vocab_size > spec.vocab_size:
-        raise CpmError(f"tokenizer {tokenizer_file} has {tok.vocab_size} pieces, more than the preset's {spec.vocab_size}")
+        raise CpmError(
+            f"tokenizer {tokenizer_file} has {tok.vocab_size} pieces, more than the preset's {spec.vocab_size}"
+        )
     return save_checkpoint(random_model(spec, seed, eod_id=tok.eod_id, pad_id=tok.pad_id), tokenizer_file, out_dir)
 
 
@@ -85,7 +87,7 @@ def prepare(
     if preset_name is not None:
         check_spec(preset(preset_name))
         if tokenizer_file is None:
-            from cpm_infer.demo import demo_model_dir  # noqa: PLC0415
+            from cpm_infer.demo import demo_model_dir
 
             demo = demo_model_dir()
             if demo is None:
@@ -117,9 +119,9 @@ def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads:
     if not {"hf", "torch"} & set(backends):
         return
     try:
-        from cpm_infer.backends.torch_backend import TorchBackend  # noqa: PLC0415
-        from cpm_infer.deps import require  # noqa: PLC0415
-        from cpm_infer.torch_model import load_model  # noqa: PLC0415
+        from cpm_infer.backends.torch_backend import TorchBackend
+        from cpm_infer.deps import require
+        from cpm_infer.torch_model import load_model
 
         torch = require("torch", "torch")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -140,12 +142,12 @@ def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads:
 
 
 def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads: int | None, say) -> None:
-    from cpm_infer.backends import load_backend  # noqa: PLC0415
+    from cpm_infer.backends import load_backend
 
     dirs = list(onnx_dirs)
     if not dirs:
         try:
-            from export.onnx_export import export_onnx  # noqa: PLC0415
+            from export.onnx_export import export_onnx
 
             say("exporting the model to ONNX (validated) for the ort backend")
             root = Path(setup.workdir.name if setup.workdir else tempfile.mkdtemp(prefix="cpm-bench-"))
@@ -166,7 +168,7 @@ def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads:
 
 
 def _add_trt(setup: BenchSetup, trt_dirs: Sequence[Path], device: str, say) -> None:
-    from cpm_infer.backends import load_backend  # noqa: PLC0415
+    from cpm_infer.backends import load_backend
 
     if not trt_dirs:
         setup.skipped["trt"] = "no TensorRT engine given (--trt DIR; build one with cpm export trt)"
@@ -186,7 +188,7 @@ def gpu_peak_reader(device: str):
     if not device.startswith("cuda"):
         return None
     try:
-        import torch  # noqa: PLC0415
+        import torch
     except ImportError:
         return None
     if not torch.cuda.is_available():

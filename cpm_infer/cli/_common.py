@@ -11,7 +11,7 @@ def resolve_model(model: Path | None) -> Path:
     """The given model path, or the bundled demo model when none is given."""
     if model is not None:
         return model
-    from cpm_infer.demo import demo_model_dir  # noqa: PLC0415
+    from cpm_infer.demo import demo_model_dir
 
     path = demo_model_dir()
     if path is None:

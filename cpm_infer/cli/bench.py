@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,26 +24,35 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def bench(
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint directory to benchmark.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="small, medium or large with random weights.")] = None,
-    onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", help="ONNX artifact(s) of --model (default: export one).")] = None,
-    trt: Annotated[Optional[list[Path]], typer.Option("--trt", help="TensorRT engine artifact(s).")] = None,
-    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: hf (transformers generate), torch, ort, trt.")] = "hf,torch,ort,trt",
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Checkpoint directory to benchmark.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="small, medium or large with random weights.")] = None,
+    onnx: Annotated[
+        list[Path] | None, typer.Option("--onnx", help="ONNX artifact(s) of --model (default: export one).")
+    ] = None,
+    trt: Annotated[list[Path] | None, typer.Option("--trt", help="TensorRT engine artifact(s).")] = None,
+    backends: Annotated[
+        str, typer.Option("--backends", help="Comma-separated: hf (transformers generate), torch, ort, trt.")
+    ] = "hf,torch,ort,trt",
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes; the first is the base case.")] = "1",
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths; the first is the base case.")] = "16",
     new_tokens: Annotated[str, typer.Option("--new-tokens", help="New tokens; the first is the base case.")] = "64",
-    context: Annotated[str, typer.Option("--context", help="Context lengths for decode latency vs context ('' = none).")] = "16,256,900",
+    context: Annotated[
+        str, typer.Option("--context", help="Context lengths for decode latency vs context ('' = none).")
+    ] = "16,256,900",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per case (after one warm-up).")] = 3,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for bench.json, bench.md and plots.")] = Path("bench-results"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for bench.json, bench.md and plots.")] = Path(
+        "bench-results"
+    ),
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
 ) -> None:
     """Benchmark backends side by side: first-token latency, decode ms/step (p50/p90), tokens/s, memory."""
-    from rich.console import Console  # noqa: PLC0415
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cpm_infer.bench import harness, report, setup as bench_setup  # noqa: PLC0415
+    from cpm_infer.bench import harness, report
+    from cpm_infer.bench import setup as bench_setup
 
     console = Console(stderr=True)
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
@@ -54,15 +63,27 @@ def bench(
         contexts=_ints(context, "--context") if context.strip() else [],
     )
     prepared = bench_setup.prepare(
-        model=model, preset_name=preset, tokenizer_file=tokenizer, backends=chosen, onnx_dirs=onnx or [],
-        trt_dirs=trt or [], device=device, threads=threads, say=lambda m: console.print(f"[dim]{m}[/dim]"),
+        model=model,
+        preset_name=preset,
+        tokenizer_file=tokenizer,
+        backends=chosen,
+        onnx_dirs=onnx or [],
+        trt_dirs=trt or [],
+        device=device,
+        threads=threads,
+        say=lambda m: console.print(f"[dim]{m}[/dim]"),
         check_spec=lambda spec: harness.build_cases(**cases_args, n_positions=spec.n_positions),
     )
     try:
         cases = harness.build_cases(**cases_args, n_positions=prepared.spec.n_positions)
         for name, reason in prepared.skipped.items():
             console.print(f"[yellow]skipped {name}:[/yellow] {reason}")
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("benchmarking", total=len(cases) * len(prepared.runners))
 
@@ -70,12 +91,25 @@ def bench(
             for case in cases:
                 prompts = harness.make_prompts(case, prepared.spec.vocab_size)
                 for runner in prepared.runners:
-                    progress.update(task, description=f"{runner.name}: {case.sweep} b{case.batch} p{case.prompt_len} n{case.new_tokens}")
-                    results.append(harness.measure(runner, case, prompts, repeats=repeats, gpu_peak=bench_setup.gpu_peak_reader(device)))
+                    progress.update(
+                        task,
+                        description=f"{runner.name}: {case.sweep} b{case.batch} p{case.prompt_len} n{case.new_tokens}",
+                    )
+                    results.append(
+                        harness.measure(
+                            runner, case, prompts, repeats=repeats, gpu_peak=bench_setup.gpu_peak_reader(device)
+                        )
+                    )
                     progress.advance(task)
         command = "cpm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        env = report.environment({"device": device, "threads": threads, "spec": prepared.spec.to_dict(),
-                                  "source": preset and f"preset {preset} (random weights)" or str(model)})
+        env = report.environment(
+            {
+                "device": device,
+                "threads": threads,
+                "spec": prepared.spec.to_dict(),
+                "source": (preset and f"preset {preset} (random weights)") or str(model),
+            }
+        )
         written = report.write_reports(results, out, command=command, env=env, skipped=prepared.skipped)
     finally:
         prepared.close()

@@ -4,7 +4,7 @@ generate a sample with ONNX Runtime, and measure it against eager PyTorch in the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,23 +15,25 @@ DEFAULT_PROMPT = "却说曹操引兵"
 
 def demo(
     model: ModelOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the ONNX artifact and bench report go.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where the ONNX artifact and bench report go.")
+    ] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p")] = DEFAULT_PROMPT,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 80,
     seed: Annotated[int, typer.Option("--seed")] = 1,
     threads: ThreadsOpt = None,
 ) -> None:
     """Export, generate, and compare with eager PyTorch, in one command."""
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from cpm_infer.artifact import ManifestError, read_manifest  # noqa: PLC0415
-    from cpm_infer.backends import load_backend  # noqa: PLC0415
-    from cpm_infer.bench import harness, report, setup  # noqa: PLC0415
-    from cpm_infer.checkpoint import open_checkpoint  # noqa: PLC0415
-    from cpm_infer.cli._common import resolve_model  # noqa: PLC0415
-    from cpm_infer.config import GenerationConfig  # noqa: PLC0415
-    from cpm_infer.generate import generate  # noqa: PLC0415
-    from export.onnx_export import export_onnx  # noqa: PLC0415
+    from cpm_infer.artifact import ManifestError, read_manifest
+    from cpm_infer.backends import load_backend
+    from cpm_infer.bench import harness, report, setup
+    from cpm_infer.checkpoint import open_checkpoint
+    from cpm_infer.cli._common import resolve_model
+    from cpm_infer.config import GenerationConfig
+    from cpm_infer.generate import generate
+    from export.onnx_export import export_onnx
 
     console, status = Console(), Console(stderr=True)
     model_path = resolve_model(model)
@@ -48,32 +50,60 @@ def demo(
         status.print(f"[dim]reusing the ONNX artifact in {artifact}[/dim]")
     else:
         with status.status("exporting to ONNX and validating against eager PyTorch") as spinner:
-            result = export_onnx(model_path, artifact, force=True, threads=threads,
-                                 progress=lambda m: spinner.update(f"export: {m}"))
+            result = export_onnx(
+                model_path, artifact, force=True, threads=threads, progress=lambda m: spinner.update(f"export: {m}")
+            )
         worst = max((max(c.logits_diff, c.present_diff) for r in result.reports for c in r.checks), default=0.0)
         status.print(f"exported {artifact} (validated: max |diff| {worst:.1e} vs eager PyTorch)")
 
     # 2. generate with ONNX Runtime (no torch involved), streaming
     backend, tok = load_backend("ort", artifact, threads=threads)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=seed)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=seed
+    )
     console.print(f"\n[bold]{prompt}[/bold]", end="")
-    generate(backend, [tok.encode(prompt)], config, tok, callback=lambda _, text: console.print(text, end="", highlight=False))
+    generate(
+        backend,
+        [tok.encode(prompt)],
+        config,
+        tok,
+        callback=lambda _, text: console.print(text, end="", highlight=False),
+    )
     console.print("\n")
 
     # 3. the same model, eager vs ONNX Runtime, same inputs, one process
-    prepared = setup.prepare(model=model_path, preset_name=None, tokenizer_file=None, backends=["hf", "torch", "ort"],
-                             onnx_dirs=[artifact], trt_dirs=[], device="cpu", threads=threads, say=lambda m: None)
+    prepared = setup.prepare(
+        model=model_path,
+        preset_name=None,
+        tokenizer_file=None,
+        backends=["hf", "torch", "ort"],
+        onnx_dirs=[artifact],
+        trt_dirs=[],
+        device="cpu",
+        threads=threads,
+        say=lambda m: None,
+    )
     try:
-        cases = harness.build_cases(batches=[1], prompt_lens=[16], new_tokens=[32], contexts=[], n_positions=prepared.spec.n_positions)
+        cases = harness.build_cases(
+            batches=[1], prompt_lens=[16], new_tokens=[32], contexts=[], n_positions=prepared.spec.n_positions
+        )
         results = []
         with status.status("benchmarking eager PyTorch vs ONNX Runtime"):
             for runner in prepared.runners:
-                results.append(harness.measure(runner, cases[0], harness.make_prompts(cases[0], prepared.spec.vocab_size), repeats=3))
-        written = report.write_reports(results, out_dir / "bench", command="cpm demo", env=report.environment(), skipped=prepared.skipped)
+                results.append(
+                    harness.measure(
+                        runner, cases[0], harness.make_prompts(cases[0], prepared.spec.vocab_size), repeats=3
+                    )
+                )
+        written = report.write_reports(
+            results, out_dir / "bench", command="cpm demo", env=report.environment(), skipped=prepared.skipped
+        )
     finally:
         prepared.close()
     console.print(report.terminal_table(written["rows"], compact=True))
     by_name = {r["backend"]: r for r in written["rows"]}
     if "ort" in by_name and by_name["ort"]["decode_speedup"]:
-        console.print(f"ONNX Runtime decodes {by_name['ort']['decode_speedup']:.1f}x faster than transformers' generate() here.")
+        console.print(
+            f"ONNX Runtime decodes {by_name['ort']['decode_speedup']:.1f}x faster than transformers' generate() here."
+        )
     status.print(f"[dim]report: {out_dir / 'bench' / 'bench.md'}[/dim]")

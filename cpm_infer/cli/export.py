@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,24 +18,50 @@ app.command("trt")(export_trt.trt)
 @app.command("onnx")
 def onnx(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + weights + tokenizer).")],
-    out_dir: Annotated[Path, typer.Argument(help="Artifact directory to write (refused if it exists, unless --force).")],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT_DIR (only once the new one is complete).")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision graph for GPUs (LayerNorm/softmax stay float32).")] = False,
-    optimize: Annotated[bool, typer.Option("--optimize", help="Apply onnxruntime transformer fusions (re-validated).")] = False,
+    out_dir: Annotated[
+        Path, typer.Argument(help="Artifact directory to write (refused if it exists, unless --force).")
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing OUT_DIR (only once the new one is complete).")
+    ] = False,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="Half-precision graph for GPUs (LayerNorm/softmax stay float32).")
+    ] = False,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="Apply onnxruntime transformer fusions (re-validated).")
+    ] = False,
     opset: Annotated[int, typer.Option("--opset", min=14, help="ONNX opset.")] = 17,
-    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 (dynamic, per-channel) or int4 (MatMulNBits) weights, CPU; MODEL_DIR may be a float32 artifact.")] = None,
-    gate_file: Annotated[Optional[Path], typer.Option("--gate-file", help="Held-out text for the quality gate (default: the demo model's held-out chapter).")] = None,
-    gate_threshold: Annotated[Optional[float], typer.Option("--gate-threshold", min=0, help="Allowed relative perplexity increase (default int8 0.02, int4 0.10).")] = None,
-    force_quality: Annotated[bool, typer.Option("--force-quality", help="Write the quantized artifact even when it fails the quality gate.")] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="int8 (dynamic, per-channel) or int4 (MatMulNBits) weights, CPU; MODEL_DIR may be a float32 artifact.",
+        ),
+    ] = None,
+    gate_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--gate-file", help="Held-out text for the quality gate (default: the demo model's held-out chapter)."
+        ),
+    ] = None,
+    gate_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--gate-threshold", min=0, help="Allowed relative perplexity increase (default int8 0.02, int4 0.10)."
+        ),
+    ] = None,
+    force_quality: Annotated[
+        bool, typer.Option("--force-quality", help="Write the quantized artifact even when it fails the quality gate.")
+    ] = False,
     device: DeviceOpt = "cpu",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Export a GPT-2/CPM checkpoint to ONNX with past key/values, validated against eager PyTorch."""
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from export.onnx_export import export_onnx  # noqa: PLC0415 - imports torch: only when the command runs
-    from export.quantize import QuantizeOptions  # noqa: PLC0415
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeOptions
 
     console = Console(stderr=True)
     with console.status("exporting", spinner="dots") as status:
@@ -45,8 +71,16 @@ def onnx(
             console.log(message)
 
         result = export_onnx(
-            model_dir, out_dir, force=force, fp16=fp16, optimize=optimize, opset=opset, device=device,
-            tokenizer_file=tokenizer, threads=threads, progress=progress,
+            model_dir,
+            out_dir,
+            force=force,
+            fp16=fp16,
+            optimize=optimize,
+            opset=opset,
+            device=device,
+            tokenizer_file=tokenizer,
+            threads=threads,
+            progress=progress,
             quantize=quantize and QuantizeOptions(quantize, gate_file, gate_threshold, force_quality),
         )
     print_reports(result.reports, Console())
@@ -59,29 +93,52 @@ def onnx(
 
 def print_quantization(details: dict, console) -> None:
     """The scheme and the quality gate's numbers (also stored in the manifest)."""
-    from export.quality_gate import GateResult  # noqa: PLC0415
+    from export.quality_gate import GateResult
 
     gate = GateResult(**details["gate"])
-    parts = ", ".join(f"{k} {details[k]}" for k in ("lm_head", "embedding", "block_size", "symmetric", "accuracy_level",
-                                                     "per_channel", "reduce_range", "weight_type") if k in details)
+    parts = ", ".join(
+        f"{k} {details[k]}"
+        for k in (
+            "lm_head",
+            "embedding",
+            "block_size",
+            "symmetric",
+            "accuracy_level",
+            "per_channel",
+            "reduce_range",
+            "weight_type",
+        )
+        if k in details
+    )
     console.print(f"{details['scheme']} weights ({parts}; {details['weights_mib']} MiB of weights)")
     console.print(gate.summary(), style="green" if gate.passed else "bold red")
 
 
 def print_reports(reports, console) -> None:
     """One rich table per validated graph: max |ORT - eager| (and its tolerance) per case and step."""
-    from rich import box  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    from rich import box
+    from rich.table import Table
 
     for report in reports:
         title = f"{report.graph} ({report.dtype}) on {report.provider}: {report.status}"
-        table = Table(title=title, title_justify="left", caption="max |ORT - eager| / tolerance", caption_justify="left",
-                      box=box.SIMPLE, pad_edge=False)
+        table = Table(
+            title=title,
+            title_justify="left",
+            caption="max |ORT - eager| / tolerance",
+            caption_justify="left",
+            box=box.SIMPLE,
+            pad_edge=False,
+        )
         for column in ("case", "step", "logits", "present", "ok"):
             table.add_column(column, no_wrap=True)
         for c in report.checks:
-            table.add_row(c.case, c.step, f"{c.logits_diff:.1e}/{c.logits_tolerance:.0e}",
-                          f"{c.present_diff:.1e}/{c.present_tolerance:.0e}", "yes" if c.ok else "[red]NO[/red]")
+            table.add_row(
+                c.case,
+                c.step,
+                f"{c.logits_diff:.1e}/{c.logits_tolerance:.0e}",
+                f"{c.present_diff:.1e}/{c.present_tolerance:.0e}",
+                "yes" if c.ok else "[red]NO[/red]",
+            )
         console.print(table)
         if report.reason:
             console.print(f"note: {report.reason}")

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,14 +19,16 @@ log = logging.getLogger(__name__)
 
 def generate(
     model: ModelOpt = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Plain prompt text.")] = None,
-    title: Annotated[Optional[str], typer.Option("--title", help="Essay title: the prompt is `title <sep> context`.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Plain prompt text.")] = None,
+    title: Annotated[
+        str | None, typer.Option("--title", help="Essay title: the prompt is `title <sep> context`.")
+    ] = None,
     context: Annotated[str, typer.Option("--context", help="Text after the title (with --title).")] = "",
     input_file: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--input", "-i", help="Prompts, one per line; or JSONL with prompt or title/context per line."),
     ] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results as JSONL here.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results as JSONL here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 100,
     min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 0,
@@ -34,13 +36,17 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", help="0 = off.")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="1 = off.")] = 0.9,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 = off.")] = 1.0,
-    ban_id: Annotated[Optional[list[int]], typer.Option("--ban-id", help="Token id never to generate (repeatable).")] = None,
+    ban_id: Annotated[
+        list[int] | None, typer.Option("--ban-id", help="Token id never to generate (repeatable).")
+    ] = None,
     allow_unk: Annotated[bool, typer.Option("--allow-unk", help="Allow <unk> (banned by default).")] = False,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples per prompt.")] = 1,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at <eod>.")] = False,
-    truncate: Annotated[bool, typer.Option("--truncate", help="Keep the last tokens of prompts that are too long.")] = False,
+    truncate: Annotated[
+        bool, typer.Option("--truncate", help="Keep the last tokens of prompts that are too long.")
+    ] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
     backend: BackendOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -48,12 +54,12 @@ def generate(
     threads: ThreadsOpt = None,
 ) -> None:
     """Generate text with a CPM model (checkpoint or exported artifact)."""
-    from cpm_infer.backends import load_backend  # noqa: PLC0415
-    from cpm_infer.cli._common import resolve_model  # noqa: PLC0415
-    from cpm_infer.config import GenerationConfig  # noqa: PLC0415
-    from cpm_infer.generate import generate as run_generation  # noqa: PLC0415
-    from cpm_infer.generate import truncate_prompt  # noqa: PLC0415
-    from cpm_infer.prompts import essay_prompt, plain_prompt  # noqa: PLC0415
+    from cpm_infer.backends import load_backend
+    from cpm_infer.cli._common import resolve_model
+    from cpm_infer.config import GenerationConfig
+    from cpm_infer.generate import generate as run_generation
+    from cpm_infer.generate import truncate_prompt
+    from cpm_infer.prompts import essay_prompt, plain_prompt
 
     sources = sum(x is not None for x in (prompt, title, input_file))
     if sources != 1:
@@ -72,7 +78,11 @@ def generate(
         num_samples=num_samples,
         ignore_eos=ignore_eos,
     )
-    requests = list(_read_requests(input_file)) if input_file else [{"prompt": prompt} if prompt is not None else {"title": title, "context": context}]
+    requests = (
+        list(_read_requests(input_file))
+        if input_file
+        else [{"prompt": prompt} if prompt is not None else {"title": title, "context": context}]
+    )
     if not requests:
         raise CpmError(f"{input_file} holds no prompts")
 
@@ -81,7 +91,11 @@ def generate(
     n_positions = runtime.spec.n_positions
 
     def encode(req: dict) -> list[int]:
-        ids = essay_prompt(tok, req["title"], req.get("context", "")) if "title" in req else plain_prompt(tok, req["prompt"])
+        ids = (
+            essay_prompt(tok, req["title"], req.get("context", ""))
+            if "title" in req
+            else plain_prompt(tok, req["prompt"])
+        )
         return truncate_prompt(ids, n_positions, max_new_tokens) if truncate else ids
 
     if stream:
@@ -92,11 +106,19 @@ def generate(
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             callback = _StreamPrinter() if stream else None
-            results = run_generation(runtime, [encode(r) for r in chunk], config, tok, callback=callback, index_offset=start)
+            results = run_generation(
+                runtime, [encode(r) for r in chunk], config, tok, callback=callback, index_offset=start
+            )
             for result in results:
                 req = requests[result.prompt_index]
-                record = {**req, "sample": result.sample_index, "text": result.text, "finish_reason": result.finish_reason,
-                          "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.token_ids)}
+                record = {
+                    **req,
+                    "sample": result.sample_index,
+                    "text": result.text,
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "new_tokens": len(result.token_ids),
+                }
                 if out_handle:
                     out_handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 elif not stream:
@@ -107,7 +129,7 @@ def generate(
                 out_handle.flush()
             done += len(chunk)
     except KeyboardInterrupt:
-        from cpm_infer.cli.app import Interrupted  # noqa: PLC0415
+        from cpm_infer.cli.app import Interrupted
 
         kept = f"; {done} of {len(requests)} prompts written to {output}" if output else ""
         raise Interrupted(f"interrupted{kept}") from None
@@ -138,14 +160,17 @@ def _read_requests(path: Path) -> Iterator[dict]:
             elif isinstance(obj.get("title"), str):
                 yield {"title": obj["title"], "context": str(obj.get("context", ""))}
             else:
-                raise CpmError(f"{path}:{number}: a JSON line needs a \"prompt\" or a \"title\" string")
+                raise CpmError(f'{path}:{number}: a JSON line needs a "prompt" or a "title" string')
         else:
             yield {"prompt": line}
 
 
 def _print_result(record: dict, label: bool) -> None:
     if label:
-        print(f"--- {record.get('prompt', record.get('title'))!s:.40} [sample {record['sample']}, {record['finish_reason']}]")
+        print(
+            f"--- {record.get('prompt', record.get('title'))!s:.40} [sample {record['sample']}, "
+            f"{record['finish_reason']}]"
+        )
     print(record["text"])
 
 

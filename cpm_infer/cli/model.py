@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,7 @@ app = typer.Typer(help="Create model checkpoints.", no_args_is_help=True)
 def create(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write (must not exist unless --force).")],
     tokenizer: Annotated[Path, typer.Option("--tokenizer", help="CPM SentencePiece file to ship with the model.")],
-    preset: Annotated[Optional[str], typer.Option("--preset", help="small, medium or large (CPM shapes).")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="small, medium or large (CPM shapes).")] = None,
     layers: Annotated[int, typer.Option("--layers", min=1)] = 2,
     heads: Annotated[int, typer.Option("--heads", min=1)] = 4,
     hidden: Annotated[int, typer.Option("--hidden", min=1)] = 64,
@@ -26,9 +26,10 @@ def create(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
 ) -> None:
     """Write a random GPT-2 with CPM's layout (HF format) that every command accepts."""
-    from cpm_infer.config import ModelSpec, preset as get_preset  # noqa: PLC0415
-    from cpm_infer.tokenizer import CpmTokenizer  # noqa: PLC0415
-    from cpm_infer.torch_model import random_model, save_checkpoint  # noqa: PLC0415
+    from cpm_infer.config import ModelSpec
+    from cpm_infer.config import preset as get_preset
+    from cpm_infer.tokenizer import CpmTokenizer
+    from cpm_infer.torch_model import random_model, save_checkpoint
 
     if out_dir.exists() and not force:
         raise CpmError(f"{out_dir} exists; pass --force to replace it")

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 ModelOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--model", "-m", help="Checkpoint directory or exported artifact (default: the bundled demo model)."),
 ]
 BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto (from the model directory), torch, ort or trt.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda (cuda:N).")]
 TokenizerOpt = Annotated[
-    Optional[Path], typer.Option("--tokenizer", help="SentencePiece file, if the model directory has none.")
+    Path | None, typer.Option("--tokenizer", help="SentencePiece file, if the model directory has none.")
 ]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the runtime.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the runtime.")]

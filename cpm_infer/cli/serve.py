@@ -50,15 +50,15 @@ def serve(
     access_log: AccessLogOpt = False,
 ) -> None:
     """Serve a CPM model over HTTP: /v1/completions (JSON or SSE), /zuowen, /health, /info, /v1/models."""
-    from cpm_infer.deps import require  # noqa: PLC0415
+    from cpm_infer.deps import require
 
     require("fastapi", "serve")
     require("uvicorn", "serve")
-    from cpm_infer.backends import detect_backend, load_backend  # noqa: PLC0415
-    from cpm_infer.cli._common import resolve_model  # noqa: PLC0415
-    from cpm_infer.serve.app import create_app  # noqa: PLC0415
-    from cpm_infer.serve.server import bind, serve_forever  # noqa: PLC0415
-    from cpm_infer.serve.settings import ServeSettings  # noqa: PLC0415
+    from cpm_infer.backends import detect_backend, load_backend
+    from cpm_infer.cli._common import resolve_model
+    from cpm_infer.serve.app import create_app
+    from cpm_infer.serve.server import bind, serve_forever
+    from cpm_infer.serve.settings import ServeSettings
 
     settings = ServeSettings(
         max_batch=max_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,17 +13,19 @@ from cpm_infer.errors import CpmError
 
 
 def tokenize(
-    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (or use --input).")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model or artifact directory holding the tokenizer.")] = None,
-    vocab: Annotated[Optional[Path], typer.Option("--vocab", help="A SentencePiece .model file.")] = None,
+    text: Annotated[str | None, typer.Argument(help="Text to tokenize (or use --input).")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Model or artifact directory holding the tokenizer.")
+    ] = None,
+    vocab: Annotated[Path | None, typer.Option("--vocab", help="A SentencePiece .model file.")] = None,
     input_file: Annotated[
-        Optional[Path], typer.Option("--input", "-i", help="Text lines, or JSONL with a \"text\" field per line.")
+        Path | None, typer.Option("--input", "-i", help='Text lines, or JSONL with a "text" field per line.')
     ] = None,
     pieces: Annotated[bool, typer.Option("--pieces", help="Also show the SentencePiece pieces.")] = False,
 ) -> None:
     """Print one JSON line per text: ids, decoded text (and pieces)."""
-    from cpm_infer.cli._common import resolve_model  # noqa: PLC0415
-    from cpm_infer.tokenizer import CpmTokenizer  # noqa: PLC0415
+    from cpm_infer.cli._common import resolve_model
+    from cpm_infer.tokenizer import CpmTokenizer
 
     if (text is None) == (input_file is None):
         raise CpmError("give a TEXT argument or --input FILE (not both)")
@@ -44,6 +46,6 @@ def _read_texts(path: Path):
             try:
                 yield json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise CpmError(f"{path}:{number}: expected a JSON object with a \"text\" string") from None
+                raise CpmError(f'{path}:{number}: expected a JSON object with a "text" string') from None
         else:
             yield line

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,15 +13,26 @@ from cpm_infer.errors import CpmError
 
 app = typer.Typer(help="Fine-tune or distil CPM models (HF checkpoints out; resumable).", no_args_is_help=True)
 
-DataArg = Annotated[list[Path], typer.Argument(help="Data files or directories: seed-format files, JSONL (title/content or text), plain text.")]
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Run directory: best/, last/ (resumable), metrics.csv.")]
-ValDataOpt = Annotated[Optional[list[Path]], typer.Option("--val-data", help="Held-out data (repeatable); default: a split of the data.")]
+DataArg = Annotated[
+    list[Path],
+    typer.Argument(help="Data files or directories: seed-format files, JSONL (title/content or text), plain text."),
+]
+OutputOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Run directory: best/, last/ (resumable), metrics.csv.")
+]
+ValDataOpt = Annotated[
+    list[Path] | None, typer.Option("--val-data", help="Held-out data (repeatable); default: a split of the data.")
+]
 FormatOpt = Annotated[str, typer.Option("--format", help="auto, seed, jsonl or text.")]
-ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Share of documents held out when no --val-data.")]
-MaxLenOpt = Annotated[Optional[int], typer.Option("--max-len", help="Window length in tokens (default: min(512, context)).")]
-StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default: --max-len).")]
+ValFractionOpt = Annotated[
+    float, typer.Option("--val-fraction", help="Share of documents held out when no --val-data.")
+]
+MaxLenOpt = Annotated[
+    int | None, typer.Option("--max-len", help="Window length in tokens (default: min(512, context)).")
+]
+StrideOpt = Annotated[int | None, typer.Option("--stride", help="Tokens between window starts (default: --max-len).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Windows per micro-batch (per process).")]
-EvalBatchOpt = Annotated[Optional[int], typer.Option("--eval-batch-size", min=1)]
+EvalBatchOpt = Annotated[int | None, typer.Option("--eval-batch-size", min=1)]
 AccumOpt = Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")]
 WdOpt = Annotated[float, typer.Option("--weight-decay")]
@@ -32,15 +43,29 @@ ClipOpt = Annotated[float, typer.Option("--max-grad-norm", help="Gradient clippi
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1)]
 StepsOpt = Annotated[int, typer.Option("--max-steps", min=0, help="Optimizer steps (overrides --epochs).")]
 EvalEveryOpt = Annotated[int, typer.Option("--eval-every", min=0, help="Steps between evaluations (0 = each epoch).")]
-SaveEveryOpt = Annotated[int, typer.Option("--save-every", min=0, help="Steps between saves of last/ (0 = at evaluations).")]
+SaveEveryOpt = Annotated[
+    int, typer.Option("--save-every", min=0, help="Steps between saves of last/ (0 = at evaluations).")
+]
 LogEveryOpt = Annotated[int, typer.Option("--log-every", min=1, help="Steps between metrics rows.")]
-PatienceOpt = Annotated[int, typer.Option("--patience", min=0, help="Stop after so many evaluations without improvement (0 = off).")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.")]
+PatienceOpt = Annotated[
+    int, typer.Option("--patience", min=0, help="Stop after so many evaluations without improvement (0 = off).")
+]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.")
+]
 CkptOpt = Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations to save memory.")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
-CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Preprocessing cache (default: $CPM_CACHE_DIR or ~/.cache/cpm-infer).")]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Preprocessing cache (default: $CPM_CACHE_DIR or ~/.cache/cpm-infer)."),
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --output exactly where last/ left it.")]
-StopAfterOpt = Annotated[int, typer.Option("--stop-after-steps", min=0, help="End this session after so many steps, resumable (job time limits).")]
+StopAfterOpt = Annotated[
+    int,
+    typer.Option(
+        "--stop-after-steps", min=0, help="End this session after so many steps, resumable (job time limits)."
+    ),
+]
 CpuOpt = Annotated[bool, typer.Option("--cpu", help="Train on CPU even where CUDA is available.")]
 
 
@@ -48,37 +73,74 @@ CpuOpt = Annotated[bool, typer.Option("--cpu", help="Train on CPU even where CUD
 def finetune(
     data: DataArg,
     output: OutputOpt,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint to fine-tune.")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer file (required for a new model).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Checkpoint to fine-tune.")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="Tokenizer file (required for a new model).")
+    ] = None,
     layers: Annotated[int, typer.Option("--layers", min=1, help="New model (no --model): layers.")] = 4,
     heads: Annotated[int, typer.Option("--heads", min=1, help="New model: attention heads.")] = 4,
     hidden: Annotated[int, typer.Option("--hidden", min=1, help="New model: hidden size.")] = 256,
     context: Annotated[int, typer.Option("--context", min=2, help="New model: positions.")] = 512,
     dropout: Annotated[float, typer.Option("--dropout", help="New model: dropout.")] = 0.1,
-    val_data: ValDataOpt = None, data_format: FormatOpt = "auto", val_fraction: ValFractionOpt = 0.05,
-    max_len: MaxLenOpt = None, stride: StrideOpt = None, batch_size: BatchOpt = 8, eval_batch_size: EvalBatchOpt = None,
-    grad_accum: AccumOpt = 1, lr: LrOpt = 1e-4, weight_decay: WdOpt = 0.01, warmup_steps: WarmupOpt = 100,
-    schedule: ScheduleOpt = "linear", min_lr_ratio: MinLrOpt = 0.0, max_grad_norm: ClipOpt = 1.0, epochs: EpochsOpt = 1,
-    max_steps: StepsOpt = 0, eval_every: EvalEveryOpt = 0, save_every: SaveEveryOpt = 0, log_every: LogEveryOpt = 10,
-    patience: PatienceOpt = 0, precision: PrecisionOpt = "auto", grad_checkpointing: CkptOpt = False, seed: SeedOpt = 42,
-    cache_dir: CacheOpt = None, resume: ResumeOpt = False, stop_after_steps: StopAfterOpt = 0, cpu: CpuOpt = False,
+    val_data: ValDataOpt = None,
+    data_format: FormatOpt = "auto",
+    val_fraction: ValFractionOpt = 0.05,
+    max_len: MaxLenOpt = None,
+    stride: StrideOpt = None,
+    batch_size: BatchOpt = 8,
+    eval_batch_size: EvalBatchOpt = None,
+    grad_accum: AccumOpt = 1,
+    lr: LrOpt = 1e-4,
+    weight_decay: WdOpt = 0.01,
+    warmup_steps: WarmupOpt = 100,
+    schedule: ScheduleOpt = "linear",
+    min_lr_ratio: MinLrOpt = 0.0,
+    max_grad_norm: ClipOpt = 1.0,
+    epochs: EpochsOpt = 1,
+    max_steps: StepsOpt = 0,
+    eval_every: EvalEveryOpt = 0,
+    save_every: SaveEveryOpt = 0,
+    log_every: LogEveryOpt = 10,
+    patience: PatienceOpt = 0,
+    precision: PrecisionOpt = "auto",
+    grad_checkpointing: CkptOpt = False,
+    seed: SeedOpt = 42,
+    cache_dir: CacheOpt = None,
+    resume: ResumeOpt = False,
+    stop_after_steps: StopAfterOpt = 0,
+    cpu: CpuOpt = False,
 ) -> None:
     """Fine-tune a checkpoint (--model) or train a new model (--tokenizer + shape) on your text."""
-    from cpm_infer.config import ModelSpec  # noqa: PLC0415
-    from trainer.finetune import finetune as run_finetune  # noqa: PLC0415
+    from cpm_infer.config import ModelSpec
+    from trainer.finetune import finetune as run_finetune
 
     cfg = _config(locals())
     new_spec = new_config = None
     if model is None:
         if tokenizer is None:
             raise CpmError("give --model to fine-tune a checkpoint, or --tokenizer (and a shape) to train a new model")
-        from cpm_infer.tokenizer import CpmTokenizer  # noqa: PLC0415
+        from cpm_infer.tokenizer import CpmTokenizer
 
-        new_spec = ModelSpec(n_layer=layers, n_head=heads, n_embd=hidden, vocab_size=CpmTokenizer(tokenizer).vocab_size, n_positions=context)
+        new_spec = ModelSpec(
+            n_layer=layers,
+            n_head=heads,
+            n_embd=hidden,
+            vocab_size=CpmTokenizer(tokenizer).vocab_size,
+            n_positions=context,
+        )
         new_config = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     with _Display() as display:
-        result = _interruptible(lambda: run_finetune(cfg, model_dir=model, new_spec=new_spec, tokenizer_file=tokenizer,
-                                                     new_config=new_config, callbacks=display.callbacks(), progress=display.data_progress))
+        result = _interruptible(
+            lambda: run_finetune(
+                cfg,
+                model_dir=model,
+                new_spec=new_spec,
+                tokenizer_file=tokenizer,
+                new_config=new_config,
+                callbacks=display.callbacks(),
+                progress=display.data_progress,
+            )
+        )
     _report(result)
 
 
@@ -87,20 +149,44 @@ def distill(
     data: DataArg,
     output: OutputOpt,
     teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint.")],
-    student_layers: Annotated[Optional[int], typer.Option("--student-layers", min=1, help="Student depth (default: half the teacher's).")] = None,
-    layer_map: Annotated[Optional[str], typer.Option("--layer-map", help="Teacher layers that initialise the student, e.g. 0,5,11.")] = None,
+    student_layers: Annotated[
+        int | None, typer.Option("--student-layers", min=1, help="Student depth (default: half the teacher's).")
+    ] = None,
+    layer_map: Annotated[
+        str | None, typer.Option("--layer-map", help="Teacher layers that initialise the student, e.g. 0,5,11.")
+    ] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="KD softmax temperature.")] = 2.0,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of the KD loss (the LM loss gets 1 - alpha).")] = 0.5,
-    val_data: ValDataOpt = None, data_format: FormatOpt = "auto", val_fraction: ValFractionOpt = 0.05,
-    max_len: MaxLenOpt = None, stride: StrideOpt = None, batch_size: BatchOpt = 8, eval_batch_size: EvalBatchOpt = None,
-    grad_accum: AccumOpt = 1, lr: LrOpt = 1e-4, weight_decay: WdOpt = 0.01, warmup_steps: WarmupOpt = 100,
-    schedule: ScheduleOpt = "linear", min_lr_ratio: MinLrOpt = 0.0, max_grad_norm: ClipOpt = 1.0, epochs: EpochsOpt = 1,
-    max_steps: StepsOpt = 0, eval_every: EvalEveryOpt = 0, save_every: SaveEveryOpt = 0, log_every: LogEveryOpt = 10,
-    patience: PatienceOpt = 0, precision: PrecisionOpt = "auto", grad_checkpointing: CkptOpt = False, seed: SeedOpt = 42,
-    cache_dir: CacheOpt = None, resume: ResumeOpt = False, stop_after_steps: StopAfterOpt = 0, cpu: CpuOpt = False,
+    val_data: ValDataOpt = None,
+    data_format: FormatOpt = "auto",
+    val_fraction: ValFractionOpt = 0.05,
+    max_len: MaxLenOpt = None,
+    stride: StrideOpt = None,
+    batch_size: BatchOpt = 8,
+    eval_batch_size: EvalBatchOpt = None,
+    grad_accum: AccumOpt = 1,
+    lr: LrOpt = 1e-4,
+    weight_decay: WdOpt = 0.01,
+    warmup_steps: WarmupOpt = 100,
+    schedule: ScheduleOpt = "linear",
+    min_lr_ratio: MinLrOpt = 0.0,
+    max_grad_norm: ClipOpt = 1.0,
+    epochs: EpochsOpt = 1,
+    max_steps: StepsOpt = 0,
+    eval_every: EvalEveryOpt = 0,
+    save_every: SaveEveryOpt = 0,
+    log_every: LogEveryOpt = 10,
+    patience: PatienceOpt = 0,
+    precision: PrecisionOpt = "auto",
+    grad_checkpointing: CkptOpt = False,
+    seed: SeedOpt = 42,
+    cache_dir: CacheOpt = None,
+    resume: ResumeOpt = False,
+    stop_after_steps: StopAfterOpt = 0,
+    cpu: CpuOpt = False,
 ) -> None:
     """Distil a teacher into a shallower student initialised from teacher layers (KD + LM loss)."""
-    from trainer.distill import distill as run_distill  # noqa: PLC0415
+    from trainer.distill import distill as run_distill
 
     cfg = _config(locals())
     mapping = None
@@ -110,25 +196,60 @@ def distill(
         except ValueError:
             raise CpmError(f"--layer-map takes comma-separated layer numbers, got {layer_map!r}") from None
     with _Display() as display:
-        result = _interruptible(lambda: run_distill(cfg, teacher_dir=teacher, student_layers=student_layers, layer_map=mapping,
-                                                    temperature=temperature, alpha=alpha, callbacks=display.callbacks(),
-                                                    progress=display.data_progress))
+        result = _interruptible(
+            lambda: run_distill(
+                cfg,
+                teacher_dir=teacher,
+                student_layers=student_layers,
+                layer_map=mapping,
+                temperature=temperature,
+                alpha=alpha,
+                callbacks=display.callbacks(),
+                progress=display.data_progress,
+            )
+        )
     _report(result)
 
 
 def _config(values: dict):
-    from trainer.config import TrainConfig  # noqa: PLC0415
+    from trainer.config import TrainConfig
 
-    names = ("data", "output", "data_format", "val_fraction", "max_len", "stride", "batch_size", "eval_batch_size",
-             "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "epochs",
-             "max_steps", "eval_every", "save_every", "log_every", "patience", "precision", "grad_checkpointing", "seed",
-             "cache_dir", "resume", "stop_after_steps", "cpu")
+    names = (
+        "data",
+        "output",
+        "data_format",
+        "val_fraction",
+        "max_len",
+        "stride",
+        "batch_size",
+        "eval_batch_size",
+        "grad_accum",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "schedule",
+        "min_lr_ratio",
+        "max_grad_norm",
+        "epochs",
+        "max_steps",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "patience",
+        "precision",
+        "grad_checkpointing",
+        "seed",
+        "cache_dir",
+        "resume",
+        "stop_after_steps",
+        "cpu",
+    )
     return TrainConfig(val_data=values["val_data"] or [], **{n: values[n] for n in names})
 
 
 def _interruptible(fn):
-    from cpm_infer.cli.app import Interrupted  # noqa: PLC0415
-    from trainer.errors import TrainingInterrupted  # noqa: PLC0415
+    from cpm_infer.cli.app import Interrupted
+    from trainer.errors import TrainingInterrupted
 
     try:
         return fn()
@@ -139,8 +260,18 @@ def _interruptible(fn):
 def _report(result) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    best = f"; best: {result.best} (held-out loss {result.best_val_loss:.4f})" if result.best and result.best_val_loss is not None else ""
-    how = "" if result.stopped == "done" else f" ({result.stopped}; continue with --resume)" if result.stopped == "session limit" else f" ({result.stopped})"
+    best = (
+        f"; best: {result.best} (held-out loss {result.best_val_loss:.4f})"
+        if result.best and result.best_val_loss is not None
+        else ""
+    )
+    how = (
+        ""
+        if result.stopped == "done"
+        else f" ({result.stopped}; continue with --resume)"
+        if result.stopped == "session limit"
+        else f" ({result.stopped})"
+    )
     print(f"trained {result.steps}/{result.total_steps} steps{how}; last: {result.last}{best}", file=sys.stderr)
 
 
@@ -154,11 +285,18 @@ class _Display:
 
     def __enter__(self) -> _Display:
         if self.enabled:
-            from rich.console import Console  # noqa: PLC0415
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[status]}"), console=Console(stderr=True), transient=False)
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
             self.progress.start()
         return self
 
@@ -174,7 +312,7 @@ class _Display:
         self.progress.update(self.data_task, completed=done, total=total)
 
     def callbacks(self):
-        from trainer.loop import Callbacks  # noqa: PLC0415
+        from trainer.loop import Callbacks
 
         return Callbacks(on_step=self._step, on_eval=self._eval) if self.progress is not None else None
 

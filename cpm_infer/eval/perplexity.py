@@ -83,9 +83,11 @@ def _json_document(line: str, where: str) -> Document:
     except json.JSONDecodeError as exc:
         raise EvalError(f"{where}: not a JSON object: {exc.msg}") from None
     if not isinstance(record, dict) or not isinstance(record.get("text", record.get("content")), str):
-        raise EvalError(f"{where}: needs a \"text\" or \"content\" string field")
+        raise EvalError(f'{where}: needs a "text" or "content" string field')
     title = record.get("title")
-    return Document(record.get("text", record.get("content")), title if isinstance(title, str) and title.strip() else None)
+    return Document(
+        record.get("text", record.get("content")), title if isinstance(title, str) and title.strip() else None
+    )
 
 
 def document_ids(tokenizer: CpmTokenizer, doc: Document) -> list[int]:
@@ -132,7 +134,9 @@ def perplexity(
     predicted = sum(max(0, len(x) - 1) for x in ids)
     if predicted < max(1, min_tokens):
         need = max(1, min_tokens)
-        raise EvalError(f"the text gives {predicted} predicted tokens; at least {need} are needed for a meaningful perplexity")
+        raise EvalError(
+            f"the text gives {predicted} predicted tokens; at least {need} are needed for a meaningful perplexity"
+        )
     plan = plan_windows([len(x) for x in ids], window, stride)
     batches = _batches(plan, batch_size)
     nll, count, done = 0.0, 0, 0
@@ -151,8 +155,15 @@ def perplexity(
     assert count == predicted, (count, predicted)  # every prediction exactly once
     mean = nll / count
     return PerplexityResult(
-        perplexity=math.exp(mean), mean_nll=mean, tokens=count, documents=len(documents), windows=len(plan),
-        window=window, stride=stride, seconds=seconds, tokens_per_s=count / seconds if seconds > 0 else float("inf"),
+        perplexity=math.exp(mean),
+        mean_nll=mean,
+        tokens=count,
+        documents=len(documents),
+        windows=len(plan),
+        window=window,
+        stride=stride,
+        seconds=seconds,
+        tokens_per_s=count / seconds if seconds > 0 else float("inf"),
     )
 
 

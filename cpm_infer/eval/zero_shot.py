@@ -92,13 +92,13 @@ def _example(line: str, where: str) -> Example:
         raise EvalError(f"{where}: not a JSON object")
     candidates = record.get("candidates")
     if not isinstance(candidates, list) or len(candidates) < 2 or not all(isinstance(c, str) and c for c in candidates):
-        raise EvalError(f"{where}: \"candidates\" must be a list of at least 2 non-empty strings")
+        raise EvalError(f'{where}: "candidates" must be a list of at least 2 non-empty strings')
     label = record.get("label")
     if label is not None:
         if isinstance(label, str) and label in candidates:
             label = candidates.index(label)
         elif not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(candidates)):
-            raise EvalError(f"{where}: \"label\" {label!r} is neither one of the candidates nor an index into them")
+            raise EvalError(f'{where}: "label" {label!r} is neither one of the candidates nor an index into them')
     template = record.get("template")
     fields = {k: v for k, v in record.items() if k not in ("candidates", "label", "template")}
     return Example(fields, candidates, label, template if isinstance(template, str) else None, where)
@@ -112,13 +112,20 @@ def split_template(template: str, example: Example) -> tuple[str, str]:
     try:
         filled = template.format_map({**example.fields, "candidate": _MARK})
     except (KeyError, IndexError, ValueError) as exc:
-        raise EvalError(f"{example.where}: the template {template!r} cannot be filled: {type(exc).__name__} {exc}") from None
+        raise EvalError(
+            f"{example.where}: the template {template!r} cannot be filled: {type(exc).__name__} {exc}"
+        ) from None
     before, _, after = filled.partition(_MARK)
     return before, after
 
 
 def score_examples(
-    backend: Backend, tokenizer: CpmTokenizer, examples: list[Example], *, template: str | None = None, scope: str = "all"
+    backend: Backend,
+    tokenizer: CpmTokenizer,
+    examples: list[Example],
+    *,
+    template: str | None = None,
+    scope: str = "all",
 ) -> ZeroShotResult:
     if scope not in SCOPES:
         raise EvalError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
@@ -132,7 +139,9 @@ def score_examples(
             if len(ids) < 2:
                 raise EvalError(f"{example.where}: candidate {candidate!r} gives fewer than 2 tokens to score")
             if len(ids) > backend.spec.n_positions:
-                raise EvalError(f"{example.where}: {len(ids)} tokens exceed the model's context of {backend.spec.n_positions}")
+                raise EvalError(
+                    f"{example.where}: {len(ids)} tokens exceed the model's context of {backend.spec.n_positions}"
+                )
             logprobs = token_logprobs(backend, np.array([ids], dtype=np.int64))[0]  # [j] predicts token j + 1
             kept = logprobs[max(0, len(head) - 1) :] if scope == "candidate" else logprobs
             losses.append(float(-kept.mean()))

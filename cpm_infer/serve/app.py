@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -135,7 +135,7 @@ def create_app(
         title: str,
         context: str = "",
         max_len: int = Query(schemas.ESSAY_MAX_LEN),
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ) -> dict[str, str]:
         return await essay(request, title, context, max_len, seed)
 

@@ -235,7 +235,7 @@ class Batcher:
                 return
             try:
                 self._run(jobs)
-            except Exception:  # noqa: BLE001 - the worker must outlive any one batch
+            except Exception:
                 log.exception("batch failed")
             finally:
                 with self._cond:
@@ -289,7 +289,7 @@ class Batcher:
                 seeds=[job.config.seed for job in jobs],
                 should_stop=lambda index: owners[index].stop_reason,
             )
-        except Exception as exc:  # noqa: BLE001 - one bad batch fails its requests, not the server
+        except Exception as exc:
             log.exception("generation failed for a batch of %d", len(owners))
             first_line = (str(exc).strip().splitlines() or [""])[0]
             for job in jobs:

@@ -7,7 +7,7 @@ exactly the same settings and say the same thing about bad ones.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -28,10 +28,10 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Optional[str] = None
-    title: Optional[str] = None
-    context: Optional[str] = None
-    max_new_tokens: Optional[int] = None  # default: the server's default, never above its cap
+    prompt: str | None = None
+    title: str | None = None
+    context: str | None = None
+    max_new_tokens: int | None = None  # default: the server's default, never above its cap
     min_new_tokens: int = _DEFAULT.min_new_tokens
     temperature: float = _DEFAULT.temperature
     top_k: int = _DEFAULT.top_k
@@ -39,8 +39,8 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float = _DEFAULT.repetition_penalty
     ban_unk: bool = _DEFAULT.ban_unk
     banned_ids: list[int] = []
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = _DEFAULT.seed  # null: a fresh random seed per request
+    stop: str | list[str] | None = None
+    seed: int | None = _DEFAULT.seed  # null: a fresh random seed per request
     num_samples: int = _DEFAULT.num_samples
     ignore_eos: bool = _DEFAULT.ignore_eos
     truncate: bool = False  # keep the last tokens of a prompt that does not fit the context
@@ -63,7 +63,7 @@ class EssayRequest(BaseModel):
     title: str
     context: str = ""
     max_len: int = ESSAY_MAX_LEN
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 def completion_config(req: CompletionRequest, settings: ServeSettings) -> GenerationConfig:

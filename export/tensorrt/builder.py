@@ -88,7 +88,9 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
         errors = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)]
-        raise BuildError(f"TensorRT could not parse {onnx_file.name}: {'; '.join(errors[:3]) or 'unknown parser error'}")
+        raise BuildError(
+            f"TensorRT could not parse {onnx_file.name}: {'; '.join(errors[:3]) or 'unknown parser error'}"
+        )
     _check_io(network, spec)
 
     config = builder.create_builder_config()

@@ -77,7 +77,9 @@ class DeviceBuffer:
 
     def __init__(self, nbytes: int, what: str) -> None:
         self.nbytes = max(1, int(nbytes))
-        self.ptr = int(call(runtime().cudaMalloc(self.nbytes), f"allocation of {self.nbytes / 2**20:.1f} MiB for {what}"))
+        self.ptr = int(
+            call(runtime().cudaMalloc(self.nbytes), f"allocation of {self.nbytes / 2**20:.1f} MiB for {what}")
+        )
 
     def free(self) -> None:
         if self.ptr:

@@ -29,7 +29,14 @@ from cpm_infer.errors import CpmError
 from export.tensorrt import cuda
 from export.tensorrt.builder import build_engine
 from export.tensorrt.compat import RuntimeInfo, cc_string
-from export.tensorrt.precision import PRECISIONS, BuildPlan, check_trt_supports, choose_precision, parse_version, plan_build
+from export.tensorrt.precision import (
+    PRECISIONS,
+    BuildPlan,
+    check_trt_supports,
+    choose_precision,
+    parse_version,
+    plan_build,
+)
 from export.tensorrt.profiles import EngineLimits, make_profiles
 
 log = logging.getLogger(__name__)
@@ -80,8 +87,17 @@ def check_request(
 
 
 def engine_details(
-    *, here: RuntimeInfo, plan: BuildPlan, reason: str, limits: EngineLimits, profiles: list, onnx_sha256: str,
-    tokenizer_sha256: str, source: Manifest, workspace_bytes: int, fp32_layers: int
+    *,
+    here: RuntimeInfo,
+    plan: BuildPlan,
+    reason: str,
+    limits: EngineLimits,
+    profiles: list,
+    onnx_sha256: str,
+    tokenizer_sha256: str,
+    source: Manifest,
+    workspace_bytes: int,
+    fp32_layers: int,
 ) -> dict[str, Any]:
     return {
         **here.to_details(),
@@ -142,7 +158,12 @@ def export_trt(
         say(f"building the {plan.precision} engine ({plan.mode}); this takes minutes")
         workspace = int(workspace_gb * 2**30)
         engine, report = build_engine(
-            trt, graph, spec=spec, plan=plan, profiles=profiles, workspace_bytes=workspace,
+            trt,
+            graph,
+            spec=spec,
+            plan=plan,
+            profiles=profiles,
+            workspace_bytes=workspace,
             timing_cache=Path(timing_cache) if timing_cache else None,
         )
         (tmp / ENGINE).write_bytes(engine)
@@ -156,20 +177,30 @@ def export_trt(
             graph_files={"model": ENGINE},
             tokenizer_file=source.tokenizer_file,
             source_sha256=source.source_sha256,
-            tools={**tool_versions(("cpm-infer", "tensorrt", "cuda-python", "cuda-bindings")), "tensorrt": trt.__version__},
+            tools={
+                **tool_versions(("cpm-infer", "tensorrt", "cuda-python", "cuda-bindings")),
+                "tensorrt": trt.__version__,
+            },
             generation=dict(source.generation),
             validation_report=REPORT,
             details=engine_details(
-                here=here, plan=plan, reason=reason, limits=limits, profiles=profiles,
-                onnx_sha256=sha256_files(graph_files), tokenizer_sha256=sha256_files([tokenizer]),
-                source=source, workspace_bytes=workspace, fp32_layers=len(report.fp32_layers),
+                here=here,
+                plan=plan,
+                reason=reason,
+                limits=limits,
+                profiles=profiles,
+                onnx_sha256=sha256_files(graph_files),
+                tokenizer_sha256=sha256_files([tokenizer]),
+                source=source,
+                workspace_bytes=workspace,
+                fp32_layers=len(report.fp32_layers),
             ),
         )
         write_manifest(tmp, manifest)
         validation = _validate(tmp, src, plan.precision, spec, limits, device, validate, say)
         (tmp / REPORT).write_text(json.dumps(validation, indent=2) + "\n", encoding="utf-8")
         if validation["status"] == "failed":
-            from export.tensorrt.validate import EngineValidationError  # noqa: PLC0415
+            from export.tensorrt.validate import EngineValidationError
 
             raise EngineValidationError(
                 f"engine validation failed: max logits diff {validation['max_logits_diff']:.3g}, greedy agreement "
@@ -178,7 +209,16 @@ def export_trt(
     return TrtExportResult(out, manifest, reason, validation)
 
 
-def _validate(engine_dir: Path, onnx_dir: Path, precision: str, spec, limits: EngineLimits, device: int, enabled: bool, say: Progress):
+def _validate(
+    engine_dir: Path,
+    onnx_dir: Path,
+    precision: str,
+    spec,
+    limits: EngineLimits,
+    device: int,
+    enabled: bool,
+    say: Progress,
+):
     """The validation report as a dict; 'not run' (with the reason) when it cannot run here."""
     if not enabled:
         return {"status": "not run", "reason": "--no-validate", "precision": precision}
@@ -186,18 +226,24 @@ def _validate(engine_dir: Path, onnx_dir: Path, precision: str, spec, limits: En
         require("onnxruntime", "ort")
     except CpmError as exc:
         return {"status": "not run", "reason": str(exc), "precision": precision}
-    from cpm_infer.backends import load_backend  # noqa: PLC0415
-    from export.tensorrt.validate import validate_backend  # noqa: PLC0415
-    from export.validate import validation_cases  # noqa: PLC0415
+    from cpm_infer.backends import load_backend
+    from export.tensorrt.validate import validate_backend
+    from export.validate import validation_cases
 
     longest = max(len(p) for _, prompts in validation_cases(spec) for p in prompts)
     if longest > limits.max_input or longest + 3 >= limits.max_total:
-        return {"status": "not run", "reason": f"validation prompts ({longest} tokens) exceed the engine limits", "precision": precision}
+        return {
+            "status": "not run",
+            "reason": f"validation prompts ({longest} tokens) exceed the engine limits",
+            "precision": precision,
+        }
     say("validating the engine against the ONNX graph on ONNX Runtime (CPU)")
     engine, _ = load_backend("trt", engine_dir, device=f"cuda:{device}")
     reference, _ = load_backend("ort", onnx_dir, device="cpu")
     try:
-        report = validate_backend(engine, reference, spec, precision, reference_name="the ONNX graph (ORT CPU)", max_batch=limits.max_batch)
+        report = validate_backend(
+            engine, reference, spec, precision, reference_name="the ONNX graph (ORT CPU)", max_batch=limits.max_batch
+        )
     finally:
         engine.close()
     return report.to_dict()

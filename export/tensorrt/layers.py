@@ -99,20 +99,48 @@ def select_fp32_layers(layers: Sequence[LayerInfo]) -> dict[int, str]:
 
 # ONNX operator -> (TensorRT layer type, operation) created by the ONNX parser.
 _ONNX_TO_TRT: dict[str, tuple[str, str | None]] = {
-    "Add": ("ELEMENTWISE", "SUM"), "Sub": ("ELEMENTWISE", "SUB"), "Mul": ("ELEMENTWISE", "PROD"),
-    "Div": ("ELEMENTWISE", "DIV"), "Pow": ("ELEMENTWISE", "POW"), "Max": ("ELEMENTWISE", "MAX"),
-    "Min": ("ELEMENTWISE", "MIN"), "And": ("ELEMENTWISE", "AND"), "Or": ("ELEMENTWISE", "OR"),
-    "Equal": ("ELEMENTWISE", "EQUAL"), "Greater": ("ELEMENTWISE", "GREATER"), "Less": ("ELEMENTWISE", "LESS"),
-    "LessOrEqual": ("ELEMENTWISE", "LESS"), "GreaterOrEqual": ("ELEMENTWISE", "GREATER"),
-    "ReduceMean": ("REDUCE", "AVG"), "ReduceSum": ("REDUCE", "SUM"), "ReduceMax": ("REDUCE", "MAX"),
-    "Sqrt": ("UNARY", "SQRT"), "Reciprocal": ("UNARY", "RECIP"), "Exp": ("UNARY", "EXP"), "Not": ("UNARY", "NOT"),
-    "Tanh": ("ACTIVATION", "TANH"), "Relu": ("ACTIVATION", "RELU"), "Erf": ("UNARY", "ERF"),
-    "Softmax": ("SOFTMAX", None), "LayerNormalization": ("NORMALIZATION", None), "Where": ("SELECT", None),
-    "MatMul": ("MATRIX_MULTIPLY", None), "Gemm": ("MATRIX_MULTIPLY", None), "Cast": ("CAST", None),
-    "Reshape": ("SHUFFLE", None), "Transpose": ("SHUFFLE", None), "Unsqueeze": ("SHUFFLE", None),
-    "Squeeze": ("SHUFFLE", None), "Flatten": ("SHUFFLE", None), "Identity": ("IDENTITY", None),
-    "Concat": ("CONCATENATION", None), "Gather": ("GATHER", None), "Slice": ("SLICE", None), "Split": ("SLICE", None),
-    "Constant": ("CONSTANT", None), "Shape": ("SHAPE", None),
+    "Add": ("ELEMENTWISE", "SUM"),
+    "Sub": ("ELEMENTWISE", "SUB"),
+    "Mul": ("ELEMENTWISE", "PROD"),
+    "Div": ("ELEMENTWISE", "DIV"),
+    "Pow": ("ELEMENTWISE", "POW"),
+    "Max": ("ELEMENTWISE", "MAX"),
+    "Min": ("ELEMENTWISE", "MIN"),
+    "And": ("ELEMENTWISE", "AND"),
+    "Or": ("ELEMENTWISE", "OR"),
+    "Equal": ("ELEMENTWISE", "EQUAL"),
+    "Greater": ("ELEMENTWISE", "GREATER"),
+    "Less": ("ELEMENTWISE", "LESS"),
+    "LessOrEqual": ("ELEMENTWISE", "LESS"),
+    "GreaterOrEqual": ("ELEMENTWISE", "GREATER"),
+    "ReduceMean": ("REDUCE", "AVG"),
+    "ReduceSum": ("REDUCE", "SUM"),
+    "ReduceMax": ("REDUCE", "MAX"),
+    "Sqrt": ("UNARY", "SQRT"),
+    "Reciprocal": ("UNARY", "RECIP"),
+    "Exp": ("UNARY", "EXP"),
+    "Not": ("UNARY", "NOT"),
+    "Tanh": ("ACTIVATION", "TANH"),
+    "Relu": ("ACTIVATION", "RELU"),
+    "Erf": ("UNARY", "ERF"),
+    "Softmax": ("SOFTMAX", None),
+    "LayerNormalization": ("NORMALIZATION", None),
+    "Where": ("SELECT", None),
+    "MatMul": ("MATRIX_MULTIPLY", None),
+    "Gemm": ("MATRIX_MULTIPLY", None),
+    "Cast": ("CAST", None),
+    "Reshape": ("SHUFFLE", None),
+    "Transpose": ("SHUFFLE", None),
+    "Unsqueeze": ("SHUFFLE", None),
+    "Squeeze": ("SHUFFLE", None),
+    "Flatten": ("SHUFFLE", None),
+    "Identity": ("IDENTITY", None),
+    "Concat": ("CONCATENATION", None),
+    "Gather": ("GATHER", None),
+    "Slice": ("SLICE", None),
+    "Split": ("SLICE", None),
+    "Constant": ("CONSTANT", None),
+    "Shape": ("SHAPE", None),
 }
 _BOOL_OPS = {"And", "Or", "Not", "Equal", "Greater", "Less", "LessOrEqual", "GreaterOrEqual"}
 
@@ -129,7 +157,9 @@ def layers_from_onnx(model: Any) -> list[LayerInfo]:
         if node.op_type == "Cast":
             to = next((a.i for a in node.attribute if a.name == "to"), None)
             float_out = to in float_types
-        layers.append(LayerInfo(i, kind, op, tuple(t for t in node.input if t), tuple(node.output), float_out, node.name))
+        layers.append(
+            LayerInfo(i, kind, op, tuple(t for t in node.input if t), tuple(node.output), float_out, node.name)
+        )
     return layers
 
 

@@ -53,7 +53,8 @@ def check_trt_supports(gpu_name: str, cc: tuple[int, int], trt_version: tuple[in
     where = f"{gpu_name} (sm_{cc[0]}{cc[1]})"
     if trt_version[:2] < MIN_TRT:
         raise PrecisionError(
-            f"TensorRT {_fmt(trt_version)} is too old: the runtime uses the named-tensor API of TensorRT >= {_fmt(MIN_TRT)}"
+            f"TensorRT {_fmt(trt_version)} is too old: the runtime uses the named-tensor API of TensorRT >= "
+            f"{_fmt(MIN_TRT)}"
         )
     if cc < (7, 0) and trt_version[:2] > LAST_PASCAL_TRT:
         raise PrecisionError(
@@ -76,7 +77,10 @@ def choose_precision(requested: str, cc: tuple[int, int]) -> tuple[str, str]:
         return "fp32", "fp32 as requested"
     if requested == "fp16":
         if cc < (7, 0):
-            return "fp16", f"fp16 as requested (warning: {sm} has no fast FP16 path except the P100, expect it to be slower)"
+            return (
+                "fp16",
+                f"fp16 as requested (warning: {sm} has no fast FP16 path except the P100, expect it to be slower)",
+            )
         return "fp16", "fp16 as requested"
     if cc < (6, 0):
         return "fp32", f"auto -> fp32: {sm} (Maxwell) has no fast FP16 arithmetic"
@@ -111,7 +115,9 @@ def plan_build(precision: str, onnx_dtype: str, trt_version: tuple[int, int, int
     if precision != "fp16":
         raise PrecisionError(f"unknown precision {precision!r} (expected fp16 or fp32 once resolved)")
     if onnx_dtype == "float16" and trt_version[:2] >= STRONG_TYPING_ADDED:
-        return BuildPlan("fp16", FP16_STRONG, "float16", "strongly typed: the graph's float32 LayerNorm/softmax casts are obeyed")
+        return BuildPlan(
+            "fp16", FP16_STRONG, "float16", "strongly typed: the graph's float32 LayerNorm/softmax casts are obeyed"
+        )
     if trt_version[:2] >= WEAK_TYPING_REMOVED:
         raise PrecisionError(
             f"TensorRT {_fmt(trt_version)} builds only strongly typed networks, so an FP16 engine needs a float16 ONNX "

@@ -88,10 +88,13 @@ class EngineLimits:
         if self.max_input < 1:
             raise ProfileError(f"--max-input must be at least 1, got {self.max_input}")
         if self.max_total > spec.n_positions:
-            raise ProfileError(f"--max-total {self.max_total} exceeds the model's context of {spec.n_positions} positions")
+            raise ProfileError(
+                f"--max-total {self.max_total} exceeds the model's context of {spec.n_positions} positions"
+            )
         if self.max_total <= self.max_input:
             raise ProfileError(
-                f"--max-total {self.max_total} must exceed --max-input {self.max_input} (room for at least one new token)"
+                f"--max-total {self.max_total} must exceed --max-input {self.max_input} (room for at least "
+                "one new token)"
             )
 
     def to_dict(self) -> dict[str, int]:
@@ -164,4 +167,6 @@ def check_fits(profile: Profile, *, batch: int, seq: int, past: int) -> None:
                     f"{what[dim]} {values[dim]} exceeds the engine's {profile.name} limit of {rng.max}; "
                     f"rebuild the engine with a larger {flags[dim]}"
                 )
-            raise ProfileError(f"{profile.name}: {dim} {values[dim]} is outside the engine profile {rng.min}..{rng.max}")
+            raise ProfileError(
+                f"{profile.name}: {dim} {values[dim]} is outside the engine profile {rng.min}..{rng.max}"
+            )

