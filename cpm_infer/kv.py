@@ -24,6 +24,11 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
 
+# Score of a masked attention position before softmax. Finite (not finfo.min), so a float16 graph
+# cannot overflow and a fully masked (padded) row softmaxes to uniform, not NaN; the exporter's graph
+# and the fused attention kernels use the same value.
+MASK_VALUE = -1e4
+
 # Symbolic dimension names, shared by ONNX dynamic axes and TensorRT optimization profiles.
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
 

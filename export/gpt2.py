@@ -25,10 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cpm_infer.errors import CpmError
-
-# Masked attention scores. Finite (a fully masked row, i.e. a padded query, gives a uniform
-# softmax, not NaN) and applied with where(), so it cannot overflow in any dtype.
-MASK_VALUE = -1e4
+from cpm_infer.kv import MASK_VALUE  # finite, applied with where(): a fully masked (padded) row is uniform, not NaN
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cpm_infer import kv
-from export.gpt2 import MASK_VALUE
+from cpm_infer.kv import MASK_VALUE
 
 log = logging.getLogger(__name__)
 

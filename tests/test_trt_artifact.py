@@ -9,9 +9,10 @@ import pytest
 
 from cpm_infer.artifact import Manifest, read_manifest, sha256_files, write_manifest
 from cpm_infer.backends import detect_backend, load_backend
+from cpm_infer.backends.trt.compat import EngineMismatchError, RuntimeInfo, check_engine_compatible
+from cpm_infer.backends.trt.profiles import EngineLimits, ProfileError, make_profiles
 from cpm_infer.config import ModelSpec
 from cpm_infer.errors import CpmError
-from export.tensorrt.compat import EngineMismatchError, RuntimeInfo, check_engine_compatible
 from export.tensorrt.engine_artifact import (
     ENGINE,
     TrtExportError,
@@ -21,7 +22,6 @@ from export.tensorrt.engine_artifact import (
     source_graph,
 )
 from export.tensorrt.precision import plan_build
-from export.tensorrt.profiles import EngineLimits, ProfileError, make_profiles
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 SPEC = ModelSpec(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=128)

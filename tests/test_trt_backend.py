@@ -24,15 +24,15 @@ from conftest import run_cli as _run_cli
 from cpm_infer import kv
 from cpm_infer.artifact import Manifest, read_manifest, write_manifest
 from cpm_infer.backends import load_backend
-from cpm_infer.backends.trt_backend import TrtBackendError, copy_runs, parse_device
+from cpm_infer.backends.trt import cuda
+from cpm_infer.backends.trt.backend import TrtBackendError, copy_runs, parse_device
+from cpm_infer.backends.trt.compat import RuntimeInfo
+from cpm_infer.backends.trt.profiles import EngineLimits, make_profiles
 from cpm_infer.config import GenerationConfig
 from cpm_infer.errors import CpmError
 from cpm_infer.generate import generate, left_pad
-from export.tensorrt import cuda
-from export.tensorrt.compat import RuntimeInfo
 from export.tensorrt.engine_artifact import engine_details
 from export.tensorrt.precision import plan_build
-from export.tensorrt.profiles import EngineLimits, make_profiles
 from export.tensorrt.validate import validate_backend
 
 

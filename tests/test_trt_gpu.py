@@ -17,8 +17,8 @@ pytestmark = pytest.mark.tensorrt
 @pytest.fixture(scope="module")
 def gpu():
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'cpm-infer[tensorrt]')")
+    from cpm_infer.backends.trt import cuda
     from cpm_infer.errors import CpmError
-    from export.tensorrt import cuda
 
     try:
         info = cuda.gpu_info(0)
@@ -98,7 +98,7 @@ def test_fp16_engine_passes_the_fp16_validation(gpu, onnx_dirs, tmp_path, dtype)
 
 def test_engine_refuses_another_gpu_model(gpu, onnx_dirs, tmp_path):
     from cpm_infer.backends import load_backend
-    from export.tensorrt.compat import EngineMismatchError
+    from cpm_infer.backends.trt.compat import EngineMismatchError
 
     result = _build(onnx_dirs["float32"], tmp_path / "engine", "fp32", tmp_path)
     manifest = json.loads((result.path / "manifest.json").read_text())
@@ -111,7 +111,7 @@ def test_engine_refuses_another_gpu_model(gpu, onnx_dirs, tmp_path):
 def test_decode_steps_allocate_nothing(gpu, onnx_dirs, tmp_path):
     """Device memory in use stays flat across decode steps (KV buffers are preallocated)."""
     from cpm_infer.backends import load_backend
-    from export.tensorrt import cuda
+    from cpm_infer.backends.trt import cuda
 
     result = _build(onnx_dirs["float32"], tmp_path / "engine", "fp32", tmp_path)
     engine, _ = load_backend("trt", result.path, device="cuda")

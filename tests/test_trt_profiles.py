@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cpm_infer import kv
-from cpm_infer.config import ModelSpec, preset
-from export.tensorrt.profiles import (
+from cpm_infer.backends.trt.profiles import (
     DECODE,
     PREFILL,
     DimRange,
@@ -16,6 +15,7 @@ from export.tensorrt.profiles import (
     check_fits,
     make_profiles,
 )
+from cpm_infer.config import ModelSpec, preset
 
 SPEC = ModelSpec(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=128)
 

@@ -16,7 +16,7 @@ from cpm_infer.tokenizer import CpmTokenizer
 LOADERS: dict[str, str] = {
     "torch": "cpm_infer.backends.torch_backend:load",
     "ort": "cpm_infer.backends.ort_backend:load",
-    "trt": "cpm_infer.backends.trt_backend:load",
+    "trt": "cpm_infer.backends.trt.backend:load",
 }
 MANIFEST = "manifest.json"
 _FORMAT_TO_BACKEND = {"onnx": "ort", "tensorrt": "trt"}

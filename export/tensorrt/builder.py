@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from cpm_infer import kv
+from cpm_infer.backends.trt.logger import capture_errors, get_logger
+from cpm_infer.backends.trt.profiles import Profile
 from cpm_infer.config import ModelSpec
 from cpm_infer.errors import CpmError
 from export.tensorrt import layers as layer_rules
 from export.tensorrt.precision import FP16_CONSTRAINED, FP16_STRONG, FP32, BuildPlan, parse_version
-from export.tensorrt.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +42,6 @@ class BuildReport:
     messages: list[str] = field(default_factory=list)  # TensorRT errors seen while building
 
 
-def make_logger(trt: Any, report: BuildReport) -> Any:
-    """A ``trt.ILogger`` that forwards to Python logging and keeps errors for the one-line failure."""
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.ERROR,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-        trt.ILogger.Severity.INFO: logging.DEBUG,
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
-    }
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)  # required by the Python API for custom loggers
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = levels.get(severity, logging.INFO)
-            if level >= logging.ERROR:
-                report.messages.append(msg.strip().splitlines()[0] if msg.strip() else msg)
-            log.log(level, "TensorRT: %s", msg)
-
-    return _Logger()
-
-
 def build_engine(
     trt: Any,
     onnx_file: Path,
@@ -76,7 +54,24 @@ def build_engine(
 ) -> tuple[bytes, BuildReport]:
     """Parse ``onnx_file`` (external data beside it is found by the parser) and build the engine."""
     report = BuildReport()
-    logger = make_logger(trt, report)
+    with capture_errors() as messages:
+        try:
+            return _build(trt, get_logger(trt), onnx_file, spec, plan, profiles, workspace_bytes, timing_cache, report)
+        finally:
+            report.messages = messages
+
+
+def _build(
+    trt: Any,
+    logger: Any,
+    onnx_file: Path,
+    spec: ModelSpec,
+    plan: BuildPlan,
+    profiles: list[Profile],
+    workspace_bytes: int,
+    timing_cache: Path | None,
+    report: BuildReport,
+) -> tuple[bytes, BuildReport]:
     major = parse_version(trt.__version__)[0]
     builder = trt.Builder(logger)
     flags = 0

@@ -24,11 +24,12 @@ from typing import Any
 
 from cpm_infer.artifact import Manifest, read_manifest, sha256_files, tool_versions, write_manifest
 from cpm_infer.atomic import staged_dir
+from cpm_infer.backends.trt import cuda
+from cpm_infer.backends.trt.compat import RuntimeInfo, cc_string
+from cpm_infer.backends.trt.profiles import EngineLimits, make_profiles
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError
-from export.tensorrt import cuda
 from export.tensorrt.builder import build_engine
-from export.tensorrt.compat import RuntimeInfo, cc_string
 from export.tensorrt.precision import (
     PRECISIONS,
     BuildPlan,
@@ -37,7 +38,6 @@ from export.tensorrt.precision import (
     parse_version,
     plan_build,
 )
-from export.tensorrt.profiles import EngineLimits, make_profiles
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from cpm_infer import kv
+from cpm_infer.backends.trt import cuda
+from cpm_infer.backends.trt.compat import RuntimeInfo, cc_string, check_engine_compatible
+from cpm_infer.backends.trt.logger import get_logger
+from cpm_infer.backends.trt.profiles import DECODE, PREFILL, EngineLimits, Profile, ProfileError, check_fits
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError
-from export.tensorrt import cuda
-from export.tensorrt.compat import RuntimeInfo, cc_string, check_engine_compatible
-from export.tensorrt.profiles import DECODE, PREFILL, EngineLimits, Profile, ProfileError, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ class TrtBackend:
         # The loop stops a sequence at spec.n_positions: make that the engine's max total length.
         self.spec = ModelSpec(spec.n_layer, spec.n_head, spec.n_embd, spec.vocab_size, limits.max_total)
         cuda.call(self._rt.cudaSetDevice(device), f"selecting GPU {device}")
-        from export.tensorrt.builder import BuildReport, make_logger
-
-        self._logger = make_logger(trt, BuildReport())  # TensorRT messages go to logging, not stderr
+        self._logger = get_logger(trt)  # TensorRT messages go to logging, not stderr
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
@@ -290,7 +289,6 @@ def load(path, *, device: str = "cuda", tokenizer_file=None, threads: int | None
     """Open an engine artifact (``manifest.json`` with ``"format": "tensorrt"``)."""
     from cpm_infer.artifact import read_manifest
     from cpm_infer.tokenizer import CpmTokenizer
-    from export.tensorrt.profiles import Profile as _Profile
 
     path = Path(path)
     manifest = read_manifest(path, expected_format="tensorrt")
@@ -299,7 +297,7 @@ def load(path, *, device: str = "cuda", tokenizer_file=None, threads: int | None
     gpu = cuda.gpu_info(index)
     check_engine_compatible(manifest.details, RuntimeInfo(trt.__version__, gpu.name, cc_string(gpu.compute_capability)))
     limits = EngineLimits.from_dict(manifest.details.get("limits", {}))
-    profiles = [_Profile.from_dict(p) for p in manifest.details.get("profiles", [])]
+    profiles = [Profile.from_dict(p) for p in manifest.details.get("profiles", [])]
     if len(profiles) != 2:
         raise TrtBackendError(f"{path}: manifest lists {len(profiles)} profiles, expected prefill and decode")
     if threads:
