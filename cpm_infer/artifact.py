@@ -131,9 +131,9 @@ class Manifest:
                 details=dict(data.get("details", {})),
             )
         except ConfigError as exc:
-            raise ManifestError(f"{where}: {exc}") from None
+            raise ManifestError(f"{where}: {exc}") from exc
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"{where} lacks a valid field: {type(exc).__name__} {exc}") from None
+            raise ManifestError(f"{where} lacks a valid field: {type(exc).__name__} {exc}") from exc
 
 
 def read_manifest(directory: str | os.PathLike[str], expected_format: str | None = None) -> Manifest:
@@ -145,7 +145,7 @@ def read_manifest(directory: str | os.PathLike[str], expected_format: str | None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from None
+        raise ManifestError(f"cannot read {path}: {exc}") from exc
     manifest = Manifest.from_dict(data, str(path))
     manifest.check()
     if expected_format is not None and manifest.format != expected_format:
@@ -192,4 +192,4 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from None
+        raise ManifestError(f"cannot read {path}: {exc}") from exc

@@ -51,7 +51,7 @@ def read_config(directory: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return config
@@ -73,7 +73,7 @@ def spec_from_config(config: dict, where: Path) -> ModelSpec:
             n_positions=int(config.get("n_positions", config.get("n_ctx", 1024))),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}/config.json lacks a valid GPT-2 field: {exc}") from None
+        raise CheckpointError(f"{where}/config.json lacks a valid GPT-2 field: {exc}") from exc
 
 
 def find_weights(directory: Path) -> tuple[Path, ...]:
@@ -83,7 +83,7 @@ def find_weights(directory: Path) -> tuple[Path, ...]:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"cannot read shard index {index}: {exc}") from None
+                raise CheckpointError(f"cannot read shard index {index}: {exc}") from exc
             shards = tuple(directory / name for name in sorted(set(weight_map.values())))
             missing = [p.name for p in shards if not p.is_file()]
             if missing:

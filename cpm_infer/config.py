@@ -60,8 +60,8 @@ PRESETS: dict[str, ModelSpec] = {
 def preset(name: str) -> ModelSpec:
     try:
         return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+    except KeyError as exc:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from exc
 
 
 @dataclass(frozen=True)

@@ -19,4 +19,4 @@ def require(module: str, extra: str) -> ModuleType:
     except ImportError as exc:
         raise MissingDependencyError(
             f"{module} is not available ({exc}); install it with: pip install 'cpm-infer[{extra}]'"
-        ) from None
+        ) from exc

@@ -1,5 +1,28 @@
-"""The project's error type: the CLI turns it into a one-line message and exit code 1."""
+"""The project's error types and the one helper that turns any exception into a one-line message.
+
+The CLI turns a :class:`CpmError` into one line on stderr and exit code 1 (130 for :class:`Interrupted`); wrappers
+raise ``from exc`` so that ``CPM_DEBUG=1`` shows the underlying cause in the traceback.
+"""
 
 
 class CpmError(Exception):
     """Any user-facing failure: bad input, missing files, mismatched artifacts."""
+
+
+class Interrupted(CpmError):
+    """Ctrl-C: the command stopped; its message says what was kept."""
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (or of a string); the type's name when it has none."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0].strip()
+    return type(exc).__name__ if isinstance(exc, BaseException) else ""
+
+
+def describe(exc: BaseException) -> str:
+    """``TypeName: first line`` (just the type's name when the message is empty), for unexpected errors."""
+    name = type(exc).__name__
+    detail = first_line(exc)
+    return name if detail == name else f"{name}: {detail}"

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class CpmTokenizer:
         try:
             self._sp.Load(str(path))
         except (OSError, RuntimeError) as exc:
-            raise TokenizerError(f"cannot read SentencePiece model {path}: {exc}".splitlines()[0]) from None
+            raise TokenizerError(f"cannot read SentencePiece model {path}: {first_line(exc)}") from exc
         ids = {}
         for name, piece in SPECIAL_PIECES.items():
             pid = self._sp.PieceToId(piece)

@@ -14,6 +14,7 @@ from cpm_infer.atomic import staged_dir
 from cpm_infer.checkpoint import Checkpoint, CheckpointError, check_tokenizer_fits, open_checkpoint
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
+from cpm_infer.errors import first_line
 from cpm_infer.tokenizer import CpmTokenizer
 
 if TYPE_CHECKING:
@@ -65,10 +66,8 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
             safetensors_torch = require("safetensors.torch", "torch")
             return safetensors_torch.load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt files raise many types; report one line
-        raise CheckpointError(
-            f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+    except Exception as exc:  # corrupt files raise many types; report one line
+        raise CheckpointError(f"cannot read weights {path}: {first_line(exc)}") from exc
 
 
 def _normalise(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

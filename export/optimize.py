@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,8 @@ def optimize_graph(
             opt_level=0,
             use_gpu=use_gpu,
         )
-    except Exception as exc:  # noqa: BLE001 - the optimizer raises many types; report one line
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OptimizeError(f"onnxruntime transformer optimizer failed on {source.name}: {text}") from None
+    except Exception as exc:  # the optimizer raises many types; report one line
+        raise OptimizeError(f"onnxruntime transformer optimizer failed on {source.name}: {first_line(exc)}") from exc
     fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
     if dtype == "float32" and not use_gpu:
         from export.attention_fusion import fuse_attention

@@ -29,7 +29,7 @@ import numpy as np
 
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,10 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
             )
     except CpmError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the quantizers raise many types; report one line
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantizeError(f"onnxruntime {config.scheme} quantization of {source.name} failed: {text}") from None
+    except Exception as exc:  # the quantizers raise many types; report one line
+        raise QuantizeError(
+            f"onnxruntime {config.scheme} quantization of {source.name} failed: {first_line(exc)}"
+        ) from exc
     size = sum(_nbytes(t) for t in quantized.graph.initializer)
     external = size >= PROTOBUF_LIMIT
     onnx.save_model(

@@ -81,7 +81,7 @@ def read_lines(path: Path) -> list[str]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text") from None
+        raise DataError(f"{path}:{line}: not UTF-8 text") from exc
     return text.splitlines()
 
 
@@ -155,7 +155,7 @@ def _jsonl(path: Path, lines: list[str]) -> Iterator[Document]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{number}: expected a JSON object")
         title = obj.get("title")

@@ -101,7 +101,7 @@ def train_tokenizer(
         except RuntimeError as exc:
             # e.g. "Vocabulary size is too high (8000). Please set it to a value <= 1234."
             detail = re.sub(r"^(INTERNAL: )?\S+\(\d+\) \[.*?\] ", "", str(exc).strip().splitlines()[-1])
-            raise TrainError(f"SentencePiece training failed: {detail}") from None
+            raise TrainError(f"SentencePiece training failed: {detail}") from exc
         tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.copyfile(prefix.with_suffix(".model"), tmp_out)
         os.replace(tmp_out, out)

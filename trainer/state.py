@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cpm_infer.atomic import swap_in
+from cpm_infer.errors import first_line
 from trainer.errors import ResumeError
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,8 @@ def load_training_state(directory: Path) -> dict:
     path = directory / TRAINING_STATE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file raises many types; report one line
-        raise ResumeError(
-            f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+    except Exception as exc:  # a corrupt file raises many types; report one line
+        raise ResumeError(f"cannot read {path}: {first_line(exc)}") from exc
 
 
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:

@@ -106,8 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         import ctranslate2  # noqa: F401
-    except ImportError:
-        raise SystemExit("error: ctranslate2 is not installed (pip install 'cpm-infer[peers]')") from None
+    except ImportError as exc:
+        raise SystemExit("error: ctranslate2 is not installed (pip install 'cpm-infer[peers]')") from exc
 
     import torch
 

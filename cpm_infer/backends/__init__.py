@@ -34,7 +34,7 @@ def detect_backend(path: str | os.PathLike[str]) -> str:
         try:
             fmt = json.loads(manifest.read_text(encoding="utf-8")).get("format")
         except (OSError, ValueError, AttributeError) as exc:
-            raise BackendError(f"cannot read {manifest}: {exc}") from None
+            raise BackendError(f"cannot read {manifest}: {exc}") from exc
         if fmt not in _FORMAT_TO_BACKEND:
             raise BackendError(f"{manifest} names an unknown artifact format {fmt!r}")
         return _FORMAT_TO_BACKEND[fmt]

@@ -26,7 +26,7 @@ from cpm_infer.artifact import Manifest, ManifestError, read_manifest
 from cpm_infer.checkpoint import check_tokenizer_fits
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, first_line
 from cpm_infer.tokenizer import CpmTokenizer
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def create_session(graph: Path, *, device: str = "cpu", threads: int | None = No
         options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(str(graph), options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types; report one line
-        raise OrtLoadError(f"onnxruntime cannot load {graph}: {_first_line(exc)}") from None
+    except Exception as exc:  # ORT raises its own exception types; report one line
+        raise OrtLoadError(f"onnxruntime cannot load {graph}: {first_line(exc)}") from exc
     if kind == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise OrtDeviceError(f"--device {device} was asked for but onnxruntime found no usable CUDA GPU")
     return session
@@ -286,13 +286,8 @@ class OrtBackend:
     def _run(self, call: Any) -> Any:
         try:
             return call()
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types; report one line
-            raise OrtLoadError(f"onnxruntime failed to run the graph: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        except Exception as exc:  # ORT raises its own exception types; report one line
+            raise OrtLoadError(f"onnxruntime failed to run the graph: {first_line(exc)}") from exc
 
 
 def load(

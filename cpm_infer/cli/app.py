@@ -12,7 +12,7 @@ from cpm_infer.cli import bench, demo, export, generate, info, model, serve, tok
 from cpm_infer.cli import eval as eval_cli
 from cpm_infer.cli import tokenizer as tokenizer_cli
 from cpm_infer.cli import train as train_cli
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, Interrupted, describe
 
 app = typer.Typer(
     name="cpm",
@@ -32,10 +32,6 @@ app.add_typer(export.app, name="export")
 app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
 app.add_typer(eval_cli.app, name="eval")
-
-
-class Interrupted(CpmError):
-    """Ctrl-C: the command stopped; its message says what was kept."""
 
 
 @app.callback()
@@ -60,8 +56,7 @@ def main() -> None:
     except Exception as exc:
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _fail(f"unexpected {type(exc).__name__}: {first} (set CPM_DEBUG=1 for the traceback)", 1)
+        _fail(f"unexpected {describe(exc)} (set CPM_DEBUG=1 for the traceback)", 1)
 
 
 def _fail(message: str, code: int) -> None:

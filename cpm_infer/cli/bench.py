@@ -16,8 +16,8 @@ from cpm_infer.errors import CpmError
 def _ints(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CpmError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    except ValueError as exc:
+        raise CpmError(f"{flag} takes comma-separated integers, got {text!r}") from exc
     if not values:
         raise CpmError(f"{flag} needs at least one value")
     return values

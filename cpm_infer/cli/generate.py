@@ -128,11 +128,11 @@ def generate(
             if out_handle:
                 out_handle.flush()
             done += len(chunk)
-    except KeyboardInterrupt:
-        from cpm_infer.cli.app import Interrupted
+    except KeyboardInterrupt as exc:
+        from cpm_infer.errors import Interrupted
 
         kept = f"; {done} of {len(requests)} prompts written to {output}" if output else ""
-        raise Interrupted(f"interrupted{kept}") from None
+        raise Interrupted(f"interrupted{kept}") from exc
     finally:
         if out_handle:
             out_handle.close()
@@ -145,8 +145,8 @@ def _read_requests(path: Path) -> Iterator[dict]:
         raise CpmError(f"input file not found: {path}")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise CpmError(f"{path} is not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        raise CpmError(f"{path} is not UTF-8 text") from exc
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -154,7 +154,7 @@ def _read_requests(path: Path) -> Iterator[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CpmError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+                raise CpmError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
             if isinstance(obj.get("prompt"), str):
                 yield {"prompt": obj["prompt"]}
             elif isinstance(obj.get("title"), str):

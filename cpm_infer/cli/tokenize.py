@@ -45,7 +45,7 @@ def _read_texts(path: Path):
         if line.lstrip().startswith("{"):
             try:
                 yield json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CpmError(f'{path}:{number}: expected a JSON object with a "text" string') from None
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CpmError(f'{path}:{number}: expected a JSON object with a "text" string') from exc
         else:
             yield line

@@ -193,8 +193,8 @@ def distill(
     if layer_map:
         try:
             mapping = [int(x) for x in layer_map.split(",")]
-        except ValueError:
-            raise CpmError(f"--layer-map takes comma-separated layer numbers, got {layer_map!r}") from None
+        except ValueError as exc:
+            raise CpmError(f"--layer-map takes comma-separated layer numbers, got {layer_map!r}") from exc
     with _Display() as display:
         result = _interruptible(
             lambda: run_distill(
@@ -248,13 +248,13 @@ def _config(values: dict):
 
 
 def _interruptible(fn):
-    from cpm_infer.cli.app import Interrupted
+    from cpm_infer.errors import Interrupted
     from trainer.errors import TrainingInterrupted
 
     try:
         return fn()
     except TrainingInterrupted as exc:
-        raise Interrupted(str(exc)) from None
+        raise Interrupted(str(exc)) from exc
 
 
 def _report(result) -> None:

@@ -65,7 +65,7 @@ def read_documents(path: str | os.PathLike[str]) -> list[Document]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise EvalError(f"cannot read {path} as UTF-8 text: {exc}") from None
+        raise EvalError(f"cannot read {path} as UTF-8 text: {exc}") from exc
     if path.suffix.lower() in (".jsonl", ".json"):
         docs = [_json_document(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
@@ -81,7 +81,7 @@ def _json_document(line: str, where: str) -> Document:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise EvalError(f"{where}: not a JSON object: {exc.msg}") from None
+        raise EvalError(f"{where}: not a JSON object: {exc.msg}") from exc
     if not isinstance(record, dict) or not isinstance(record.get("text", record.get("content")), str):
         raise EvalError(f'{where}: needs a "text" or "content" string field')
     title = record.get("title")

@@ -76,7 +76,7 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
     try:
         lines = path.read_bytes().decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise EvalError(f"cannot read {path} as UTF-8 text: {exc}") from None
+        raise EvalError(f"cannot read {path} as UTF-8 text: {exc}") from exc
     examples = [_example(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
     if not examples:
         raise EvalError(f"{path} holds no examples")
@@ -87,7 +87,7 @@ def _example(line: str, where: str) -> Example:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise EvalError(f"{where}: not a JSON object: {exc.msg}") from None
+        raise EvalError(f"{where}: not a JSON object: {exc.msg}") from exc
     if not isinstance(record, dict):
         raise EvalError(f"{where}: not a JSON object")
     candidates = record.get("candidates")
@@ -114,7 +114,7 @@ def split_template(template: str, example: Example) -> tuple[str, str]:
     except (KeyError, IndexError, ValueError) as exc:
         raise EvalError(
             f"{example.where}: the template {template!r} cannot be filled: {type(exc).__name__} {exc}"
-        ) from None
+        ) from exc
     before, _, after = filled.partition(_MARK)
     return before, after
 

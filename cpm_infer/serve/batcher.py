@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import GenerationConfig
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, describe
 from cpm_infer.generate import GenerationResult, GenerationStats, TokenizerLike, generate
 from cpm_infer.serve.settings import ServeSettings
 
@@ -116,11 +116,11 @@ class Job:
         wait = remaining if idle_s is None else min(idle_s, remaining)
         try:
             return await asyncio.wait_for(self._events.get(), max(wait, 0.0))
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
             if wait < remaining:
                 return None
             limit = self.deadline - self.created
-            raise RequestTimeoutError(f"the request did not finish within the server's {limit:g} s timeout") from None
+            raise RequestTimeoutError(f"the request did not finish within the server's {limit:g} s timeout") from exc
 
 
 class Batcher:
@@ -291,9 +291,8 @@ class Batcher:
             )
         except Exception as exc:
             log.exception("generation failed for a batch of %d", len(owners))
-            first_line = (str(exc).strip().splitlines() or [""])[0]
             for job in jobs:
-                error = GenerationFailedError(f"generation failed: {type(exc).__name__}: {first_line}")
+                error = GenerationFailedError(f"generation failed: {describe(exc)}")
                 self._finish(job, ErrorEvent(error))
             return
         with self._cond:

@@ -58,7 +58,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ServerStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -24,7 +24,7 @@ from cpm_infer import kv
 from cpm_infer.backends.trt.logger import capture_errors, get_logger
 from cpm_infer.backends.trt.profiles import Profile
 from cpm_infer.config import ModelSpec
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, first_line
 from export.tensorrt import layers as layer_rules
 from export.tensorrt.precision import FP16_CONSTRAINED, FP16_STRONG, FP32, BuildPlan, parse_version
 
@@ -82,7 +82,7 @@ def _build(
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
-        errors = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)]
+        errors = [first_line(str(parser.get_error(i))) for i in range(parser.num_errors)]
         raise BuildError(
             f"TensorRT could not parse {onnx_file.name}: {'; '.join(errors[:3]) or 'unknown parser error'}"
         )

@@ -278,7 +278,7 @@ class TrtBackend:
         try:
             check_fits(self.profiles[profile], batch=batch, seq=seq, past=past)
         except ProfileError as exc:
-            raise TrtBackendError(str(exc)) from None
+            raise TrtBackendError(str(exc)) from exc
 
     def _check_state(self, state: TrtState) -> None:
         if not isinstance(state, TrtState) or state.epoch != self._epoch:

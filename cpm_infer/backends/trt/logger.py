@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from cpm_infer.errors import first_line
+
 log = logging.getLogger("cpm_infer.tensorrt")
 
 _lock = threading.Lock()
@@ -61,7 +63,7 @@ def _make(trt: Any) -> Any:
         def log(self, severity: Any, msg: str) -> None:
             level = levels.get(severity, logging.INFO)
             if level >= logging.ERROR:
-                first = msg.strip().splitlines()[0] if msg.strip() else msg
+                first = first_line(msg)
                 with _lock:
                     for messages in _captures:
                         messages.append(first)

@@ -71,7 +71,7 @@ class Profile:
         try:
             return cls(str(data["name"]), {str(d): DimRange(*map(int, r)) for d, r in data["dims"].items()})
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProfileError(f"malformed profile in manifest: {exc}") from None
+            raise ProfileError(f"malformed profile in manifest: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class EngineLimits:
         try:
             return cls(int(data["max_batch"]), int(data["max_input"]), int(data["max_total"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProfileError(f"manifest lacks valid engine limits: {exc}") from None
+            raise ProfileError(f"manifest lacks valid engine limits: {exc}") from exc
 
 
 def make_profiles(spec: ModelSpec, limits: EngineLimits, *, opt_batch: int = 1, opt_input: int = 128) -> list[Profile]:
