@@ -23,6 +23,7 @@ from cpm_infer.artifact import Manifest, tool_versions, write_manifest
 from cpm_infer.atomic import staged_dir
 from cpm_infer.config import GenerationConfig
 from cpm_infer.deps import require
+from cpm_infer.devices import AUTO, resolve_for_all
 from cpm_infer.errors import CpmError
 from export.quantize import QuantizeOptions
 from export.validate import EagerReference, ValidationReport, validate_graph, write_report
@@ -72,6 +73,8 @@ def export_onnx(
     if quantize is not None:
         from export.quantize import check_request
 
+        if device == AUTO:
+            device = "cpu"  # the int8/int4 kernels are the CPU provider's
         check_request(model_dir, quantize, fp16=fp16, device=device)
         if (Path(model_dir) / "manifest.json").is_file():
             from export.quantize_artifact import quantize_artifact
@@ -80,7 +83,7 @@ def export_onnx(
     torch = require("torch", "export")
     require("onnx", "export")
     require("onnxruntime", "export")
-    from cpm_infer.backends.ort_backend import create_session, parse_device
+    from cpm_infer.backends.ort_backend import create_session
     from cpm_infer.checkpoint import open_checkpoint
     from cpm_infer.torch_model import load_model
     from export.gpt2 import ExportGPT2
@@ -90,9 +93,7 @@ def export_onnx(
         raise ExportError(f"{out} exists; pass --force to replace it")
     if opset < 14:
         raise ExportError(f"opset {opset} is too old; use 14 or newer (default {DEFAULT_OPSET})")
-    kind, _ = parse_device(device)
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ExportError(f"--device {device} was asked for but torch sees no CUDA GPU")
+    device = str(resolve_for_all(device, ("torch", "ort")))  # export on torch, validate on onnxruntime
     dtype = "float16" if fp16 else "float32"
 
     ckpt = open_checkpoint(model_dir, tokenizer_file)  # bad input fails here, before any progress output
@@ -120,7 +121,7 @@ def export_onnx(
                 tmp / GRAPH,
                 tmp / OPTIMIZED_GRAPH,
                 ckpt.spec,
-                use_gpu=kind == "cuda",
+                use_gpu=device.startswith("cuda"),
                 dtype=dtype,
                 external_data_threshold=external_data_threshold,
             )

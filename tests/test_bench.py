@@ -196,3 +196,49 @@ def test_mismatched_artifact_is_skipped_with_reason(monkeypatch, capsys, tmp_pat
         str(tmp_path / "b2"),
     )
     assert code == 1 and "another tokenizer" in err
+
+
+def test_bench_leaves_no_export_behind(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    """The ONNX export made for the ort rows lives in a temp dir that is removed when the run ends."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = tmp_path / "b"
+    args = ("bench", "-m", str(tiny_checkpoint), "--backends", "torch,ort", "--new-tokens", "2", "--context", "")
+    code, _, err = _cli(monkeypatch, capsys, *args, "--repeats", "1", "-o", str(out))
+    assert code == 0, err
+    data = json.loads((out / "bench.json").read_text())
+    assert {r["backend"] for r in data["results"]} == {"torch", "ort"}
+    assert data["environment"]["device"] == "auto" and data["environment"]["devices"] == {"torch": "cpu", "ort": "cpu"}
+    assert list(scratch.iterdir()) == []
+
+
+class FakeGpuPeak:
+    def __init__(self, runner):
+        self.runner, self.events = runner, []
+
+    def reset(self):
+        self.events.append(("reset", len(self.runner.calls)))
+
+    def read(self):
+        self.events.append(("read", len(self.runner.calls)))
+        return 123.0
+
+
+def test_gpu_peak_is_reset_per_row_and_shown_only_where_measured(tmp_path):
+    runner = FixedRunner("torch", 0.01, [0.001] * 8)
+    peak = FakeGpuPeak(runner)
+    case = harness.Case(1, 4, 5, "base")
+    prompts = np.zeros((1, 4), dtype=np.int64)
+    measured = harness.measure(runner, case, prompts, repeats=2, gpu_peak=peak)
+    assert peak.events == [("reset", 1), ("read", 3)]  # after the warm-up, around the timed runs
+    other = harness.measure(FixedRunner("ort", 0.01, [0.001] * 8), case, prompts, repeats=1)
+    assert measured.gpu_peak_mb == 123.0 and other.gpu_peak_mb is None
+    rows = report.with_ratios([measured, other])
+    md = report.markdown(rows, report.environment(), "cpm bench")
+    assert "| RSS MB | GPU MB | decode x |" in md and "GPU MB = peak GPU memory" in md
+    assert "| 123 |" in md and md.count("| - |") >= 1
+    cpu_only = report.markdown(report.with_ratios([other]), report.environment(), "cpm bench")
+    assert "GPU MB" not in cpu_only

@@ -25,7 +25,7 @@ from cpm_infer import kv
 from cpm_infer.artifact import Manifest, read_manifest, write_manifest
 from cpm_infer.backends import load_backend
 from cpm_infer.backends.trt import cuda
-from cpm_infer.backends.trt.backend import TrtBackendError, copy_runs, parse_device
+from cpm_infer.backends.trt.backend import TrtBackendError, copy_runs
 from cpm_infer.backends.trt.compat import RuntimeInfo
 from cpm_infer.backends.trt.profiles import EngineLimits, make_profiles
 from cpm_infer.config import GenerationConfig
@@ -43,9 +43,13 @@ def test_copy_runs_merges_consecutive_rows():
 
 
 def test_parse_device():
-    assert parse_device("cuda") == 0 and parse_device("cuda:3") == 3 and parse_device("cpu") == 0
-    with pytest.raises(TrtBackendError, match="not a CUDA device"):
-        parse_device("cuda:x")
+    """The TensorRT loader's devices go through cpm_infer.devices (cpu still means GPU 0 for an engine)."""
+    from cpm_infer.devices import resolve_device
+
+    index = lambda text: resolve_device(text, "trt").index  # noqa: E731
+    assert index("cuda") == 0 and index("cuda:3") == 3 and index("cpu") == 0 and index("auto") == 0
+    with pytest.raises(CpmError, match="not a CUDA device"):
+        index("cuda:x")
 
 
 def test_cuda_runtime_fails_in_one_line_without_a_gpu():

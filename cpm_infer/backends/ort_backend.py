@@ -26,6 +26,7 @@ from cpm_infer.artifact import Manifest, ManifestError, read_manifest
 from cpm_infer.checkpoint import check_tokenizer_fits
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
+from cpm_infer.devices import Device, parse_device, resolve_device
 from cpm_infer.errors import CpmError, first_line
 from cpm_infer.tokenizer import CpmTokenizer
 
@@ -43,26 +44,14 @@ class OrtLoadError(CpmError):
     """onnxruntime cannot load or run the graph."""
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """``cpu`` | ``cuda`` | ``cuda:N`` -> (kind, index)."""
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise OrtDeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    return kind, int(index or 0)
-
-
-def create_session(graph: Path, *, device: str = "cpu", threads: int | None = None) -> Any:
-    """An InferenceSession on ``device``; one-line errors for a missing provider or a bad graph."""
-    kind, index = parse_device(device)
-    ort = require("onnxruntime", "ort-gpu" if kind == "cuda" else "ort")
+def create_session(graph: Path, *, device: str | Device = "cpu", threads: int | None = None) -> Any:
+    """An InferenceSession on ``device`` (``auto``: the CUDA provider when there is a GPU); one-line errors
+    for a missing provider or a bad graph."""
+    ort = require("onnxruntime", "ort-gpu" if str(device).startswith("cuda") else "ort")
+    target = resolve_device(device, "ort")
     providers: list[Any] = ["CPUExecutionProvider"]
-    if kind == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise OrtDeviceError(
-                f"--device {device} was asked for but onnxruntime {ort.__version__} has no CUDA provider "
-                "(install cpm-infer[ort-gpu] on a machine with an NVIDIA GPU)"
-            )
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    if target.is_cuda:
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": target.index}))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.inter_op_num_threads = 1  # one graph, sequential: parallelism is inside the kernels
@@ -72,8 +61,8 @@ def create_session(graph: Path, *, device: str = "cpu", threads: int | None = No
         session = ort.InferenceSession(str(graph), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types; report one line
         raise OrtLoadError(f"onnxruntime cannot load {graph}: {first_line(exc)}") from exc
-    if kind == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        raise OrtDeviceError(f"--device {device} was asked for but onnxruntime found no usable CUDA GPU")
+    if target.is_cuda and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise OrtDeviceError(f"--device {target} was asked for but onnxruntime found no usable CUDA GPU")
     return session
 
 
@@ -128,14 +117,15 @@ class OrtBackend:
         spec: ModelSpec,
         *,
         dtype: str = "float32",
-        device: str = "cpu",
+        device: str | Device = "cpu",
         io_binding: bool = True,
         kv_shared: bool = False,
     ) -> None:
         self._ort = require("onnxruntime", "ort")
         self.session, self.spec, self.dtype = session, spec, dtype
         self.np_dtype = _NP_DTYPES[dtype]
-        self.device_kind, self.device_id = parse_device(device)
+        target = parse_device(device)  # the session's device (already resolved by create_session)
+        self.device_kind, self.device_id = target.kind, target.index
         self.io_binding = io_binding
         # In-place KV writes need the graph's support (manifest) and host buffers (the CPU provider).
         self.kv_shared = kv_shared and io_binding and self.device_kind == "cpu"
@@ -293,15 +283,15 @@ class OrtBackend:
 def load(
     path: Path,
     *,
-    device: str = "cpu",
+    device: str | Device = "cpu",
     tokenizer_file: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     io_binding: bool = True,
 ):
     """Open an ONNX artifact directory as an OrtBackend (and its tokenizer)."""
     path = Path(path)
-    kind, _ = parse_device(device)
-    require("onnxruntime", "ort-gpu" if kind == "cuda" else "ort")
+    require("onnxruntime", "ort-gpu" if str(device).startswith("cuda") else "ort")
+    device = resolve_device(device, "ort")
     manifest = read_manifest(path, expected_format="onnx")
     tokenizer = CpmTokenizer(tokenizer_file or path / manifest.tokenizer_file)
     check_tokenizer_fits(tokenizer.vocab_size, manifest.spec, path)

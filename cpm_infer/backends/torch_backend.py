@@ -9,6 +9,7 @@ import numpy as np
 
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
+from cpm_infer.devices import Device, resolve_device
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -71,7 +72,7 @@ class TorchBackend:
             return out.logits.float().cpu().numpy()
 
 
-def load(path, *, device: str = "cpu", tokenizer_file=None, threads: int | None = None):
+def load(path, *, device: str | Device = "cpu", tokenizer_file=None, threads: int | None = None):
     """Open a Hugging Face checkpoint directory as a TorchBackend."""
     from cpm_infer.backends import BackendError
     from cpm_infer.checkpoint import open_checkpoint
@@ -82,9 +83,8 @@ def load(path, *, device: str = "cpu", tokenizer_file=None, threads: int | None 
         raise BackendError(
             f"{path} is an exported artifact; the torch backend needs a checkpoint directory (use --backend auto)"
         )
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError("--device cuda was asked for but torch sees no CUDA GPU")
+    target = str(resolve_device(device, "torch"))
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_model(open_checkpoint(path, tokenizer_file), device=device)
-    return TorchBackend(model, device=device), tokenizer
+    model, tokenizer = load_model(open_checkpoint(path, tokenizer_file), device=target)
+    return TorchBackend(model, device=target), tokenizer

@@ -6,8 +6,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -19,6 +20,14 @@ log = logging.getLogger(__name__)
 
 class BenchError(CpmError):
     """An impossible sweep (beyond the context) or unusable inputs."""
+
+
+class GpuPeak(Protocol):
+    """Peak GPU memory of one runner: ``reset()`` before a measurement, ``read()`` (MiB) after it."""
+
+    def reset(self) -> None: ...
+
+    def read(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -126,11 +135,14 @@ def measure(
     *,
     repeats: int,
     warmup: int = 1,
-    gpu_peak: Callable[[], float | None] | None = None,
+    gpu_peak: GpuPeak | None = None,
 ) -> Measurement:
-    """Time ``repeats`` runs of one case after ``warmup`` untimed runs."""
+    """Time ``repeats`` runs of one case after ``warmup`` untimed runs. ``gpu_peak`` (only for runners whose
+    GPU memory it can see) is reset before the timed runs and read after them."""
     for _ in range(warmup):
         runner.run(prompts, min(case.new_tokens, 4))
+    if gpu_peak is not None:
+        gpu_peak.reset()
     ttft, steps, totals, produced = [], [], [], 0
     with RssSampler() as rss:
         for _ in range(repeats):
@@ -153,6 +165,6 @@ def measure(
         decode_mean_ms=float(np.mean(step_ms)),
         tokens_per_s=float(produced / sum(totals)),
         peak_rss_mb=rss.peak_bytes / 2**20,
-        gpu_peak_mb=gpu_peak() if gpu_peak else None,
+        gpu_peak_mb=gpu_peak.read() if gpu_peak is not None else None,
         repeats=repeats,
     )

@@ -78,12 +78,30 @@ COLUMNS = [
 ]
 
 
+GPU_COLUMN = ("gpu_peak_mb", "GPU MB", "{:.0f}")
+
+
+def columns_for(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """COLUMNS, plus peak GPU memory after RSS when some row measured it (rows that did not show "-")."""
+    if not any(r.get("gpu_peak_mb") is not None for r in rows):
+        return list(COLUMNS)
+    at = next(i for i, c in enumerate(COLUMNS) if c[0] == "peak_rss_mb") + 1
+    return [*COLUMNS[:at], GPU_COLUMN, *COLUMNS[at:]]
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     return "-" if value is None else fmt.format(value)
 
 
 def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
+    columns = columns_for(rows)
+    gpu_note = (
+        " GPU MB = peak GPU memory torch allocated during the row (weights included; measured for eager rows on "
+        "CUDA only, '-' elsewhere)."
+        if GPU_COLUMN in columns
+        else ""
+    )
     lines = [
         "# cpm bench",
         "",
@@ -95,12 +113,12 @@ def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
         "Greedy decoding, EOS ignored, warm-up excluded. TTFT = time to first token (median); p50/p90 = decode "
         "ms per step of the whole batch; tok/s = new tokens of the batch / wall time; RSS = peak resident memory of "
         "the process (all backends are loaded in it); `decode x` / `TTFT x` = speedup over the eager baseline "
-        f"(`{env.get('baseline', 'hf-generate')}`) on the same case in the same run (>1 is faster).",
+        f"(`{env.get('baseline', 'hf-generate')}`) on the same case in the same run (>1 is faster)." + gpu_note,
         "",
-        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(title for _, title, _ in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
-    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +129,7 @@ def terminal_table(rows: Sequence[dict], *, compact: bool = False):
     """A rich table; ``compact`` keeps the columns that matter for a single case."""
     from rich.table import Table
 
-    columns = [c for c in COLUMNS if not compact or c[0] in COMPACT]
+    columns = [c for c in columns_for(rows) if not compact or c[0] in COMPACT]
     table = Table(title="decode x / TTFT x = speedup over eager (>1 is faster)")
     for _, title, _ in columns:
         table.add_column(title, justify="left" if title in ("backend", "sweep") else "right")

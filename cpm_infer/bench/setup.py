@@ -16,6 +16,7 @@ from cpm_infer.artifact import ManifestError, read_manifest, sha256_files
 from cpm_infer.bench.runners import HFGenerateRunner, LoopRunner, Runner
 from cpm_infer.checkpoint import Checkpoint, open_checkpoint
 from cpm_infer.config import ModelSpec, preset
+from cpm_infer.devices import resolve_device
 from cpm_infer.errors import CpmError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,24 @@ class ArtifactMismatchError(CpmError):
     """An artifact was exported from other weights or ships another tokenizer than the checkpoint."""
 
 
+class TorchGpuPeak:
+    """Peak GPU memory (MiB) torch allocated on one device during a measurement: reset before each row, so a
+    row's number is its own (the weights stay allocated and are part of it)."""
+
+    def __init__(self, index: int) -> None:
+        import torch
+
+        self._cuda, self.index = torch.cuda, index
+
+    def reset(self) -> None:
+        self._cuda.synchronize(self.index)
+        self._cuda.reset_peak_memory_stats(self.index)
+
+    def read(self) -> float:
+        self._cuda.synchronize(self.index)
+        return self._cuda.max_memory_allocated(self.index) / 2**20
+
+
 @dataclass
 class BenchSetup:
     spec: ModelSpec
@@ -34,10 +53,19 @@ class BenchSetup:
     skipped: dict[str, str] = field(default_factory=dict)
     checkpoint: Checkpoint | None = None
     workdir: tempfile.TemporaryDirectory | None = None
+    devices: dict[str, str] = field(default_factory=dict)  # runner name -> the device it ran on
+    gpu_peaks: dict[str, TorchGpuPeak] = field(default_factory=dict)  # only runners whose memory torch sees
+
+    def scratch(self) -> Path:
+        """A temporary directory removed by :meth:`close` (random checkpoints, exports made for the run)."""
+        if self.workdir is None:
+            self.workdir = tempfile.TemporaryDirectory(prefix="cpm-bench-")
+        return Path(self.workdir.name)
 
     def close(self) -> None:
         if self.workdir is not None:
             self.workdir.cleanup()
+            self.workdir = None
 
 
 def random_checkpoint(preset_name: str, tokenizer_file: Path, out_dir: Path, seed: int = 0) -> Path:
@@ -94,11 +122,17 @@ def prepare(
                 raise CpmError("--preset needs a tokenizer file (--tokenizer) when the demo model is not installed")
             tokenizer_file = demo / "spiece.model"
         workdir = tempfile.TemporaryDirectory(prefix="cpm-bench-")
-        say(f"creating a random CPM-{preset_name} checkpoint")
-        model = random_checkpoint(preset_name, tokenizer_file, Path(workdir.name) / preset_name)
-        tokenizer_file = None
-    ckpt = open_checkpoint(model, tokenizer_file)
-    check_spec(ckpt.spec)
+    try:
+        if preset_name is not None:
+            say(f"creating a random CPM-{preset_name} checkpoint")
+            model = random_checkpoint(preset_name, tokenizer_file, Path(workdir.name) / preset_name)
+            tokenizer_file = None
+        ckpt = open_checkpoint(model, tokenizer_file)
+        check_spec(ckpt.spec)
+    except BaseException:
+        if workdir is not None:
+            workdir.cleanup()
+        raise
     setup = BenchSetup(spec=ckpt.spec, checkpoint=ckpt, workdir=workdir)
     try:
         _add_eager(setup, backends, device, threads, say)
@@ -124,21 +158,26 @@ def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads:
         from cpm_infer.torch_model import load_model
 
         torch = require("torch", "torch")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise CpmError("torch sees no CUDA GPU")
+        target = resolve_device(device, "torch")
         if threads:
             torch.set_num_threads(threads)
-        say("loading the eager PyTorch model")
-        model, _ = load_model(setup.checkpoint, device=device)
+        say(f"loading the eager PyTorch model on {target}")
+        model, _ = load_model(setup.checkpoint, device=str(target))
     except CpmError as exc:
         for name in ("hf", "torch"):
             if name in backends:
                 setup.skipped[name] = str(exc)
         return
+    runners: list[Runner] = []
     if "hf" in backends:
-        setup.runners.append(HFGenerateRunner(model))
+        runners.append(HFGenerateRunner(model))
     if "torch" in backends:
-        setup.runners.append(LoopRunner("torch", TorchBackend(model, device=device)))
+        runners.append(LoopRunner("torch", TorchBackend(model, device=str(target))))
+    for runner in runners:
+        setup.runners.append(runner)
+        setup.devices[runner.name] = str(target)
+        if target.is_cuda:
+            setup.gpu_peaks[runner.name] = TorchGpuPeak(target.index)
 
 
 def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads: int | None, say) -> None:
@@ -149,9 +188,9 @@ def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads:
         try:
             from export.onnx_export import export_onnx
 
-            say("exporting the model to ONNX (validated) for the ort backend")
-            root = Path(setup.workdir.name if setup.workdir else tempfile.mkdtemp(prefix="cpm-bench-"))
-            dirs = [export_onnx(setup.checkpoint.directory, root / "onnx", device=device, threads=threads).path]
+            say("exporting the model to ONNX (validated on the CPU) for the ort backend")
+            out = setup.scratch() / "onnx"  # removed with the setup: nothing is left in the temp dir
+            dirs = [export_onnx(setup.checkpoint.directory, out, device="cpu", threads=threads).path]
         except CpmError as exc:
             setup.skipped["ort"] = f"export failed: {exc}"
             return
@@ -159,12 +198,14 @@ def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads:
         name = "ort" if len(dirs) == 1 else f"ort:{path.name}"
         try:
             check_artifact_matches(path, setup.checkpoint)
-            say(f"loading {path} with onnxruntime")
-            backend, _ = load_backend("ort", path, device=device, threads=threads)
+            target = resolve_device(device, "ort")
+            say(f"loading {path} with onnxruntime on {target}")
+            backend, _ = load_backend("ort", path, device=target, threads=threads)
         except (CpmError, ManifestError) as exc:
             setup.skipped[name] = str(exc)
             continue
         setup.runners.append(LoopRunner(name, backend))
+        setup.devices[name] = str(target)
 
 
 def _add_trt(setup: BenchSetup, trt_dirs: Sequence[Path], device: str, say) -> None:
@@ -176,21 +217,10 @@ def _add_trt(setup: BenchSetup, trt_dirs: Sequence[Path], device: str, say) -> N
     for path in trt_dirs:
         name = "trt" if len(trt_dirs) == 1 else f"trt:{path.name}"
         try:
-            backend, _ = load_backend("trt", path, device=device if device.startswith("cuda") else "cuda")
+            target = resolve_device(device, "trt")
+            backend, _ = load_backend("trt", path, device=target)
         except CpmError as exc:
             setup.skipped[name] = str(exc)
             continue
         setup.runners.append(LoopRunner(name, backend))
-
-
-def gpu_peak_reader(device: str):
-    """Peak GPU memory (MB) that torch allocated, when benchmarking on CUDA with torch present."""
-    if not device.startswith("cuda"):
-        return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return lambda: torch.cuda.max_memory_allocated() / 2**20
+        setup.devices[name] = str(target)

@@ -44,7 +44,7 @@ def bench(
         "bench-results"
     ),
     tokenizer: TokenizerOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
 ) -> None:
     """Benchmark backends side by side: first-token latency, decode ms/step (p50/p90), tokens/s, memory."""
@@ -97,7 +97,7 @@ def bench(
                     )
                     results.append(
                         harness.measure(
-                            runner, case, prompts, repeats=repeats, gpu_peak=bench_setup.gpu_peak_reader(device)
+                            runner, case, prompts, repeats=repeats, gpu_peak=prepared.gpu_peaks.get(runner.name)
                         )
                     )
                     progress.advance(task)
@@ -105,6 +105,7 @@ def bench(
         env = report.environment(
             {
                 "device": device,
+                "devices": prepared.devices,
                 "threads": threads,
                 "spec": prepared.spec.to_dict(),
                 "source": (preset and f"preset {preset} (random weights)") or str(model),

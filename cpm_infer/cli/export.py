@@ -53,7 +53,7 @@ def onnx(
     force_quality: Annotated[
         bool, typer.Option("--force-quality", help="Write the quantized artifact even when it fails the quality gate.")
     ] = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from cpm_infer.cli.options import DeviceOpt
+
 
 def trt(
     onnx_dir: Annotated[Path, typer.Argument(help="ONNX artifact directory (from `cpm export onnx`).")],
@@ -38,12 +40,15 @@ def trt(
     validate: Annotated[
         bool, typer.Option("--validate/--no-validate", help="Compare the engine with the ONNX graph on ONNX Runtime.")
     ] = True,
-    gpu: Annotated[int, typer.Option("--gpu", min=0, help="CUDA device index to build on.")] = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Build a TensorRT engine (prefill + decode profiles) for this GPU, validated against the ONNX graph."""
     from rich.console import Console
 
+    from cpm_infer.devices import resolve_device
     from export.tensorrt.engine_artifact import export_trt
+
+    gpu = resolve_device(device, "trt").index  # an engine is built for (and on) one GPU
 
     console = Console(stderr=True)
     with console.status("building", spinner="dots") as status:

@@ -49,7 +49,7 @@ def generate(
     ] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
     backend: BackendOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:

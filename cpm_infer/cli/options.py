@@ -12,7 +12,9 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Checkpoint directory or exported artifact (default: the bundled demo model)."),
 ]
 BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto (from the model directory), torch, ort or trt.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda (cuda:N).")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (the GPU when the backend in use has one), cpu, cuda or cuda:N.")
+]
 TokenizerOpt = Annotated[
     Path | None, typer.Option("--tokenizer", help="SentencePiece file, if the model directory has none.")
 ]

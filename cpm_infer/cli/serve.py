@@ -32,7 +32,7 @@ AccessLogOpt = Annotated[bool, typer.Option("--access-log", help="Log every requ
 def serve(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
     host: HostOpt = "127.0.0.1",

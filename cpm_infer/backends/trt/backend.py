@@ -31,6 +31,7 @@ from cpm_infer.backends.trt.logger import get_logger
 from cpm_infer.backends.trt.profiles import DECODE, PREFILL, EngineLimits, Profile, ProfileError, check_fits
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
+from cpm_infer.devices import Device, resolve_device
 from cpm_infer.errors import CpmError
 
 log = logging.getLogger(__name__)
@@ -60,17 +61,6 @@ def copy_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
         else:
             runs.append((src, dst, 1))
     return runs
-
-
-def parse_device(device: str) -> int:
-    """``cuda`` / ``cuda:N`` -> N. ``cpu`` (the CLI default) means GPU 0: an engine only runs on a GPU."""
-    if device in ("cpu", "cuda", "gpu", ""):
-        if device == "cpu":
-            log.warning("TensorRT engines run on a GPU; using cuda:0 instead of --device cpu")
-        return 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    raise TrtBackendError(f"--device {device!r} is not a CUDA device for the TensorRT backend (use cuda or cuda:N)")
 
 
 class TrtBackend:
@@ -285,14 +275,14 @@ class TrtBackend:
             raise TrtBackendError("stale TensorRT state: a later prefill has reused its KV buffers")
 
 
-def load(path, *, device: str = "cuda", tokenizer_file=None, threads: int | None = None):
+def load(path, *, device: str | Device = "auto", tokenizer_file=None, threads: int | None = None):
     """Open an engine artifact (``manifest.json`` with ``"format": "tensorrt"``)."""
     from cpm_infer.artifact import read_manifest
     from cpm_infer.tokenizer import CpmTokenizer
 
     path = Path(path)
     manifest = read_manifest(path, expected_format="tensorrt")
-    index = parse_device(device)
+    index = resolve_device(device, "trt").index
     trt = require("tensorrt", "tensorrt")
     gpu = cuda.gpu_info(index)
     check_engine_compatible(manifest.details, RuntimeInfo(trt.__version__, gpu.name, cc_string(gpu.compute_capability)))
