@@ -121,7 +121,7 @@ def run_level(server: Server, clients: int, requests: int, max_new_tokens: int, 
                 break
             body = {
                 "prompt": PROMPTS[i % len(PROMPTS)],
-                "max_new_tokens": max_new_tokens,
+                "max_tokens": max_new_tokens,
                 "ignore_eos": True,
                 "seed": i,
                 **sampling,
@@ -135,7 +135,7 @@ def run_level(server: Server, clients: int, requests: int, max_new_tokens: int, 
                     continue
                 latencies.append(elapsed)
                 tokens[0] += answer["usage"]["completion_tokens"]
-                batch_sizes.append(answer["timings"]["batch_size"])
+                batch_sizes.append(answer["timings"]["batch_rows"])
         conn.close()
 
     start = time.perf_counter()
@@ -184,7 +184,7 @@ def main() -> None:
         try:
             _, info = server.call("GET", "/info")
             for i in range(2):  # warm-up
-                server.call("POST", "/v1/completions", {"prompt": PROMPTS[i], "max_new_tokens": 4})
+                server.call("POST", "/v1/completions", {"prompt": PROMPTS[i], "max_tokens": 4})
             for sampling in args.sampling:
                 for clients in args.clients:
                     result = run_level(
@@ -205,7 +205,7 @@ def main() -> None:
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "model": f"{info['model']} ({spec['n_layer']} layers, hidden {spec['n_embd']}, vocab "
         "{spec['vocab_size']}), backend {info['backend']}",
-        "max_new_tokens": args.max_new_tokens,
+        "max_tokens": args.max_new_tokens,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.mkdir(parents=True, exist_ok=True)

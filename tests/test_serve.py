@@ -28,13 +28,14 @@ from cpm_infer.generate import generate
 from cpm_infer.prompts import essay_prompt
 from cpm_infer.serve import schemas
 from cpm_infer.serve.app import create_app
+from cpm_infer.serve.completions import finish_reason
 from cpm_infer.serve.server import BackgroundServer
 from cpm_infer.serve.settings import ServeSettings
 
 SETTINGS = ServeSettings(
     max_batch=8, batch_wait_ms=250, queue_size=32, max_new_tokens_cap=64, timeout_s=30, max_body_bytes=4096
 )
-SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "max_new_tokens": 16}
+SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "max_tokens": 16}
 
 
 # -- a small HTTP client --------------------------------------------------------------------------
@@ -127,12 +128,14 @@ def long_server(checkpoint, **settings) -> BackgroundServer:
     return BackgroundServer(create_app(backend, tok, ServeSettings(**{**base, **settings}), warmup=False))
 
 
-LONG = {"prompt": "话说", "max_new_tokens": 1000, "ignore_eos": True}
+LONG = {"prompt": "话说", "max_tokens": 1000, "ignore_eos": True}
 
 
 def expected(reference, ids, seed, **sampling):
     backend, tok = reference
-    config = GenerationConfig(**{**SAMPLING, **sampling}, seed=seed)
+    settings = {**SAMPLING, **sampling}
+    settings["max_new_tokens"] = settings.pop("max_tokens")
+    config = GenerationConfig(**settings, seed=seed)
     return generate(backend, [ids], config, tok)[0]
 
 
@@ -153,14 +156,14 @@ def test_completion_is_what_generating_alone_gives(server, reference):
     assert status == 200, body
     want = expected(reference, tok.encode("话说天下大势"), 7)
     choice = body["choices"][0]
-    assert choice["text"] == want.text and choice["finish_reason"] == want.finish_reason
+    assert choice["text"] == want.text and choice["finish_reason"] == finish_reason(want.finish_reason)
     assert body["usage"] == {
         "prompt_tokens": want.prompt_tokens,
         "completion_tokens": len(want.token_ids),
         "total_tokens": want.prompt_tokens + len(want.token_ids),
     }
     timings = body["timings"]
-    assert timings["batch_size"] >= 1 and 0 <= timings["queue_ms"] <= timings["first_token_ms"] <= timings["total_ms"]
+    assert timings["batch_rows"] >= 1 and 0 <= timings["queue_ms"] <= timings["first_token_ms"] <= timings["total_ms"]
 
     status, body = request(
         server, "POST", "/v1/completions", {"title": "三国", "context": "话说", "seed": 2, **SAMPLING}
@@ -195,9 +198,9 @@ def test_streaming_sends_text_as_it_is_generated(server, reference):
     assert len(texts) > 1 and all(e["choices"][0]["finish_reason"] is None for e in events[:-2])
     want = expected(reference, tok.encode("滚滚长江"), 3)
     assert "".join(texts) == want.text
-    assert final["choices"][0]["finish_reason"] == want.finish_reason and final["usage"]["completion_tokens"] == len(
-        want.token_ids
-    )
+    assert final["choices"][0]["finish_reason"] == finish_reason(want.finish_reason) and final["usage"][
+        "completion_tokens"
+    ] == len(want.token_ids)
 
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, reference):
@@ -223,10 +226,10 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, ref
         start.wait(10)
         if i in streamed:
             events = EventStream(server, body).all()
-            return "".join(e["choices"][0]["text"] for e in events[:-2]), events[-2]["timings"]["batch_size"]
+            return "".join(e["choices"][0]["text"] for e in events[:-2]), None
         status, out = request(server, "POST", "/v1/completions", body)
         assert status == 200, out
-        return out["choices"][0]["text"], out["timings"]["batch_size"]
+        return out["choices"][0]["text"], out["timings"]["batch_rows"]
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(call, i) for i in range(len(jobs))]
@@ -234,7 +237,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, ref
         answers = [f.result(timeout=60) for f in futures]
     for (body, extra), (text, _) in zip(jobs, answers, strict=False):
         assert text == expected(reference, tok.encode(body["prompt"]), body["seed"], **extra).text
-    sizes = [size for _, size in answers]
+    sizes = [size for _, size in answers if size is not None]
     assert max(sizes) > 1 and max(sizes) <= SETTINGS.max_batch  # requests shared batches
     assert sizes[-1] == 1  # different settings: its own batch
 
@@ -242,33 +245,39 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, ref
 @pytest.mark.parametrize(
     ("body", "status", "says"),
     [
-        ({"prompt": "x", "temperature": -1}, 422, "temperature"),
-        ({"prompt": "x", "top_p": 0}, 422, "top_p"),
-        ({"prompt": "x", "top_p": float("nan")}, 422, "top_p"),
-        ({"prompt": "x", "temperature": "hot"}, 422, "temperature"),
-        ({"prompt": "x", "max_new_tokens": 65}, 422, "cap of 64"),
-        ({"prompt": "x", "max_new_tokens": 0}, 422, "max_new_tokens"),
-        ({"prompt": "x", "num_samples": 17}, 422, "num_samples"),
-        ({"prompt": "x", "temprature": 1}, 422, "temprature"),
-        ({"prompt": "x", "title": "y"}, 422, "exactly one"),
-        ({}, 422, "exactly one"),
-        ({"prompt": "话说" * 400}, 422, "context is 128"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "x", "top_p": float("nan")}, 400, "top_p"),
+        ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens: Input should be less than or equal to 64"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "n": 17}, 400, "n: Input should be less than or equal to 16"),
+        ({"prompt": "x", "temprature": 1}, 400, "temprature"),
+        ({"prompt": "x", "title": "y"}, 400, "exactly one"),
+        ({}, 400, "exactly one"),
+        ({"prompt": "x", "max_new_tokens": 4}, 400, '"max_new_tokens" is now called "max_tokens"'),
+        ({"prompt": "x", "num_samples": 2}, 400, '"num_samples" is now called "n"'),
+        ({"prompt": "话说" * 400}, 400, "context is 128"),
     ],
 )
 def test_bad_requests_get_a_json_4xx(server, body, status, says):
     got, answer = request(server, "POST", "/v1/completions", raw=json.dumps(body, ensure_ascii=False).encode())
-    assert got == status and says in answer["error"]["message"] and answer["error"]["type"]
+    assert got == status and says in answer["error"]["message"], answer
+    assert (
+        set(answer["error"]) == {"message", "type", "param", "code"}
+        and answer["error"]["type"] == "invalid_request_error"
+    )
 
 
 def test_limits_and_malformed_requests(server):
     status, answer = request(server, "POST", "/v1/completions", {"prompt": "话" * 3000})
     assert status == 413 and "4096" in answer["error"]["message"]
-    assert request(server, "POST", "/v1/completions", raw=b"{not json")[0] == 422
-    assert request(server, "GET", "/nowhere")[1]["error"]["type"] == "not_found"
-    assert request(server, "GET", "/zuowen?max_len=abc&title=x")[0] == 422
-    assert request(server, "GET", "/zuowen")[0] == 422  # no title
+    assert request(server, "POST", "/v1/completions", raw=b"{not json")[0] == 400
+    assert request(server, "GET", "/nowhere")[1]["error"]["code"] == "not_found"
+    assert request(server, "GET", "/zuowen?max_len=abc&title=x")[0] == 400
+    assert request(server, "GET", "/zuowen")[0] == 400  # no title
     status, answer = request(
-        server, "POST", "/v1/completions", {"prompt": "话说" * 400, "truncate": True, "max_new_tokens": 4}
+        server, "POST", "/v1/completions", {"prompt": "话说" * 400, "truncate": True, "max_tokens": 4}
     )
     assert status == 200 and answer["usage"]["prompt_tokens"] == 124
 
@@ -279,17 +288,17 @@ def test_full_queue_answers_503_at_once_and_a_disconnect_frees_the_slot(long_che
         running = EventStream(srv, LONG)
         assert running.next()["choices"][0]["finish_reason"] is None  # generating now
         with ThreadPoolExecutor(1) as pool:
-            queued = pool.submit(request, srv, "POST", "/v1/completions", {"prompt": "天下", "max_new_tokens": 8})
+            queued = pool.submit(request, srv, "POST", "/v1/completions", {"prompt": "天下", "max_tokens": 8})
             wait_until(lambda: health(srv)["queued"] == 1, what="the second request to queue")
             began = time.monotonic()
             status, answer = request(srv, "POST", "/v1/completions", {"prompt": "三国"})
-            assert status == 503 and answer["error"]["type"] == "queue_full" and time.monotonic() - began < 2
+            assert status == 503 and answer["error"]["code"] == "queue_full" and time.monotonic() - began < 2
             running.close()  # the streaming client goes away mid-stream
             assert queued.result(timeout=20)[0] == 200  # its slot went to the queued request
         state = health(srv)
         assert state["counters"]["cancelled_disconnected"] == 1
         assert state["counters"]["generated_tokens"] < 1000  # the abandoned stream stopped early
-        assert request(srv, "POST", "/v1/completions", {"prompt": "三国", "max_new_tokens": 4})[0] == 200
+        assert request(srv, "POST", "/v1/completions", {"prompt": "三国", "max_tokens": 4})[0] == 200
 
 
 def test_a_non_streaming_client_that_leaves_is_cancelled_too(long_checkpoint):
@@ -311,18 +320,18 @@ def test_a_request_over_the_timeout_gets_504_and_stops(long_checkpoint):
     with long_server(long_checkpoint, timeout_s=0.5, queue_size=4) as srv:
         began = time.monotonic()
         status, answer = request(srv, "POST", "/v1/completions", LONG)
-        assert status == 504 and answer["error"]["type"] == "timeout" and time.monotonic() - began < 5
+        assert status == 504 and answer["error"]["code"] == "timeout" and time.monotonic() - began < 5
         events = EventStream(srv, LONG).all()  # streaming: the timeout arrives as an error event
-        assert events[-1]["error"]["type"] == "timeout"
+        assert events[-1]["error"]["code"] == "timeout"
         wait_until(lambda: health(srv)["running"] == 0, what="the timed-out rows to stop")
         assert health(srv)["counters"]["cancelled_timeout"] == 2
-        assert request(srv, "POST", "/v1/completions", {"prompt": "三国", "max_new_tokens": 4})[0] == 200
+        assert request(srv, "POST", "/v1/completions", {"prompt": "三国", "max_tokens": 4})[0] == 200
 
 
 def test_graceful_shutdown_lets_in_flight_requests_finish(long_checkpoint):
     srv = long_server(long_checkpoint, shutdown_grace_s=20).start()
     with ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(request, srv, "POST", "/v1/completions", {**LONG, "max_new_tokens": 150})
+        in_flight = pool.submit(request, srv, "POST", "/v1/completions", {**LONG, "max_tokens": 150})
         wait_until(lambda: health(srv)["running"] == 1, what="the request to start")
         stopper = threading.Thread(target=srv.stop)
         stopper.start()
@@ -369,7 +378,7 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(long_checkpoint):
         assert stream.next()["choices"][0]["finish_reason"] is None
         proc.send_signal(signal.SIGTERM)
         rest = stream.all()
-        assert rest[-1]["error"]["type"] == "shutting_down"  # cancelled after the grace, with an answer
+        assert rest[-1]["error"]["code"] == "shutting_down"  # cancelled after the grace, with an answer
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

@@ -12,7 +12,9 @@ pytest.importorskip("fastapi")
 from cpm_infer.backends import load_backend
 from cpm_infer.config import GenerationConfig
 from cpm_infer.generate import generate
-from cpm_infer.serve.batcher import Batcher, DoneEvent, ErrorEvent, QueueFullError, ShuttingDownError
+from cpm_infer.serve.batcher import Batcher
+from cpm_infer.serve.errors import QueueFullError, ShuttingDownError
+from cpm_infer.serve.jobs import ChoiceDone, ErrorEvent
 from cpm_infer.serve.settings import ServeSettings
 
 SAMPLED = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95)
@@ -63,23 +65,22 @@ def test_batcher_groups_equal_settings_and_keeps_fifo(model):
     async def scenario():
         greedy = GenerationConfig(max_new_tokens=4, temperature=0)
         jobs = [
-            batcher.submit(tok.encode("话说"), SAMPLED.replace(seed=1)),
-            batcher.submit(tok.encode("天下"), greedy),
-            batcher.submit(tok.encode("长江"), SAMPLED.replace(seed=2)),
+            batcher.submit([tok.encode("话说")], SAMPLED.replace(seed=1)),
+            batcher.submit([tok.encode("天下")], greedy),
+            batcher.submit([tok.encode("长江")], SAMPLED.replace(seed=2)),
         ]
         batcher.start()
         events = [await job.next_event() for job in jobs]
-        return events
+        return events, [job.batch_rows for job in jobs]
 
     try:
-        events = asyncio.run(scenario())
+        events, rows = asyncio.run(scenario())
     finally:
         batcher.close()
-    assert all(isinstance(e, DoneEvent) for e in events)
-    assert [e.batch_rows for e in events] == [2, 1, 2]  # the two sampled requests shared a batch
+    assert all(isinstance(e, ChoiceDone) for e in events)
+    assert rows == [2, 1, 2]  # the two sampled requests shared a batch
     assert (
-        events[0].results[0].token_ids
-        == generate(backend, [tok.encode("话说")], SAMPLED.replace(seed=1), tok)[0].token_ids
+        events[0].result.token_ids == generate(backend, [tok.encode("话说")], SAMPLED.replace(seed=1), tok)[0].token_ids
     )
 
 
@@ -88,16 +89,16 @@ def test_batcher_refuses_when_full_and_cancel_frees_the_place(model):
     batcher = Batcher(backend, tok, ServeSettings(max_batch=1, queue_size=2))  # worker not started: all wait
 
     async def scenario():
-        a = batcher.submit([5], SAMPLED)
-        batcher.submit([6], SAMPLED)
+        a = batcher.submit([[5]], SAMPLED)
+        batcher.submit([[6]], SAMPLED)
         with pytest.raises(QueueFullError):
-            batcher.submit([7], SAMPLED)
+            batcher.submit([[7]], SAMPLED)
         assert batcher.cancel(a, "disconnected") and not batcher.cancel(a, "disconnected")
         assert isinstance(await a.next_event(), ErrorEvent)
-        batcher.submit([8], SAMPLED)  # the cancelled request's place is free again
+        batcher.submit([[8]], SAMPLED)  # the cancelled request's place is free again
         batcher.begin_shutdown(grace_s=0)
         with pytest.raises(ShuttingDownError):
-            batcher.submit([9], SAMPLED)
+            batcher.submit([[9]], SAMPLED)
         return batcher.snapshot()
 
     state = asyncio.run(scenario())

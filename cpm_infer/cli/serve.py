@@ -21,12 +21,21 @@ WaitOpt = Annotated[float, typer.Option("--batch-wait-ms", min=0, help="How long
 QueueOpt = Annotated[int, typer.Option("--queue-size", min=1, help="Requests waiting for a batch; more get 503.")]
 CapOpt = Annotated[int, typer.Option("--max-new-tokens-cap", min=1, help="Largest max_new_tokens a request may ask.")]
 DefaultTokensOpt = Annotated[int, typer.Option("--default-max-new-tokens", min=1, help="When a request gives none.")]
-SamplesOpt = Annotated[int, typer.Option("--max-samples", min=1, help="Largest num_samples per request.")]
+SamplesOpt = Annotated[int, typer.Option("--max-samples", min=1, help="Most choices (prompts x n) per request.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds a request may take (504 after).")]
 BodyOpt = Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body in KiB (413 above).")]
 GraceOpt = Annotated[float, typer.Option("--shutdown-grace", min=0, help="Seconds in-flight requests get on stop.")]
 NoWarmupOpt = Annotated[bool, typer.Option("--no-warmup", help="Skip the warm-up generation at start.")]
 AccessLogOpt = Annotated[bool, typer.Option("--access-log", help="Log every request.")]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="CPM_API_KEY",
+        show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every route but /health.",
+    ),
+]
 
 
 def serve(
@@ -48,12 +57,14 @@ def serve(
     shutdown_grace: GraceOpt = 10.0,
     no_warmup: NoWarmupOpt = False,
     access_log: AccessLogOpt = False,
+    api_key: ApiKeyOpt = None,
 ) -> None:
-    """Serve a CPM model over HTTP: /v1/completions (JSON or SSE), /zuowen, /health, /info, /v1/models."""
+    """Serve a CPM model over HTTP: OpenAI's /v1/completions and /v1/models, /zuowen, /metrics, /health, /info."""
     from cpm_infer.deps import require
 
     require("fastapi", "serve")
     require("uvicorn", "serve")
+    require("prometheus_client", "serve")
     from cpm_infer.backends import detect_backend, load_backend
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.serve.app import create_app
@@ -76,10 +87,17 @@ def serve(
     sock = bind(host, port)  # fail on a taken port before spending time loading the model
     runtime, tok = load_backend(backend_name, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
     name, info = model_path.resolve().name, {"path": str(model_path)}
-    app = create_app(runtime, tok, settings, model_name=name, model_info=info, warmup=not no_warmup)
+    app = create_app(
+        runtime, tok, settings, model_name=name, model_info=info, warmup=not no_warmup, api_key=api_key or None
+    )
     bound_host, bound_port = sock.getsockname()[:2]
-    if not _is_loopback(host):
-        log.warning("listening on %s: anyone who can reach it can use the model; add an authenticating proxy", host)
+    if not _is_loopback(host) and not api_key:
+        print(
+            f"warning: listening on {host} without an API key: anyone who can reach it can use the model "
+            "(set --api-key or CPM_API_KEY)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"serving {model_path} ({runtime.name}) on http://{_url_host(bound_host)}:{bound_port}  "
         f"max batch {max_batch}, wait {batch_wait_ms:g} ms, queue {queue_size}; Ctrl-C to stop",
@@ -87,7 +105,12 @@ def serve(
         flush=True,
     )
     level = logging.getLogger().getEffectiveLevel()
-    serve_forever(app, sock, log_level="info" if level <= logging.INFO else "warning", access_log=access_log)
+    try:
+        serve_forever(app, sock, log_level="info" if level <= logging.INFO else "warning", access_log=access_log)
+    finally:
+        close = getattr(runtime, "close", None)  # backends that hold device memory or sessions release them
+        if close is not None:
+            close()
     print("server stopped", file=sys.stderr)
 
 

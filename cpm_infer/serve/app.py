@@ -1,8 +1,12 @@
-"""The FastAPI app: completions (JSON or server-sent events), the seed's ``/zuowen`` essay route,
-health and model info. Handlers never run the model: they tokenize in a thread pool, submit to the
-batcher and await its events, so the event loop stays free for other clients."""
+"""The FastAPI app: OpenAI's Completions API (``/v1/completions``, ``/v1/models``), the seed's ``/zuowen`` essay
+route, ``/health``, ``/info`` and Prometheus ``/metrics``. Handlers never run the model: they tokenize in a
+thread pool, submit a job and await its events, so the event loop stays free for other clients.
 
-from __future__ import annotations
+``create_app`` holds no global state: each app has its own batcher, metrics registry and limits, so several
+apps (replicas) can live in one process or be built in another one."""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the per-app request model from the
+# handler's annotation, which must be the class itself, not a string naming a local variable.
 
 import asyncio
 import time
@@ -11,29 +15,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from cpm_infer import __version__
 from cpm_infer.backends.base import Backend
-from cpm_infer.serve import schemas
-from cpm_infer.serve.batcher import (
-    DISCONNECTED,
-    TIMEOUT,
-    Batcher,
-    ClientGoneError,
-    DoneEvent,
-    ErrorEvent,
-    Job,
-    RequestTimeoutError,
-    TextEvent,
-)
+from cpm_infer.serve import docs, schemas
+from cpm_infer.serve.auth import require_api_key
+from cpm_infer.serve.batcher import Batcher
+from cpm_infer.serve.completions import Answer, collect, encode_prompts, request_config, stream
+from cpm_infer.serve.errors import ClientGoneError, ModelNotFoundError, RequestTimeoutError
+from cpm_infer.serve.jobs import DISCONNECTED, TIMEOUT, Job
+from cpm_infer.serve.metrics import RequestCounter, ServeMetrics
 from cpm_infer.serve.settings import ServeSettings
-from cpm_infer.serve.web import BodyLimitMiddleware, EventStreamResponse, error_body, install_error_handlers, sse
+from cpm_infer.serve.web import BodyLimitMiddleware, EventStreamResponse, install_error_handlers
 from cpm_infer.tokenizer import CpmTokenizer
-
-KEEPALIVE_S = 15.0  # an SSE comment this often while a streamed request waits (keeps proxies from timing out)
 
 
 def create_app(
@@ -44,11 +41,19 @@ def create_app(
     model_name: str = "cpm",
     model_info: dict[str, Any] | None = None,
     warmup: bool = True,
+    api_key: str | None = None,
 ) -> FastAPI:
-    """An app serving ``backend``; the batcher's worker thread lives as long as the app's lifespan."""
+    """An app serving ``backend``; its generation thread lives as long as the app's lifespan.
+
+    ``api_key``: every route but ``/health`` (and the schema pages) then needs ``Authorization: Bearer KEY``.
+    """
     settings = settings or ServeSettings()
-    batcher = Batcher(backend, tokenizer, settings)
+    metrics = ServeMetrics()
+    batcher = Batcher(backend, tokenizer, settings, metrics)
+    metrics.watch(lambda: batcher.snapshot()["queued"], lambda: batcher.snapshot()["running_rows"])
     n_positions = backend.spec.n_positions
+    created = int(time.time())
+    completion_request = schemas.completion_request_model(settings, tokenizer.vocab_size)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -62,16 +67,24 @@ def create_app(
     app = FastAPI(title="cpm-infer", version=__version__, lifespan=lifespan)
     app.state.batcher = batcher
     app.state.settings = settings
+    app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    paths = {"/health", "/info", "/metrics", "/v1/models", "/v1/completions", "/zuowen"}
+    app.add_middleware(RequestCounter, metrics=metrics, routes=lambda: paths)
     install_error_handlers(app)
+    docs.honest_openapi(app)
 
-    @app.get("/health")
+    protected = [Depends(require_api_key(api_key))] if api_key else []
+    router = APIRouter(dependencies=protected)
+    errors = docs.error_responses(auth=bool(api_key))
+
+    @app.get("/health", responses={503: {"description": "shutting down"}})
     async def health() -> JSONResponse:
         state = batcher.snapshot()
         status = "shutting_down" if state["closing"] else "ok"
         return JSONResponse({"status": status, **state}, status_code=503 if state["closing"] else 200)
 
-    @app.get("/info")
+    @router.get("/info", responses=errors.only(401))
     async def info() -> dict[str, Any]:
         return {
             "model": model_name,
@@ -83,53 +96,64 @@ def create_app(
             **(model_info or {}),
         }
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {"id": model_name, "object": "model", "owned_by": "cpm-infer", "context_length": n_positions}
-        return {"object": "list", "data": [card]}
+    def card() -> dict[str, Any]:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "cpm-infer",
+            "context_length": n_positions,
+        }
 
-    @app.post("/v1/completions")
-    async def completions(body: schemas.CompletionRequest, request: Request) -> Response:
+    @router.get("/v1/models", responses=errors.only(401))
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @router.get("/v1/models/{model}", responses=errors.only(401, 404))
+    async def model(model: str) -> dict[str, Any]:
+        check_model(model, model_name)
+        return card()
+
+    @router.post("/v1/completions", response_model=None, responses=docs.completion_responses(errors))
+    async def completions(body: completion_request, request: Request) -> Response:
         arrived = time.monotonic()
-        config = schemas.completion_config(body, settings)
-        ids = await run_in_threadpool(
-            lambda: schemas.encode_prompt(
-                tokenizer,
-                prompt=body.prompt,
-                title=body.title,
-                context=body.context or "",
-                n_positions=n_positions,
-                max_new_tokens=config.max_new_tokens,
-                truncate=body.truncate,
-            )
+        check_model(body.model, model_name)
+        config = request_config(body, settings)
+        prompts = await run_in_threadpool(encode_prompts, tokenizer, body, n_positions, config.max_new_tokens)
+        job = batcher.submit([p.ids for p in prompts], config, stream=bool(body.stream))
+        metrics.prompt(job.prompt_tokens)
+        answer = Answer(
+            id=f"cmpl-{uuid.uuid4().hex[:24]}",
+            model=model_name,
+            prompts=prompts,
+            n=config.num_samples,
+            echo=bool(body.echo),
+            logprobs=body.logprobs is not None,
+            arrived=arrived,
         )
-        job = batcher.submit(ids, config, stream=body.stream)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
         if body.stream:
-            events = _stream(job, batcher, meta, arrived)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = stream(job, answer, include_usage, batcher.cancel)
             return EventStreamResponse(events, on_close=lambda: batcher.cancel(job, DISCONNECTED))
-        done = await _wait(job, batcher, request)
-        timings = _timings(job, done, arrived)
-        answer = schemas.completion_body(
-            request_id=meta["id"], created=meta["created"], model=model_name, results=done.results, timings=timings
-        )
-        return JSONResponse(answer)
+        results = await _wait(job, batcher, request)
+        return JSONResponse(answer.body(job, results))
 
     async def essay(request: Request, title: str, context: str, max_len: int, seed: int | None) -> dict[str, str]:
+        title = schemas.clean_field(title, "title")
+        context = schemas.clean_field(context, "context")
+
         def encode() -> tuple[list[int], int]:
-            ids = schemas.encode_prompt(
-                tokenizer, title=title, context=context, n_positions=n_positions, max_new_tokens=1
-            )
+            ids = schemas.essay_ids(tokenizer, title, context, n_positions)
             return ids, len(tokenizer.encode(title)) + 1  # where the context starts (after <sep>)
 
         ids, context_start = await run_in_threadpool(encode)
         config = schemas.essay_config(max_len, len(ids), seed, settings)
-        done = await _wait(batcher.submit(ids, config), batcher, request)
+        results = await _wait(batcher.submit([ids], config), batcher, request)
         # As the seed service: the context the client gave, continued (decoded together, as the seed did).
-        content = tokenizer.decode(ids[context_start:] + done.results[0].token_ids)
+        content = tokenizer.decode(ids[context_start:] + results[0].token_ids)
         return {"title": title, "content": content}
 
-    @app.get("/zuowen")
+    @router.get("/zuowen", responses=errors.only(400, 401, 503, 504, 500))
     async def essay_get(
         request: Request,
         title: str,
@@ -139,24 +163,38 @@ def create_app(
     ) -> dict[str, str]:
         return await essay(request, title, context, max_len, seed)
 
-    @app.post("/zuowen")
+    @router.post("/zuowen", responses=errors.only(400, 401, 413, 503, 504, 500))
     async def essay_post(body: schemas.EssayRequest, request: Request) -> dict[str, str]:
         return await essay(request, body.title, body.context, body.max_len, body.seed)
 
+    @router.get("/metrics", responses={**errors.only(401), 200: docs.METRICS_200})
+    async def prometheus() -> Response:
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+    app.include_router(router)
     return app
 
 
-async def _wait(job: Job, batcher: Batcher, request: Request) -> DoneEvent:
-    """A non-streaming request's result. A client that disconnects, or a request past its deadline,
-    is cancelled so that it stops taking a place in the queue or a row of the running batch."""
-    result = asyncio.ensure_future(job.next_event())
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise ModelNotFoundError(
+            f"the model '{requested}' does not exist on this server; it serves '{served}' (GET /v1/models)",
+            param="model",
+        )
+
+
+async def _wait(job: Job, batcher: Batcher, request: Request) -> list[Any]:
+    """A non-streaming job's results. A client that disconnects, or a request past its deadline, is
+    cancelled so that it stops taking a place in the queue or a row of the running batch."""
+    result = asyncio.ensure_future(collect(job))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not result.done():
             batcher.cancel(job, DISCONNECTED)
             raise ClientGoneError("the client disconnected")  # nobody reads this answer
-        event = result.result()
+        return result.result()
     except RequestTimeoutError:
         batcher.cancel(job, TIMEOUT)
         raise
@@ -166,51 +204,9 @@ async def _wait(job: Job, batcher: Batcher, request: Request) -> DoneEvent:
     finally:
         gone.cancel()
         result.cancel()
-    if isinstance(event, ErrorEvent):
-        raise event.error
-    assert isinstance(event, DoneEvent)  # non-streaming jobs get no TextEvents
-    return event
 
 
 async def _disconnected(request: Request) -> None:
     """Return when the client closes the connection (the body was read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _stream(job: Job, batcher: Batcher, meta: dict[str, Any], arrived: float) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per piece of final text, then one with the finish reasons, usage and
-    timings, then ``[DONE]``. Errors after the headers went out arrive as ``{"error": ...}`` events."""
-    chunk = {**meta, "object": "text_completion.chunk"}
-    while True:
-        try:
-            event = await job.next_event(idle_s=KEEPALIVE_S)
-        except RequestTimeoutError as exc:
-            batcher.cancel(job, TIMEOUT)
-            yield sse(error_body(exc.status, exc.kind, str(exc)))
-            return
-        if event is None:
-            yield ": keep-alive\n\n"
-        elif isinstance(event, TextEvent):
-            yield sse({**chunk, "choices": [{"index": event.sample, "text": event.text, "finish_reason": None}]})
-        elif isinstance(event, ErrorEvent):
-            yield sse(error_body(event.error.status, event.error.kind, str(event.error)))
-            return
-        else:
-            choices = [{"index": r.sample_index, "text": "", "finish_reason": r.finish_reason} for r in event.results]
-            usage, timings = schemas.usage(event.results), _timings(job, event, arrived)
-            yield sse({**chunk, "choices": choices, "usage": usage, "timings": timings})
-            yield sse("[DONE]")
-            return
-
-
-def _timings(job: Job, done: DoneEvent, arrived: float) -> dict[str, float | int]:
-    started = job.started or arrived
-    finished = job.finished or time.monotonic()
-    return {
-        "queue_ms": round(1000 * (started - arrived), 2),
-        "first_token_ms": round(1000 * (started + done.prefill_s - arrived), 2),
-        "generation_ms": round(1000 * (finished - started), 2),
-        "total_ms": round(1000 * (time.monotonic() - arrived), 2),
-        "batch_size": done.batch_rows,
-    }

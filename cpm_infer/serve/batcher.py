@@ -11,125 +11,34 @@ batch-mates go on. Results and streamed text reach the request's event loop thro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import GenerationConfig
-from cpm_infer.errors import CpmError, describe
-from cpm_infer.generate import GenerationResult, GenerationStats, TokenizerLike, generate
+from cpm_infer.errors import describe
+from cpm_infer.generate import GenerationStats, TokenizerLike, generate
+from cpm_infer.serve.errors import GenerationFailedError, QueueFullError, ShuttingDownError
+from cpm_infer.serve.jobs import SHUTDOWN, ChoiceDone, ErrorEvent, Event, Job, TokenEvent, error_for
 from cpm_infer.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-# Why a request was cancelled (also its generation's finish_reason).
-DISCONNECTED, TIMEOUT, SHUTDOWN = "disconnected", "timeout", "shutdown"
-
-
-class ServeError(CpmError):
-    """A request the server could not serve; ``status`` is its HTTP status, ``kind`` its error type."""
-
-    status = 500
-    kind = "server_error"
-
-
-class QueueFullError(ServeError):
-    status, kind = 503, "queue_full"
-
-
-class ShuttingDownError(ServeError):
-    status, kind = 503, "shutting_down"
-
-
-class RequestTimeoutError(ServeError):
-    status, kind = 504, "timeout"
-
-
-class ClientGoneError(ServeError):
-    status, kind = 499, "client_closed_request"
-
-
-class GenerationFailedError(ServeError):
-    status, kind = 500, "generation_failed"
-
-
-@dataclass
-class TextEvent:
-    """Newly final text of one sample (streaming requests only)."""
-
-    sample: int
-    text: str
-
-
-@dataclass
-class DoneEvent:
-    results: list[GenerationResult]
-    batch_rows: int  # sequences in the generate() batch this request ran in
-    prefill_s: float
-
-
-@dataclass
-class ErrorEvent:
-    error: ServeError
-
-
-Event = TextEvent | DoneEvent | ErrorEvent
-
-
-class Job:
-    """One request: prompt, settings, timestamps and the channel its events reach the handler through.
-
-    Created on the event loop by ``Batcher.submit``; the worker thread only posts events and reads
-    ``stop_reason`` (a plain attribute: assigning it is atomic).
-    """
-
-    def __init__(self, prompt_ids: Sequence[int], config: GenerationConfig, *, stream: bool, timeout_s: float) -> None:
-        self.prompt_ids = list(prompt_ids)
-        self.config = config
-        self.key = config.replace(seed=0)  # requests with equal keys can share a batch
-        self.rows = config.num_samples
-        self.stream = stream
-        self.created = time.monotonic()
-        self.deadline = self.created + timeout_s
-        self.started: float | None = None
-        self.finished: float | None = None
-        self.state = "pending"  # -> "running" -> "done" (changed under the batcher's lock)
-        self.stop_reason: str | None = None
-        self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def post(self, event: Event) -> None:
-        """Hand an event to the request's event loop (from any thread)."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody waits for this request any more
-            pass
-
-    async def next_event(self, idle_s: float | None = None) -> Event | None:
-        """The next event; None after ``idle_s`` without one; RequestTimeoutError at the deadline."""
-        remaining = self.deadline - time.monotonic()
-        wait = remaining if idle_s is None else min(idle_s, remaining)
-        try:
-            return await asyncio.wait_for(self._events.get(), max(wait, 0.0))
-        except asyncio.TimeoutError as exc:
-            if wait < remaining:
-                return None
-            limit = self.deadline - self.created
-            raise RequestTimeoutError(f"the request did not finish within the server's {limit:g} s timeout") from exc
 
 
 class Batcher:
     """Owns the model: one worker thread runs every generation; handlers only submit and wait."""
 
-    def __init__(self, backend: Backend, tokenizer: TokenizerLike, settings: ServeSettings) -> None:
+    def __init__(
+        self, backend: Backend, tokenizer: TokenizerLike, settings: ServeSettings, metrics: Any = None
+    ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.settings = settings
+        self.metrics = metrics  # a ServeMetrics, or None
         self.counters: Counter[str] = Counter()
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
@@ -181,9 +90,9 @@ class Batcher:
                 log.warning("the generation thread did not stop within %s s", timeout)
 
     # -- requests ----------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], config: GenerationConfig, *, stream: bool = False) -> Job:
+    def submit(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, stream: bool = False) -> Job:
         """Queue a request (call on the event loop). Raises at once when full or shutting down."""
-        job = Job(prompt_ids, config, stream=stream, timeout_s=self.settings.timeout_s)
+        job = Job(prompts, config, stream=stream, timeout_s=self.settings.timeout_s)
         with self._cond:
             if self._closing:
                 self.counters["rejected_shutting_down"] += 1
@@ -209,7 +118,7 @@ class Batcher:
             job.state, job.stop_reason, job.finished = "done", reason, time.monotonic()
             self.counters[f"cancelled_{reason}"] += 1
             self._cond.notify_all()
-        job.post(ErrorEvent(_error_for(reason)))
+        job.post(ErrorEvent(error_for(reason)))
         return True
 
     def snapshot(self) -> dict[str, object]:
@@ -217,6 +126,7 @@ class Batcher:
             return {
                 "queued": len(self._pending),
                 "running": len(self._running),
+                "running_rows": sum(job.rows for job in self._running),
                 "closing": self._closing,
                 "counters": dict(sorted(self.counters.items())),
             }
@@ -251,9 +161,12 @@ class Batcher:
                     self._cond.wait()
                     continue
                 first = self._pending[0]
+                key = first.config.replace(seed=None)  # equal settings but the seed can share a batch
                 batch, rows = [], 0
                 for job in self._pending:
-                    if job is first or (job.key == first.key and rows + job.rows <= self.settings.max_batch):
+                    if job is first or (
+                        job.config.replace(seed=None) == key and rows + job.rows <= self.settings.max_batch
+                    ):
                         batch.append(job)
                         rows += job.rows
                 wait = first.created + self.settings.batch_wait_s - time.monotonic()
@@ -266,54 +179,54 @@ class Batcher:
                 self._cond.wait(wait)
 
     def _run(self, jobs: list[Job]) -> None:
-        n = jobs[0].config.num_samples  # equal keys: every job has the same settings but the seed
-        owners = [job for job in jobs for _ in range(n)]  # sequence index -> its request
+        rows = [(job, choice) for job in jobs for choice in range(job.rows)]  # generate's row -> its request
         started = time.monotonic()
         for job in jobs:
-            job.started = started
+            job.started, job.batch_rows = started, len(rows)
 
         def on_text(index: int, text: str) -> None:
-            job = owners[index]
+            job, choice = rows[index]
             if job.stream and job.state == "running":
-                job.post(TextEvent(int(index) % n, text))  # generate passes numpy ints
+                job.post(TokenEvent(choice, text))
 
         stats = GenerationStats()
         try:
             results = generate(
                 self.backend,
-                [job.prompt_ids for job in jobs],
-                jobs[0].config,
+                [p for job in jobs for p in job.prompts],
+                jobs[0].config,  # equal keys: every job has the same settings but the seed
                 self.tokenizer,
                 callback=on_text if any(job.stream for job in jobs) else None,
                 stats=stats,
-                seeds=[job.config.seed for job in jobs],
-                should_stop=lambda index: owners[index].stop_reason,
+                seeds=[job.config.seed for job in jobs for _ in job.prompts],
+                should_stop=lambda index: rows[index][0].stop_reason,
             )
         except Exception as exc:
-            log.exception("generation failed for a batch of %d", len(owners))
+            log.exception("generation failed for a batch of %d", len(rows))
             for job in jobs:
                 error = GenerationFailedError(f"generation failed: {describe(exc)}")
-                self._finish(job, ErrorEvent(error))
+                self._finish(job, [ErrorEvent(error)])
             return
         with self._cond:
             self.counters["batches"] += 1
-            self.counters["batched_rows"] += len(owners)
+            self.counters["batched_rows"] += len(rows)
             self.counters["generated_tokens"] += stats.new_tokens
-        for i, job in enumerate(jobs):
-            self._finish(job, DoneEvent(results[i * n : (i + 1) * n], len(owners), stats.first_token_s))
+        if self.metrics is not None:
+            self.metrics.generated(stats.new_tokens, stats.step_s)
+        done: dict[int, list[Event]] = {}
+        for (job, choice), result in zip(rows, results, strict=True):
+            job.first_token = started + stats.first_token_s
+            done.setdefault(id(job), []).append(ChoiceDone(choice, result))
+        for job in jobs:
+            self._finish(job, done[id(job)])
 
-    def _finish(self, job: Job, event: DoneEvent | ErrorEvent) -> None:
+    def _finish(self, job: Job, events: list[Event]) -> None:
         with self._cond:
             if job.state == "done":  # cancelled meanwhile: its handler has its answer already
                 return
             job.state, job.finished = "done", time.monotonic()
-            self.counters["completed" if isinstance(event, DoneEvent) else "failed"] += 1
-        job.post(event)
-
-
-def _error_for(reason: str) -> ServeError:
-    if reason == SHUTDOWN:
-        return ShuttingDownError("the server shut down before the request finished; retry on another replica")
-    if reason == TIMEOUT:
-        return RequestTimeoutError("the request did not finish within the server's timeout")
-    return ClientGoneError("the client disconnected")
+            self.counters["failed" if isinstance(events[0], ErrorEvent) else "completed"] += 1
+        if self.metrics is not None and job.first_token is not None:
+            self.metrics.first_token(job.first_token - job.created)
+        for event in events:
+            job.post(event)

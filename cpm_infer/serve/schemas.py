@@ -1,58 +1,177 @@
-"""Request and response shapes of the HTTP API.
+"""Request shapes of the HTTP API: OpenAI's Completions request plus CPM's extras, and the seed's essay route.
 
-Pydantic checks types (strictly: ``"0.5"`` is not a number) and unknown fields; the *values* of the
-sampling settings are validated by ``GenerationConfig`` itself, so the server and the CLI accept
-exactly the same settings and say the same thing about bad ones.
+The limits the server enforces are in the models (so in the OpenAPI schema); the ones that depend on the
+server (``max_tokens`` cap, ``n`` cap, the vocabulary) come from ``completion_request_model(settings, vocab)``.
+What JSON Schema cannot say (a prompt's length in tokens, ``prompts x n`` over the cap) is a documented 400.
+Text fields follow the project's policy for broken Unicode: lone surrogates become U+FFFD, with a warning.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from cpm_infer.config import ConfigError, GenerationConfig
-from cpm_infer.generate import GenerationResult, PromptTooLongError, truncate_prompt
-from cpm_infer.prompts import essay_prompt, plain_prompt
+from cpm_infer.generate import PromptTooLongError
+from cpm_infer.prompts import essay_prompt
 from cpm_infer.serve.settings import ServeSettings
 from cpm_infer.tokenizer import CpmTokenizer
 
+log = logging.getLogger(__name__)
+
 _DEFAULT = GenerationConfig()
+MAX_STOP, MAX_STOP_CHARS, MAX_ID_CHARS = 4, 256, 256
+MAX_SEED = 2**63 - 1
 
 # The seed service's (yangjianxin1/CPM http_service.py) sampling defaults for /zuowen.
 ESSAY_TEMPERATURE, ESSAY_TOP_K, ESSAY_TOP_P, ESSAY_MAX_LEN = 1.0, 0, 0.85, 200
 
+# Field names of the server's first API, and what they are called now (refused with this message).
+RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_samples": "n", "stop_strings": "stop"}
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions: a prompt (or an essay title + context) and sampling settings."""
+_PROMPT_DOC = "Text, texts, token ids or lists of token ids; each prompt gets n choices."
 
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+# One of ``prompt`` or ``title`` (``context`` goes with ``title``): stated in the schema, checked in the model.
+_PROMPT_XOR_TITLE = {
+    "oneOf": [
+        {"required": ["prompt"], "not": {"anyOf": [{"required": ["title"]}, {"required": ["context"]}]}},
+        {"required": ["title"], "not": {"required": ["prompt"]}},
+    ]
+}
+
+
+def clean_field(value: str, field_name: str) -> str:
+    """Lone surrogates (a cut UTF-16 string, a buggy JSON producer) become U+FFFD, with a warning naming
+    the field; a surrogate pair sent as two escapes is joined."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        fixed = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        log.warning("request field %r: lone surrogate(s) replaced with U+FFFD", field_name)
+        return fixed
+
+
+class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str | None = None
-    title: str | None = None
-    context: str | None = None
-    max_new_tokens: int | None = None  # default: the server's default, never above its cap
-    min_new_tokens: int = _DEFAULT.min_new_tokens
-    temperature: float = _DEFAULT.temperature
-    top_k: int = _DEFAULT.top_k
-    top_p: float = _DEFAULT.top_p
-    repetition_penalty: float = _DEFAULT.repetition_penalty
-    ban_unk: bool = _DEFAULT.ban_unk
-    banned_ids: list[int] = []
-    stop: str | list[str] | None = None
-    seed: int | None = _DEFAULT.seed  # null: a fresh random seed per request
-    num_samples: int = _DEFAULT.num_samples
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. OpenAI's fields, then CPM's extras (defaults: the server's sampling defaults)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=_PROMPT_XOR_TITLE)
+
+    model: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="The served model's id (GET /v1/models); omitted = the served model."
+    )
+    # Overridden by completion_request_model() with the vocabulary's range for token ids.
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(None, description=_PROMPT_DOC)
+    max_tokens: int | None = None  # overridden: 1..the server's cap
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(_DEFAULT.temperature, description="0 = greedy.")
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = _DEFAULT.top_p
+    n: int | None = 1  # overridden: 1..the server's cap
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
+        None, description="Same seed, prompt and settings = same text; omitted = a fresh random seed."
+    )
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="Log-probabilities of the chosen tokens and of the `logprobs` most likely ones."
+    )
+    echo: bool | None = False
+    user: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = Field(None, description="Only null or equal to n (no reranking).")
+    suffix: None = Field(None, description="Not supported: null only.")
+    logit_bias: Annotated[dict[str, int], Field(max_length=0)] | None = Field(None, description="Empty or null only.")
+    # CPM extras
+    title: str = Field(None, description="Essay prompt `title <sep> context` (instead of `prompt`).")
+    context: str = Field(None, description="The essay's beginning (with `title`).")
+    top_k: Annotated[int, Field(ge=0)] = Field(_DEFAULT.top_k, description="0 = off.")
+    repetition_penalty: Annotated[float, Field(gt=0, le=100)] = Field(
+        _DEFAULT.repetition_penalty, description="CTRL-style, over prompt and generated tokens; 1 = off."
+    )
+    min_tokens: Annotated[int, Field(ge=0)] = Field(_DEFAULT.min_new_tokens, description="At most max_tokens.")
+    no_repeat_ngram_size: Annotated[int, Field(ge=0, le=64)] = 0
     ignore_eos: bool = _DEFAULT.ignore_eos
-    truncate: bool = False  # keep the last tokens of a prompt that does not fit the context
-    stream: bool = False
+    ban_unk: bool = _DEFAULT.ban_unk
+    banned_ids: list[int] = Field(default_factory=list, max_length=1024)  # overridden: within the vocabulary
+    truncate: bool = Field(False, description="Keep a too-long prompt's last tokens instead of answering 400.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in RENAMED.items():
+                if old in data:
+                    raise ValueError(f'"{old}" is now called "{new}"')
+        return data
+
+    @field_validator("model", "prompt", "stop", "user", "title", "context")
+    @classmethod
+    def _clean_text(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str):
+            return clean_field(value, info.field_name)
+        if isinstance(value, list):
+            return [clean_field(v, info.field_name) if isinstance(v, str) else v for v in value]
+        return value
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
+    def _consistent(self) -> CompletionRequest:
         if (self.prompt is None) == (self.title is None):
             raise ValueError('give exactly one of "prompt" or "title" (with an optional "context")')
         if self.context is not None and self.title is None:
             raise ValueError('"context" goes with "title"')
+        if isinstance(self.prompt, list) and (not self.prompt or any(p == [] for p in self.prompt)):
+            raise ValueError("prompt: a list of prompts needs at least one, and no empty token list")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of: only equal to n is supported (no best-of reranking)")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: texts or token-id lists (a title request has none)."""
+        p = self.prompt
+        if p is None:
+            return []
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]  # one prompt of token ids
+        return list(p)
+
+
+def completion_request_model(settings: ServeSettings, vocab_size: int) -> type[CompletionRequest]:
+    """The request model with this server's limits in it (so in its OpenAPI schema)."""
+    cap, samples = settings.max_new_tokens_cap, settings.max_samples
+    token = Annotated[int, Field(ge=0, lt=vocab_size)]
+    ids = Annotated[list[token], Field(min_length=1)]
+    texts = Annotated[list[str], Field(min_length=1, max_length=samples)]
+    ids_lists = Annotated[list[ids], Field(min_length=1, max_length=samples)]
+
+    max_default = min(settings.default_max_new_tokens, cap)
+    return create_model(  # named so in the OpenAPI schema
+        "CompletionRequest",
+        __base__=CompletionRequest,
+        __module__=__name__,
+        prompt=(str | texts | ids | ids_lists, Field(None, description=_PROMPT_DOC)),
+        max_tokens=(
+            Annotated[int, Field(ge=1, le=cap)] | None,
+            Field(None, description=f"New tokens per choice; omitted = {max_default}."),
+        ),
+        n=(
+            Annotated[int, Field(ge=1, le=samples)] | None,
+            Field(1, description=f"Choices per prompt; prompts x n is at most {samples}."),
+        ),
+        banned_ids=(Annotated[list[token], Field(max_length=1024)], Field(default_factory=list)),
+    )
 
 
 class EssayRequest(BaseModel):
@@ -65,31 +184,20 @@ class EssayRequest(BaseModel):
     max_len: int = ESSAY_MAX_LEN
     seed: int | None = None
 
+    @field_validator("title", "context")
+    @classmethod
+    def _clean_text(cls, value: str, info: Any) -> str:
+        return clean_field(value, info.field_name)
 
-def completion_config(req: CompletionRequest, settings: ServeSettings) -> GenerationConfig:
-    """The request's GenerationConfig, within the server's limits (ConfigError -> 422)."""
-    max_new = req.max_new_tokens
-    if max_new is None:
-        max_new = min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
-    if max_new > settings.max_new_tokens_cap:
-        raise ConfigError(f"max_new_tokens {max_new} is over this server's cap of {settings.max_new_tokens_cap}")
-    if req.num_samples > settings.max_samples:
-        raise ConfigError(f"num_samples {req.num_samples} is over this server's cap of {settings.max_samples}")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    return GenerationConfig(
-        max_new_tokens=max_new,
-        min_new_tokens=req.min_new_tokens,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        repetition_penalty=req.repetition_penalty,
-        ban_unk=req.ban_unk,
-        banned_ids=tuple(req.banned_ids),
-        stop_strings=stop,
-        seed=req.seed,
-        num_samples=req.num_samples,
-        ignore_eos=req.ignore_eos,
-    )
+
+def essay_ids(tokenizer: CpmTokenizer, title: str, context: str, n_positions: int) -> list[int]:
+    """``title <sep> context`` as token ids, refused when it leaves no room to generate."""
+    ids = essay_prompt(tokenizer, title, context)
+    if len(ids) >= n_positions:
+        raise PromptTooLongError(
+            f"title and context have {len(ids)} tokens but the model's context is {n_positions}; shorten them"
+        )
+    return ids
 
 
 def essay_config(max_len: int, prompt_len: int, seed: int | None, settings: ServeSettings) -> GenerationConfig:
@@ -101,54 +209,3 @@ def essay_config(max_len: int, prompt_len: int, seed: int | None, settings: Serv
     return GenerationConfig(
         max_new_tokens=max_new, temperature=ESSAY_TEMPERATURE, top_k=ESSAY_TOP_K, top_p=ESSAY_TOP_P, seed=seed
     )
-
-
-def encode_prompt(
-    tokenizer: CpmTokenizer,
-    *,
-    prompt: str | None = None,
-    title: str | None = None,
-    context: str = "",
-    n_positions: int,
-    max_new_tokens: int,
-    truncate: bool = False,
-) -> list[int]:
-    """Token ids of a plain or essay prompt, refused (or truncated) when it leaves no room to generate."""
-    ids = essay_prompt(tokenizer, title, context) if title is not None else plain_prompt(tokenizer, prompt or "")
-    if truncate:
-        ids = truncate_prompt(ids, n_positions, max_new_tokens)
-    if len(ids) >= n_positions:
-        raise PromptTooLongError(
-            f"the prompt has {len(ids)} tokens but the model's context is {n_positions}; "
-            f'shorten it or send "truncate": true'
-        )
-    return ids
-
-
-def usage(results: list[GenerationResult]) -> dict[str, int]:
-    prompt_tokens = results[0].prompt_tokens if results else 0
-    completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def completion_body(
-    *, request_id: str, created: int, model: str, results: list[GenerationResult], timings: dict[str, Any]
-) -> dict[str, Any]:
-    """The JSON answer of a non-streaming completion."""
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": r.sample_index,
-                "text": r.text,
-                "finish_reason": r.finish_reason,
-                "completion_tokens": len(r.token_ids),
-            }
-            for r in results
-        ],
-        "usage": usage(results),
-        "timings": timings,
-    }

@@ -1,0 +1,239 @@
+"""OpenAI's Completions API over a job: request -> (prompts, GenerationConfig), events -> answer or chunks.
+
+Choice ``c`` of an answer is sample ``c % n`` of prompt ``c // n``. ``finish_reason`` is OpenAI's: "stop"
+(end of text or a stop string) or "length" (``max_tokens`` or the model's context). ``usage`` counts each
+prompt once and every choice's tokens. Beyond OpenAI's fields an answer carries ``timings`` (milliseconds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cpm_infer.config import GenerationConfig
+from cpm_infer.generate import GenerationResult, PromptTooLongError, truncate_prompt
+from cpm_infer.prompts import essay_prompt, plain_prompt
+from cpm_infer.serve.errors import InvalidRequestError, RequestTimeoutError, ServeError
+from cpm_infer.serve.jobs import TIMEOUT, ChoiceDone, ErrorEvent, Job, TokenEvent
+from cpm_infer.serve.schemas import CompletionRequest
+from cpm_infer.serve.settings import ServeSettings
+from cpm_infer.serve.web import sse
+from cpm_infer.tokenizer import CpmTokenizer
+
+KEEPALIVE_S = 15.0  # an SSE comment this often while a streamed request waits (keeps proxies from timing out)
+_CONFIG_FIELDS = {f.name for f in fields(GenerationConfig)}
+
+
+def request_config(req: CompletionRequest, settings: ServeSettings) -> GenerationConfig:
+    """The request's GenerationConfig (ConfigError -> 400); null means the default, as in OpenAI's API."""
+    defaults = GenerationConfig()
+    max_new = req.max_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
+    n = req.n or 1
+    if len(req.prompts() or [0]) * n > settings.max_samples:
+        raise InvalidRequestError(
+            f"{len(req.prompts())} prompts x n={n} choices is over this server's cap of {settings.max_samples}",
+            param="n",
+        )
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequestError("echo with logprobs (log-probabilities of the prompt) is not supported", param="echo")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    values: dict[str, Any] = {
+        "max_new_tokens": max_new,
+        "min_new_tokens": req.min_tokens,
+        "temperature": defaults.temperature if req.temperature is None else req.temperature,
+        "top_k": req.top_k,
+        "top_p": defaults.top_p if req.top_p is None else req.top_p,
+        "repetition_penalty": req.repetition_penalty,
+        "ban_unk": req.ban_unk,
+        "banned_ids": tuple(req.banned_ids),
+        "stop_strings": stop,
+        "seed": req.seed,
+        "num_samples": n,
+        "ignore_eos": req.ignore_eos,
+    }
+    engine_settings = {
+        "presence_penalty": (req.presence_penalty or 0.0, 0.0),
+        "frequency_penalty": (req.frequency_penalty or 0.0, 0.0),
+        "no_repeat_ngram_size": (req.no_repeat_ngram_size, 0),
+        "logprobs": (req.logprobs, None),
+    }
+    for name, (value, off) in engine_settings.items():
+        if name in _CONFIG_FIELDS:
+            values[name] = value
+        elif value != off:
+            raise InvalidRequestError(f"{name} is not supported by this server version", param=name)
+    return GenerationConfig(**values)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str  # what ``echo`` puts before the completion
+
+
+def encode_prompts(
+    tokenizer: CpmTokenizer, req: CompletionRequest, n_positions: int, max_new_tokens: int
+) -> list[Prompt]:
+    """Token ids of each prompt, refused (400) or truncated (``truncate``) when it leaves no room to generate."""
+    if req.title is not None:
+        ids = essay_prompt(tokenizer, req.title, req.context or "")
+        prompts = [Prompt(ids, tokenizer.decode(ids))]
+    else:
+        prompts = [
+            Prompt(plain_prompt(tokenizer, p), p) if isinstance(p, str) else Prompt(p, tokenizer.decode(p))
+            for p in req.prompts()
+        ]
+    for i, prompt in enumerate(prompts):
+        if req.truncate:
+            prompt.ids = truncate_prompt(prompt.ids, n_positions, max_new_tokens)
+        if len(prompt.ids) >= n_positions:
+            which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            raise PromptTooLongError(
+                f"{which} has {len(prompt.ids)} tokens but the model's context is {n_positions}; "
+                f'shorten it or send "truncate": true'
+            )
+    return prompts
+
+
+def finish_reason(reason: str) -> str:
+    return "length" if reason in ("length", "context") else "stop"
+
+
+def usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, int]:
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def logprobs_block(steps: list[Any], start_offset: int) -> dict[str, list[Any]]:
+    """OpenAI's legacy logprobs object for ``steps`` (the engine's TokenLogprob per generated token):
+    ``text_offset`` is each token's character offset in the answer's text (which starts at ``start_offset``)."""
+    block: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = start_offset
+    for step in steps:
+        block["tokens"].append(step.token_text)
+        block["token_logprobs"].append(float(step.logprob))
+        top = {text: float(lp) for _, text, lp in step.top}
+        top.setdefault(step.token_text, float(step.logprob))  # the chosen token is always in (as OpenAI's)
+        block["top_logprobs"].append(top)
+        block["text_offset"].append(offset)
+        offset += len(step.token_text)
+    return block
+
+
+@dataclass
+class Answer:
+    """What a completion request needs besides its job to format its answer."""
+
+    id: str
+    model: str
+    prompts: list[Prompt]
+    n: int
+    echo: bool
+    logprobs: bool
+    arrived: float
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def meta(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+
+    def echoed(self, choice: int) -> str:
+        return self.prompts[choice // self.n].text if self.echo else ""
+
+    def choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        prefix = self.echoed(index)
+        steps = getattr(result, "logprobs", None) or []
+        return {
+            "index": index,
+            "text": prefix + result.text,
+            "logprobs": logprobs_block(steps, len(prefix)) if self.logprobs else None,
+            "finish_reason": finish_reason(result.finish_reason),
+        }
+
+    def body(self, job: Job, results: list[GenerationResult]) -> dict[str, Any]:
+        return {
+            **self.meta(),
+            "choices": [self.choice(i, r) for i, r in enumerate(results)],
+            "usage": usage(job.prompt_tokens, results),
+            "timings": timings(job, self.arrived),
+        }
+
+
+def timings(job: Job, arrived: float) -> dict[str, float | int]:
+    now = time.monotonic()
+
+    def ms(t: float | None) -> float:
+        return round(1000 * ((t or now) - arrived), 2)
+
+    return {
+        "queue_ms": ms(job.started),
+        "first_token_ms": ms(job.first_token),
+        "total_ms": ms(now),
+        "batch_rows": job.batch_rows,
+    }
+
+
+async def collect(job: Job) -> list[GenerationResult]:
+    """Every choice's result of a non-streaming job (raises the job's error)."""
+    results: dict[int, GenerationResult] = {}
+    while len(results) < job.rows:
+        event = await job.next_event()
+        if isinstance(event, ErrorEvent):
+            raise event.error
+        if isinstance(event, ChoiceDone):
+            results[event.choice] = event.result
+    return [results[i] for i in range(job.rows)]
+
+
+async def stream(
+    job: Job, answer: Answer, include_usage: bool, cancel: Callable[[Job, str], object]
+) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: a chunk per piece of text (with the echoed prompt first), a
+    chunk with each choice's finish_reason, then (``include_usage``) a chunk with no choices and the usage,
+    then ``data: [DONE]``. Without ``include_usage`` the last choice chunk carries the usage. An error after
+    the headers went out arrives as an ``{"error": ...}`` event."""
+    meta = answer.meta()
+    extra = {"usage": None} if include_usage else {}
+    offsets = [len(answer.echoed(c)) for c in range(job.rows)]  # each choice's tokens so far, for text_offset
+
+    def chunk(index: int, text: str, steps: list[Any]) -> str:
+        logprobs = logprobs_block(steps, offsets[index]) if answer.logprobs else None
+        offsets[index] += sum(len(step.token_text) for step in steps)
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
+        return sse({**meta, "choices": [choice], **extra})
+
+    if answer.echo:
+        for c in range(job.rows):
+            choice = {"index": c, "text": answer.echoed(c), "logprobs": None, "finish_reason": None}
+            yield sse({**meta, "choices": [choice], **extra})
+    results: dict[int, GenerationResult] = {}
+    while len(results) < job.rows:
+        try:
+            event = await job.next_event(idle_s=KEEPALIVE_S)
+        except RequestTimeoutError as exc:
+            cancel(job, TIMEOUT)
+            yield sse(exc.body())
+            return
+        if event is None:
+            yield ": keep-alive\n\n"
+        elif isinstance(event, TokenEvent):
+            steps = [event.logprob] if event.logprob is not None else []
+            if event.text or steps:
+                yield chunk(event.choice, event.text, steps)
+        elif isinstance(event, ErrorEvent):
+            error: ServeError = event.error
+            yield sse(error.body())
+            return
+        else:
+            results[event.choice] = event.result
+            last = len(results) == job.rows
+            done = {"index": event.choice, "text": "", "logprobs": None}
+            done["finish_reason"] = finish_reason(event.result.finish_reason)
+            body: dict[str, Any] = {**meta, "choices": [done], **extra}
+            if last and not include_usage:
+                body["usage"] = usage(job.prompt_tokens, list(results.values()))
+            yield sse(body)
+    if include_usage:
+        yield sse({**meta, "choices": [], "usage": usage(job.prompt_tokens, list(results.values()))})
+    yield sse("[DONE]")
