@@ -13,6 +13,7 @@ from export.tensorrt.precision import (
     choose_precision,
     parse_version,
     plan_build,
+    resolve_build,
 )
 
 GTX_1080_TI, P100, V100, T4, A100 = (6, 1), (6, 0), (7, 0), (7, 5), (8, 0)
@@ -63,7 +64,7 @@ def test_explicit_choices_are_respected_with_a_warning_on_pascal():
     ("cc", "trt", "ok"),
     [
         (GTX_1080_TI, (8, 6, 1), True),
-        (GTX_1080_TI, (8, 5, 3), True),
+        (GTX_1080_TI, (8, 5, 3), False),  # its parser cannot read opset-17 LayerNormalization
         (GTX_1080_TI, (10, 0, 1), False),
         (GTX_1080_TI, (11, 4, 0), False),
         (V100, (8, 6, 1), True),
@@ -89,8 +90,8 @@ def test_refusals_say_what_to_install():
         check_trt_supports("Tesla V100-SXM2-32GB", V100, (10, 5, 0))
     with pytest.raises(PrecisionError, match=r"8.6 is the last release for Pascal.*tensorrt==8.6"):
         check_trt_supports("NVIDIA GeForce GTX 1080 Ti", GTX_1080_TI, (10, 0, 1))
-    with pytest.raises(PrecisionError, match="named-tensor API"):
-        check_trt_supports("A100", A100, (8, 4, 0))
+    with pytest.raises(PrecisionError, match=r"cannot read the exported LayerNormalization.*TensorRT >= 8.6"):
+        check_trt_supports("A100", A100, (8, 5, 3))
 
 
 def test_build_modes():
@@ -113,3 +114,19 @@ def test_build_mode_refusals():
         plan_build("fp16", "bfloat16", (10, 4, 0))
     with pytest.raises(PrecisionError):
         plan_build("auto", "float32", (10, 4, 0))  # must be resolved first
+
+
+def test_auto_builds_what_the_artifact_and_tensorrt_allow():
+    """TensorRT 11 has no FP16 builder flag: auto on a float32 artifact is FP32 there, with the way to FP16."""
+    plan, reason = resolve_build("auto", A100, "float32", (11, 4, 0))
+    assert (plan.precision, plan.mode) == ("fp32", FP32)
+    assert "strongly typed" in reason and "cpm export onnx --fp16" in reason and "\n" not in reason
+    plan, _ = resolve_build("auto", A100, "float16", (11, 4, 0))
+    assert (plan.precision, plan.mode) == ("fp16", FP16_STRONG)
+    plan, _ = resolve_build("auto", T4, "float32", (10, 13, 0))
+    assert (plan.precision, plan.mode) == ("fp16", FP16_CONSTRAINED)  # weak typing still there (deprecated)
+    plan, reason = resolve_build("auto", GTX_1080_TI, "float16", (8, 6, 1))  # Pascal: fp32 wanted, fp16 given
+    assert plan.precision == "fp16" and "artifact is float16" in reason and "1/64" in reason
+    assert resolve_build("auto", GTX_1080_TI, "float32", (8, 6, 1))[0].precision == "fp32"
+    with pytest.raises(PrecisionError, match="cpm export onnx --fp16"):
+        resolve_build("fp16", A100, "float32", (11, 4, 0))  # an explicit choice is never changed

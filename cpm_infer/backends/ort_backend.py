@@ -23,6 +23,7 @@ import numpy as np
 
 from cpm_infer import kv
 from cpm_infer.artifact import Manifest, ManifestError, read_manifest
+from cpm_infer.backends.ort_gather import RowGather
 from cpm_infer.checkpoint import check_tokenizer_fits
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
@@ -44,14 +45,25 @@ class OrtLoadError(CpmError):
     """onnxruntime cannot load or run the graph."""
 
 
-def create_session(graph: Path, *, device: str | Device = "cpu", threads: int | None = None) -> Any:
+def cuda_provider_options(index: int, *, tf32: bool = False) -> dict[str, str]:
+    """Options of ONNX Runtime's CUDA provider. ``use_tf32`` defaults to 1 there (float32 MatMul/GEMM in
+    TF32 on sm_80+, 10-bit mantissa inputs): we pass 0 unless asked, so a float32 artifact computes in
+    float32 like eager PyTorch (whose TF32 matmul default is off) and the export validation's float32
+    tolerance holds. Float16 artifacts are unaffected. Values are strings, as ORT parses them."""
+    return {"device_id": str(index), "use_tf32": "1" if tf32 else "0"}
+
+
+def create_session(
+    graph: Path, *, device: str | Device = "cpu", threads: int | None = None, tf32: bool = False
+) -> Any:
     """An InferenceSession on ``device`` (``auto``: the CUDA provider when there is a GPU); one-line errors
-    for a missing provider or a bad graph."""
+    for a missing provider or a bad graph. ``tf32`` lets the CUDA provider run float32 GEMMs in TF32
+    (faster on sm_80+, ~1e-3 relative error)."""
     ort = require("onnxruntime", "ort-gpu" if str(device).startswith("cuda") else "ort")
     target = resolve_device(device, "ort")
     providers: list[Any] = ["CPUExecutionProvider"]
     if target.is_cuda:
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": target.index}))
+        providers.insert(0, ("CUDAExecutionProvider", cuda_provider_options(target.index, tf32=tf32)))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.inter_op_num_threads = 1  # one graph, sequential: parallelism is inside the kernels
@@ -129,6 +141,9 @@ class OrtBackend:
         self.io_binding = io_binding
         # In-place KV writes need the graph's support (manifest) and host buffers (the CPU provider).
         self.kv_shared = kv_shared and io_binding and self.device_kind == "cpu"
+        # KV buffers: numpy arrays on the CPU provider, OrtValues on the session's device otherwise.
+        self._device_buffers = self.device_kind != "cpu"
+        self._gather: RowGather | None = None
         self.past_names = kv.past_names(spec.n_layer)
         self.present_names = kv.present_names(spec.n_layer)
 
@@ -161,14 +176,21 @@ class OrtBackend:
             shape = kv.kv_shape(self.spec, state.batch, state.past)
             new_shape = kv.kv_shape(self.spec, len(rows), state.past)
             other = 1 - state.current
-            for i, pair in enumerate(state.buffers):
-                kept = self._host_view(pair[state.current], shape)[rows]
-                if self.device_kind == "cpu":
+            if self._device_buffers:  # gathered where the cache lives: no host round trip
+                row = int(np.prod(shape[1:]))
+                targets = [self._ensure(state, i, other, len(rows) * row) for i in range(len(state.buffers))]
+                self._row_gather()(
+                    [self._ptr(pair[state.current]) for pair in state.buffers],
+                    [self._ptr(target) for target in targets],
+                    batch=state.batch,
+                    row=row,
+                    rows=rows,
+                )
+            else:
+                for i, pair in enumerate(state.buffers):
+                    kept = pair[state.current][: int(np.prod(shape))].reshape(shape)[rows]
                     target = self._ensure(state, i, other, kept.size)
                     target[: kept.size].reshape(new_shape)[...] = kept
-                else:  # one host round trip per finished row, not per step
-                    pair[other] = self._ort.OrtValue.ortvalue_from_numpy(kept.reshape(-1), "cuda", self.device_id)
-                    state.sizes[i][other] = kept.size
             state.current = other
         state.batch = len(rows)
         return state
@@ -255,23 +277,29 @@ class OrtBackend:
             return state.buffers[index][which]
         row = self.spec.n_head * self.spec.n_positions * self.spec.head_dim
         size = max(elements, min(2 * state.sizes[index][which], max(1, state.batch) * row))
-        if self.device_kind == "cpu":
-            buffer: Any = np.empty(size, dtype=self.np_dtype)
+        if self._device_buffers:
+            buffer: Any = self._ort.OrtValue.ortvalue_from_shape_and_type([size], self.np_dtype, *self._where())
         else:
-            buffer = self._ort.OrtValue.ortvalue_from_shape_and_type([size], self.np_dtype, "cuda", self.device_id)
+            buffer = np.empty(size, dtype=self.np_dtype)
         state.buffers[index][which], state.sizes[index][which] = buffer, size
         return buffer
 
     def _where(self) -> tuple[str, int]:
         return ("cpu", 0) if self.device_kind == "cpu" else ("cuda", self.device_id)
 
+    def _row_gather(self) -> RowGather:
+        if self._gather is None:  # built on the first select, on the session's own providers
+            providers: list[Any] = ["CPUExecutionProvider"]
+            if self.device_kind == "cuda":
+                providers.insert(0, ("CUDAExecutionProvider", cuda_provider_options(self.device_id)))
+            self._gather = RowGather(
+                self._ort, len(self.past_names), self.np_dtype, device=self._where(), providers=providers
+            )
+        return self._gather
+
     @staticmethod
     def _ptr(buffer: Any) -> int:
         return buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
-
-    def _host_view(self, buffer: Any, shape: tuple[int, ...]) -> np.ndarray:
-        flat = buffer if isinstance(buffer, np.ndarray) else buffer.numpy()
-        return flat[: int(np.prod(shape))].reshape(shape)
 
     def _run(self, call: Any) -> Any:
         try:

@@ -1,4 +1,4 @@
-"""ONNX graph -> TensorRT network -> serialized engine (TensorRT Python API, 8.5 .. 11.x).
+"""ONNX graph -> TensorRT network -> serialized engine (TensorRT Python API, 8.6 .. 11.x).
 
 Version differences handled here:
 - 8.x needs ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` for the ONNX parser; 10.x made explicit

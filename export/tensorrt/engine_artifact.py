@@ -30,14 +30,7 @@ from cpm_infer.backends.trt.profiles import EngineLimits, make_profiles
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError
 from export.tensorrt.builder import build_engine
-from export.tensorrt.precision import (
-    PRECISIONS,
-    BuildPlan,
-    check_trt_supports,
-    choose_precision,
-    parse_version,
-    plan_build,
-)
+from export.tensorrt.precision import PRECISIONS, BuildPlan, check_trt_supports, parse_version, resolve_build
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +136,7 @@ def export_trt(
     call = cuda.runtime()
     cuda.call(call.cudaSetDevice(device), f"selecting GPU {device}")
     check_trt_supports(gpu.name, gpu.compute_capability, trt_version)
-    resolved, reason = choose_precision(precision, gpu.compute_capability)
-    plan = plan_build(resolved, source.dtype, trt_version)
+    plan, reason = resolve_build(precision, gpu.compute_capability, source.dtype, trt_version)
     opset = source.details.get("opset")
     if trt_version[0] < 10 and isinstance(opset, int) and opset > MAX_PARSER_OPSET_BEFORE_10:
         raise TrtExportError(

@@ -1,12 +1,14 @@
 """Which GPU each TensorRT release supports, what ``--precision auto`` picks, and how to build it.
 
 Facts this encodes (TensorRT release notes and support matrices):
-- The named-tensor runtime API (``set_input_shape``/``set_tensor_address``/``execute_async_v3``)
-  needs TensorRT >= 8.5.
+- TensorRT >= 8.6: the exported graph (opset 17) uses ``LayerNormalization``, which the ONNX parser
+  reads from 8.6 on (onnx-tensorrt's operator table: "N" in 8.5, "Y" in 8.6); the runtime's
+  named-tensor API (``set_input_shape``/``set_tensor_address``/``execute_async_v3``) is older (8.5).
 - Pascal (sm_6x) and Maxwell (sm_5x): TensorRT 8.6 is the last release; 9.x/10.x target sm_70+.
 - Volta (sm_70, V100): deprecated in 10.0, removed in 10.5.
 - TensorRT 11 removed weak typing (``BuilderFlag.FP16``, ``OBEY_PRECISION_CONSTRAINTS``): every
-  network is strongly typed and its precision comes from the ONNX graph's own types.
+  network is strongly typed and its precision comes from the ONNX graph's own types. So ``auto`` on a
+  float32 artifact builds FP32 there (``resolve_build``), saying how to get FP16.
 - GP102/GP104 (GTX 1080 Ti, sm_61) run FP16 arithmetic at 1/64 of their FP32 rate, so FP16 is slower.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from cpm_infer.errors import CpmError
 
 PRECISIONS = ("auto", "fp16", "fp32")
-MIN_TRT = (8, 5)
+MIN_TRT = (8, 6)  # opset-17 LayerNormalization in the ONNX parser
 LAST_PASCAL_TRT = (8, 6)  # last major.minor supporting sm_5x/sm_6x
 VOLTA_REMOVED = (10, 5)
 WEAK_TYPING_REMOVED = (11, 0)
@@ -53,8 +55,8 @@ def check_trt_supports(gpu_name: str, cc: tuple[int, int], trt_version: tuple[in
     where = f"{gpu_name} (sm_{cc[0]}{cc[1]})"
     if trt_version[:2] < MIN_TRT:
         raise PrecisionError(
-            f"TensorRT {_fmt(trt_version)} is too old: the runtime uses the named-tensor API of TensorRT >= "
-            f"{_fmt(MIN_TRT)}"
+            f"TensorRT {_fmt(trt_version)} is too old: its ONNX parser cannot read the exported LayerNormalization "
+            f"(opset 17); install TensorRT >= {_fmt(MIN_TRT)}"
         )
     if cc < (7, 0) and trt_version[:2] > LAST_PASCAL_TRT:
         raise PrecisionError(
@@ -127,3 +129,26 @@ def plan_build(precision: str, onnx_dtype: str, trt_version: tuple[int, int, int
     if trt_version[:2] >= (10, 12):
         note += " (weak typing is deprecated since TensorRT 10.12)"
     return BuildPlan("fp16", FP16_CONSTRAINED, "float16", note)
+
+
+def resolve_build(
+    requested: str, cc: tuple[int, int], onnx_dtype: str, trt_version: tuple[int, int, int]
+) -> tuple[BuildPlan, str]:
+    """``--precision`` -> (build plan, one-line reason). An explicit fp16/fp32 that this TensorRT and
+    artifact cannot build is refused (``plan_build``); ``auto`` picks what can be built instead:
+
+    - FP16 wanted, float32 artifact, TensorRT >= 11 (strong typing only): FP32, naming ``--fp16``.
+    - FP32 wanted (Pascal/Maxwell), float16 artifact: FP16, the only engine that artifact gives.
+    """
+    precision, reason = choose_precision(requested, cc)
+    if requested == "auto":
+        if precision == "fp16" and onnx_dtype == "float32" and trt_version[:2] >= WEAK_TYPING_REMOVED:
+            reason = (
+                f"auto -> fp32: TensorRT {_fmt(trt_version)} builds only strongly typed networks and this ONNX "
+                "artifact is float32; for an FP16 engine re-export it with `cpm export onnx --fp16`"
+            )
+            precision = "fp32"
+        elif precision == "fp32" and onnx_dtype == "float16":
+            reason = f"auto -> fp16: the ONNX artifact is float16, an FP32 engine needs a float32 one ({reason})"
+            precision = "fp16"
+    return plan_build(precision, onnx_dtype, trt_version), reason

@@ -1,5 +1,5 @@
 """TensorRT backend: one engine with a prefill and a decode profile, the named-tensor API
-(TensorRT >= 8.5: ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), one CUDA
+(TensorRT >= 8.6: ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), one CUDA
 stream, and every buffer allocated once at load.
 
 KV cache. The graph's contract is ``present = concat(past, new)``, written as a contiguous

@@ -37,6 +37,16 @@ def runtime() -> ModuleType:
     raise MissingDependencyError("cuda-python is not available; install it with: pip install 'cpm-infer[tensorrt]'")
 
 
+# cuda-python links its CUDA runtime statically: cuda-python 13 needs a CUDA 13 driver (R580+) even when
+# TensorRT is a CUDA 12 build. The extras pair them (README, "TensorRT per GPU").
+_HINTS = {
+    "cudaErrorInsufficientDriver": (
+        "; the NVIDIA driver is older than this cuda-python's CUDA runtime: install the CUDA 12 pair "
+        "(pip install 'cpm-infer[tensorrt]') or update the driver"
+    ),
+}
+
+
 def call(result: Any, what: str) -> Any:
     """Check a cuda-python ``(err, *values)`` result; return the value(s)."""
     rt = runtime()
@@ -46,7 +56,8 @@ def call(result: Any, what: str) -> Any:
         text = rt.cudaGetErrorString(err)[1]
         name = name.decode() if isinstance(name, bytes) else str(name)
         text = text.decode() if isinstance(text, bytes) else str(text)
-        raise CudaError(f"CUDA {what} failed: {name} ({text})")
+        hint = _HINTS.get(name, "")
+        raise CudaError(f"CUDA {what} failed: {name} ({text}){hint}")
     if not values:
         return None
     return values[0] if len(values) == 1 else values

@@ -1,0 +1,203 @@
+"""``cpm export trt`` end to end against the TensorRT/CUDA simulation of tests/test_trt_backend.py, with a
+simulated builder added: parse -> profiles -> flags -> serialized engine -> validation on the simulated
+runtime. Checks what the builder asks of TensorRT (flags, profiles, one logger), not TensorRT itself."""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from test_trt_backend import FakeCuda, FakeEngine, fake_tensorrt
+
+from cpm_infer.backends.trt import cuda
+from cpm_infer.backends.trt.profiles import Profile
+from cpm_infer.errors import CpmError
+
+
+def test_insufficient_driver_names_the_cuda_12_pair(monkeypatch):
+    fake = FakeCuda()
+    fake.cudaGetErrorName = lambda err: (0, b"cudaErrorInsufficientDriver")
+    fake.cudaGetErrorString = lambda err: (0, b"CUDA driver version is insufficient for CUDA runtime version")
+    monkeypatch.setattr(cuda, "runtime", lambda: fake)
+    with pytest.raises(
+        cuda.CudaError, match=r"device query failed: cudaErrorInsufficientDriver .*cpm-infer\[tensorrt\]"
+    ):
+        cuda.call((35, 0), "device query")
+
+
+class Flags(SimpleNamespace):
+    """An enum namespace that fails like TensorRT's on a member this release does not have."""
+
+    def __getattr__(self, name):
+        raise AttributeError(f"this TensorRT has no {name}")
+
+
+def add_builder(trt, engines, session, spec, cuda_rt, version):
+    """The builder half of the Python API (what export/tensorrt/builder.py calls), on top of ``trt``."""
+    major = int(version.split(".")[0])
+    builder_flags = {"TF32": 7} if major >= 11 else {"FP16": 0, "TF32": 7, "OBEY_PRECISION_CONSTRAINTS": 11}
+    network_flags = {"STRONGLY_TYPED": 1} if major >= 10 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+    trt.__version__ = version
+    trt.BuilderFlag = Flags(**builder_flags)
+    trt.NetworkDefinitionCreationFlag = Flags(**network_flags)
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE=0)
+    trt.float32, trt.float16 = "float32", "float16"
+    trt.loggers = []  # every ILogger handed to the builder, parser or runtime
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.inputs, self.outputs, self.num_layers = flags, [], [], 0
+
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+            trt.loggers.append(logger)
+
+        def parse_from_file(self, path):
+            import onnx
+
+            graph = onnx.load(path, load_external_data=False).graph
+            self.network.inputs = [SimpleNamespace(name=v.name, dtype="float32") for v in graph.input]
+            self.network.outputs = [SimpleNamespace(name=v.name, dtype="float32") for v in graph.output]
+            return True
+
+    class OptimizationProfile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class Config:
+        def __init__(self):
+            self.flags, self.profiles, self.workspace = set(), [], None
+
+        def set_memory_pool_limit(self, pool, size):
+            self.workspace = size
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag)
+
+    class Builder:
+        def __init__(self, logger):
+            trt.loggers.append(logger)
+            trt.builds = getattr(trt, "builds", [])
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            config = Config()
+            config.flags.add(builder_flags["TF32"])  # on by default, as in TensorRT
+            return config
+
+        def create_optimization_profile(self):
+            return OptimizationProfile()
+
+        def build_serialized_network(self, network, config):
+            key = f"built-{len(engines)}"
+            engine = FakeEngine(spec, [], session, "float32", cuda_rt)
+            engine.profile_shapes = [p.shapes for p in config.profiles]  # exactly what the builder declared
+            engines[key] = engine
+            trt.builds.append(SimpleNamespace(network=network, config=config))
+            return key.encode()
+
+    runtime_cls = trt.Runtime
+
+    class Runtime(runtime_cls):
+        def __init__(self, logger):
+            super().__init__(logger)
+            trt.loggers.append(logger)
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    return trt
+
+
+@pytest.fixture()
+def onnx_dir(tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from export.onnx_export import export_onnx
+
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny").path
+
+
+def simulate(monkeypatch, onnx_dir, version):
+    import onnxruntime as ort
+
+    from cpm_infer.artifact import read_manifest
+
+    spec = read_manifest(onnx_dir).spec
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    fake_cuda, engines = FakeCuda(), {}
+    trt = add_builder(fake_tensorrt(engines), engines, session, spec, fake_cuda, version)
+    monkeypatch.setattr(cuda, "runtime", lambda: fake_cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def test_tensorrt_11_auto_on_a_float32_artifact_builds_fp32_and_says_how_to_get_fp16(monkeypatch, onnx_dir, tmp_path):
+    from export.tensorrt.engine_artifact import export_trt
+
+    trt = simulate(monkeypatch, onnx_dir, "11.4.0")
+    said = []
+    result = export_trt(
+        onnx_dir, tmp_path / "engine", max_batch=4, max_input=16, max_total=40, workspace_gb=1, progress=said.append
+    )
+    details = result.manifest.details
+    assert (details["precision"], details["build_mode"], result.manifest.dtype) == ("fp32", "fp32", "float32")
+    assert "strongly typed" in details["precision_reason"] and "--fp16" in details["precision_reason"]
+    assert any("auto -> fp32" in line for line in said)
+    (build,) = trt.builds
+    assert build.config.flags == set()  # TF32 cleared: "fp32" means IEEE float32 GEMMs
+    assert build.network.flags == 0  # no EXPLICIT_BATCH (gone in 10) and weak typing never requested
+    declared = [Profile.from_dict(p) for p in details["profiles"]]
+    assert [p.shapes for p in build.config.profiles] == [p.shapes(result.manifest.spec) for p in declared]
+    assert result.validation["status"] == "passed" and result.validation["greedy_agreement"] == 1.0
+    report = json.loads((tmp_path / "engine" / "validation.json").read_text())
+    assert report["max_logits_diff"] < 1e-3
+
+
+def test_explicit_fp16_on_tensorrt_11_from_float32_is_refused_before_building(monkeypatch, onnx_dir, tmp_path):
+    from export.tensorrt.engine_artifact import export_trt
+
+    trt = simulate(monkeypatch, onnx_dir, "11.4.0")
+    with pytest.raises(CpmError, match="builds only strongly typed networks.*cpm export onnx --fp16"):
+        export_trt(onnx_dir, tmp_path / "engine", precision="fp16", max_batch=2, max_input=16, max_total=40)
+    assert not getattr(trt, "builds", []) and not (tmp_path / "engine").exists()
+
+
+def test_every_build_and_load_share_the_one_logger(monkeypatch, onnx_dir, tmp_path):
+    """TensorRT keeps the first ILogger it is given: the builder, parser and runtime all get the same one."""
+    from cpm_infer.backends import load_backend
+    from export.tensorrt.engine_artifact import export_trt
+
+    trt = simulate(monkeypatch, onnx_dir, "10.4.0")
+    for name in ("a", "b"):
+        export_trt(onnx_dir, tmp_path / name, precision="fp32", max_batch=2, max_input=16, max_total=40)
+    engine, _ = load_backend("trt", tmp_path / "a", device="cuda")
+    assert len(trt.loggers) >= 7 and all(logger is trt.loggers[0] for logger in trt.loggers)
+    ids = np.array([[5, 6, 7]])
+    logits, _ = engine.prefill(ids, np.ones_like(ids), np.arange(3)[None])
+    assert logits.shape == (1, engine.spec.vocab_size)
+    engine.close()
