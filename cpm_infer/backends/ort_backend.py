@@ -53,9 +53,7 @@ def cuda_provider_options(index: int, *, tf32: bool = False) -> dict[str, str]:
     return {"device_id": str(index), "use_tf32": "1" if tf32 else "0"}
 
 
-def create_session(
-    graph: Path, *, device: str | Device = "cpu", threads: int | None = None, tf32: bool = False
-) -> Any:
+def create_session(graph: Path, *, device: str | Device = "cpu", threads: int | None = None, tf32: bool = False) -> Any:
     """An InferenceSession on ``device`` (``auto``: the CUDA provider when there is a GPU); one-line errors
     for a missing provider or a bad graph. ``tf32`` lets the CUDA provider run float32 GEMMs in TF32
     (faster on sm_80+, ~1e-3 relative error)."""
