@@ -42,7 +42,7 @@ class Manifest:
 
     format: str
     spec: ModelSpec
-    dtype: str
+    dtype: str  # of the weights and of the past/present tensors; logits are always float32
     graph_files: dict[str, str]
     tokenizer_file: str
     source_sha256: str
@@ -78,11 +78,6 @@ class Manifest:
             )
         if self.dynamic_axes != kv.dynamic_axes(n):
             raise ManifestError("manifest dynamic_axes differ from the KV contract (cpm_infer.kv.dynamic_axes)")
-
-    @property
-    def kv_dtype(self) -> str:
-        """Element type of past/present tensors (logits are always float32)."""
-        return self.dtype
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -195,7 +195,7 @@ def generate(
             stats.step_s.append(elapsed)
 
         keep = []
-        for row, (index, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
+        for row, (index, token) in enumerate(zip(active.tolist(), chosen.tolist(), strict=True)):  # Python ints
             seq = seqs[index]
             _advance(
                 seq, token, config, tokenizer, eos, width + step, n_positions, track_text, stop_len, callback, index

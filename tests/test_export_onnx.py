@@ -338,3 +338,19 @@ def test_missing_onnxruntime_names_the_extra(tmp_path, tiny_checkpoint):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "pip install 'cpm-infer[export]'" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_info_on_an_artifact_reads_its_manifest(monkeypatch, capsys, artifact, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+
+    code, out, err = run_cli(monkeypatch, capsys, "info", str(artifact))
+    assert code == 0, err
+    assert "onnx (schema 1" in out and "2 layers" in out and "model.onnx" in out and "<eod>" in out
+    assert "validation" in out and "passed" in out
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    (broken / "model.onnx").unlink()
+    code, _, err = run_cli(monkeypatch, capsys, "info", str(broken))
+    assert code == 1 and err.count("\n") == 1 and "names model.onnx, which is missing" in err

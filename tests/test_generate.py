@@ -225,3 +225,17 @@ def test_rows_dropped_midway_keep_the_others_exact(tiny):
     assert results[0].finish_reason == "stop"
     if stop not in TinyTok().decode(ref[1]):
         assert results[1].token_ids == ref[1]
+
+
+def test_stream_callback_gets_python_ints(tiny_checkpoint):
+    """The callback's type says (int, str): a numpy integer would break json.dumps in callers."""
+    from cpm_infer.backends import load_backend
+    from cpm_infer.config import GenerationConfig
+    from cpm_infer.generate import generate
+
+    backend, tok = load_backend("torch", tiny_checkpoint)
+    seen = []
+    config = GenerationConfig(max_new_tokens=4, temperature=0, ignore_eos=True, ban_unk=False)
+    generate(backend, [tok.encode("话说"), tok.encode("天下")], config, tok, callback=lambda i, t: seen.append((i, t)))
+    assert seen and all(type(i) is int and isinstance(t, str) for i, t in seen)
+    assert {i for i, _ in seen} == {0, 1}

@@ -265,3 +265,18 @@ def test_manifest_errors(artifact, tmp_path):
     (broken / "spiece.model").unlink()
     with pytest.raises(ManifestError, match="names spiece.model, which is missing"):
         read_manifest(broken)
+
+
+def test_close_is_idempotent_and_final(artifact):
+    from cpm_infer.backends.base import BackendClosedError
+    from cpm_infer.backends.ort_backend import load
+
+    backend, _ = load(artifact)
+    ids, mask, pos = left_pad([[5, 6, 7]], pad_id=0)
+    backend.prefill(ids, mask, pos)
+    backend.close()
+    backend.close()
+    with pytest.raises(BackendClosedError, match="onnxruntime backend is closed"):
+        backend.prefill(ids, mask, pos)
+    with pytest.raises(BackendClosedError):
+        backend.logits_all(ids, mask, pos)

@@ -63,6 +63,7 @@ def test_manifest_records_what_the_engine_depends_on(engine_dir, tiny_vocab):
     assert manifest.format == "tensorrt" and manifest.dtype == "float16"
     assert (d["tensorrt_version"], d["gpu_name"], d["compute_capability"]) == ("10.4.0", "Tesla V100-SXM2-32GB", "7.0")
     assert d["precision"] == "fp16" and d["build_mode"] == "fp16-constrained"
+    assert d["build_note"].startswith("BuilderFlag.FP16 with FP32 precision constraints")
     assert [p["name"] for p in d["profiles"]] == ["prefill", "decode"]
     assert d["profiles"][0]["dims"]["past"] == [0, 0, 0]
     assert d["limits"] == {"max_batch": 2, "max_input": 16, "max_total": 64}
@@ -156,3 +157,13 @@ def test_export_without_tensorrt_names_the_extra_and_writes_nothing(onnx_dir, tm
     with pytest.raises(CpmError, match=r"tensorrt.*pip install 'cpm-infer\[tensorrt\]'"):
         export_trt(onnx_dir, out, max_batch=2, max_input=16, max_total=64)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_loading_checks_the_tokenizer_fits_the_engine(engine_dir):
+    """Like the ORT loader: a tokenizer with more pieces than the embedding is refused, before any GPU work."""
+    manifest = read_manifest(engine_dir)
+    small = ModelSpec(SPEC.n_layer, SPEC.n_head, SPEC.n_embd, 100, SPEC.n_positions)
+    manifest.spec = small
+    write_manifest(engine_dir, manifest)
+    with pytest.raises(CpmError, match="embeds only 100: wrong tokenizer for this model"):
+        load_backend("trt", engine_dir, device="cuda")

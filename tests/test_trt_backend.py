@@ -24,6 +24,7 @@ from conftest import run_cli as _run_cli
 from cpm_infer import kv
 from cpm_infer.artifact import Manifest, read_manifest, write_manifest
 from cpm_infer.backends import load_backend
+from cpm_infer.backends.base import BackendClosedError
 from cpm_infer.backends.trt import cuda
 from cpm_infer.backends.trt.backend import TrtBackendError, copy_runs
 from cpm_infer.backends.trt.compat import RuntimeInfo
@@ -53,14 +54,25 @@ def test_parse_device():
 
 
 def test_cuda_runtime_fails_in_one_line_without_a_gpu():
+    """Correct on every machine: without cuda-python, with it but no GPU, and on a GPU machine."""
+    from cpm_infer.devices import driver_gpu_count
+
     try:
         cuda.runtime()
     except CpmError as exc:  # cuda-python not installed (CI): names the extra
         assert "cpm-infer[tensorrt]" in str(exc)
         return
-    with pytest.raises(cuda.CudaError) as info:  # installed, but this machine has no driver/GPU
-        cuda.gpu_info(0)
-    assert "\n" not in str(info.value) and str(info.value).startswith("CUDA device query")
+    gpus = driver_gpu_count()  # asked of the NVIDIA driver directly, not of the code under test
+    if gpus == 0:  # installed, but this machine has no driver/GPU
+        with pytest.raises(cuda.CudaError) as info:
+            cuda.gpu_info(0)
+        assert "\n" not in str(info.value) and str(info.value).startswith("CUDA device query")
+        return
+    gpu = cuda.gpu_info(0)  # a GPU machine: the query works, and a GPU beyond the last is one line
+    assert gpu.name and gpu.compute_capability >= (3, 0) and gpu.total_memory > 0
+    with pytest.raises(cuda.CudaError) as info:
+        cuda.gpu_info(gpus)
+    assert "\n" not in str(info.value) and f"only {gpus} CUDA device(s) are visible" in str(info.value)
 
 
 # -- the simulation ----------------------------------------------------------------------------
@@ -287,6 +299,9 @@ def test_simulated_engine_generates_what_onnx_runtime_generates(simulated):
     want = generate(reference, prompts, config, tok)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     engine.close()
+    engine.close()  # idempotent; afterwards every call refuses instead of touching freed buffers
+    with pytest.raises(BackendClosedError, match="TensorRT backend is closed"):
+        engine.prefill(*left_pad([[5, 6]], pad_id=0))
 
 
 def test_select_and_ping_pong_match_the_reference(simulated):

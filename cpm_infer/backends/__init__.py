@@ -8,11 +8,12 @@ import json
 import os
 from pathlib import Path
 
-from cpm_infer.backends.base import Backend
+from cpm_infer.backends.base import Backend, Loader
+from cpm_infer.devices import Device
 from cpm_infer.errors import CpmError
 from cpm_infer.tokenizer import CpmTokenizer
 
-# name -> "module:function"; function(path, *, device, tokenizer_file, threads) -> (Backend, CpmTokenizer)
+# name -> "module:function" naming a base.Loader (imported only when that backend is asked for)
 LOADERS: dict[str, str] = {
     "torch": "cpm_infer.backends.torch_backend:load",
     "ort": "cpm_infer.backends.ort_backend:load",
@@ -49,15 +50,20 @@ def load_backend(
     name: str,
     path: str | os.PathLike[str],
     *,
-    device: str = "cpu",
+    device: str | Device = "cpu",
     tokenizer_file: str | os.PathLike[str] | None = None,
     threads: int | None = None,
 ) -> tuple[Backend, CpmTokenizer]:
-    """Open ``path`` with backend ``name`` (``auto`` picks from the directory's contents)."""
+    """Open ``path`` with backend ``name`` (``auto`` picks from the directory's contents) on ``device``
+    (``auto`` = the GPU when that backend has one, see ``cpm_infer.devices``)."""
     if name == "auto":
         name = detect_backend(path)
+    return get_loader(name)(Path(path), device=device, tokenizer_file=tokenizer_file, threads=threads)
+
+
+def get_loader(name: str) -> Loader:
+    """The loader function of backend ``name`` (one of ``LOADERS``), imported now."""
     if name not in LOADERS:
         raise BackendError(f"unknown backend {name!r}; choose one of auto, {', '.join(LOADERS)}")
     module_name, func = LOADERS[name].split(":")
-    loader = getattr(importlib.import_module(module_name), func)
-    return loader(Path(path), device=device, tokenizer_file=tokenizer_file, threads=threads)
+    return getattr(importlib.import_module(module_name), func)

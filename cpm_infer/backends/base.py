@@ -13,17 +13,32 @@ Both calls return the logits of the last position only, shape (B, V) float32, an
 The ONNX / TensorRT graphs follow the same contract with per-layer
 ``past_key_values.{i}.key|value`` inputs and ``present.{i}.key|value`` outputs of shape
 (B, n_head, seq, head_dim), see ``cpm_infer.kv``.
+
+Three more pieces make the contract explicit: ``close()`` on every backend (the server calls it at
+shutdown), :class:`Scorer` for backends that return the logits of every position in one pass
+(``cpm_infer.eval``), and :class:`Loader`, what each entry of ``cpm_infer.backends.LOADERS`` names.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from cpm_infer.config import ModelSpec
+from cpm_infer.errors import CpmError
+
+if TYPE_CHECKING:
+    from cpm_infer.devices import Device
+    from cpm_infer.tokenizer import CpmTokenizer
 
 State = Any
+
+
+class BackendClosedError(CpmError):
+    """The backend was closed; its sessions, engines and buffers are gone."""
 
 
 @runtime_checkable
@@ -46,3 +61,31 @@ class Backend(Protocol):
     def select(self, state: State, rows: np.ndarray) -> State:
         """Keep only ``rows`` of the batch (finished sequences are dropped from later steps)."""
         ...
+
+    def close(self) -> None:
+        """Release the runtime's memory (model, session, engine, GPU buffers) now rather than at garbage
+        collection. Idempotent; any later call raises :class:`BackendClosedError`."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A backend that scores text in one pass (torch, ort); others are scored by teacher forcing."""
+
+    def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Logits of every position (B, T, V) float32 for unpadded or left-padded rows, no state kept."""
+        ...
+
+
+class Loader(Protocol):
+    """What a ``LOADERS`` entry names: open ``path`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``, see
+    ``cpm_infer.devices``), with its tokenizer (``tokenizer_file`` overrides the directory's)."""
+
+    def __call__(
+        self,
+        path: Path,
+        *,
+        device: str | Device = ...,
+        tokenizer_file: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
+    ) -> tuple[Backend, CpmTokenizer]: ...

@@ -23,6 +23,7 @@ import numpy as np
 
 from cpm_infer import kv
 from cpm_infer.artifact import Manifest, ManifestError, read_manifest
+from cpm_infer.backends.base import BackendClosedError
 from cpm_infer.backends.ort_gather import RowGather
 from cpm_infer.checkpoint import check_tokenizer_fits
 from cpm_infer.config import ModelSpec
@@ -132,7 +133,7 @@ class OrtBackend:
         kv_shared: bool = False,
     ) -> None:
         self._ort = require("onnxruntime", "ort")
-        self.session, self.spec, self.dtype = session, spec, dtype
+        self._session, self.spec, self.dtype = session, spec, dtype
         self.np_dtype = _NP_DTYPES[dtype]
         target = parse_device(device)  # the session's device (already resolved by create_session)
         self.device_kind, self.device_id = target.kind, target.index
@@ -144,6 +145,16 @@ class OrtBackend:
         self._gather: RowGather | None = None
         self.past_names = kv.past_names(spec.n_layer)
         self.present_names = kv.present_names(spec.n_layer)
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            raise BackendClosedError("the onnxruntime backend is closed")
+        return self._session
+
+    def close(self) -> None:
+        """Drop the InferenceSessions (onnxruntime frees their weights and arenas with them)."""
+        self._session = self._gather = None
 
     # -- the Backend protocol -------------------------------------------------------------
     def prefill(
@@ -302,6 +313,8 @@ class OrtBackend:
     def _run(self, call: Any) -> Any:
         try:
             return call()
+        except BackendClosedError:
+            raise
         except Exception as exc:  # ORT raises its own exception types; report one line
             raise OrtLoadError(f"onnxruntime failed to run the graph: {first_line(exc)}") from exc
 

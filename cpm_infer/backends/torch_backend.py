@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cpm_infer.backends.base import BackendClosedError
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.devices import Device, resolve_device
@@ -22,7 +23,7 @@ class TorchBackend:
 
     def __init__(self, model: GPT2LMHeadModel, *, device: str | None = None) -> None:
         self._torch = require("torch", "torch")
-        self.model = model.eval()
+        self._model: GPT2LMHeadModel | None = model.eval()
         self.device = self._torch.device(device) if device else next(model.parameters()).device
         self.model.to(self.device)
         cfg = model.config
@@ -33,6 +34,20 @@ class TorchBackend:
             vocab_size=cfg.vocab_size,
             n_positions=cfg.n_positions,
         )
+
+    @property
+    def model(self) -> GPT2LMHeadModel:
+        if self._model is None:
+            raise BackendClosedError("the torch backend is closed")
+        return self._model
+
+    def close(self) -> None:
+        """Drop the model (its memory goes once no one else holds it) and torch's cached GPU blocks."""
+        if self._model is None:
+            return
+        self._model = None
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
 
     def _tensor(self, array: np.ndarray):
         return self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

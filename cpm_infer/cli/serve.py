@@ -88,7 +88,14 @@ def serve(
     runtime, tok = load_backend(backend_name, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
     name, info = model_path.resolve().name, {"path": str(model_path)}
     app = create_app(
-        runtime, tok, settings, model_name=name, model_info=info, warmup=not no_warmup, api_key=api_key or None
+        runtime,
+        tok,
+        settings,
+        model_name=name,
+        model_info=info,
+        warmup=not no_warmup,
+        api_key=api_key or None,
+        owns_backend=True,
     )
     bound_host, bound_port = sock.getsockname()[:2]
     if not _is_loopback(host) and not api_key:

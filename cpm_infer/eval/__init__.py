@@ -1,7 +1,8 @@
 """Model quality on text: perplexity (``cpm eval ppl``) and zero-shot candidate scoring (``cpm eval score``).
 
-Works on every backend: those that expose ``logits_all`` (torch, ort) score a window in one forward
-pass; any other ``Backend`` is scored token by token through ``prefill`` + ``decode`` (teacher forcing).
+Works on every backend: a ``Scorer`` (``logits_all``: torch, ort) scores a window in one forward pass;
+any other ``Backend`` (TensorRT) is scored token by token through ``prefill`` + ``decode`` (teacher forcing);
+anything else is refused with an ``EvalError``.
 Imports numpy only; the runtime comes with the backend.
 """
 

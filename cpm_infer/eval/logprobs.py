@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpm_infer.backends.base import Backend
+from cpm_infer.backends.base import Backend, Scorer
 from cpm_infer.errors import CpmError
 
 
@@ -20,12 +20,16 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logits[np.arange(len(targets)), targets].astype(np.float64) - log_norm
 
 
-def all_logits(backend: Backend, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Logits of every position (B, T, V), from one pass where the backend has ``logits_all``, else
-    by teacher forcing: prefill the first token, then decode the rest one at a time (any Backend)."""
-    fast = getattr(backend, "logits_all", None)
-    if fast is not None:
-        return np.asarray(fast(ids, mask, pos), dtype=np.float32)
+def all_logits(backend: Backend | Scorer, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Logits of every position (B, T, V): one pass on a :class:`Scorer`, else by teacher forcing on a
+    :class:`Backend` (prefill the first token, then decode the rest one at a time)."""
+    if isinstance(backend, Scorer):
+        return np.asarray(backend.logits_all(ids, mask, pos), dtype=np.float32)
+    if not all(callable(getattr(backend, name, None)) for name in ("prefill", "decode")):
+        raise EvalError(
+            f"{getattr(backend, 'name', type(backend).__name__)} cannot score text: it has neither logits_all "
+            "(Scorer) nor prefill/decode (Backend)"
+        )
     seq = ids.shape[1]
     logits, state = backend.prefill(ids[:, :1], mask[:, :1], pos[:, :1])
     rows = [logits]

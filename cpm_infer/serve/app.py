@@ -42,14 +42,16 @@ def create_app(
     model_info: dict[str, Any] | None = None,
     warmup: bool = True,
     api_key: str | None = None,
+    owns_backend: bool = False,
 ) -> FastAPI:
     """An app serving ``backend``; its generation thread lives as long as the app's lifespan.
 
     ``api_key``: every route but ``/health`` (and the schema pages) then needs ``Authorization: Bearer KEY``.
+    ``owns_backend``: the shutdown also closes the backend (``Backend.close``) once generation has stopped.
     """
     settings = settings or ServeSettings()
     metrics = ServeMetrics()
-    batcher = Batcher(backend, tokenizer, settings, metrics)
+    batcher = Batcher(backend, tokenizer, settings, metrics, owns_backend=owns_backend)
     metrics.watch(lambda: batcher.snapshot()["queued"], lambda: batcher.snapshot()["running_rows"])
     n_positions = backend.spec.n_positions
     created = int(time.time())

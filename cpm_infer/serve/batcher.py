@@ -33,9 +33,16 @@ class Batcher:
     """Owns the model: one worker thread runs every generation; handlers only submit and wait."""
 
     def __init__(
-        self, backend: Backend, tokenizer: TokenizerLike, settings: ServeSettings, metrics: Any = None
+        self,
+        backend: Backend,
+        tokenizer: TokenizerLike,
+        settings: ServeSettings,
+        metrics: Any = None,
+        *,
+        owns_backend: bool = False,
     ) -> None:
         self.backend = backend
+        self.owns_backend = owns_backend  # close() also closes the backend (the server loaded it for itself)
         self.tokenizer = tokenizer
         self.settings = settings
         self.metrics = metrics  # a ServeMetrics, or None
@@ -88,6 +95,9 @@ class Batcher:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("the generation thread did not stop within %s s", timeout)
+                return  # it may still be using the backend: leave it open
+        if self.owns_backend:
+            self.backend.close()
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, stream: bool = False) -> Job:

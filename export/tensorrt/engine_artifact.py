@@ -97,6 +97,7 @@ def engine_details(
         "precision": plan.precision,
         "precision_reason": reason,
         "build_mode": plan.mode,
+        "build_note": plan.note,
         "limits": limits.to_dict(),
         "profiles": [p.to_dict() for p in profiles],
         "onnx_sha256": onnx_sha256,
@@ -147,7 +148,7 @@ def export_trt(
 
     graph, graph_files = source_graph(src, source)
     with staged_dir(out) as tmp:
-        say(f"building the {plan.precision} engine ({plan.mode}); this takes minutes")
+        say(f"building the {plan.precision} engine ({plan.mode}{': ' + plan.note if plan.note else ''}); takes minutes")
         workspace = int(workspace_gb * 2**30)
         engine, report = build_engine(
             trt,

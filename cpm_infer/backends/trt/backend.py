@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cpm_infer import kv
+from cpm_infer.backends.base import BackendClosedError
 from cpm_infer.backends.trt import cuda
 from cpm_infer.backends.trt.compat import RuntimeInfo, cc_string, check_engine_compatible
 from cpm_infer.backends.trt.logger import get_logger
@@ -137,7 +138,9 @@ class TrtBackend:
         log.info("TensorRT backend: %.1f MiB of KV buffers (2 sets)", 2 * 2 * s.n_layer * per_tensor / 2**20)
 
     def close(self) -> None:
-        """Free device memory now (also done at garbage collection)."""
+        """Free device memory, the execution context and the engine now (also done at garbage collection);
+        idempotent. Later calls raise BackendClosedError instead of touching freed buffers."""
+        self._closed = True
         if getattr(self, "_stream", None) is not None:
             self._rt.cudaStreamSynchronize(self._stream)
         for buf in getattr(self, "_buffers", []):
@@ -146,6 +149,7 @@ class TrtBackend:
         if getattr(self, "_stream", None) is not None:
             self._rt.cudaStreamDestroy(self._stream)
             self._stream = None
+        self._context = self._engine = None  # the context before the engine it came from
 
     def __del__(self) -> None:
         try:
@@ -264,13 +268,19 @@ class TrtBackend:
                 )
         return TrtState(state.epoch, int(rows.size), state.length, cur=1 - state.cur)
 
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise BackendClosedError("the TensorRT backend is closed")
+
     def _fit(self, profile: int, batch: int, seq: int, past: int) -> None:
+        self._check_open()
         try:
             check_fits(self.profiles[profile], batch=batch, seq=seq, past=past)
         except ProfileError as exc:
             raise TrtBackendError(str(exc)) from exc
 
     def _check_state(self, state: TrtState) -> None:
+        self._check_open()
         if not isinstance(state, TrtState) or state.epoch != self._epoch:
             raise TrtBackendError("stale TensorRT state: a later prefill has reused its KV buffers")
 
@@ -278,10 +288,13 @@ class TrtBackend:
 def load(path, *, device: str | Device = "auto", tokenizer_file=None, threads: int | None = None):
     """Open an engine artifact (``manifest.json`` with ``"format": "tensorrt"``)."""
     from cpm_infer.artifact import read_manifest
+    from cpm_infer.checkpoint import check_tokenizer_fits
     from cpm_infer.tokenizer import CpmTokenizer
 
     path = Path(path)
     manifest = read_manifest(path, expected_format="tensorrt")
+    tokenizer = CpmTokenizer(Path(tokenizer_file) if tokenizer_file else path / manifest.tokenizer_file)
+    check_tokenizer_fits(tokenizer.vocab_size, manifest.spec, path)  # before the GPU work, as the ORT loader does
     index = resolve_device(device, "trt").index
     trt = require("tensorrt", "tensorrt")
     gpu = cuda.gpu_info(index)
@@ -295,5 +308,4 @@ def load(path, *, device: str | Device = "auto", tokenizer_file=None, threads: i
     backend = TrtBackend(
         (path / manifest.graph_files["model"]).read_bytes(), manifest.spec, limits, profiles, device=index
     )
-    tokenizer = CpmTokenizer(Path(tokenizer_file) if tokenizer_file else path / manifest.tokenizer_file)
     return backend, tokenizer
