@@ -2,17 +2,19 @@
 
     python benchmarks/ort_vs_eager.py [--work-dir DIR] [--threads N] [--repeats 5] [--machine NAME]
 
-Runners, all on the same weights: ``hf-generate`` (transformers' own ``generate()``), ``torch`` (our
-generation loop over TorchBackend), ``ort`` (the exported artifact's graph with onnxruntime fusions)
-and ``ort-plain`` (the same artifact's unfused portable graph). Batch 1, a 16-token prompt, 64 new
-tokens, greedy, EOS ignored; one warm-up round excluded; runners interleaved round by round so that
-load from other processes hits them alike; medians reported. Also decode ms/token right after a
-prefill of 16 and of 900 tokens (how the per-step KV concat grows with context), and whether the 64
-greedy tokens of every runner are identical (the CPM-small-shape parity check).
+Runners, all on the same weights, all timed by ``cpm_infer.bench`` (its runners and harness, as ``cpm
+bench``): ``hf-generate`` (transformers' own ``generate()``), ``torch`` (our generation loop over
+TorchBackend), ``ort`` (the exported artifact's graph with onnxruntime fusions) and ``ort-plain`` (the same
+artifact's unfused portable graph). Batch 1, a 16-token prompt, 64 new tokens, greedy, EOS ignored; one
+warm-up round excluded; runners interleaved round by round so that load from other processes hits them
+alike; medians reported (first token = time to the first new token; decode = mean ms per later step). Also
+decode ms/token right after a prefill of 16 and of 900 tokens (``harness.measure`` on a one-row case of that
+prompt length: how the per-step KV concat grows with context), and whether the 64 greedy tokens of every
+runner are identical (the CPM-small-shape parity check).
 
-Writes benchmarks/results/ort_vs_eager-<machine>.json and .md. The weights use initializer_range 0.1
-(not 0.02) and random biases/LayerNorms so that greedy output varies instead of repeating one token
-and the parity check means something; timing does not depend on the values.
+Writes benchmarks/results/ort_vs_eager-<machine>.json and .md. The model is ``cpm_infer.bench.setup.
+parity_model`` (initializer_range 0.1, random biases/LayerNorms, so greedy output varies and the parity check
+means something); ``--checkpoint DIR`` benchmarks an existing checkpoint instead.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
@@ -31,100 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
+from cpm_infer.errors import CpmError
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VOCAB = ROOT.parent / "shared" / "cpm-vocab" / "chinese_vocab.model"
-
-
-def machine_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"model name\s*:\s*(.+)", text).group(1)
-    except (OSError, AttributeError):
-        pass
-    words = [w for w in re.sub(r"\(.*?\)|processor|\d+-core|cpu|@.*", "", model, flags=re.I).lower().split() if w]
-    return "-".join([*words[:3], f"{os.cpu_count()}c"])
-
-
-def prepare(work: Path, vocab: Path, seed: int, log) -> tuple[Path, Path]:
-    """A CPM-small random checkpoint and its validated ONNX artifact (reused when already there)."""
-    import torch
-    import transformers
-
-    from cpm_infer.artifact import read_manifest
-    from cpm_infer.checkpoint import open_checkpoint
-    from cpm_infer.config import PRESETS
-    from cpm_infer.tokenizer import CpmTokenizer
-    from cpm_infer.torch_model import hf_config, save_checkpoint
-    from export.onnx_export import export_onnx
-
-    ckpt, art = work / "cpm-small-random", work / "cpm-small-onnx"
-    if not (ckpt / "config.json").is_file():
-        log(f"creating a random CPM-small checkpoint in {ckpt}")
-        tok = CpmTokenizer(vocab)
-        torch.manual_seed(seed)
-        config = hf_config(PRESETS["small"], tok.eod_id, tok.pad_id, base={"initializer_range": 0.1})
-        model = transformers.GPT2LMHeadModel(config).eval()
-        with torch.no_grad():  # biases and LayerNorms random too (fresh ones are all 0 / 1)
-            for param in model.parameters():
-                if param.ndim == 1:
-                    param.add_(0.1 * torch.randn_like(param))
-        save_checkpoint(model, vocab, ckpt)
-    if (
-        not (art / "manifest.json").is_file()
-        or read_manifest(art).source_sha256 != open_checkpoint(ckpt).weights_sha256()
-    ):
-        log(f"exporting {art} (--optimize; validated against eager)")
-        export_onnx(ckpt, art, force=True, optimize=True, progress=log)
-    return ckpt, art
-
-
-def time_generate(backend, prompt, config, tok) -> tuple[float, float, list[int]]:
-    from cpm_infer.generate import GenerationStats, generate
-
-    stats = GenerationStats()
-    result = generate(backend, [prompt], config, tok, stats=stats)
-    return 1000 * stats.first_token_s, stats.decode_ms_per_step, result[0].token_ids
-
-
-def time_hf_generate(model, prompt, new_tokens: int) -> tuple[float, float, list[int]]:
-    """transformers' generate(): first token = a 1-token call; decode = (t_n - t_1) / (n - 1)."""
-    import torch
-
-    ids = torch.tensor([prompt])
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=model.config.pad_token_id)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        total = time.perf_counter() - start
-    return 1000 * first, 1000 * (total - first) / (new_tokens - 1), out[0, len(prompt) :].tolist()
-
-
-def time_decode_at(backend, past: int, steps: int, warmup: int, vocab: int, rng) -> float:
-    """Mean ms per decode step starting right after a prefill of ``past`` tokens."""
-    from cpm_infer.generate import left_pad
-
-    ids, mask, pos = left_pad([rng.integers(10, vocab, size=past).tolist()], pad_id=0)
-    logits, state = backend.prefill(ids, mask, pos)
-    times = []
-    for step in range(warmup + steps):
-        token = logits.argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, [[1]]], axis=1)
-        pos = pos[:, -1:] + 1
-        start = time.perf_counter()
-        logits, state = backend.decode(state, token, mask, pos)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * float(np.mean(times))
+RUNNERS = ("hf-generate", "torch", "ort", "ort-plain")
 
 
 def main() -> None:
+    from cpm_infer.bench.report import machine_slug
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, help="Keep the checkpoint and artifact here (reused next time).")
     parser.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="CPM SentencePiece file.")
+    parser.add_argument("--checkpoint", type=Path, help="Benchmark this checkpoint instead of a random CPM-small.")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="Threads for torch and onnxruntime alike.")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=16)
@@ -132,7 +52,7 @@ def main() -> None:
     parser.add_argument("--pasts", type=int, nargs="+", default=[16, 900])
     parser.add_argument("--past-steps", type=int, default=16, help="Timed decode steps after each past prefill.")
     parser.add_argument("--past-repeats", type=int, default=3)
-    parser.add_argument("--machine", default=machine_name())
+    parser.add_argument("--machine", default=machine_slug())
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -143,7 +63,9 @@ def main() -> None:
     from cpm_infer.backends.ort_backend import OrtBackend, create_session
     from cpm_infer.backends.ort_backend import load as load_ort
     from cpm_infer.backends.torch_backend import TorchBackend
-    from cpm_infer.config import GenerationConfig
+    from cpm_infer.bench import harness, report
+    from cpm_infer.bench.runners import HFGenerateRunner, LoopRunner
+    from cpm_infer.bench.setup import ensure_artifact, parity_model
     from cpm_infer.torch_model import load_model
 
     def log(message: str) -> None:
@@ -154,56 +76,57 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        ckpt, art = prepare(work, args.vocab, args.seed, log)
+        if args.checkpoint:
+            ckpt, art = args.checkpoint, ensure_artifact(args.checkpoint, work / "onnx", say=log)
+        else:
+            ckpt, art = parity_model(work, args.vocab, seed=args.seed, say=log)
         manifest = read_manifest(art)
-        model, tok = load_model(ckpt)
-        runners = {"torch": TorchBackend(model)}
-        runners["ort"], _ = load_ort(art, threads=args.threads)
+        model, _ = load_model(ckpt)
         plain = create_session(
             art / manifest.graph_files.get("portable", manifest.graph_files["model"]), threads=args.threads
         )
-        runners["ort-plain"] = OrtBackend(plain, manifest.spec, dtype=manifest.dtype)
+        runners = [
+            HFGenerateRunner(model),
+            LoopRunner("torch", TorchBackend(model)),
+            LoopRunner("ort", load_ort(art, threads=args.threads)[0]),
+            LoopRunner("ort-plain", OrtBackend(plain, manifest.spec, dtype=manifest.dtype)),
+        ]
 
         rng = np.random.default_rng(args.seed)
-        prompt = rng.integers(10, manifest.spec.vocab_size, size=args.prompt_len).tolist()
-        config = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True, ban_unk=False)
-        names = ["hf-generate", *runners]
-        raw: dict[str, dict[str, list[float]]] = {n: {"first_token_ms": [], "decode_ms_per_token": []} for n in names}
+        prompts = rng.integers(10, manifest.spec.vocab_size, size=(1, args.prompt_len))
+        raw: dict[str, dict[str, list[float]]] = {n: {"first_token_ms": [], "decode_ms_per_token": []} for n in RUNNERS}
         tokens: dict[str, list[int]] = {}
         for round_ in range(args.repeats + 1):  # round 0 is the warm-up
-            for name in names:
-                if name == "hf-generate":
-                    first, decode, ids = time_hf_generate(model, prompt, args.new_tokens)
-                else:
-                    first, decode, ids = time_generate(runners[name], prompt, config, tok)
-                tokens.setdefault(name, ids)
+            for runner in runners:
+                timing = runner.run(prompts, args.new_tokens)
+                tokens.setdefault(runner.name, timing.token_ids[0])
                 if round_:
-                    raw[name]["first_token_ms"].append(first)
-                    raw[name]["decode_ms_per_token"].append(decode)
-            log(
-                f"round {round_}{' (warm-up)' if not round_ else ''}: "
-                + ", ".join(f"{n} {raw[n]['decode_ms_per_token'][-1]:.1f} ms/token" for n in names if round_)
-            )
+                    raw[runner.name]["first_token_ms"].append(1000 * timing.first_token_s)
+                    raw[runner.name]["decode_ms_per_token"].append(1000 * float(np.mean(timing.step_s)))
+            if round_:
+                log(
+                    f"round {round_}: "
+                    + ", ".join(f"{n} {raw[n]['decode_ms_per_token'][-1]:.1f} ms/token" for n in RUNNERS)
+                )
 
-        past_raw: dict[str, dict[str, list[float]]] = {n: {str(p): [] for p in args.pasts} for n in runners}
-        for _ in range(args.past_repeats):
-            for past in args.pasts:
-                for name, backend in runners.items():
-                    past_raw[name][str(past)].append(
-                        time_decode_at(backend, past, args.past_steps, 3, manifest.spec.vocab_size, rng)
-                    )
-            log(
-                "past sweep: "
-                + ", ".join(f"{n}@{p} {past_raw[n][str(p)][-1]:.1f}" for n in runners for p in args.pasts)
-            )
+        loop_runners = [r for r in runners if isinstance(r, LoopRunner)]
+        past_med: dict[str, dict[str, float]] = {r.name: {} for r in loop_runners}
+        for past in args.pasts:
+            case = harness.Case(1, past, args.past_steps + 1, "context")
+            past_prompts = harness.make_prompts(case, manifest.spec.vocab_size, seed=args.seed)
+            for runner in loop_runners:
+                m = harness.measure(runner, case, past_prompts, repeats=args.past_repeats)
+                past_med[runner.name][str(past)] = m.decode_p50_ms
+            log("past " + str(past) + ": " + ", ".join(f"{n} {v[str(past)]:.1f}" for n, v in past_med.items()))
 
-    med = {n: {k: statistics.median(v) for k, v in raw[n].items()} for n in names}
-    best = {n: {k: min(v) for k, v in raw[n].items()} for n in names}  # least disturbed by other processes
-    past_med = {n: {p: statistics.median(v) for p, v in past_raw[n].items()} for n in runners}
+    med = {n: {k: statistics.median(v) for k, v in raw[n].items()} for n in RUNNERS}
+    best = {n: {k: min(v) for k, v in raw[n].items()} for n in RUNNERS}  # least disturbed by other processes
     results = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": args.machine,
-        "environment": environment(args.threads, load_before),
+        "environment": report.environment(
+            {"threads": args.threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        ),
         "setup": {
             "spec": manifest.spec.to_dict(),
             "batch": 1,
@@ -212,6 +135,7 @@ def main() -> None:
             "repeats": args.repeats,
             "warmup_rounds": 1,
             "eos_ignored": True,
+            "timing": "cpm_infer.bench runners (hf-generate: per-step logits-processor clock)",
             "artifact_graph": manifest.graph_files["model"],
             "validation": manifest.details.get("validation"),
             "fusions": manifest.details.get("fusions"),
@@ -229,14 +153,13 @@ def main() -> None:
             for n in ("ort", "ort-plain")
             for base in ("torch", "hf-generate")
         },
-        "greedy_tokens_equal": {n: tokens[n] == tokens["torch"] for n in names},
+        "greedy_tokens_equal": {n: tokens[n] == tokens["torch"] for n in RUNNERS},
         "first_mismatch": {
             n: next((i for i, (a, b) in enumerate(zip(tokens[n], tokens["torch"], strict=False)) if a != b), None)
-            for n in names
+            for n in RUNNERS
         },
         "distinct_tokens": len(set(tokens["torch"])),
         "raw": raw,
-        "raw_past": past_raw,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"ort_vs_eager-{args.machine}"
@@ -246,51 +169,30 @@ def main() -> None:
     log(f"wrote {stem}.json and {stem}.md")
 
 
-def environment(threads: int, load_before: tuple[float, float, float]) -> dict:
-    from cpm_infer.artifact import tool_versions
-
-    cpu = platform.processor()
-    try:
-        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "python": platform.python_version(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "tools": tool_versions(["torch", "transformers", "onnxruntime", "onnx", "numpy"]),
-    }
-
-
 def markdown(r: dict) -> str:
     env, s = r["environment"], r["setup"]
+    pasts = list(next(iter(r["decode_ms_per_token_at_past"].values())))
     lines = [
         f"# ORT vs eager PyTorch: CPM-small shape, random weights ({r['machine']})",
         "",
         f"`{r['command']}`",
         "",
         f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads; load average before "
-        f"{env['loadavg_before'][0]:.2f}, "
-        f"after {env['loadavg_after'][0]:.2f}. Tools: " + ", ".join(f"{k} {v}" for k, v in env["tools"].items()) + ".",
+        f"{env['loadavg_before'][0]:.2f}, after {env['loadavg_after'][0]:.2f}. Tools: "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + ".",
         f"Batch {s['batch']}, {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens (greedy, EOS ignored), "
         f"median (and best) of {s['repeats']} rounds after {s['warmup_rounds']} warm-up round; ORT graph "
-        f"`{s['artifact_graph']}` (fusions {s['fusions']}).",
+        f"`{s['artifact_graph']}` (fusions {s['fusions']}). Timing: {s['timing']}.",
         "",
         "| runner | first token (ms) | decode (ms/token) | best decode (ms/token) | "
-        + " | ".join(f"decode at past {p} (ms/token)" for p in next(iter(r["decode_ms_per_token_at_past"].values())))
+        + " | ".join(f"decode at past {p} (ms/token)" for p in pasts)
         + f" | {s['new_tokens']} greedy tokens = torch loop |",
-        "|---|---:|---:|---:|" + "---:|" * len(next(iter(r["decode_ms_per_token_at_past"].values()))) + "---|",
+        "|---|---:|---:|---:|" + "---:|" * len(pasts) + "---|",
     ]
     for name, m in r["median"].items():
-        pasts = r["decode_ms_per_token_at_past"].get(name)
-        past_cells = (
-            " | ".join(f"{v:.1f}" for v in pasts.values())
-            if pasts
-            else " | ".join("-" for _ in next(iter(r["decode_ms_per_token_at_past"].values())))
-        )
+        at = r["decode_ms_per_token_at_past"].get(name)
+        past_cells = " | ".join(f"{at[p]:.1f}" if at else "-" for p in pasts)
         equal = "yes" if r["greedy_tokens_equal"][name] else f"no (first differs at {r['first_mismatch'][name]})"
         lines.append(
             f"| {name} | {m['first_token_ms']:.1f} | {m['decode_ms_per_token']:.1f} | "
@@ -309,4 +211,7 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CpmError as exc:
+        raise SystemExit(f"error: {exc}") from exc

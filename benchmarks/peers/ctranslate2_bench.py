@@ -3,13 +3,14 @@
     pip install 'cpm-infer[peers]'       # ctranslate2
     python benchmarks/peers/ctranslate2_bench.py --work-dir /tmp/peers [--threads 2] [--batch 1,8] [--repeats 3]
 
-Runners, all on one CPM-small-shape random checkpoint (``benchmarks/ort_vs_eager.py``'s, reused from
---work-dir): ``torch`` (our loop over eager PyTorch, the baseline of the ratios), ``ort`` (float32
-artifact with ORT fusions), ``ort-int8`` / ``ort-int4`` (``cpm export onnx --quantize``), and
-``ct2-float32`` / ``ct2-int8`` (the same weights converted with CTranslate2's own GPT-2 loader).
-Batch sizes from --batch, 16-token random prompt ids, greedy, EOS ignored, ``cpm_infer.bench.harness``
-timing (one warm-up, medians). CTranslate2's per-step times come from its step callback (the time at
-which row 0's token of each step is reported). Writes ``benchmarks/results/peers-<machine>/bench.{json,md}``.
+Runners, all on one CPM-small-shape random checkpoint (``cpm_infer.bench.setup.parity_model``, the one
+``benchmarks/ort_vs_eager.py`` uses, reused from --work-dir; ``--checkpoint DIR`` for another): ``torch``
+(our loop over eager PyTorch, the baseline of the ratios), ``ort`` (float32 artifact with ORT fusions),
+``ort-int8`` / ``ort-int4`` (``cpm export onnx --quantize``, see --quantize), and ``ct2-float32`` /
+``ct2-int8`` (the same weights converted with CTranslate2's own GPT-2 loader). Batch sizes from --batch,
+16-token random prompt ids, greedy, EOS ignored, ``cpm_infer.bench.harness`` timing (one warm-up, medians).
+CTranslate2's per-step times come from its step callback (the time at which row 0's token of each step is
+reported). Writes ``benchmarks/results/peers-<machine>/bench.{json,md}``.
 """
 
 from __future__ import annotations
@@ -23,19 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from cpm_infer.bench.report import machine_slug
+from cpm_infer.bench.runners import Timing
+from cpm_infer.deps import require
+from cpm_infer.errors import CpmError
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from ort_vs_eager import DEFAULT_VOCAB, machine_name, prepare  # noqa: E402
-
-from cpm_infer.bench.runners import Timing  # noqa: E402
+DEFAULT_VOCAB = ROOT.parent / "shared" / "cpm-vocab" / "chinese_vocab.model"
 
 
 class CT2Runner:
     """A CTranslate2 Generator behind the harness's Runner protocol (prompt ids in, Timing out)."""
 
     def __init__(self, name: str, model_dir: Path, compute_type: str, pieces: list[str], threads: int) -> None:
-        import ctranslate2
+        ctranslate2 = require("ctranslate2", "peers")
 
         self.name, self.pieces = name, pieces
         self.generator = ctranslate2.Generator(
@@ -96,18 +98,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, required=True, help="Checkpoint, artifacts and CT2 models (reused).")
     parser.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="CPM SentencePiece file.")
+    parser.add_argument("--checkpoint", type=Path, help="Benchmark this checkpoint instead of a random CPM-small.")
+    parser.add_argument("--quantize", default="int8,int4", help="Quantized ORT artifacts to add ('' = none).")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", default="1,8", help="Comma-separated batch sizes.")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--machine", default=machine_name())
+    parser.add_argument("--machine", default=machine_slug())
     parser.add_argument("--out-dir", type=Path, default=None, help="Default: benchmarks/results/peers-<machine>.")
     args = parser.parse_args()
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError as exc:
-        raise SystemExit("error: ctranslate2 is not installed (pip install 'cpm-infer[peers]')") from exc
+    ctranslate2 = require("ctranslate2", "peers")
 
     import torch
 
@@ -115,6 +116,7 @@ def main() -> None:
     from cpm_infer.backends.torch_backend import TorchBackend
     from cpm_infer.bench import harness, report
     from cpm_infer.bench.runners import LoopRunner
+    from cpm_infer.bench.setup import ensure_artifact, parity_model
     from cpm_infer.torch_model import load_model
     from export.onnx_export import export_onnx
     from export.quantize import QuantizeOptions
@@ -125,10 +127,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, art = prepare(work, args.vocab, 0, log)
+    if args.checkpoint:
+        ckpt, art = args.checkpoint, ensure_artifact(args.checkpoint, work / "onnx", say=log)
+    else:
+        ckpt, art = parity_model(work, args.vocab, say=log)
     artifacts = {"ort": art}
-    for scheme in ("int8", "int4"):
-        path = work / f"cpm-small-{scheme}"
+    for scheme in [s.strip() for s in args.quantize.split(",") if s.strip()]:
+        path = art.with_name(f"{art.name}-{scheme}")
         if not (path / "manifest.json").is_file():
             log(f"quantizing {art} to {scheme} (with its quality gate)")
             export_onnx(art, path, quantize=QuantizeOptions(scheme), threads=args.threads, progress=log)
@@ -159,8 +164,8 @@ def main() -> None:
             "threads": args.threads,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
-            "source": "CPM-small shape, random weights (benchmarks/ort_vs_eager.py checkpoint)",
-            "ctranslate2": __import__("ctranslate2").__version__,
+            "source": str(args.checkpoint) if args.checkpoint else "CPM-small shape, random weights (parity_model)",
+            "ctranslate2": ctranslate2.__version__,
         }
     )
     out = args.out_dir or ROOT / "benchmarks" / "results" / f"peers-{args.machine}"
@@ -170,4 +175,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CpmError as exc:
+        raise SystemExit(f"error: {exc}") from exc

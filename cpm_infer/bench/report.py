@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import re
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -36,10 +38,20 @@ def with_ratios(results: Sequence[Measurement]) -> list[dict]:
     return rows
 
 
+def machine_slug() -> str:
+    """A short name for this machine's CPU and core count (``amd-epyc-2c``): the results files are named by it."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = re.search(r"model name\s*:\s*(.+)", handle.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    words = [w for w in re.sub(r"\(.*?\)|processor|\d+-core|cpu|@.*", "", model, flags=re.I).lower().split() if w]
+    return "-".join([*words[:3], f"{os.cpu_count()}c"])
+
+
 def environment(extra: dict | None = None) -> dict:
     """Machine and library versions, recorded with every report."""
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:

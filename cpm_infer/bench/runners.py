@@ -23,6 +23,7 @@ class Timing:
     first_token_s: float
     step_s: list[float] = field(default_factory=list)
     new_tokens: int = 0  # tokens produced over the whole batch
+    token_ids: list[list[int]] | None = None  # the generated ids of each row, for parity checks between runners
 
 
 class Runner(Protocol):
@@ -53,12 +54,14 @@ class LoopRunner:
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
         config = GenerationConfig(temperature=0, max_new_tokens=new_tokens, ignore_eos=True, ban_unk=False)
         stats = GenerationStats()
-        generate(self.backend, prompts.tolist(), config, self.tokenizer, stats=stats)
-        return Timing(stats.first_token_s, list(stats.step_s), stats.new_tokens)
+        results = generate(self.backend, prompts.tolist(), config, self.tokenizer, stats=stats)
+        return Timing(stats.first_token_s, list(stats.step_s), stats.new_tokens, [r.token_ids for r in results])
 
 
 class HFGenerateRunner:
-    """transformers' own ``generate()``: what users of the seed scripts run today."""
+    """transformers' own ``generate()``: what users of the seed scripts run today. The one way this project
+    times it: a logits processor stamps the clock once per step, right after that step's forward pass, so the
+    first stamp is the time to first token and the gaps between stamps are the decode steps."""
 
     name = "hf-generate"
 
@@ -80,7 +83,7 @@ class HFGenerateRunner:
         ids = torch.from_numpy(prompts).to(device)
         with torch.inference_mode():
             start = time.perf_counter()
-            self.model.generate(
+            out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
@@ -90,4 +93,5 @@ class HFGenerateRunner:
                 pad_token_id=IdsTokenizer.pad_id,
                 logits_processor=LogitsProcessorList([_Clock()]),
             )
-        return Timing(stamps[0] - start, list(np.diff(stamps)), new_tokens * len(prompts))
+        generated = out[:, prompts.shape[1] :].tolist()
+        return Timing(stamps[0] - start, list(np.diff(stamps)), new_tokens * len(prompts), generated)

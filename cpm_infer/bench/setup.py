@@ -16,6 +16,7 @@ from cpm_infer.artifact import ManifestError, read_manifest, sha256_files
 from cpm_infer.bench.runners import HFGenerateRunner, LoopRunner, Runner
 from cpm_infer.checkpoint import Checkpoint, open_checkpoint
 from cpm_infer.config import ModelSpec, preset
+from cpm_infer.deps import require
 from cpm_infer.devices import resolve_device
 from cpm_infer.errors import CpmError
 
@@ -80,6 +81,48 @@ def random_checkpoint(preset_name: str, tokenizer_file: Path, out_dir: Path, see
             f"tokenizer {tokenizer_file} has {tok.vocab_size} pieces, more than the preset's {spec.vocab_size}"
         )
     return save_checkpoint(random_model(spec, seed, eod_id=tok.eod_id, pad_id=tok.pad_id), tokenizer_file, out_dir)
+
+
+def parity_model(
+    work: Path, tokenizer_file: Path, *, preset_name: str = "small", seed: int = 0, say: Callable[[str], None]
+) -> tuple[Path, Path]:
+    """A random CPM checkpoint and its validated ``--optimize`` ONNX artifact in ``work`` (reused when there).
+
+    initializer_range 0.1 and random biases/LayerNorms (a fresh GPT-2 has them at 0 / 1) make greedy output
+    vary instead of repeating one token, so comparing runners' tokens means something; timing does not depend
+    on the values. The benchmark scripts in ``benchmarks/`` share this model."""
+    from cpm_infer.tokenizer import CpmTokenizer
+    from cpm_infer.torch_model import hf_config, save_checkpoint
+
+    ckpt, art = work / f"cpm-{preset_name}-random", work / f"cpm-{preset_name}-onnx"
+    if not (ckpt / "config.json").is_file():
+        say(f"creating a random CPM-{preset_name} checkpoint in {ckpt}")
+        torch = require("torch", "torch")
+        transformers = require("transformers", "torch")
+        tok = CpmTokenizer(tokenizer_file)
+        torch.manual_seed(seed)
+        config = hf_config(preset(preset_name), tok.eod_id, tok.pad_id, base={"initializer_range": 0.1})
+        model = transformers.GPT2LMHeadModel(config).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 1:
+                    param.add_(0.1 * torch.randn_like(param))
+        save_checkpoint(model, tokenizer_file, ckpt)
+    ensure_artifact(ckpt, art, say=say)
+    return ckpt, art
+
+
+def ensure_artifact(checkpoint: Path, artifact: Path, *, say: Callable[[str], None]) -> Path:
+    """``artifact``: the checkpoint's validated ``--optimize`` export, made unless one of these weights is there."""
+    from export.onnx_export import export_onnx
+
+    fresh = (artifact / "manifest.json").is_file() and (
+        read_manifest(artifact).source_sha256 == open_checkpoint(checkpoint).weights_sha256()
+    )
+    if not fresh:
+        say(f"exporting {artifact} (--optimize; validated against eager)")
+        export_onnx(checkpoint, artifact, force=True, optimize=True, progress=say)
+    return artifact
 
 
 def check_artifact_matches(artifact: Path, ckpt: Checkpoint) -> None:
@@ -154,7 +197,6 @@ def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads:
         return
     try:
         from cpm_infer.backends.torch_backend import TorchBackend
-        from cpm_infer.deps import require
         from cpm_infer.torch_model import load_model
 
         torch = require("torch", "torch")
