@@ -116,8 +116,12 @@ class ExportGPT2(nn.Module):
         self.register_buffer("lm_bias", torch.zeros(vocab_size), persistent=False)
 
     @classmethod
-    def from_hf(cls, model: nn.Module, dtype: torch.dtype = torch.float32) -> ExportGPT2:
-        """Copy a GPT2LMHeadModel's weights (LayerNorm parameters stay float32)."""
+    def from_hf(cls, model: nn.Module, dtype: torch.dtype = torch.float32, *, take: bool = False) -> ExportGPT2:
+        """An export module on a GPT2LMHeadModel's weights (LayerNorm parameters stay float32).
+
+        Weights already in ``dtype`` are shared with ``model``, not copied; others are converted.
+        ``take=True`` also empties ``model``'s parameters as they are taken (``model`` is unusable
+        afterwards), so converting costs one tensor at a time rather than a second model."""
         cfg = model.config
         if getattr(cfg, "add_cross_attention", False):
             raise UnsupportedModelError("GPT-2 with cross-attention (add_cross_attention) cannot be exported")
@@ -131,39 +135,47 @@ class ExportGPT2(nn.Module):
         for i in range(cfg.n_layer):
             s = head_dim**-0.5 if cfg.scale_attn_weights else 1.0
             scalings.append(s / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else s)
-        module = cls(
-            cfg.n_layer,
-            cfg.n_head,
-            cfg.n_embd,
-            cfg.vocab_size,
-            cfg.n_positions,
-            inner=cfg.n_inner or 4 * cfg.n_embd,
-            eps=cfg.layer_norm_epsilon,
-            activation=activation,
-            scalings=scalings,
-        )
+        with torch.device("meta"):  # no storage: every parameter is assigned below
+            module = cls(
+                cfg.n_layer,
+                cfg.n_head,
+                cfg.n_embd,
+                cfg.vocab_size,
+                cfg.n_positions,
+                inner=cfg.n_inner or 4 * cfg.n_embd,
+                eps=cfg.layer_norm_epsilon,
+                activation=activation,
+                scalings=scalings,
+            )
+        device = next(model.parameters()).device
+
+        def put(owner: nn.Module, name: str, source: nn.Parameter, keep_float32: bool = False) -> None:
+            target = torch.float32 if keep_float32 else dtype
+            with torch.no_grad():
+                value = source.detach().to(target)  # the same tensor when already in ``target``
+            setattr(owner, name, nn.Parameter(value, requires_grad=False))
+            if take and value.data_ptr() != source.data_ptr():
+                source.data = torch.empty(0, dtype=source.dtype, device=source.device)
+
         src = model.transformer
-        with torch.no_grad():
-            module.wte.copy_(src.wte.weight)
-            module.wpe.copy_(src.wpe.weight)
-            module.ln_f.load_state_dict(src.ln_f.state_dict())
-            for block, hf in zip(module.blocks, src.h, strict=True):
-                block.ln_1.load_state_dict(hf.ln_1.state_dict())
-                block.ln_2.load_state_dict(hf.ln_2.state_dict())
-                for name, weight in (
-                    ("attn", hf.attn.c_attn),
-                    ("proj", hf.attn.c_proj),
-                    ("fc", hf.mlp.c_fc),
-                    ("mlp_proj", hf.mlp.c_proj),
-                ):
-                    getattr(block, f"{name}_w").copy_(weight.weight)
-                    getattr(block, f"{name}_b").copy_(weight.bias)
-        if dtype != torch.float32:
-            norms = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-            for param in module.parameters():
-                if id(param) not in norms:
-                    param.data = param.data.to(dtype)
-            module.lm_bias = module.lm_bias.to(dtype)
+        put(module, "wpe", src.wpe.weight)
+        norms = [(module.ln_f, src.ln_f)]
+        for block, hf in zip(module.blocks, src.h, strict=True):
+            norms += [(block.ln_1, hf.ln_1), (block.ln_2, hf.ln_2)]
+        for norm, hf_norm in norms:
+            put(norm, "weight", hf_norm.weight, keep_float32=True)
+            put(norm, "bias", hf_norm.bias, keep_float32=True)
+        for block, hf in zip(module.blocks, src.h, strict=True):
+            for name, conv in (
+                ("attn", hf.attn.c_attn),
+                ("proj", hf.attn.c_proj),
+                ("fc", hf.mlp.c_fc),
+                ("mlp_proj", hf.mlp.c_proj),
+            ):
+                put(block, f"{name}_w", conv.weight)  # Conv1D layout (in, out), as the module uses it
+                put(block, f"{name}_b", conv.bias)
+        put(module, "wte", src.wte.weight)  # last: the tied LM head shares it
+        module.lm_bias = torch.zeros(cfg.vocab_size, dtype=dtype, device=device)
         return module.eval()
 
     @property

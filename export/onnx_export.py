@@ -1,11 +1,18 @@
 """``cpm export onnx``: checkpoint -> validated, self-contained ONNX artifact directory.
 
 Steps, all inside a temporary sibling of OUT_DIR that is renamed at the end (an interrupted or
-failed export leaves nothing half-written): trace ``export.gpt2.ExportGPT2`` with the KV contract
-of ``cpm_infer.kv`` (TorchScript exporter: ORT's GPT-2 fusions crash on dynamo graphs), store the
-weights as external data when the graph is over 2 GB, validate with ONNX Runtime against eager
-transformers, optionally apply ORT's transformer fusions (validated again), then write the tokenizer,
-the validation report and the manifest.
+failed export leaves nothing half-written): record the eager transformers reference outputs
+(``export.validate``), move the weights into ``export.gpt2.ExportGPT2`` (shared, not copied, for
+float32), trace it with the KV contract of ``cpm_infer.kv`` (TorchScript exporter, without its
+parameters: ORT's GPT-2 fusions crash on dynamo graphs), write the weights one tensor at a time
+into an external data file, free the torch model, validate with ONNX Runtime, optionally apply
+ORT's transformer fusions (validated again) and quantize, then give the artifact its final layout
+(one file per graph under 2 GB, graph + external data above) and write the tokenizer, the
+validation report and the manifest.
+
+Memory: one copy of the weights at a time (the torch model, or one ONNX Runtime session), plus the
+tensor being written; graph rewrites load the protobuf without its weights (``export.onnx_weights``).
+A failed validation keeps its report next to OUT_DIR (``OUT_DIR.validation-failed.json``).
 """
 
 from __future__ import annotations
@@ -25,8 +32,23 @@ from cpm_infer.config import GenerationConfig
 from cpm_infer.deps import require
 from cpm_infer.devices import AUTO, resolve_for_all
 from cpm_infer.errors import CpmError
+from export.onnx_weights import (
+    ExternalDataWriter,
+    finish_layout,
+    load_graph,
+    release_memory,
+    save_graph,
+    weight_bytes,
+)
 from export.quantize import QuantizeOptions
-from export.validate import EagerReference, ValidationReport, validate_graph, write_report
+from export.validate import (
+    ValidationReport,
+    failed_report_path,
+    raise_for_failures,
+    record_eager,
+    validate_onnx_graph,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +105,6 @@ def export_onnx(
     torch = require("torch", "export")
     require("onnx", "export")
     require("onnxruntime", "export")
-    from cpm_infer.backends.ort_backend import create_session
     from cpm_infer.checkpoint import open_checkpoint
     from cpm_infer.torch_model import load_model
     from export.gpt2 import ExportGPT2
@@ -99,41 +120,47 @@ def export_onnx(
     ckpt = open_checkpoint(model_dir, tokenizer_file)  # bad input fails here, before any progress output
     say(f"loading {ckpt.spec.n_layer}-layer model from {ckpt.directory}")
     model, tokenizer = load_model(ckpt, device=device)
-    module = ExportGPT2.from_hf(model, torch.float16 if fp16 else torch.float32).to(device)
+    say(f"recording the eager PyTorch reference on {device}")
+    reference = record_eager(model, ckpt.spec)
+    # The export module takes the weights over (float32: the same tensors; float16: converted one by one).
+    module = ExportGPT2.from_hf(model, torch.float16 if fp16 else torch.float32, take=True)
+    del model
+    source_sha256 = ckpt.weights_sha256()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(out) as tmp:
         say(f"exporting {dtype} graph (opset {opset})")
         graph_files = {"model": GRAPH}
-        external = _export_graph(module, tmp, opset, device, external_data_threshold)
-        if external:
-            graph_files["weights"] = external
+        _export_graph(module, tmp, opset, device)
+        del module
+        release_memory()  # the torch weights are gone before ONNX Runtime maps the graph's
 
         reports = []
-        reference = EagerReference(model)
         say(f"validating {GRAPH} against eager PyTorch on {device}")
-        reports.append(_validate(create_session, tmp / GRAPH, reference, ckpt.spec, dtype, device, threads))
+        reports.append(validate_onnx_graph(tmp / GRAPH, reference, ckpt.spec, dtype, device=device, threads=threads))
+        raise_for_failures(reports, out)
+        fusions: dict[str, int] = {}
         if optimize:
             from export.optimize import optimize_graph
 
             say("applying onnxruntime transformer fusions")
             fusions = optimize_graph(
-                tmp / GRAPH,
-                tmp / OPTIMIZED_GRAPH,
-                ckpt.spec,
-                use_gpu=device.startswith("cuda"),
-                dtype=dtype,
-                external_data_threshold=external_data_threshold,
+                tmp / GRAPH, tmp / OPTIMIZED_GRAPH, ckpt.spec, use_gpu=device.startswith("cuda"), dtype=dtype
             )
             say(f"validating {OPTIMIZED_GRAPH} against eager PyTorch on {device}")
             reports.append(
-                _validate(create_session, tmp / OPTIMIZED_GRAPH, reference, ckpt.spec, dtype, device, threads)
+                validate_onnx_graph(
+                    tmp / OPTIMIZED_GRAPH,
+                    reference,
+                    ckpt.spec,
+                    dtype,
+                    kv_shared=bool(fusions.get("GroupQueryAttention")),
+                    device=device,
+                    threads=threads,
+                )
             )
+            raise_for_failures(reports, out)
             graph_files.update(model=OPTIMIZED_GRAPH, portable=GRAPH)
-            if (tmp / f"{OPTIMIZED_GRAPH}.data").is_file():
-                graph_files["optimized_weights"] = f"{OPTIMIZED_GRAPH}.data"
-        else:
-            fusions = {}
         quantization = None
         if quantize is not None:
             from export.quantize import apply_quantization
@@ -141,6 +168,7 @@ def export_onnx(
             graph_files, quantization = apply_quantization(
                 tmp, graph_files, ckpt.spec, tokenizer, quantize, threads=threads, say=say
             )
+        graph_files = finish_layout(tmp, graph_files, external_data_threshold)
 
         say("writing artifact")
         shutil.copyfile(ckpt.tokenizer_file, tmp / TOKENIZER)
@@ -151,7 +179,7 @@ def export_onnx(
             dtype=dtype,
             graph_files=graph_files,
             tokenizer_file=TOKENIZER,
-            source_sha256=ckpt.weights_sha256(),
+            source_sha256=source_sha256,
             tools=tool_versions(TOOLS),
             generation=GenerationConfig().to_dict(),
             validation_report=REPORT,
@@ -173,11 +201,17 @@ def export_onnx(
             },
         )
         write_manifest(tmp, manifest)
+    failed_report_path(out).unlink(missing_ok=True)  # a report of an earlier failed export of OUT_DIR
     return ExportResult(out, manifest, reports)
 
 
-def _export_graph(module, tmp: Path, opset: int, device: str, threshold: int) -> str | None:
-    """Trace ``module`` into ``tmp/model.onnx``; returns the external-data file name if one is used."""
+def _export_graph(module, tmp: Path, opset: int, device: str) -> None:
+    """Trace ``module`` into ``tmp/model.onnx`` with its weights in ``tmp/model.onnx.data``.
+
+    The TorchScript exporter would serialise every parameter into one in-memory protobuf (a second
+    copy of the model); traced with ``export_params=False`` the parameters become graph inputs
+    named after them, which are then turned into initializers written straight from the torch
+    tensors, one at a time (``export.onnx_weights``)."""
     import onnx
     import torch
 
@@ -203,51 +237,23 @@ def _export_graph(module, tmp: Path, opset: int, device: str, threshold: int) ->
             dynamic_axes=kv.dynamic_axes(n),
             opset_version=opset,
             do_constant_folding=True,
+            export_params=False,
             dynamo=False,
         )
-    # Re-save from the scratch dir: one self-contained file, or graph + one external-data file.
-    proto = onnx.load(str(raw / GRAPH), load_external_data=True)
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    external = f"{GRAPH}.data" if size >= threshold else None
-    onnx.save_model(
-        proto,
-        str(tmp / GRAPH),
-        save_as_external_data=external is not None,
-        all_tensors_to_one_file=True,
-        location=external,
-        size_threshold=1024,
-    )
+    proto = load_graph(raw / GRAPH)
     shutil.rmtree(raw)
+    contract = set(kv.input_names(n))
+    params = dict(module.named_parameters())
+    weights = [value.name for value in proto.graph.input if value.name not in contract]
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise ExportError(f"the traced graph reads {unknown[:3]}, which are not parameters of the export module")
+    with ExternalDataWriter(tmp / f"{GRAPH}.data") as writer:
+        for name in weights:  # identical tensors were merged by the exporter: only the names it kept
+            proto.graph.initializer.append(writer.add(name, params[name].detach().cpu().numpy()))
+    kept = [value for value in proto.graph.input if value.name in contract]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    save_graph(proto, tmp / GRAPH)
     onnx.checker.check_model(str(tmp / GRAPH))
-    log.info("exported %s (%.1f MiB of weights%s)", GRAPH, size / 2**20, ", external data" if external else "")
-    return external
-
-
-def _validate(
-    create_session, graph: Path, reference, spec, dtype: str, device: str, threads: int | None
-) -> ValidationReport:
-    """Validate one graph; a half-precision graph the CPU provider cannot load is reported, not hidden."""
-    from cpm_infer.backends.ort_backend import OrtLoadError
-
-    try:
-        session = create_session(graph, device=device, threads=threads)
-    except OrtLoadError as exc:
-        if dtype != "float16" or not device.startswith("cpu"):
-            raise
-        log.warning("fp16 graph not validated on CPU: %s", exc)
-        return ValidationReport(
-            graph=graph.name,
-            dtype=dtype,
-            provider="CPUExecutionProvider",
-            status="not run",
-            reason=f"{exc}; validate it on a GPU with --device cuda",
-        )
-    report = validate_graph(session, graph.name, reference, spec, dtype)
-    report.raise_for_failure()
-    if dtype == "float16" and report.provider == "CPUExecutionProvider":
-        # ORT's CPU provider lacks fp16 kernels for most ops and inserts float32 casts around them.
-        report.reason = (
-            "ran on the CPU provider, which computes most float16 ops in float32 (inserted casts): "
-            "checks graph, IO types and fp16 storage, not fp16 arithmetic; validate on a GPU with --device cuda"
-        )
-    return report
+    log.info("exported %s (%.1f MiB of weights, external data)", GRAPH, weight_bytes(proto) / 2**20)

@@ -8,6 +8,10 @@ can validate here), and ``export.kv_share`` turns that into GroupQueryAttention,
 be appended in place (manifest ``kv_cache: shared``). The fused graph uses com.microsoft operators,
 so it runs on ONNX Runtime only: the export keeps the plain graph next to it (manifest role
 ``portable``) and re-validates the fused graph against eager PyTorch.
+
+The graph is loaded without its external weights (``export.onnx_weights``): the fusions read only
+shapes and small constants, and the fused graph points at the same data file as the plain one, so
+both graphs of an artifact share one copy of the weights on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError, first_line
+from export.onnx_weights import INLINE_NDIM, ExternalDataWriter, is_external, load_graph, save_graph
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,9 @@ def optimize_graph(
     *,
     use_gpu: bool = False,
     dtype: str = "float32",
-    external_data_threshold: int = 2 * 1024**3,
 ) -> dict[str, int]:
-    """Write the fused graph to ``target``; return the count of each fused operator that was applied."""
+    """Write the fused graph to ``target``; return the count of each fused operator that was applied.
+    Large tensors the fusions create (none today) go to ``target.data``."""
     require("onnxruntime", "export")
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -45,7 +50,7 @@ def optimize_graph(
     try:
         # opt_level 0: only the Python fusions, no provider-specific ORT rewrites baked into the file.
         model = optimize_model(
-            str(source),
+            load_graph(source),
             model_type="gpt2",
             num_heads=spec.n_head,
             hidden_size=spec.n_embd,
@@ -67,9 +72,13 @@ def optimize_graph(
             fused["GroupQueryAttention"] = share_kv(model.model)
     if not fused:
         log.warning("no onnxruntime fusion applied to %s", source.name)
-    size = sum(len(t.raw_data) for t in model.model.graph.initializer)
-    model.save_model_to_file(
-        str(target), use_external_data_format=size >= external_data_threshold, all_tensors_to_one_file=True
-    )
+    model.topological_sort()
+    proto = model.model
+    new = [i for i, t in enumerate(proto.graph.initializer) if not is_external(t) and len(t.dims) > INLINE_NDIM]
+    if new:
+        with ExternalDataWriter(target.with_name(f"{target.name}.data")) as writer:
+            for i in new:
+                proto.graph.initializer[i].CopyFrom(writer.add_proto(proto.graph.initializer[i]))
+    save_graph(proto, target)
     log.info("fused operators in %s: %s", target.name, fused)
     return fused

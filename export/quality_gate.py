@@ -1,8 +1,8 @@
 """The quality gate of a quantized export: held-out perplexity of the quantized graph vs the float32 graph.
 
-Both graphs run on ONNX Runtime over the same text with the same windows (``cpm_infer.eval``). The
-export is refused when perplexity rises by more than the scheme's threshold (defaults: int8 +2%,
-int4 +10%) unless forced; the numbers go to the manifest either way. The default text is the demo
+Both graphs run on ONNX Runtime, one session at a time, over the same text with the same windows
+(``cpm_infer.eval``). The export is refused when perplexity rises by more than the scheme's threshold
+(defaults: int8 +2%, int4 +10%) unless forced; the numbers go to the manifest either way. The default text is the demo
 model's held-out chapter (三国演义 chapter 60, never trained on); for other models pass text of
 their own domain (``--gate-file``). Too little text is refused: a perplexity over a few hundred
 tokens moves by more than the thresholds on its own.
@@ -97,6 +97,7 @@ def run_gate(
         say(f"quality gate: perplexity of the {label} graph on {path.name}")
         backend = OrtBackend(create_session(graph, threads=threads), spec)
         results.append(perplexity(backend, tokenizer, documents, min_tokens=min_tokens))
+        del backend  # one session at a time: the float32 one is gone before the quantized one loads
     base, quant = results
     increase = quant.perplexity / base.perplexity - 1
     result = GateResult(

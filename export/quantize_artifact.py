@@ -14,7 +14,8 @@ from pathlib import Path
 from cpm_infer.artifact import read_manifest, tool_versions, write_manifest
 from cpm_infer.atomic import staged_dir
 from cpm_infer.tokenizer import CpmTokenizer
-from export.onnx_export import TOOLS, ExportError, ExportResult
+from export.onnx_export import PROTOBUF_LIMIT, TOOLS, ExportError, ExportResult
+from export.onnx_weights import finish_layout
 from export.quantize import QuantizeError, QuantizeOptions, apply_quantization, quantized_scheme
 
 
@@ -44,7 +45,7 @@ def quantize_artifact(
     tokenizer = CpmTokenizer(source / manifest.tokenizer_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(out) as tmp:
-        manifest.graph_files, quantization = apply_quantization(
+        graph_files, quantization = apply_quantization(
             tmp,
             dict(manifest.graph_files),
             manifest.spec,
@@ -54,6 +55,7 @@ def quantize_artifact(
             source_dir=source,
             say=say,
         )
+        manifest.graph_files = finish_layout(tmp, graph_files, PROTOBUF_LIMIT)
         say("writing artifact")
         shutil.copyfile(source / manifest.tokenizer_file, tmp / manifest.tokenizer_file)
         if manifest.validation_report and (source / manifest.validation_report).is_file():

@@ -191,21 +191,28 @@ def test_existing_out_dir_is_refused_then_replaced_with_force(monkeypatch, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def test_failed_validation_names_output_and_writes_nothing(monkeypatch, tiny_checkpoint, tmp_path):
+def test_failed_validation_names_output_and_keeps_only_the_report(monkeypatch, tiny_checkpoint, tmp_path):
     import export.onnx_export as onnx_export
     from export.validate import Check, ValidationError, ValidationReport
 
-    def failing(session, graph_name, *args, **kwargs):
+    def failing(graph, *args, **kwargs):
         check = Check("batch 4", "decode 2 (past 9)", 1e-7, 1e-4, 0.5, 1e-4, "present.1.value")
-        return ValidationReport(graph_name, "float32", "CPUExecutionProvider", "failed", checks=[check])
+        return ValidationReport(graph.name, "float32", "CPUExecutionProvider", "failed", checks=[check])
 
-    monkeypatch.setattr(onnx_export, "validate_graph", failing)
+    monkeypatch.setattr(onnx_export, "validate_onnx_graph", failing)
     with pytest.raises(
         ValidationError, match=r"present\.1\.value differs from eager PyTorch by 0\.5 .*batch 4, decode 2"
     ) as info:
         onnx_export.export_onnx(tiny_checkpoint, tmp_path / "art")
     assert info.value.output == "present.1.value" and info.value.max_diff == 0.5
-    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "art.validation-failed.json"
+    assert list(tmp_path.iterdir()) == [kept]  # no artifact, no staging directory: only the report
+    assert f"(report: {kept})" in str(info.value)
+    report = json.loads(kept.read_text())
+    assert report[0]["status"] == "failed" and report[0]["checks"][0]["worst_present"] == "present.1.value"
+    monkeypatch.undo()
+    onnx_export.export_onnx(tiny_checkpoint, tmp_path / "art")  # a later successful export clears it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
 def test_interrupted_export_leaves_nothing(monkeypatch, tiny_checkpoint, tmp_path):
@@ -225,15 +232,13 @@ def test_validation_detects_a_different_model(artifact):
     from conftest import make_tiny_model
 
     from cpm_infer.artifact import read_manifest
-    from cpm_infer.backends.ort_backend import create_session
-    from export.validate import EagerReference, ValidationError, validate_graph
+    from export.validate import ValidationError, record_eager, validate_onnx_graph
 
     spec = read_manifest(artifact).spec
     other = make_tiny_model(spec.vocab_size, seed=1, n_positions=spec.n_positions)
-    report = validate_graph(
-        create_session(artifact / "model.onnx"), "model.onnx", EagerReference(other), spec, "float32", decode_steps=1
-    )
+    report = validate_onnx_graph(artifact / "model.onnx", record_eager(other, spec, decode_steps=1), spec, "float32")
     assert report.status == "failed"
+    assert {c.via for c in report.checks} == {"graph", "backend"} and not any(c.ok for c in report.checks)
     with pytest.raises(ValidationError, match="logits differs from eager PyTorch by"):
         report.raise_for_failure()
 

@@ -180,7 +180,7 @@ def test_untie_lm_head_keeps_logits(fp32_artifact, tmp_path):
     import onnx
 
     from cpm_infer.artifact import read_manifest
-    from export.quantize import untie_lm_head
+    from export.quantize_graph import untie_lm_head
 
     manifest = read_manifest(fp32_artifact)
     model = onnx.load(str(fp32_artifact / "model.onnx"))

@@ -34,7 +34,7 @@ from cpm_infer.errors import CpmError
 from cpm_infer.generate import generate, left_pad
 from export.tensorrt.engine_artifact import engine_details
 from export.tensorrt.precision import plan_build
-from export.tensorrt.validate import validate_backend
+from export.validate import validate_backend
 
 
 def test_copy_runs_merges_consecutive_rows():
@@ -224,7 +224,7 @@ def fake_tensorrt(engines):
             assert isinstance(logger, ILogger)
 
         def deserialize_cuda_engine(self, data):
-            return engines[data.decode()]
+            return engines[bytes(data).decode()]
 
     return SimpleNamespace(__version__="10.4.0", ILogger=ILogger, Runtime=Runtime, nptype=lambda dt: dt)
 
@@ -394,7 +394,7 @@ class _Shifted:
 
 
 def test_validation_fails_beyond_tolerance_in_one_line(onnx_artifact):
-    from export.tensorrt.validate import EngineValidationError
+    from export.validate import ValidationError
 
     a, _ = load_backend("ort", onnx_artifact, device="cpu")
     b, _ = load_backend("ort", onnx_artifact, device="cpu")
@@ -403,7 +403,7 @@ def test_validation_fails_beyond_tolerance_in_one_line(onnx_artifact):
     bad = validate_backend(_Shifted(a, 50.0), b, a.spec, "fp32")
     assert bad.status == "failed" and bad.agreement < 1.0
     with pytest.raises(
-        EngineValidationError, match="engine validation failed: logits differ from the ONNX graph by up to 50"
+        ValidationError, match="engine validation failed: logits differ from the ONNX graph by up to 50"
     ) as info:
         bad.raise_for_failure()
     assert "\n" not in str(info.value)

@@ -115,30 +115,40 @@ def print_quantization(details: dict, console) -> None:
 
 
 def print_reports(reports, console) -> None:
-    """One rich table per validated graph: max |ORT - eager| (and its tolerance) per case and step."""
+    """Per validated graph, a table of max |ORT - reference| (and its tolerance) per case and step: for the
+    raw graph (logits and every present) and through the backend (last-position logits, greedy agreement)."""
     from rich import box
     from rich.table import Table
 
     for report in reports:
-        title = f"{report.graph} ({report.dtype}) on {report.provider}: {report.status}"
-        table = Table(
-            title=title,
-            title_justify="left",
-            caption="max |ORT - eager| / tolerance",
-            caption_justify="left",
-            box=box.SIMPLE,
-            pad_edge=False,
-        )
-        for column in ("case", "step", "logits", "present", "ok"):
-            table.add_column(column, no_wrap=True)
-        for c in report.checks:
-            table.add_row(
-                c.case,
-                c.step,
-                f"{c.logits_diff:.1e}/{c.logits_tolerance:.0e}",
-                f"{c.present_diff:.1e}/{c.present_tolerance:.0e}",
-                "yes" if c.ok else "[red]NO[/red]",
+        for via, columns in (("graph", ("present",)), ("backend", ("agreement",))):
+            checks = [c for c in report.checks if c.via == via]
+            if not checks and via == "backend":
+                continue
+            title = f"{report.graph} ({report.dtype}) on {report.provider}: {report.status}"
+            caption = f"max |ORT - {report.reference}| / tolerance"
+            if via == "backend":
+                title = f"{report.graph} through its backend (IO binding): {report.status}"
+                caption = "last-position logits; agreement = rows with the reference's greedy token"
+            table = Table(
+                title=title,
+                title_justify="left",
+                caption=caption,
+                caption_justify="left",
+                box=box.SIMPLE,
+                pad_edge=False,
             )
-        console.print(table)
+            for column in ("case", "step", "logits", *columns, "ok"):
+                table.add_column(column, no_wrap=True)
+            for c in checks:
+                extra = f"{c.agreement:.0%}" if via == "backend" else f"{c.present_diff:.1e}/{c.present_tolerance:.0e}"
+                table.add_row(
+                    c.case,
+                    c.step,
+                    f"{c.logits_diff:.1e}/{c.logits_tolerance:.0e}",
+                    extra,
+                    "yes" if c.ok else "[red]NO[/red]",
+                )
+            console.print(table)
         if report.reason:
             console.print(f"note: {report.reason}")

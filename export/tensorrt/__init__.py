@@ -4,8 +4,8 @@ Modules, one job each:
 - ``precision``  which GPUs each TensorRT release supports, ``--precision auto``, the build mode
 - ``layers``     which layers an FP16 engine keeps in FP32 (LayerNorm statistics, softmax)
 - ``builder``    ONNX parser -> network -> serialized engine (needs TensorRT and a GPU)
-- ``validate``   engine vs reference logits: tolerance and greedy agreement
-- ``engine_artifact``  the whole ``cpm export trt`` pipeline and the engine artifact on disk
+- ``engine_artifact``  the whole ``cpm export trt`` pipeline and the engine artifact on disk (validated
+  by ``export.validate``, the same validator as ONNX exports)
 
 The runtime side (profiles, compatibility checks, CUDA calls, the logger, the backend) lives in
 ``cpm_infer.backends.trt``. Only ``builder`` and ``engine_artifact`` touch TensorRT; nothing here

@@ -51,8 +51,9 @@ def build_engine(
     profiles: list[Profile],
     workspace_bytes: int,
     timing_cache: Path | None = None,
-) -> tuple[bytes, BuildReport]:
-    """Parse ``onnx_file`` (external data beside it is found by the parser) and build the engine."""
+) -> tuple[memoryview, BuildReport]:
+    """Parse ``onnx_file`` and build the engine. The parser reads the graph by path, so external data
+    (every graph over 2 GB) is found beside it; the returned view keeps TensorRT's buffer alive."""
     report = BuildReport()
     with capture_errors() as messages:
         try:
@@ -71,7 +72,7 @@ def _build(
     workspace_bytes: int,
     timing_cache: Path | None,
     report: BuildReport,
-) -> tuple[bytes, BuildReport]:
+) -> tuple[memoryview, BuildReport]:
     major = parse_version(trt.__version__)[0]
     builder = trt.Builder(logger)
     flags = 0
@@ -127,7 +128,8 @@ def _build(
     if timing_cache is not None:
         _write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
         report.timing_cache = str(timing_cache)
-    return bytes(memoryview(serialized)), report
+    # A view, not a copy: a CPM-large fp32 engine is ~10 GB of host memory on its own.
+    return memoryview(serialized), report
 
 
 def _check_io(network: Any, spec: ModelSpec) -> None:

@@ -19,6 +19,7 @@ Logits. The graph returns logits for every position; only the last one per row i
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,13 @@ class TrtBackend:
     name = "trt"
 
     def __init__(
-        self, engine_bytes: bytes, spec: ModelSpec, limits: EngineLimits, profiles: list[Profile], *, device: int = 0
+        self,
+        engine_bytes: bytes | mmap.mmap,
+        spec: ModelSpec,
+        limits: EngineLimits,
+        profiles: list[Profile],
+        *,
+        device: int = 0,
     ) -> None:
         trt = require("tensorrt", "tensorrt")
         self._trt, self._rt = trt, cuda.runtime()
@@ -305,7 +312,10 @@ def load(path, *, device: str | Device = "auto", tokenizer_file=None, threads: i
         raise TrtBackendError(f"{path}: manifest lists {len(profiles)} profiles, expected prefill and decode")
     if threads:
         log.debug("--threads does not apply to the TensorRT backend")
-    backend = TrtBackend(
-        (path / manifest.graph_files["model"]).read_bytes(), manifest.spec, limits, profiles, device=index
-    )
+    # Memory-mapped, not read: TensorRT copies the engine to the GPU, and a CPM-large fp32 engine is ~10 GB.
+    with (
+        open(path / manifest.graph_files["model"], "rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as engine,
+    ):
+        backend = TrtBackend(engine, manifest.spec, limits, profiles, device=index)
     return backend, tokenizer
