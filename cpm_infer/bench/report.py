@@ -127,6 +127,15 @@ def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
         "the process (all backends are loaded in it); `decode x` / `TTFT x` = speedup over the eager baseline "
         f"(`{env.get('baseline', 'hf-generate')}`) on the same case in the same run (>1 is faster)." + gpu_note,
         "",
+        *(
+            [
+                "Artifact load time (session creation, weights memory-mapped where ONNX Runtime allows): "
+                + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in env["load_s"].items()),
+                "",
+            ]
+            if env.get("load_s")
+            else []
+        ),
         "| " + " | ".join(title for _, title, _ in columns) + " |",
         "|" + "---|" * len(columns),
     ]

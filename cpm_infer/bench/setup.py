@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class BenchSetup:
         if self.workdir is None:
             self.workdir = tempfile.TemporaryDirectory(prefix="cpm-bench-")
         return Path(self.workdir.name)
+
+    load_s: dict[str, float] = field(default_factory=dict)  # seconds to load each artifact backend
 
     def close(self) -> None:
         if self.workdir is not None:
@@ -242,7 +245,9 @@ def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads:
             check_artifact_matches(path, setup.checkpoint)
             target = resolve_device(device, "ort")
             say(f"loading {path} with onnxruntime on {target}")
+            start = time.perf_counter()
             backend, _ = load_backend("ort", path, device=target, threads=threads)
+            setup.load_s[name] = round(time.perf_counter() - start, 2)
         except (CpmError, ManifestError) as exc:
             setup.skipped[name] = str(exc)
             continue
@@ -260,7 +265,9 @@ def _add_trt(setup: BenchSetup, trt_dirs: Sequence[Path], device: str, say) -> N
         name = "trt" if len(trt_dirs) == 1 else f"trt:{path.name}"
         try:
             target = resolve_device(device, "trt")
+            start = time.perf_counter()
             backend, _ = load_backend("trt", path, device=target)
+            setup.load_s[name] = round(time.perf_counter() - start, 2)
         except CpmError as exc:
             setup.skipped[name] = str(exc)
             continue

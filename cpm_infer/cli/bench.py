@@ -78,6 +78,8 @@ def bench(
         cases = harness.build_cases(**cases_args, n_positions=prepared.spec.n_positions)
         for name, reason in prepared.skipped.items():
             console.print(f"[yellow]skipped {name}:[/yellow] {reason}")
+        for name, seconds in prepared.load_s.items():
+            console.print(f"loaded {name} in {seconds:.1f} s")
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -109,6 +111,7 @@ def bench(
                 "threads": threads,
                 "spec": prepared.spec.to_dict(),
                 "source": (preset and f"preset {preset} (random weights)") or str(model),
+                "load_s": prepared.load_s,
             }
         )
         written = report.write_reports(results, out, command=command, env=env, skipped=prepared.skipped)

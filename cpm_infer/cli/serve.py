@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -85,8 +86,10 @@ def serve(
     model_path = resolve_model(model)
     backend_name = detect_backend(model_path) if backend == "auto" else backend
     sock = bind(host, port)  # fail on a taken port before spending time loading the model
+    start = time.perf_counter()
     runtime, tok = load_backend(backend_name, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
-    name, info = model_path.resolve().name, {"path": str(model_path)}
+    load_s = round(time.perf_counter() - start, 2)
+    name, info = model_path.resolve().name, {"path": str(model_path), "load_s": load_s}
     app = create_app(
         runtime,
         tok,
@@ -106,7 +109,8 @@ def serve(
             flush=True,
         )
     print(
-        f"serving {model_path} ({runtime.name}) on http://{_url_host(bound_host)}:{bound_port}  "
+        f"serving {model_path} ({runtime.name}, loaded in {load_s:.1f} s) "
+        f"on http://{_url_host(bound_host)}:{bound_port}  "
         f"max batch {max_batch}, wait {batch_wait_ms:g} ms, queue {queue_size}; Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
