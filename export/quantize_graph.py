@@ -27,7 +27,7 @@ import numpy as np
 
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, first_line
 from export.onnx_weights import ExternalDataWriter, load_graph, save_graph, tensor_array, weight_bytes
 from export.quantize import QuantConfig, QuantizeError
 
@@ -71,9 +71,10 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
             model.graph.initializer.extend(kept)
     except CpmError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the quantizers raise many types; report one line
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantizeError(f"onnxruntime {config.scheme} quantization of {source.name} failed: {text}") from None
+    except Exception as exc:  # the quantizers raise many types; report one line
+        raise QuantizeError(
+            f"onnxruntime {config.scheme} quantization of {source.name} failed: {first_line(exc)}"
+        ) from exc
     save_graph(model, target)
     counts: dict[str, int] = {}
     for node in model.graph.node:

@@ -16,7 +16,7 @@ pytest.importorskip("onnx")
 
 
 def test_tf32_is_off_unless_asked():
-    assert cuda_provider_options(1) == {"device_id": "1", "use_tf32": "0"}
+    assert cuda_provider_options(1) == {"device_id": "1", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
     assert cuda_provider_options(0, tf32=True)["use_tf32"] == "1"
 
 
@@ -38,11 +38,37 @@ def test_cuda_sessions_get_the_provider_options(monkeypatch, tmp_path):
     monkeypatch.setattr(ort, "InferenceSession", Session)
     ort_backend.create_session(tmp_path / "model.onnx", device="cuda:1")
     assert seen["providers"] == [
-        ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"}),
+        ("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}),
         "CPUExecutionProvider",
     ]
     ort_backend.create_session(tmp_path / "model.onnx", device="cuda", tf32=True)
     assert seen["providers"][0][1]["use_tf32"] == "1"
+
+
+def test_cuda_sessions_are_set_up_for_models_over_2_gb(monkeypatch, tmp_path):
+    """Opened by path (ORT resolves external data beside the graph), initializers in plain device
+    allocations outside the arena, and an arena that grows by what is asked, not by doubling: a multi-GB
+    model does not reserve up to twice its size on the GPU (ORT itself is faked: no GPU here)."""
+    from cpm_infer.backends import ort_backend
+
+    seen = {}
+
+    class Session:
+        def __init__(self, path, options, providers):
+            seen.update(path=path, options=options, providers=providers)
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr("cpm_infer.devices.driver_gpu_count", lambda: 1)
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    ort_backend.create_session(tmp_path / "model.onnx", device="cuda")
+    assert seen["path"] == str(tmp_path / "model.onnx")
+    assert seen["providers"][0][1]["arena_extend_strategy"] == "kSameAsRequested"
+    assert seen["options"].get_session_config_entry("session.use_device_allocator_for_initializers") == "1"
+    ort_backend.create_session(tmp_path / "model.onnx", device="cpu")
+    assert seen["providers"] == ["CPUExecutionProvider"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

@@ -1,6 +1,10 @@
 """``cpm export trt`` end to end against the TensorRT/CUDA simulation of tests/test_trt_backend.py, with a
 simulated builder added: parse -> profiles -> flags -> serialized engine -> validation on the simulated
-runtime. Checks what the builder asks of TensorRT (flags, profiles, one logger), not TensorRT itself."""
+runtime. Checks what the builder asks of TensorRT (flags, profiles, one logger), not TensorRT itself.
+
+The simulated parser reads the graph by path the way TensorRT's does, external data resolved beside
+it, and the simulated engine computes with exactly the weights the parser read: an artifact whose
+weights are external data (every model over 2 GB) is built and validated end to end."""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ class Flags(SimpleNamespace):
         raise AttributeError(f"this TensorRT has no {name}")
 
 
-def add_builder(trt, engines, session, spec, cuda_rt, version):
+def add_builder(trt, engines, spec, cuda_rt, version):
     """The builder half of the Python API (what export/tensorrt/builder.py calls), on top of ``trt``."""
     major = int(version.split(".")[0])
     builder_flags = {"TF32": 7} if major >= 11 else {"FP16": 0, "TF32": 7, "OBEY_PRECISION_CONSTRAINTS": 11}
@@ -61,19 +65,27 @@ def add_builder(trt, engines, session, spec, cuda_rt, version):
             return self.outputs[i]
 
     class OnnxParser:
-        num_errors = 0
-
         def __init__(self, network, logger):
-            self.network = network
+            self.network, self.errors = network, []
             trt.loggers.append(logger)
 
         def parse_from_file(self, path):
             import onnx
 
-            graph = onnx.load(path, load_external_data=False).graph
-            self.network.inputs = [SimpleNamespace(name=v.name, dtype="float32") for v in graph.input]
-            self.network.outputs = [SimpleNamespace(name=v.name, dtype="float32") for v in graph.output]
+            try:  # like TensorRT's parser: external data files are named relative to the graph's directory
+                model = onnx.load(path)
+            except Exception as exc:  # noqa: BLE001 - reported through get_error, like the real parser
+                self.errors.append(f"failed to load {path}: {exc}")
+                return False
+            self.network.model = model
+            self.network.inputs = [SimpleNamespace(name=v.name, dtype="float32") for v in model.graph.input]
+            self.network.outputs = [SimpleNamespace(name=v.name, dtype="float32") for v in model.graph.output]
             return True
+
+        num_errors = property(lambda self: len(self.errors))
+
+        def get_error(self, i):
+            return self.errors[i]
 
     class OptimizationProfile:
         def __init__(self):
@@ -116,6 +128,10 @@ def add_builder(trt, engines, session, spec, cuda_rt, version):
             return OptimizationProfile()
 
         def build_serialized_network(self, network, config):
+            import onnxruntime as ort
+
+            # The engine computes with the weights the parser read: a session on that very model.
+            session = ort.InferenceSession(network.model.SerializeToString(), providers=["CPUExecutionProvider"])
             key = f"built-{len(engines)}"
             engine = FakeEngine(spec, [], session, "float32", cuda_rt)
             engine.profile_shapes = [p.shapes for p in config.profiles]  # exactly what the builder declared
@@ -143,14 +159,11 @@ def onnx_dir(tiny_checkpoint, tmp_path_factory):
 
 
 def simulate(monkeypatch, onnx_dir, version):
-    import onnxruntime as ort
-
     from cpm_infer.artifact import read_manifest
 
     spec = read_manifest(onnx_dir).spec
-    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     fake_cuda, engines = FakeCuda(), {}
-    trt = add_builder(fake_tensorrt(engines), engines, session, spec, fake_cuda, version)
+    trt = add_builder(fake_tensorrt(engines), engines, spec, fake_cuda, version)
     monkeypatch.setattr(cuda, "runtime", lambda: fake_cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return trt
@@ -201,3 +214,84 @@ def test_every_build_and_load_share_the_one_logger(monkeypatch, onnx_dir, tmp_pa
     logits, _ = engine.prefill(ids, np.ones_like(ids), np.arange(3)[None])
     assert logits.shape == (1, engine.spec.vocab_size)
     engine.close()
+
+
+@pytest.fixture()
+def external_onnx_dir(tiny_checkpoint, tmp_path_factory):
+    """An --optimize artifact forced to external data: both graphs share model.onnx.data."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("ext") / "onnx"
+    return export_onnx(tiny_checkpoint, out, optimize=True, external_data_threshold=0).path
+
+
+def test_engine_is_built_from_the_external_weights_and_generates_like_ort(monkeypatch, external_onnx_dir, tmp_path):
+    from cpm_infer.artifact import read_manifest, sha256_files
+    from cpm_infer.backends import load_backend
+    from cpm_infer.config import GenerationConfig
+    from cpm_infer.generate import generate
+    from export.tensorrt.engine_artifact import export_trt
+
+    trt = simulate(monkeypatch, external_onnx_dir, "10.4.0")
+    assert read_manifest(external_onnx_dir).graph_files["weights"] == "model.onnx.data"
+    result = export_trt(
+        external_onnx_dir, tmp_path / "engine", precision="fp32", max_batch=4, max_input=16, max_total=40
+    )
+    (build,) = trt.builds  # the parser read the portable graph with its weights, not empty external references
+    assert all(t.HasField("raw_data") and not t.external_data for t in build.network.model.graph.initializer)
+    assert result.validation["status"] == "passed" and result.validation["max_logits_diff"] < 1e-3
+    graph_and_weights = [external_onnx_dir / "model.onnx", external_onnx_dir / "model.onnx.data"]
+    assert result.manifest.details["onnx_sha256"] == sha256_files(graph_and_weights)
+    engine, tok = load_backend("trt", result.path, device="cuda")
+    reference, _ = load_backend("ort", external_onnx_dir, device="cpu")
+    prompts = [tok.encode("话说天下大势"), tok.encode("滚滚长江")]
+    config = GenerationConfig(max_new_tokens=8, temperature=0.0, ban_unk=False)
+    assert [r.token_ids for r in generate(engine, prompts, config, tok)] == [
+        r.token_ids for r in generate(reference, prompts, config, tok)
+    ]
+    engine.close()
+
+
+def test_missing_or_truncated_external_data_is_a_one_line_error(monkeypatch, external_onnx_dir, tmp_path):
+    import shutil
+
+    from export.tensorrt.builder import BuildError
+    from export.tensorrt.engine_artifact import export_trt
+
+    simulate(monkeypatch, external_onnx_dir, "10.4.0")
+    broken = tmp_path / "broken"
+    shutil.copytree(external_onnx_dir, broken)
+    data = broken / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(BuildError, match="TensorRT could not parse model.onnx") as info:
+        export_trt(broken, tmp_path / "engine", precision="fp32", max_batch=4, max_input=16, max_total=40)
+    assert "\n" not in str(info.value) and not (tmp_path / "engine").exists()
+    data.unlink()  # refused from the manifest, before TensorRT is asked anything
+    with pytest.raises(CpmError, match="names model.onnx.data, which is missing"):
+        export_trt(broken, tmp_path / "engine", precision="fp32", max_batch=4, max_input=16, max_total=40)
+
+
+def test_failed_engine_validation_keeps_its_report(monkeypatch, external_onnx_dir, tmp_path):
+    import onnx
+
+    from export.tensorrt.engine_artifact import export_trt
+    from export.validate import ValidationError
+
+    trt = simulate(monkeypatch, external_onnx_dir, "10.4.0")
+    real = trt.Builder.build_serialized_network
+
+    def wrong_weights(self, network, config):  # an engine whose weights went wrong somewhere
+        for tensor in network.model.graph.initializer:
+            if tensor.name == "wte":
+                tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor) * 3, "wte"))
+        return real(self, network, config)
+
+    monkeypatch.setattr(trt.Builder, "build_serialized_network", wrong_weights)
+    out = tmp_path / "engine"
+    with pytest.raises(ValidationError, match="engine validation failed: logits differ from the ONNX graph") as info:
+        export_trt(external_onnx_dir, out, precision="fp32", max_batch=4, max_input=16, max_total=40)
+    kept = tmp_path / "engine.validation-failed.json"
+    assert f"(report: {kept})" in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
+    assert json.loads(kept.read_text())["status"] == "failed"
