@@ -112,6 +112,8 @@ def test_cli_end_to_end_with_skips(monkeypatch, capsys, tmp_path, tiny_checkpoin
     data = json.loads((out / "bench.json").read_text())
     backends = {r["backend"] for r in data["results"]}
     assert backends == {"hf-generate", "torch", "ort"}
+    assert all(r["gb_per_s"] > 0 for r in data["results"])  # achieved bandwidth beside every row
+    assert "GB/s" in (out / "bench.md").read_text()
     assert "trt" in data["skipped"]
     assert {p.name for p in out.iterdir()} >= {
         "bench.json",

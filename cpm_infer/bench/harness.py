@@ -53,6 +53,7 @@ class Measurement:
     peak_rss_mb: float
     gpu_peak_mb: float | None
     repeats: int
+    gb_per_s: float | None = None  # weights + KV bytes read per decode step / p50 step time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +154,10 @@ def measure(
             steps.extend(timing.step_s)
             produced += timing.new_tokens
     step_ms = np.asarray(steps) * 1000 if steps else np.asarray([np.nan])
+    p50 = float(np.percentile(step_ms, 50))
+    traffic = getattr(runner, "traffic", None)
+    # The mean past length over the decode steps: prompt, then one more token per step.
+    moved = traffic(case.batch, case.prompt_len + case.new_tokens / 2) if traffic is not None else None
     return Measurement(
         backend=runner.name,
         batch=case.batch,
@@ -160,11 +165,12 @@ def measure(
         new_tokens=case.new_tokens,
         sweep=case.sweep,
         ttft_ms=float(np.median(ttft) * 1000),
-        decode_p50_ms=float(np.percentile(step_ms, 50)),
+        decode_p50_ms=p50,
         decode_p90_ms=float(np.percentile(step_ms, 90)),
         decode_mean_ms=float(np.mean(step_ms)),
         tokens_per_s=float(produced / sum(totals)),
         peak_rss_mb=rss.peak_bytes / 2**20,
         gpu_peak_mb=gpu_peak.read() if gpu_peak is not None else None,
         repeats=repeats,
+        gb_per_s=moved / p50 / 1e6 if moved and steps else None,
     )

@@ -83,6 +83,7 @@ COLUMNS = [
     ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("decode_p50_ms", "p50 ms", "{:.2f}"),
     ("decode_p90_ms", "p90 ms", "{:.2f}"),
+    ("gb_per_s", "GB/s", "{:.1f}"),
     ("tokens_per_s", "tok/s", "{:.1f}"),
     ("peak_rss_mb", "RSS MB", "{:.0f}"),
     ("decode_speedup", "decode x", "{:.2f}"),
@@ -123,7 +124,9 @@ def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         "",
         "Greedy decoding, EOS ignored, warm-up excluded. TTFT = time to first token (median); p50/p90 = decode "
-        "ms per step of the whole batch; tok/s = new tokens of the batch / wall time; RSS = peak resident memory of "
+        "ms per step of the whole batch; GB/s = bytes of weights and KV cache one decode step reads (at the mean "
+        "past length) / p50 step time, the achieved memory bandwidth to compare with the machine's; "
+        "tok/s = new tokens of the batch / wall time; RSS = peak resident memory of "
         "the process (all backends are loaded in it); `decode x` / `TTFT x` = speedup over the eager baseline "
         f"(`{env.get('baseline', 'hf-generate')}`) on the same case in the same run (>1 is faster)." + gpu_note,
         "",
@@ -143,7 +146,7 @@ def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-COMPACT = ("backend", "ttft_ms", "decode_p50_ms", "tokens_per_s", "decode_speedup", "ttft_speedup")
+COMPACT = ("backend", "ttft_ms", "decode_p50_ms", "gb_per_s", "tokens_per_s", "decode_speedup", "ttft_speedup")
 
 
 def terminal_table(rows: Sequence[dict], *, compact: bool = False):

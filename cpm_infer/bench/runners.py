@@ -7,7 +7,7 @@ measured at the point where the new tokens are on the host, so devices are synch
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,8 +26,12 @@ class Timing:
     token_ids: list[list[int]] | None = None  # the generated ids of each row, for parity checks between runners
 
 
+StepBytes = Callable[[int, float], float]  # (batch, past) -> bytes one decode step reads
+
+
 class Runner(Protocol):
     name: str
+    traffic: StepBytes | None  # optional: lets a row show achieved memory bandwidth
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing: ...
 
@@ -47,8 +51,8 @@ class IdsTokenizer:
 class LoopRunner:
     """Our generation loop over any ``Backend``."""
 
-    def __init__(self, name: str, backend: Backend) -> None:
-        self.name, self.backend = name, backend
+    def __init__(self, name: str, backend: Backend, traffic: StepBytes | None = None) -> None:
+        self.name, self.backend, self.traffic = name, backend, traffic
         self.tokenizer = IdsTokenizer(backend.spec.vocab_size)
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
@@ -65,8 +69,8 @@ class HFGenerateRunner:
 
     name = "hf-generate"
 
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, model, traffic: StepBytes | None = None) -> None:
+        self.model, self.traffic = model, traffic
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
         import torch

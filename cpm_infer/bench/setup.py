@@ -11,10 +11,12 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cpm_infer.artifact import ManifestError, read_manifest, sha256_files
-from cpm_infer.bench.runners import HFGenerateRunner, LoopRunner, Runner
+from cpm_infer.bench.runners import HFGenerateRunner, LoopRunner, Runner, StepBytes
+from cpm_infer.bench.traffic import artifact_format, float_format
 from cpm_infer.checkpoint import Checkpoint, open_checkpoint
 from cpm_infer.config import ModelSpec, preset
 from cpm_infer.deps import require
@@ -213,11 +215,13 @@ def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads:
             if name in backends:
                 setup.skipped[name] = str(exc)
         return
+    fmt = float_format(str(next(model.parameters()).dtype).removeprefix("torch."))
+    traffic = partial(fmt.step_bytes, setup.spec)
     runners: list[Runner] = []
     if "hf" in backends:
-        runners.append(HFGenerateRunner(model))
+        runners.append(HFGenerateRunner(model, traffic))
     if "torch" in backends:
-        runners.append(LoopRunner("torch", TorchBackend(model, device=str(target))))
+        runners.append(LoopRunner("torch", TorchBackend(model, device=str(target)), traffic))
     for runner in runners:
         setup.runners.append(runner)
         setup.devices[runner.name] = str(target)
@@ -251,7 +255,7 @@ def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads:
         except (CpmError, ManifestError) as exc:
             setup.skipped[name] = str(exc)
             continue
-        setup.runners.append(LoopRunner(name, backend))
+        setup.runners.append(LoopRunner(name, backend, manifest_traffic(path, setup.spec)))
         setup.devices[name] = str(target)
 
 
@@ -271,5 +275,14 @@ def _add_trt(setup: BenchSetup, trt_dirs: Sequence[Path], device: str, say) -> N
         except CpmError as exc:
             setup.skipped[name] = str(exc)
             continue
-        setup.runners.append(LoopRunner(name, backend))
+        setup.runners.append(LoopRunner(name, backend, manifest_traffic(path, setup.spec)))
         setup.devices[name] = str(target)
+
+
+def manifest_traffic(path: Path, spec: ModelSpec) -> StepBytes | None:
+    """Bytes per decode step of an artifact, from its manifest's dtype and quantization details."""
+    try:
+        manifest = read_manifest(path)
+    except (CpmError, ManifestError):
+        return None
+    return partial(artifact_format(manifest.details, manifest.dtype, spec).step_bytes, spec)
