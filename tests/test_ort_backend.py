@@ -109,6 +109,23 @@ def test_fused_graph_matches_eager_with_padding_and_dropped_rows(backends, fused
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_fused_graph_across_kv_buffer_growth(backends, fused_artifact):
+    """The shared KV buffers start at 64 slots and grow (new buffers, re-bound) while decoding; rows
+    dropped after the growth get new buffers too."""
+    from cpm_infer.backends.ort_backend import load
+
+    torch_backend = backends[0]
+    fused, _ = load(fused_artifact)
+    prompts = [list(range(10, 68)), list(range(20, 50))]
+    tokens = np.arange(100, 124, dtype=np.int64).reshape(2, 12)
+    for ref, got in zip(
+        _steps(torch_backend, prompts, tokens, 9, np.array([1])),
+        _steps(fused, prompts, tokens, 9, np.array([1])),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_dropping_rows_matches_eager(backends):
     torch_backend, bound, unbound, _ = backends
     rows = np.array([0, 2])

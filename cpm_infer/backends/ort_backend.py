@@ -127,6 +127,7 @@ class OrtState:
     capacity: int = 0  # shared KV mode: sequence slots of each (B, nh, capacity, hs) buffer
     binding: Any = None
     logits: np.ndarray | None = None  # reused host logits buffer (flat)
+    bound: tuple[Any, ...] | None = None  # shared KV mode: what the binding's KV/logits outputs point at
 
 
 class OrtBackend:
@@ -191,6 +192,7 @@ class OrtBackend:
             state.arrays = [a[rows] for a in state.arrays]
         elif self.kv_shared:
             state.buffers = [[np.ascontiguousarray(pair[0][rows]), None] for pair in state.buffers]
+            state.bound = None  # new buffers: bind them at the next step
         else:
             shape = kv.kv_shape(self.spec, state.batch, state.past)
             new_shape = kv.kv_shape(self.spec, len(rows), state.past)
@@ -277,16 +279,23 @@ class OrtBackend:
                 if pair[0] is not None:
                     new[:, :, : state.past] = pair[0][:, :, : state.past]
             state.buffers, state.capacity = [[buffer, None] for buffer in grown], capacity
-        shape = kv.kv_shape(self.spec, batch, state.capacity)
-        for (buffer, _), past_name, present_name in zip(
-            state.buffers, self.past_names, self.present_names, strict=True
-        ):
-            io.bind_input(past_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
-            io.bind_output(present_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
+            state.bound = None
         vocab = self.spec.vocab_size
         if state.logits is None or state.logits.size < batch * seq * vocab:
             state.logits = np.empty(batch * seq * vocab, dtype=np.float32)
-        io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
+            state.bound = None
+        # The KV buffers and the logits buffer stay put between steps: bind them only when they move or
+        # change shape (each bind costs microseconds of host time, and there are 2 per layer).
+        where = (batch, seq, state.capacity, state.logits.ctypes.data)
+        if state.bound != where:
+            shape = kv.kv_shape(self.spec, batch, state.capacity)
+            for (buffer, _), past_name, present_name in zip(
+                state.buffers, self.past_names, self.present_names, strict=True
+            ):
+                io.bind_input(past_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
+                io.bind_output(present_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
+            io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
+            state.bound = where
         self._run(lambda: self.session.run_with_iobinding(io))
         return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)[:, -1, :]
 
