@@ -15,6 +15,7 @@ import ctypes
 import json
 import shutil
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +34,7 @@ from cpm_infer.config import GenerationConfig
 from cpm_infer.errors import CpmError
 from cpm_infer.generate import generate, left_pad
 from export.tensorrt.engine_artifact import engine_details
-from export.tensorrt.precision import plan_build
+from export.tensorrt.precision import parse_version, plan_build
 from export.validate import validate_backend
 
 
@@ -77,13 +78,27 @@ def test_cuda_runtime_fails_in_one_line_without_a_gpu():
 
 # -- the simulation ----------------------------------------------------------------------------
 class FakeCuda:
-    """cuda-python's runtime module: (err, value) tuples, integer device pointers."""
+    """cuda-python's runtime module: (err, value) tuples, integer device pointers, two GPUs.
+
+    The current device is per host thread (``cudaSetDevice``), 0 until a thread sets it. Memory and
+    streams belong to the device current when they were made; using them while another device is
+    current (work enqueued from a thread that never selected the GPU) fails the test."""
 
     cudaError_t = SimpleNamespace(cudaSuccess=0)
     cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3)
 
-    def __init__(self):
+    def __init__(self, devices=2):
         self.heap, self.next, self.host = {}, 1 << 20, {}
+        self.devices, self.owner, self.streams = devices, {}, {}  # pointer / stream -> device
+        self._thread = threading.local()
+
+    @property
+    def current(self):
+        return getattr(self._thread, "device", 0)
+
+    def on_device(self, *, ptr=None, stream=None):
+        device = self.owner[self.base(ptr)] if ptr is not None else self.streams[stream]
+        assert device == self.current, f"GPU {device}'s memory/stream used while GPU {self.current} is current"
 
     def cudaGetErrorName(self, err):
         return 0, b"cudaErrorFake"
@@ -91,20 +106,24 @@ class FakeCuda:
     cudaGetErrorString = cudaGetErrorName
 
     def cudaGetDeviceCount(self):
-        return 0, 1
+        return 0, self.devices
 
     def cudaGetDeviceProperties(self, i):
         return 0, SimpleNamespace(name=b"Fake GPU\0\0", major=7, minor=5, totalGlobalMem=1 << 34)
 
     def cudaSetDevice(self, i):
+        if not 0 <= i < self.devices:
+            return (101,)  # cudaErrorInvalidDevice
+        self._thread.device = i
         return (0,)
 
     def cudaMalloc(self, n):
         ptr, self.next = self.next, self.next + n + 4096  # gaps: an out-of-bounds access cannot land in a neighbour
-        self.heap[ptr] = np.zeros(n, dtype=np.uint8)
+        self.heap[ptr], self.owner[ptr] = np.zeros(n, dtype=np.uint8), self.current
         return 0, ptr
 
     def cudaFree(self, ptr):
+        self.on_device(ptr=ptr)
         del self.heap[ptr]
         return (0,)
 
@@ -117,13 +136,18 @@ class FakeCuda:
         del self.host[ptr]
         return (0,)
 
-    def view(self, ptr, n):
+    def base(self, ptr, n=0):
         for base, mem in self.heap.items():
             if base <= ptr and ptr + n <= base + mem.size:
-                return mem[ptr - base : ptr - base + n]
+                return base
         raise AssertionError(f"device access {ptr:#x}+{n} outside every allocation")
 
+    def view(self, ptr, n):
+        base = self.base(ptr, n)
+        return self.heap[base][ptr - base : ptr - base + n]
+
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        self.on_device(stream=stream)
         if kind == 1:
             self.view(dst, n)[:] = np.frombuffer(ctypes.string_at(src, n), dtype=np.uint8)
         elif kind == 2:
@@ -137,23 +161,46 @@ class FakeCuda:
             self.cudaMemcpyAsync(dst + r * dpitch, src + r * spitch, width, kind, stream)
         return (0,)
 
+    def cudaMemset2DAsync(self, ptr, pitch, value, width, height, stream):
+        self.on_device(stream=stream)
+        for r in range(height):
+            self.view(ptr + r * pitch, width)[:] = value
+        return (0,)
+
     def cudaStreamCreate(self):
-        return 0, 7
+        handle = 7 + len(self.streams)
+        self.streams[handle] = self.current
+        return 0, handle
 
     def cudaStreamSynchronize(self, s):
+        self.on_device(stream=s)
         return (0,)
 
     def cudaStreamDestroy(self, s):
+        self.on_device(stream=s)
         return (0,)
 
 
 class FakeContext:
-    def __init__(self, engine):
+    """An IExecutionContext. ``own_memory``: TensorRT allocated its scratch; otherwise the application
+    must give it (``set_device_memory``, or the 8.6 ``device_memory`` property) before executing."""
+
+    def __init__(self, engine, own_memory):
         self.engine, self.profile, self.shapes, self.addr = engine, 0, {}, {}
+        self.memory, self.switches = ("own", engine.scratch) if own_memory else None, []
 
     def set_optimization_profile_async(self, index, stream):
+        if not 0 <= index < self.engine.num_optimization_profiles or index in self.engine.refused:
+            raise RuntimeError("Error in set optimization profile async.")  # pyCore.cpp: never returns False
+        self.engine.cuda.on_device(stream=stream)
         self.profile, self.shapes, self.addr = index, {}, {}  # switching invalidates bindings
+        self.switches.append(index)
         return True
+
+    def _set_memory(self, ptr):  # the 8.6 way (no size; deprecated in 10.1)
+        self.memory = (ptr, self.engine.scratch)
+
+    device_memory = property(None, _set_memory)
 
     def set_input_shape(self, name, shape):
         lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
@@ -168,6 +215,10 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         e, cu = self.engine, self.engine.cuda
+        cu.on_device(stream=stream)
+        assert self.memory is not None, "executed before its device memory was set"
+        if self.memory[0] != "own":  # TensorRT uses its scratch as it likes: anything sharing it gets garbage
+            cu.view(*self.memory)[:] = np.random.default_rng().integers(0, 256, self.memory[1], dtype=np.uint8)
         feeds, regions = {}, []
         for name in kv.input_names(e.n_layer):
             shape, dt = self.shapes[name], e.dtypes[name]
@@ -187,9 +238,21 @@ class FakeContext:
         return True
 
 
+class FakeContextV2(FakeContext):
+    """TensorRT 10.1+: ``set_device_memory(ptr, size)``."""
+
+    def set_device_memory(self, ptr, size):
+        assert size >= self.engine.scratch, "scratch buffer smaller than the engine needs"
+        self.memory = (ptr, size)
+
+
 class FakeEngine:
-    def __init__(self, spec, profiles, session, kv_dtype, cuda_rt):
+    """An ICudaEngine of TensorRT 10.1+ (``api="10"``) or 8.6 (``api="8.6"``: the older context and
+    device-memory calls)."""
+
+    def __init__(self, spec, profiles, session, kv_dtype, cuda_rt, api="10"):
         self.n_layer, self.spec, self.session, self.cuda = spec.n_layer, spec, session, cuda_rt
+        self.api, self.scratch, self.refused, self.contexts = api, 4096, set(), []
         self.names = kv.input_names(spec.n_layer) + kv.output_names(spec.n_layer)
         self.num_io_tensors, self.num_optimization_profiles = len(self.names), 2
         self.profile_shapes = [p.shapes(spec) for p in profiles]
@@ -208,11 +271,22 @@ class FakeEngine:
     def get_tensor_profile_shape(self, name, profile):
         return self.profile_shapes[profile][name]
 
-    def create_execution_context(self):
-        return FakeContext(self)
+    def create_execution_context(self, strategy="STATIC"):
+        cls = FakeContextV2 if self.api == "10" else FakeContext
+        self.contexts.append(cls(self, own_memory=strategy != "USER_MANAGED"))
+        return self.contexts[-1]
+
+    def __getattr__(self, name):  # what only one API generation has
+        if name == "device_memory_size_v2" and self.api == "10":
+            return self.scratch
+        if name == "device_memory_size" and self.api == "8.6":
+            return self.scratch
+        if name == "create_execution_context_without_device_memory" and self.api == "8.6":
+            return lambda: self.create_execution_context("USER_MANAGED")
+        raise AttributeError(name)
 
 
-def fake_tensorrt(engines):
+def fake_tensorrt(engines, version="10.4.0"):
     class ILogger:
         Severity = SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
 
@@ -226,7 +300,12 @@ def fake_tensorrt(engines):
         def deserialize_cuda_engine(self, data):
             return engines[bytes(data).decode()]
 
-    return SimpleNamespace(__version__="10.4.0", ILogger=ILogger, Runtime=Runtime, nptype=lambda dt: dt)
+    trt = SimpleNamespace(__version__=version, ILogger=ILogger, Runtime=Runtime, nptype=lambda dt: dt)
+    if not version.startswith("8."):
+        trt.ExecutionContextAllocationStrategy = SimpleNamespace(
+            STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED"
+        )
+    return trt
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +318,8 @@ def onnx_artifact(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture()
 def simulated(onnx_artifact, tmp_path, monkeypatch):
-    """make(kv_dtype, limits) -> engine artifact dir served by the simulation."""
+    """make(kv_dtype, limits, api) -> engine artifact dir served by the simulation (``make.fakes[dir]`` is its
+    FakeEngine; ``api="8.6"`` makes a TensorRT 8.6 engine and installs a TensorRT 8.6 module)."""
     import onnxruntime as ort
 
     source = read_manifest(onnx_artifact)
@@ -248,19 +328,22 @@ def simulated(onnx_artifact, tmp_path, monkeypatch):
     monkeypatch.setattr(cuda, "runtime", lambda: fake_cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engines))
 
-    def make(kv_dtype="float32", limits=None):
+    def make(kv_dtype="float32", limits=None, api="10"):
         limits = limits or EngineLimits(4, 16, 40)
+        version = "8.6.1" if api == "8.6" else "10.4.0"
+        if api == "8.6":
+            monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engines, version))
         out = tmp_path / f"engine-{kv_dtype}-{len(engines)}"
         out.mkdir()
         profiles = make_profiles(source.spec, limits)
         key = json.dumps([str(out), kv_dtype])
-        engines[key] = FakeEngine(source.spec, profiles, session, kv_dtype, fake_cuda)
+        engines[key] = make.fakes[out] = FakeEngine(source.spec, profiles, session, kv_dtype, fake_cuda, api)
         (out / "model.engine").write_text(key)
         shutil.copyfile(onnx_artifact / source.tokenizer_file, out / source.tokenizer_file)
         precision = "fp16" if kv_dtype == "float16" else "fp32"
-        plan = plan_build(precision, "float32", (10, 4, 0))
+        plan = plan_build(precision, "float32", parse_version(version))
         details = engine_details(
-            here=RuntimeInfo("10.4.0", "Fake GPU", "7.5"),
+            here=RuntimeInfo(version, "Fake GPU", "7.5"),
             plan=plan,
             reason="test",
             limits=limits,
@@ -285,7 +368,7 @@ def simulated(onnx_artifact, tmp_path, monkeypatch):
         )
         return out
 
-    make.onnx_dir, make.cuda = onnx_artifact, fake_cuda
+    make.onnx_dir, make.cuda, make.fakes = onnx_artifact, fake_cuda, {}
     return make
 
 
@@ -408,3 +491,89 @@ def test_validation_fails_beyond_tolerance_in_one_line(onnx_artifact):
         bad.raise_for_failure()
     assert "\n" not in str(info.value)
     assert bad.to_dict()["min_agreement"] == 1.0 and len(bad.to_dict()["checks"]) == 12
+
+
+# -- execution contexts, profiles, threads, logits (the TensorRT facts are cited in backends/trt/contexts.py) --
+@pytest.mark.parametrize("api", ["10", "8.6"])
+def test_one_context_per_profile_sharing_one_scratch_buffer(simulated, api):
+    """Each profile is selected once, on its own context, at load; both contexts run on one scratch buffer
+    that the simulation fills with garbage on every execution (anything else living there would break)."""
+    path = simulated(api=api)
+    engine, tok = load_backend("trt", path, device="cuda")
+    reference, _ = load_backend("ort", simulated.onnx_dir, device="cpu")
+    config = GenerationConfig(max_new_tokens=10, temperature=0.0, ban_unk=False)
+    for _ in range(2):  # prefill, decodes, prefill again, decodes
+        prompts = [tok.encode(t) for t in ("滚滚长江东逝水", "白发")]
+        got, want = generate(engine, prompts, config, tok), generate(reference, prompts, config, tok)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    fake = simulated.fakes[path]
+    assert [c.switches for c in fake.contexts] == [[0], [1]]  # never switched after load
+    (ptr_a, size_a), (ptr_b, size_b) = (c.memory for c in fake.contexts)
+    assert ptr_a == ptr_b != "own" and size_a == size_b >= fake.scratch
+    engine.close()
+
+
+def test_a_refused_profile_is_a_one_line_error(simulated):
+    """set_optimization_profile_async raises RuntimeError (it never returns False): reported in one line."""
+    from cpm_infer.backends.trt.contexts import ContextError
+
+    path = simulated()
+    simulated.fakes[path].refused = {1}
+    with pytest.raises(ContextError, match=r"refused the decode optimization profile \(1\): Error in set") as info:
+        load_backend("trt", path, device="cuda")
+    assert "\n" not in str(info.value)
+
+
+def _in_thread(work):
+    """Run ``work`` on a new host thread (whose current CUDA device is 0) and re-raise what it raised."""
+    failures = []
+
+    def target():
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
+def test_worker_threads_run_the_engine_on_its_gpu(simulated):
+    """cudaSetDevice holds per host thread: an engine on cuda:1 driven from a server worker thread must
+    select GPU 1 there, in every call (prefill, decode, select, close)."""
+    engine, tok = load_backend("trt", simulated(), device="cuda:1")
+    reference, _ = load_backend("ort", simulated.onnx_dir, device="cpu")
+    prompts = [tok.encode(t) for t in ("滚滚长江东逝水", "话说天下大势，分久必合", "白发")]
+    config = GenerationConfig(max_new_tokens=12, temperature=0.0, ban_unk=False)
+    got = []
+
+    def work():
+        got.extend(generate(engine, prompts, config, tok))
+        ids, mask, pos = left_pad([[5, 6, 7], [8, 9]], pad_id=0)
+        _, state = engine.prefill(ids, mask, pos)
+        engine.select(state, np.array([1]))
+        engine.close()
+
+    _in_thread(work)
+    assert [r.token_ids for r in got] == [r.token_ids for r in generate(reference, prompts, config, tok)]
+    assert simulated.cuda.heap == {} and simulated.cuda.host == {}  # close() on the worker freed everything
+
+
+def test_the_simulation_catches_a_call_that_skips_the_device(simulated):
+    """The check above can fail: without selecting the GPU, a worker thread's first enqueue is refused."""
+    engine, _ = load_backend("trt", simulated(), device="cuda:1")
+    engine._on_device = lambda: None
+    with pytest.raises(AssertionError, match="GPU 1's memory/stream used while GPU 0 is current"):
+        _in_thread(lambda: engine.prefill(*left_pad([[5, 6]], pad_id=0)))
+    del engine._on_device
+    engine.close()
+
+
+def test_an_engine_without_float32_logits_is_refused_at_load(simulated):
+    path = simulated()
+    simulated.fakes[path].dtypes[kv.LOGITS] = np.dtype(np.float16)
+    with pytest.raises(TrtBackendError, match="returns float16 logits, expected float32"):
+        load_backend("trt", path, device="cuda")

@@ -1,6 +1,12 @@
-"""TensorRT backend: one engine with a prefill and a decode profile, the named-tensor API
-(TensorRT >= 8.6: ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), one CUDA
-stream, and every buffer allocated once at load.
+"""TensorRT backend: one engine with a prefill and a decode profile, one execution context per profile
+sharing one scratch buffer (``contexts``), the named-tensor API (TensorRT >= 8.6: ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``), one CUDA stream, and every buffer allocated once at load.
+
+Threads. The current CUDA device is a property of the calling host thread (``cudaSetDevice`` "sets
+device as the current device for the calling host thread", CUDA Runtime API), and the server calls
+backends from worker threads. So every public method that touches CUDA first makes this backend's GPU
+current on the calling thread (a cheap call); otherwise ``cuda:1`` would enqueue from a thread whose
+device is 0. Calls are not concurrent: one caller at a time.
 
 KV cache. The graph's contract is ``present = concat(past, new)``, written as a contiguous
 (B, nh, P+1, hs) tensor. A present cannot alias its own past: row b of the past starts at
@@ -29,8 +35,17 @@ from cpm_infer import kv
 from cpm_infer.backends.base import BackendClosedError
 from cpm_infer.backends.trt import cuda
 from cpm_infer.backends.trt.compat import RuntimeInfo, cc_string, check_engine_compatible
+from cpm_infer.backends.trt.contexts import profile_contexts
 from cpm_infer.backends.trt.logger import get_logger
-from cpm_infer.backends.trt.profiles import DECODE, PREFILL, EngineLimits, Profile, ProfileError, check_fits
+from cpm_infer.backends.trt.profiles import (
+    DECODE,
+    PREFILL,
+    PROFILE_NAMES,
+    EngineLimits,
+    Profile,
+    ProfileError,
+    check_fits,
+)
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.devices import Device, resolve_device
@@ -83,23 +98,30 @@ class TrtBackend:
         self.model_spec, self.limits, self.profiles = spec, limits, profiles
         # The loop stops a sequence at spec.n_positions: make that the engine's max total length.
         self.spec = ModelSpec(spec.n_layer, spec.n_head, spec.n_embd, spec.vocab_size, limits.max_total)
-        cuda.call(self._rt.cudaSetDevice(device), f"selecting GPU {device}")
+        self.device_index = device
+        self._on_device()
         self._logger = get_logger(trt)  # TensorRT messages go to logging, not stderr
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
             raise TrtBackendError("TensorRT could not deserialize the engine (see its log above)")
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
-            raise TrtBackendError("TensorRT could not create an execution context (out of GPU memory?)")
-        self._stream = cuda.call(self._rt.cudaStreamCreate(), "stream creation")
-        self._stream_handle = int(self._stream)
         self._check_engine()
         self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in self._io_names()}
+        if self._dtypes[kv.LOGITS] != np.float32:  # the host buffers and copies below assume 4-byte logits
+            raise TrtBackendError(
+                f"the engine returns {self._dtypes[kv.LOGITS]} logits, expected float32: rebuild it with cpm export trt"
+            )
+        self._stream = cuda.call(self._rt.cudaStreamCreate(), "stream creation")
+        self._stream_handle = int(self._stream)
+        self._contexts = profile_contexts(trt, self._engine, list(PROFILE_NAMES), self._stream_handle, self._device)
         self._allocate()
-        self._epoch, self._profile = 0, -1
+        self._epoch = 0
 
     # -- setup -----------------------------------------------------------------------------------
+    def _on_device(self) -> None:
+        """Make this backend's GPU current on the calling thread (see the module docstring)."""
+        cuda.call(self._rt.cudaSetDevice(self.device_index), f"selecting GPU {self.device_index}")
+
     def _io_names(self) -> list[str]:
         return [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
 
@@ -148,6 +170,8 @@ class TrtBackend:
         """Free device memory, the execution context and the engine now (also done at garbage collection);
         idempotent. Later calls raise BackendClosedError instead of touching freed buffers."""
         self._closed = True
+        if getattr(self, "_buffers", None) or getattr(self, "_stream", None) is not None:
+            self._on_device()  # garbage collection may run this on any thread
         if getattr(self, "_stream", None) is not None:
             self._rt.cudaStreamSynchronize(self._stream)
         for buf in getattr(self, "_buffers", []):
@@ -156,7 +180,7 @@ class TrtBackend:
         if getattr(self, "_stream", None) is not None:
             self._rt.cudaStreamDestroy(self._stream)
             self._stream = None
-        self._context = self._engine = None  # the context before the engine it came from
+        self._contexts, self._engine = [], None  # the contexts before the engine they came from
 
     def __del__(self) -> None:
         try:
@@ -189,12 +213,8 @@ class TrtBackend:
         past_set: int,
         out_set: int,
     ) -> np.ndarray:
-        ctx, s = self._context, self.spec
+        ctx, s = self._contexts[profile], self.spec  # each context was bound to its profile at load
         batch, seq = ids.shape
-        if self._profile != profile:
-            if not ctx.set_optimization_profile_async(profile, self._stream_handle):
-                raise TrtBackendError(f"TensorRT refused optimization profile {profile}")
-            self._profile = profile
         ok = True  # set_input_shape/set_tensor_address return False (and log why) on a bad binding
         for name, array in ((kv.INPUT_IDS, ids), (kv.ATTENTION_MASK, mask), (kv.POSITION_IDS, pos)):
             self._stage(name, array)
@@ -236,6 +256,7 @@ class TrtBackend:
                 f"{input_ids.shape}"
             )
         self._fit(PREFILL, batch, seq, 0)
+        self._on_device()
         self._epoch += 1
         logits = self._run(PREFILL, input_ids, attention_mask, position_ids, 0, past_set=1, out_set=0)
         return logits, TrtState(self._epoch, batch, seq, cur=0)
@@ -249,6 +270,7 @@ class TrtBackend:
                 f"(batch {state.batch}, past {state.length})"
             )
         self._fit(DECODE, batch, 1, state.length)
+        self._on_device()
         logits = self._run(
             DECODE, input_ids, attention_mask, position_ids, state.length, past_set=state.cur, out_set=1 - state.cur
         )
@@ -261,6 +283,7 @@ class TrtBackend:
             raise TrtBackendError(f"select: rows {rows.tolist()} are not distinct rows of a batch of {state.batch}")
         if np.array_equal(rows, np.arange(state.batch)):
             return state
+        self._on_device()
         s = self.spec
         block = s.n_head * state.length * s.head_dim * self._kv_dtype.itemsize  # one row of one tensor
         src, dst = self._kv[state.cur], self._kv[1 - state.cur]
