@@ -6,6 +6,9 @@ U+2583 -> pieces joined by ``' '`` -> SentencePiece ``encode``. Decode reverses 
 
 transformers' ``CpmTokenizer`` no longer does the jieba cut nor the space/newline mapping, so its
 ids differ from what CPM was trained on; this class is the project's single source of truth.
+
+Any ``str`` is accepted: lone surrogates (which SentencePiece cannot take) become U+FFFD with a
+warning, by the project's one text policy (``cpm_infer.text.clean``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cpm_infer.errors import CpmError, first_line
+from cpm_infer.text import clean
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ class CpmTokenizer:
         self.sep_id: int = ids["sep"]
         self.pad_id: int = ids["pad"]
         self.eod_id: int = ids["eod"]
+        self._size: int = self._sp.GetPieceSize()
         self._jieba = _jieba()
 
     @classmethod
@@ -77,7 +82,7 @@ class CpmTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.GetPieceSize()
+        return self._size
 
     @property
     def eos_id(self) -> int:
@@ -85,7 +90,7 @@ class CpmTokenizer:
         return self.eod_id
 
     def _prepare(self, text: str) -> str:
-        pieces = self._jieba.cut(text, cut_all=False)
+        pieces = self._jieba.cut(clean(text, "text to tokenize"), cut_all=False)
         return " ".join(p.translate(_ENCODE_MAP) for p in pieces)
 
     def encode(self, text: str) -> list[int]:
@@ -97,13 +102,19 @@ class CpmTokenizer:
         return self._sp.EncodeAsIds(prepared) if prepared else []
 
     def decode(self, ids: Sequence[int]) -> str:
-        text = self._sp.DecodeIds([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if ids and (min(ids) < 0 or max(ids) >= self._size):
+            bad = next(i for i in ids if not 0 <= i < self._size)
+            raise TokenizerError(f"token id {bad} is outside the vocabulary (0..{self._size - 1}) of {self.path}")
+        text = self._sp.DecodeIds(ids)
         return text.replace(" ", "").translate(_DECODE_MAP)
 
     def decode_batch(self, batch: Iterable[Sequence[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
 
     def id_to_piece(self, token_id: int) -> str:
+        if not 0 <= int(token_id) < self._size:
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (0..{self._size - 1}) of {self.path}")
         return self._sp.IdToPiece(int(token_id))
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +27,9 @@ def generate(
         typer.Option("--input", "-i", help="Prompts, one per line; or JSONL with prompt or title/context per line."),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results as JSONL here.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep the results already in --output; generate only the prompts left.")
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 100,
     min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 0,
@@ -59,11 +60,15 @@ def generate(
     from cpm_infer.config import GenerationConfig
     from cpm_infer.generate import generate as run_generation
     from cpm_infer.generate import truncate_prompt
+    from cpm_infer.jobs import ResultsFile, pending_runs, read_requests
     from cpm_infer.prompts import essay_prompt, plain_prompt
+    from cpm_infer.text import clean
 
     sources = sum(x is not None for x in (prompt, title, input_file))
     if sources != 1:
         raise CpmError("give exactly one of --prompt, --title (with --context) or --input")
+    if resume and output is None:
+        raise CpmError("--resume continues an --output file; give --output")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
@@ -79,12 +84,14 @@ def generate(
         ignore_eos=ignore_eos,
     )
     requests = (
-        list(_read_requests(input_file))
+        read_requests(input_file)
         if input_file
-        else [{"prompt": prompt} if prompt is not None else {"title": title, "context": context}]
+        else [
+            {"prompt": clean(prompt, "--prompt")}
+            if prompt is not None
+            else {"title": clean(title, "--title"), "context": clean(context, "--context")}
+        ]
     )
-    if not requests:
-        raise CpmError(f"{input_file} holds no prompts")
 
     model_path = resolve_model(model)
     runtime, tok = load_backend(backend, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
@@ -100,18 +107,22 @@ def generate(
 
     if stream:
         batch_size = 1  # one sequence at a time, so streamed text never interleaves
-    out_handle = output.open("w", encoding="utf-8") if output else None
-    done = 0
+    out_handle, already = ResultsFile.open(output, requests, config.num_samples, resume) if output else (None, set())
+    if already:
+        print(f"resuming: {len(already)} of {len(requests)} prompts already in {output}", file=sys.stderr)
+    done = len(already)
     try:
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start : start + batch_size]
+        for run in pending_runs(len(requests), batch_size, already):
+            chunk = requests[run.start : run.start + run.count]
             callback = _StreamPrinter() if stream else None
             results = run_generation(
-                runtime, [encode(r) for r in chunk], config, tok, callback=callback, index_offset=start
+                runtime, [encode(r) for r in chunk], config, tok, callback=callback, index_offset=run.start
             )
+            records = []
             for result in results:
                 req = requests[result.prompt_index]
                 record = {
+                    "index": result.prompt_index,
                     **req,
                     "sample": result.sample_index,
                     "text": result.text,
@@ -119,50 +130,24 @@ def generate(
                     "prompt_tokens": result.prompt_tokens,
                     "new_tokens": len(result.token_ids),
                 }
-                if out_handle:
-                    out_handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                elif not stream:
+                records.append(record)
+                if not out_handle and not stream:
                     _print_result(record, len(requests) > 1 or config.num_samples > 1)
             if callback is not None:
                 callback.close()
             if out_handle:
-                out_handle.flush()
+                out_handle.write(records)  # one write per batch: a kill never leaves half a prompt's samples
             done += len(chunk)
     except KeyboardInterrupt as exc:
         from cpm_infer.errors import Interrupted
 
-        kept = f"; {done} of {len(requests)} prompts written to {output}" if output else ""
+        kept = f"; {done} of {len(requests)} prompts written to {output} (finish with --resume)" if output else ""
         raise Interrupted(f"interrupted{kept}") from exc
     finally:
         if out_handle:
             out_handle.close()
     if output:
         print(f"wrote {done} prompt(s) x {config.num_samples} sample(s) to {output}", file=sys.stderr)
-
-
-def _read_requests(path: Path) -> Iterator[dict]:
-    if not path.is_file():
-        raise CpmError(f"input file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise CpmError(f"{path} is not UTF-8 text") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CpmError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-            if isinstance(obj.get("prompt"), str):
-                yield {"prompt": obj["prompt"]}
-            elif isinstance(obj.get("title"), str):
-                yield {"title": obj["title"], "context": str(obj.get("context", ""))}
-            else:
-                raise CpmError(f'{path}:{number}: a JSON line needs a "prompt" or a "title" string')
-        else:
-            yield {"prompt": line}
 
 
 def _print_result(record: dict, label: bool) -> None:

@@ -25,12 +25,13 @@ def tokenize(
 ) -> None:
     """Print one JSON line per text: ids, decoded text (and pieces)."""
     from cpm_infer.cli._common import resolve_model
+    from cpm_infer.text import clean
     from cpm_infer.tokenizer import CpmTokenizer
 
     if (text is None) == (input_file is None):
         raise CpmError("give a TEXT argument or --input FILE (not both)")
     tok = CpmTokenizer(vocab) if vocab else CpmTokenizer.from_dir(resolve_model(model))
-    texts = [text] if text is not None else list(_read_texts(input_file))
+    texts = [clean(text, "TEXT")] if text is not None else list(_read_texts(input_file))
     for line, ids in zip(texts, tok.encode_batch(texts), strict=True):
         record = {"text": line, "ids": ids, "decoded": tok.decode(ids)}
         if pieces:
@@ -39,13 +40,21 @@ def tokenize(
 
 
 def _read_texts(path: Path):
+    from cpm_infer.text import clean, read_text_file
+
     if not path.is_file():
         raise CpmError(f"input file not found: {path}")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    source = read_text_file(path)
+    if source.binary:
+        raise CpmError(f"{path} is a binary file, not text")
+    for number, line in enumerate(source.lines, 1):
         if line.lstrip().startswith("{"):
             try:
-                yield json.loads(line)["text"]
+                value = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CpmError(f'{path}:{number}: expected a JSON object with a "text" string') from exc
+            if not isinstance(value, str):
+                raise CpmError(f'{path}:{number}: expected a JSON object with a "text" string')
+            yield clean(value, f"{path}:{number}")
         else:
             yield line
