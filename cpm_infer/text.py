@@ -121,6 +121,9 @@ def _decoded(path: Path, data: bytes, encoding: str) -> TextFile:
         # differs between the replacing and the ignoring decode held undecodable bytes.
         bad = [n for n, (a, b) in enumerate(zip(lines, clean_lines, strict=False), 1) if a != b]
     if bad:
-        shown = ", ".join(map(str, bad[:_SHOWN])) + (f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
-        log.warning("%s:%d: invalid %s replaced with U+FFFD (line %s)", path, bad[0], encoding.upper(), shown)
+        more = ""
+        if len(bad) > 1:
+            rest = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+            more = f"; also on line(s) {', '.join(map(str, bad[1:_SHOWN]))}{rest}"
+        log.warning("%s:%d: invalid %s replaced with U+FFFD%s", path, bad[0], encoding.upper(), more)
     return TextFile(path, lines, encoding, bad)

@@ -159,33 +159,37 @@ def test_zero_shot_torch_and_ort_agree(backends, tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("", "holds no text to evaluate"),
-        ("\n \n\n\t\n", "holds no text to evaluate"),
+        ("", "the file holds no text: no usable documents"),
+        ("\n \n\n\t\n", "the file holds no text: no usable documents"),
     ],
 )
 def test_eval_file_without_text_refused(tmp_path, content, message):
-    from cpm_infer.eval import EvalError, read_documents
+    from cpm_infer.documents import DataError
+    from cpm_infer.eval import read_documents
 
     path = tmp_path / "empty.txt"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(EvalError, match=message):
+    with pytest.raises(DataError, match=message):
         read_documents(path)
 
 
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"title": "x"}', 'needs a "text" or "content" string field'),
-        ("not json", "not a JSON object"),
+        ('{"title": "x"}', 'needs string fields "content"'),
+        ("not json", "invalid JSON"),
     ],
 )
-def test_bad_jsonl_refused(tmp_path, line, message):
-    from cpm_infer.eval import EvalError, read_documents
+def test_bad_jsonl_skipped_or_refused(tmp_path, line, message):
+    from cpm_infer.documents import DataError
+    from cpm_infer.eval import load_documents
 
     path = tmp_path / "bad.jsonl"
-    path.write_text(line + "\n", encoding="utf-8")
-    with pytest.raises(EvalError, match=rf"bad.jsonl:1: {message}"):
-        read_documents(path)
+    path.write_text(line + '\n{"text": "好的一行"}\n', encoding="utf-8")
+    docs, summary = load_documents(path)
+    assert [d.content for d in docs] == ["好的一行"] and summary.read == 2 and summary.kept == 1
+    with pytest.raises(DataError, match=rf"bad.jsonl:1: .*{message}"):
+        load_documents(path, strict=True)
 
 
 @pytest.mark.parametrize(
@@ -241,7 +245,7 @@ def test_cli_empty_file_one_line_error(backends, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n", encoding="utf-8")
     code, _, err = run_cli(monkeypatch, capsys, "eval", "ppl", str(backends["artifact"]), str(empty))
-    assert code == 1 and err == f"error: {empty} holds no text to evaluate\n"
+    assert code == 1 and err == f"error: {empty}:1: the file holds no text: no usable documents\n"
     code, _, err = run_cli(
         monkeypatch, capsys, "eval", "score", str(backends["artifact"]), str(empty), "--scope", "tokens"
     )

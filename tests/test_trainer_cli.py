@@ -208,9 +208,8 @@ def test_max_len_above_context_and_vocab_mismatch_are_refused(
 def test_malformed_data_error_from_the_cli(tiny_checkpoint: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "好"}\n{"title": 3, "content": "x"}\n', encoding="utf-8")
-    result = cpm(
-        "train", "finetune", bad, "-o", tmp_path / "run", "-m", tiny_checkpoint, "--cache-dir", tmp_path / "c", code=1
-    )
+    args = ("train", "finetune", bad, "-o", tmp_path / "run", "-m", tiny_checkpoint, "--cache-dir", tmp_path / "c")
+    result = cpm(*args, "--strict", code=1)  # without --strict the line is skipped (tests/test_documents.py)
     assert str(result.exception).startswith(f"{bad}:2:")
 
 

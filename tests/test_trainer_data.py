@@ -40,26 +40,38 @@ def test_seed_format_directory(tmp_path: Path) -> None:
     ("text", "where", "what"),
     [
         ("---\n标题：x\n作者：y\n", ":3", "not closed"),
-        ("---\n标题：x\n作者：y\n正文\n", ":4", "closing '---'"),
-        ("---\n题目：x\n---\n正文\n", ":2", "header line"),
-        ("---\n日期：2020\n---\n正文\n", "", "no '标题"),
-        ("---\n标题：x\n---\n\n", ":4", "no body"),
-        ("", ":1", "empty file"),
+        ("---\n标题：x\n作者：y\n正文\n", ":4", "key：value"),
+        ("---\n标题：x\n---\n\n", ":1", "title but no body"),
+        ("---\n标题：\n---\n\n", ":1", "document is empty"),
+        ("", ":1", "holds no text"),
     ],
 )
 def test_malformed_seed_files_name_file_and_line(tmp_path: Path, text: str, where: str, what: str) -> None:
     path = write(tmp_path / "bad.txt", text)
+    write(tmp_path / "good.txt", SEED_DOC)
+    # skipped by default (the good file is still read), refused with --strict
+    assert [d.title for d in read_documents([path, tmp_path / "good.txt"], "seed")] == ["桃园结义"]
     with pytest.raises(DataError, match=what) as info:
-        read_documents([path], "seed")
-    assert f"{path}{where}" in str(info.value)
+        read_documents([path, tmp_path / "good.txt"], "seed", strict=True)
+    assert str(info.value).startswith(f"{path}{where}: ")
     assert "\n" not in str(info.value)
 
 
 def test_jsonl_title_content_and_text(tmp_path: Path) -> None:
-    lines = [{"title": "标题", "content": "内容\n第二行"}, {"text": "只有正文"}, {"title": "", "content": "无题"}]
+    lines = [
+        {"title": "标题", "content": "内容\n第二行"},
+        {"text": "只有正文"},
+        {"title": "", "content": "无题"},
+        {"title": "有题", "text": "正文在 text"},
+    ]
     path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n\n")
     docs = read_documents([path])
-    assert [(d.title, d.content) for d in docs] == [("标题", "内容\n第二行"), (None, "只有正文"), (None, "无题")]
+    assert [(d.title, d.content) for d in docs] == [
+        ("标题", "内容\n第二行"),
+        (None, "只有正文"),
+        (None, "无题"),
+        ("有题", "正文在 text"),
+    ]
     assert docs[1].source == f"{path}:2"
 
 
@@ -67,15 +79,17 @@ def test_jsonl_title_content_and_text(tmp_path: Path) -> None:
     ("line", "what"),
     [
         ("{not json", "invalid JSON"),
-        ('["a"]', "JSON object"),
+        ('["a"]', "string fields"),
         ('{"title": "t"}', "string fields"),
-        ('{"text": "  "}', "empty document"),
+        ('{"title": "t", "content": " "}', "title but no body"),
+        ('{"text": "  "}', "document is empty"),
     ],
 )
 def test_malformed_jsonl_names_the_line(tmp_path: Path, line: str, what: str) -> None:
-    path = write(tmp_path / "d.jsonl", '{"text": "好"}\n\n' + line + "\n")
+    path = write(tmp_path / "d.jsonl", '{"text": "好"}\n\n' + line + "\n" + '{"text": "后面的行"}\n')
+    assert [d.content for d in read_documents([path])] == ["好", "后面的行"]
     with pytest.raises(DataError, match=what) as info:
-        read_documents([path])
+        read_documents([path], strict=True)
     assert str(info.value).startswith(f"{path}:3:")
 
 
@@ -89,14 +103,15 @@ def test_plain_text_lines_and_paragraphs(tmp_path: Path) -> None:
 
 
 def test_empty_missing_and_undecodable_data(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="holds no text: no usable documents"):
         read_documents([write(tmp_path / "blank.txt", "\n  \n")])
     with pytest.raises(DataError, match="not found"):
         read_documents([tmp_path / "nope.txt"])
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("好\n第二行\n".encode() + b"caf\xe9\n")
-    with pytest.raises(DataError, match=rf"{bad}:3: not UTF-8"):
-        read_documents([bad])
+    assert [d.content for d in read_documents([bad])] == ["好", "第二行", "caf\ufffd"]
+    with pytest.raises(DataError, match=rf"{bad}:3: invalid bytes"):
+        read_documents([bad], strict=True)
 
 
 def test_window_starts_cover_every_token() -> None:
@@ -137,7 +152,7 @@ def test_cache_is_built_once_and_keyed_by_lengths(
     assert cache.tokens[offsets[1] - 1] == tok.eod_id and cache.tokens[offsets[2] - 1] == tok.eod_id
     np.testing.assert_array_equal(cache.windows, windows_for(offsets, 8, 4))
 
-    monkeypatch.setattr("trainer.windows.read_documents", lambda *a, **k: pytest.fail("cache miss"))
+    monkeypatch.setattr("trainer.windows.read_with_summary", lambda *a, **k: pytest.fail("cache miss"))
     again = load_windows([data], tok, 8, 4, cache_dir=tmp_path / "c")
     assert again.directory == cache.directory
     monkeypatch.undo()

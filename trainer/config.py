@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class TrainConfig:
     resume: bool = False
     stop_after_steps: int = 0  # end this session after so many steps (job time limits); 0 = off
     cpu: bool = False  # force CPU even where CUDA is available
+    strict: bool = False  # refuse data that would be skipped or needs bytes replaced, naming file and line
+    encoding: str | None = None  # force the data files' encoding (default: UTF-8, GB18030 detected)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -91,6 +94,11 @@ class TrainConfig:
         need(
             self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
         )
+        if self.encoding is not None:
+            try:
+                self.encoding = codecs.lookup(self.encoding).name
+            except LookupError as exc:
+                raise TrainError(f"unknown encoding {self.encoding!r} (e.g. utf-8, gb18030, big5)") from exc
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
 

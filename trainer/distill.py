@@ -117,7 +117,14 @@ def distill(
         layers = pick_layers(ckpt.spec.n_layer, student_layers or max(1, ckpt.spec.n_layer // 2))
     max_len, stride = cfg.resolve_lengths(ckpt.spec.n_positions)
     with accelerator.main_process_first():
-        data, data_fp = load_data(cfg, tokenizer, max_len, stride, progress if accelerator.is_main_process else None)
+        data, data_fp = load_data(
+            cfg,
+            tokenizer,
+            max_len,
+            stride,
+            progress if accelerator.is_main_process else None,
+            report=callbacks.on_data if callbacks and accelerator.is_main_process else None,
+        )
     if resume is not None:
         student, _ = load_model(resume)
         if student.config.n_layer != len(layers):

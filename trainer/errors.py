@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from cpm_infer.documents import DataError
 from cpm_infer.errors import CpmError
 
-
-class DataError(CpmError):
-    """Training data is missing, empty or malformed (the message names file and line)."""
+__all__ = ["DataError", "ResumeError", "TrainError", "TrainingInterrupted"]
 
 
 class TrainError(CpmError):

@@ -75,7 +75,14 @@ def finetune(
     check_vocab(tokenizer, spec, model_dir or tok_path)
     max_len, stride = cfg.resolve_lengths(spec.n_positions)
     with accelerator.main_process_first():  # rank 0 builds the cache, the others then read it
-        data, data_fp = load_data(cfg, tokenizer, max_len, stride, progress if accelerator.is_main_process else None)
+        data, data_fp = load_data(
+            cfg,
+            tokenizer,
+            max_len,
+            stride,
+            progress if accelerator.is_main_process else None,
+            report=callbacks.on_data if callbacks and accelerator.is_main_process else None,
+        )
 
     if resume is not None:
         model, _ = load_model(resume)

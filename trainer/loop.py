@@ -24,6 +24,7 @@ import numpy as np
 from trainer.batches import EpochSampler, collate, eval_batches
 from trainer.config import TrainConfig
 from trainer.errors import TrainError, TrainingInterrupted
+from trainer.formats import ReadSummary
 from trainer.schedule import make_scheduler
 from trainer.state import (
     DEEPSPEED_STATE,
@@ -71,6 +72,7 @@ class Callbacks:
     on_step: Callable[[StepInfo], None] | None = None
     on_eval: Callable[[EvalInfo], None] | None = None
     on_save: Callable[[Path], None] | None = None
+    on_data: Callable[[str, ReadSummary], None] | None = None  # ("train" | "held-out", what reading did)
 
 
 @dataclass

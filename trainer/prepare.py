@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from cpm_infer.tokenizer import CpmTokenizer
 from trainer.batches import eval_windows, split_documents, train_windows
 from trainer.config import TrainConfig
 from trainer.errors import ResumeError, TrainError
+from trainer.formats import ReadSummary
 from trainer.loop import Data
 from trainer.state import find_resumable
 from trainer.windows import Progress, load_windows
@@ -66,16 +68,24 @@ def resume_source(cfg: TrainConfig) -> Path | None:
 
 
 def load_data(
-    cfg: TrainConfig, tokenizer: CpmTokenizer, max_len: int, stride: int, progress: Progress | None
+    cfg: TrainConfig,
+    tokenizer: CpmTokenizer,
+    max_len: int,
+    stride: int,
+    progress: Progress | None,
+    report: Callable[[str, ReadSummary], None] | None = None,
 ) -> tuple[Data, dict]:
-    """Cached train/held-out windows and the data part of the run fingerprint."""
-    cache = load_windows(
-        cfg.data, tokenizer, max_len, stride, fmt=cfg.data_format, cache_dir=cfg.cache_dir, progress=progress
-    )
+    """Cached train/held-out windows and the data part of the run fingerprint; ``report`` gets what
+    reading each data set did (documents kept, skipped by reason)."""
+    reading = {"fmt": cfg.data_format, "cache_dir": cfg.cache_dir, "strict": cfg.strict, "encoding": cfg.encoding}
+    cache = load_windows(cfg.data, tokenizer, max_len, stride, progress=progress, **reading)
+    log.info("training data: %s", cache.summary.describe())
+    if report is not None:
+        report("train", cache.summary)
     if cfg.val_data:
-        val_cache = load_windows(
-            cfg.val_data, tokenizer, max_len, max_len, fmt=cfg.data_format, cache_dir=cfg.cache_dir
-        )
+        val_cache = load_windows(cfg.val_data, tokenizer, max_len, max_len, **reading)
+        if report is not None:
+            report("held-out", val_cache.summary)
         train = np.asarray(cache.windows)
         val = eval_windows(val_cache, list(range(val_cache.n_docs)))
         fp = {"data": cache.directory.name, "val": val_cache.directory.name}

@@ -26,11 +26,11 @@ import numpy as np
 
 from cpm_infer.tokenizer import CpmTokenizer
 from trainer.errors import TrainError
-from trainer.formats import Document, read_documents, resolve_files
+from trainer.formats import Document, ReadSummary, read_with_summary, resolve_files
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: documents read by cpm_infer.documents (skips counted, encodings detected)
 Progress = Callable[[int, int], None]  # (documents done, documents total)
 
 
@@ -77,6 +77,11 @@ class TokenCache:
     def n_docs(self) -> int:
         return len(self.doc_offsets) - 1
 
+    @property
+    def summary(self) -> ReadSummary:
+        """What reading the data files did (kept, skipped by reason, encodings), stored with the entry."""
+        return ReadSummary.from_dict(self.meta["summary"])
+
 
 def _file_digest(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
@@ -89,8 +94,11 @@ def _file_digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(files: Sequence[Path], fmt: str, tokenizer_file: Path, max_len: int, stride: int) -> str:
+def cache_key(
+    files: Sequence[Path], fmt: str, tokenizer_file: Path, max_len: int, stride: int, encoding: str | None = None
+) -> str:
     parts = [f"v{LAYOUT_VERSION}", fmt, _file_digest(files), _file_digest([tokenizer_file]), str(max_len), str(stride)]
+    parts += [encoding] if encoding else []
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -111,20 +119,28 @@ def load_windows(
     fmt: str = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    strict: bool = False,
+    encoding: str | None = None,
 ) -> TokenCache:
-    """The cached windows of ``paths``, building them (with progress) on a cache miss."""
+    """The cached windows of ``paths``, building them (with progress) on a cache miss. ``strict`` refuses
+    data with anything skipped or replaced, on a cache hit too (the entry keeps the read summary)."""
     window_starts(0, max_len, stride)  # validate before any work
     files = resolve_files(paths)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(files, fmt, tokenizer.path, max_len, stride)
+    key = cache_key(files, fmt, tokenizer.path, max_len, stride, encoding)
     entry = root / key
     if (entry / "meta.json").is_file():
         try:
-            return _open(entry)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            cache = _open(entry)
+            summary = cache.summary
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             log.warning("cache entry %s unreadable (%s); rebuilding", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
-    docs = read_documents(files, fmt)
+        else:
+            if strict:
+                summary.check_strict()
+            return cache
+    docs, summary = read_with_summary(files, fmt, strict=strict, encoding=encoding)
     ids = _encode_all(tokenizer, docs, progress)
     _write(
         entry,
@@ -132,7 +148,12 @@ def load_windows(
         tokenizer,
         max_len,
         stride,
-        meta={"files": [str(f) for f in files], "format": fmt, "tokenizer": str(tokenizer.path)},
+        meta={
+            "files": [str(f) for f in files],
+            "format": fmt,
+            "tokenizer": str(tokenizer.path),
+            "summary": summary.to_dict(),
+        },
     )
     log.info("cached %d documents as %s", len(docs), entry)
     return _open(entry)

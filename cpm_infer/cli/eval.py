@@ -50,15 +50,23 @@ def ppl(
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse a file with parts that would be skipped, naming file:line.")
+    ] = False,
+    encoding: Annotated[
+        str | None, typer.Option("--encoding", help="Encoding of FILE (default: UTF-8, GB18030/GBK detected).")
+    ] = None,
 ) -> None:
     """Perplexity (and scoring speed) of MODEL over FILE, with sliding windows over long documents."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cpm_infer.eval import perplexity, read_documents
+    from cpm_infer.eval import load_documents, perplexity
 
-    documents = read_documents(file)  # bad input fails before the model loads
+    documents, summary = load_documents(file, strict=strict, encoding=encoding)  # fails before the model loads
     console = Console(stderr=True)
+    if summary.skipped or summary.replaced or set(summary.encodings) - {"utf-8"}:
+        console.print(f"{file}: {summary.describe()}", style="yellow", highlight=False, soft_wrap=True)
     with console.status("loading model", spinner="dots"):
         name, loaded, tok = _open(model, backend, device, tokenizer, threads)
     columns = (
@@ -84,7 +92,10 @@ def ppl(
         f"{result.documents} document(s), {result.windows} window(s) of {result.window}, stride {result.stride}; "
         f"{name} backend, {result.tokens_per_s:.0f} tokens/s ({result.seconds:.1f} s)"
     )
-    _write_json(json_out, {"model": str(model), "backend": name, "file": str(file), **result.to_dict()})
+    _write_json(
+        json_out,
+        {"model": str(model), "backend": name, "file": str(file), **result.to_dict(), "data": summary.to_dict()},
+    )
 
 
 @app.command("score")

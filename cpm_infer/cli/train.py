@@ -67,6 +67,16 @@ StopAfterOpt = Annotated[
     ),
 ]
 CpuOpt = Annotated[bool, typer.Option("--cpu", help="Train on CPU even where CUDA is available.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict", help="Refuse data that would be skipped (empty, binary, title without body...), naming file:line."
+    ),
+]
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option("--encoding", help="Encoding of the data files (default: UTF-8, with GB18030/GBK files detected)."),
+]
 
 
 @app.command("finetune")
@@ -109,6 +119,8 @@ def finetune(
     resume: ResumeOpt = False,
     stop_after_steps: StopAfterOpt = 0,
     cpu: CpuOpt = False,
+    strict: StrictOpt = False,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Fine-tune a checkpoint (--model) or train a new model (--tokenizer + shape) on your text."""
     from cpm_infer.config import ModelSpec
@@ -184,6 +196,8 @@ def distill(
     resume: ResumeOpt = False,
     stop_after_steps: StopAfterOpt = 0,
     cpu: CpuOpt = False,
+    strict: StrictOpt = False,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Distil a teacher into a shallower student initialised from teacher layers (KD + LM loss)."""
     from trainer.distill import distill as run_distill
@@ -243,6 +257,8 @@ def _config(values: dict):
         "resume",
         "stop_after_steps",
         "cpu",
+        "strict",
+        "encoding",
     )
     return TrainConfig(val_data=values["val_data"] or [], **{n: values[n] for n in names})
 
@@ -314,7 +330,13 @@ class _Display:
     def callbacks(self):
         from trainer.loop import Callbacks
 
-        return Callbacks(on_step=self._step, on_eval=self._eval) if self.progress is not None else None
+        if self.progress is None:
+            return None
+        return Callbacks(on_step=self._step, on_eval=self._eval, on_data=self._data)
+
+    def _data(self, label: str, summary) -> None:
+        style = "yellow" if summary.skipped or summary.replaced else None
+        self.progress.console.print(f"{label} data: {summary.describe()}", style=style, highlight=False, soft_wrap=True)
 
     def _step(self, info) -> None:
         if self.task is None:

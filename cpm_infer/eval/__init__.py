@@ -7,13 +7,14 @@ Imports numpy only; the runtime comes with the backend.
 """
 
 from cpm_infer.eval.logprobs import EvalError, token_logprobs
-from cpm_infer.eval.perplexity import PerplexityResult, perplexity, read_documents
+from cpm_infer.eval.perplexity import PerplexityResult, load_documents, perplexity, read_documents
 from cpm_infer.eval.zero_shot import ZeroShotResult, read_examples, score_examples
 
 __all__ = [
     "EvalError",
     "PerplexityResult",
     "ZeroShotResult",
+    "load_documents",
     "perplexity",
     "read_documents",
     "read_examples",

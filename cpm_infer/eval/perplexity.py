@@ -9,7 +9,6 @@ adds n - 1 predictions: its first token has no context.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,16 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from cpm_infer.backends.base import Backend
+from cpm_infer.documents import Document, ReadSummary
+from cpm_infer.documents import read_documents as read_with_summary
 from cpm_infer.eval.logprobs import EvalError, token_logprobs
 from cpm_infer.tokenizer import CpmTokenizer
 
 Progress = Callable[[int, int], None]  # (windows done, windows in all)
-
-
-@dataclass(frozen=True)
-class Document:
-    content: str
-    title: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,38 +51,22 @@ class PerplexityResult:
         return asdict(self)
 
 
-def read_documents(path: str | os.PathLike[str]) -> list[Document]:
-    """``.jsonl``: one object per line with ``text``, or ``content`` (and an optional ``title``);
-    anything else is UTF-8 text whose documents are separated by blank lines (none: one document)."""
+def load_documents(
+    path: str | os.PathLike[str], *, strict: bool = False, encoding: str | None = None
+) -> tuple[list[Document], ReadSummary]:
+    """The documents of an evaluation file and what reading it did (``cpm_infer.documents``): ``.jsonl``
+    (``text``, or ``content`` + optional ``title``), a seed-format file, or text whose documents are
+    separated by blank lines (none: the whole file is one document). Unusable parts are skipped and
+    counted (``strict``: refused, naming file and line)."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"evaluation file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalError(f"cannot read {path} as UTF-8 text: {exc}") from exc
-    if path.suffix.lower() in (".jsonl", ".json"):
-        docs = [_json_document(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    else:
-        blocks = [b.strip("\n") for b in text.replace("\r\n", "\n").split("\n\n")]
-        docs = [Document(b) for b in blocks if b.strip()]
-    docs = [d for d in docs if d.content.strip() or (d.title or "").strip()]
-    if not docs:
-        raise EvalError(f"{path} holds no text to evaluate")
-    return docs
+    return read_with_summary([path], strict=strict, encoding=encoding, blocks=True)
 
 
-def _json_document(line: str, where: str) -> Document:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"{where}: not a JSON object: {exc.msg}") from exc
-    if not isinstance(record, dict) or not isinstance(record.get("text", record.get("content")), str):
-        raise EvalError(f'{where}: needs a "text" or "content" string field')
-    title = record.get("title")
-    return Document(
-        record.get("text", record.get("content")), title if isinstance(title, str) and title.strip() else None
-    )
+def read_documents(path: str | os.PathLike[str]) -> list[Document]:
+    """``load_documents`` without the summary."""
+    return load_documents(path)[0]
 
 
 def document_ids(tokenizer: CpmTokenizer, doc: Document) -> list[int]:
