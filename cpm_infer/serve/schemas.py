@@ -17,6 +17,7 @@ from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.generate import PromptTooLongError
 from cpm_infer.prompts import essay_prompt
 from cpm_infer.serve.settings import ServeSettings
+from cpm_infer.text import clean_field as policy_clean_field
 from cpm_infer.tokenizer import CpmTokenizer
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,9 @@ _PROMPT_XOR_TITLE = {
 
 
 def clean_field(value: str, field_name: str) -> str:
-    """Lone surrogates (a cut UTF-16 string, a buggy JSON producer) become U+FFFD, with a warning naming
-    the field; a surrogate pair sent as two escapes is joined."""
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        fixed = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-        log.warning("request field %r: lone surrogate(s) replaced with U+FFFD", field_name)
-        return fixed
+    """The project's one text policy (``cpm_infer.text``): lone surrogates (a cut UTF-16 string, a buggy
+    JSON producer) become U+FFFD, with a warning naming the field; a pair sent as two escapes is joined."""
+    return policy_clean_field(value, field_name)
 
 
 class StreamOptions(BaseModel):
