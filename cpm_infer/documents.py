@@ -191,10 +191,10 @@ def read_documents(
 def _read(path: Path, encoding: str | None) -> TextFile:
     try:
         return read_text_file(path, encoding)
-    except LookupError:
-        raise DataError(f"unknown encoding {encoding!r}") from None
+    except LookupError as exc:
+        raise DataError(f"unknown encoding {encoding!r}") from exc
     except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def _parse(text: TextFile, fmt: str, blocks: bool) -> Iterator[Document | Skip]:

@@ -122,26 +122,31 @@ def save_checkpoint(
 ) -> Path:
     """Write an HF-style checkpoint (config.json, model.safetensors, generation_config.json, spiece.model)
     atomically: into a temporary sibling directory renamed at the end."""
+    out = Path(out_dir)
+    with staged_dir(out) as tmp:
+        write_checkpoint(model, tokenizer_file, tmp)
+    return out
+
+
+def write_checkpoint(model: GPT2LMHeadModel, tokenizer_file: str | os.PathLike[str], directory: Path) -> None:
+    """The checkpoint files, written into an existing (staging) directory."""
     require("safetensors", "torch")
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    with staged_dir(out) as tmp:
-        config = model.config.to_dict()
-        config["architectures"] = ["GPT2LMHeadModel"]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        state = {
-            k: v.detach().contiguous().cpu()
-            for k, v in model.state_dict().items()
-            if k != _TIED and not k.endswith(_LEGACY_SUFFIXES)
-        }
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer = CpmTokenizer(tokenizer_file)
-        generation = {
-            "bos_token_id": tokenizer.eod_id,
-            "eos_token_id": tokenizer.eod_id,
-            "pad_token_id": tokenizer.pad_id,
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-        shutil.copyfile(tokenizer_file, tmp / "spiece.model")
-    return out
+    config = model.config.to_dict()
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    state = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if k != _TIED and not k.endswith(_LEGACY_SUFFIXES)
+    }
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = CpmTokenizer(tokenizer_file)
+    generation = {
+        "bos_token_id": tokenizer.eod_id,
+        "eos_token_id": tokenizer.eod_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    shutil.copyfile(tokenizer_file, directory / "spiece.model")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpm_infer.atomic import clean_stale
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.tokenizer import CpmTokenizer
@@ -57,7 +58,10 @@ def check_vocab(tokenizer: CpmTokenizer, spec: ModelSpec, where: Path | str) -> 
 
 
 def resume_source(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to overwrite a run without --resume."""
+    """The checkpoint to resume from, or None; refuses to overwrite a run without --resume. Staging
+    directories of saves killed outright are removed first (a version left aside mid-swap is restored)."""
+    for name in ("last", "best"):
+        clean_stale(cfg.output / name)
     if cfg.resume:
         return find_resumable(cfg.output)
     if (cfg.output / "last").exists() or (cfg.output / "best").exists():

@@ -4,7 +4,8 @@
 ``cpm export onnx`` take as they are (written by ``cpm_infer.torch_model.save_checkpoint``).
 ``last`` also holds ``training_state.pt`` (optimizer, scheduler, loss scaler, RNG states, step,
 data position, the run's fingerprint). Every save goes to a staging directory first and is then
-swapped in with renames, so an interrupted save leaves the previous checkpoint intact.
+swapped in with renames (``cpm_infer.atomic``), so an interrupted save leaves the previous checkpoint
+intact, and the staging directory of a save killed outright is removed by the next save.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cpm_infer.atomic import swap_in
+from cpm_infer.atomic import staged_dir
 from cpm_infer.errors import first_line
 from trainer.errors import ResumeError
 
@@ -45,12 +45,10 @@ def save_run_checkpoint(
     ``extra_dirs`` (name -> directory, e.g. DeepSpeed's per-rank shards) are moved inside before the swap."""
     import torch
 
-    from cpm_infer.torch_model import save_checkpoint
+    from cpm_infer.torch_model import write_checkpoint
 
-    staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        save_checkpoint(model, tokenizer_file, staging)
+    with staged_dir(dest) as staging:
+        write_checkpoint(model, tokenizer_file, staging)
         (staging / TRAINER_JSON).write_text(
             json.dumps(info, indent=2, ensure_ascii=False, default=str), encoding="utf-8"
         )
@@ -58,10 +56,6 @@ def save_run_checkpoint(
             torch.save(training_state, staging / TRAINING_STATE)
         for name, directory in (extra_dirs or {}).items():
             shutil.move(str(directory), str(staging / name))
-        swap_in(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dest
 
 
