@@ -142,7 +142,10 @@ def read_manifest(directory: str | os.PathLike[str], expected_format: str | None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from exc
     manifest = Manifest.from_dict(data, str(path))
-    manifest.check()
+    try:
+        manifest.check()
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
     if expected_format is not None and manifest.format != expected_format:
         raise ManifestError(f"{path} describes a {manifest.format} artifact, not {expected_format}")
     for name in [*manifest.graph_files.values(), manifest.tokenizer_file]:

@@ -13,6 +13,7 @@ dies, however it dies), so a reused PID is never mistaken for the writer.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -33,6 +34,10 @@ _SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|staging)-(?P<pid>\d+)(
 
 class BusyError(CpmError):
     """Another live process is writing the same directory."""
+
+
+class DiskFullError(CpmError):
+    """The disk filled up while a directory was written; nothing of it was left behind."""
 
 
 def swap_in(staging: Path, dest: Path) -> None:
@@ -98,8 +103,20 @@ def staged_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
         try:
             yield tmp
             swap_in(tmp, dest)
+        except Exception as exc:
+            if _disk_full(exc):
+                kept = "the previous version is kept" if dest.exists() else "nothing was written"
+                raise DiskFullError(f"no space left on the device while writing {dest}: {kept}") from exc
+            raise
         finally:
             _remove(tmp)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library reports it in its own exception type (torch, safetensors)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 def _lock_path(dest: Path, pid: int) -> Path:

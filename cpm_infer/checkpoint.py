@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpm_infer.artifact import sha256_files
-from cpm_infer.config import ModelSpec
+from cpm_infer.config import ConfigError, ModelSpec
 from cpm_infer.errors import CpmError
 from cpm_infer.tokenizer import TOKENIZER_FILENAMES, find_tokenizer_file
 
@@ -64,16 +64,26 @@ def spec_from_config(config: dict, where: Path) -> ModelSpec:
         raise CheckpointError(
             f"{where} holds a {model_type or 'unknown'!s} model; cpm-infer serves GPT-2 (CPM) checkpoints"
         )
+
+    def field(*keys: str, default: int | None = None) -> int:
+        key = next((k for k in keys if k in config), keys[0])
+        value = config.get(key, default)
+        if value is None:
+            raise CheckpointError(f"{where}/config.json has no {key!r} (a GPT-2 config needs it)")
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise CheckpointError(f"{where}/config.json: {key!r} must be an integer, got {value!r}")
+        return int(value)
+
     try:
         return ModelSpec(
-            n_layer=int(config["n_layer"]),
-            n_head=int(config["n_head"]),
-            n_embd=int(config["n_embd"]),
-            vocab_size=int(config["vocab_size"]),
-            n_positions=int(config.get("n_positions", config.get("n_ctx", 1024))),
+            n_layer=field("n_layer"),
+            n_head=field("n_head"),
+            n_embd=field("n_embd"),
+            vocab_size=field("vocab_size"),
+            n_positions=field("n_positions", "n_ctx", default=1024),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}/config.json lacks a valid GPT-2 field: {exc}") from exc
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}/config.json: {exc}") from exc
 
 
 def find_weights(directory: Path) -> tuple[Path, ...]:
@@ -123,10 +133,24 @@ def open_checkpoint(
     return Checkpoint(directory=path, config=config, spec=spec, weight_files=weights, tokenizer_file=tok)
 
 
-def check_tokenizer_fits(tokenizer_size: int, spec: ModelSpec, where: Path | str) -> None:
-    """A tokenizer larger than the embedding would produce ids the model cannot embed."""
+# Padded vocabularies round the embedding up to a multiple of 64 or 128 rows; a tokenizer that leaves
+# more rows than that unused is another model's.
+MAX_UNUSED_ROWS = 127
+
+
+def check_tokenizer_fits(
+    tokenizer_size: int, spec: ModelSpec, where: Path | str, tokenizer_file: Path | str | None = None
+) -> None:
+    """A tokenizer larger than the embedding would produce ids the model cannot embed; one much smaller
+    belongs to another model (its ids would mean other pieces)."""
+    named = f"tokenizer {tokenizer_file}" if tokenizer_file else "tokenizer"
     if tokenizer_size > spec.vocab_size:
         raise CheckpointError(
-            f"tokenizer has {tokenizer_size} pieces but the model at {where} embeds only {spec.vocab_size}: "
+            f"{named} has {tokenizer_size} pieces but the model at {where} embeds only {spec.vocab_size}: "
+            "wrong tokenizer for this model"
+        )
+    if spec.vocab_size - tokenizer_size > MAX_UNUSED_ROWS:
+        raise CheckpointError(
+            f"{named} has {tokenizer_size} pieces but the model at {where} embeds {spec.vocab_size}: "
             "wrong tokenizer for this model"
         )

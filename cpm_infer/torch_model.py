@@ -90,7 +90,7 @@ def load_model(
     transformers = require("transformers", "torch")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     tokenizer = CpmTokenizer(ckpt.tokenizer_file)
-    check_tokenizer_fits(tokenizer.vocab_size, ckpt.spec, ckpt.directory)
+    check_tokenizer_fits(tokenizer.vocab_size, ckpt.spec, ckpt.directory, tokenizer.path)
 
     with torch.device("meta"):
         model = transformers.GPT2LMHeadModel(hf_config(ckpt.spec, tokenizer.eod_id, tokenizer.pad_id, ckpt.config))

@@ -352,7 +352,7 @@ def load(
     device = resolve_device(device, "ort")
     manifest = read_manifest(path, expected_format="onnx")
     tokenizer = CpmTokenizer(tokenizer_file or path / manifest.tokenizer_file)
-    check_tokenizer_fits(tokenizer.vocab_size, manifest.spec, path)
+    check_tokenizer_fits(tokenizer.vocab_size, manifest.spec, path, tokenizer.path)
     session = create_session(path / manifest.graph_files["model"], device=device, threads=threads)
     check_graph(session, manifest, path)
     log.info("onnxruntime %s on %s (%s)", manifest.graph_files["model"], session.get_providers()[0], manifest.dtype)

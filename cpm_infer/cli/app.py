@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -56,7 +57,14 @@ def main() -> None:
     except Exception as exc:
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            # A full or read-only disk is the user's to fix, not a bug (the atomic writers left nothing behind).
+            target = exc.filename2 or exc.filename  # shutil names the destination second
+            _fail(f"{exc.strerror}" + (f": {target}" if target else ""), 1)
         _fail(f"unexpected {describe(exc)} (set CPM_DEBUG=1 for the traceback)", 1)
+
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _fail(message: str, code: int) -> None:

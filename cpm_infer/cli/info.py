@@ -93,7 +93,7 @@ def _tokenizer_rows(table: Table, tok: CpmTokenizer, file: Path, spec: ModelSpec
     from cpm_infer.checkpoint import check_tokenizer_fits
 
     table.add_row("tokenizer", f"{file} ({tok.vocab_size} pieces)")
-    check_tokenizer_fits(tok.vocab_size, spec, where)
+    check_tokenizer_fits(tok.vocab_size, spec, where, file)
     fit = (
         "ok"
         if tok.vocab_size == spec.vocab_size

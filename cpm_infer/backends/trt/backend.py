@@ -324,7 +324,8 @@ def load(path, *, device: str | Device = "auto", tokenizer_file=None, threads: i
     path = Path(path)
     manifest = read_manifest(path, expected_format="tensorrt")
     tokenizer = CpmTokenizer(Path(tokenizer_file) if tokenizer_file else path / manifest.tokenizer_file)
-    check_tokenizer_fits(tokenizer.vocab_size, manifest.spec, path)  # before the GPU work, as the ORT loader does
+    # before the GPU work, as the ORT loader does
+    check_tokenizer_fits(tokenizer.vocab_size, manifest.spec, path, tokenizer.path)
     index = resolve_device(device, "trt").index
     trt = require("tensorrt", "tensorrt")
     gpu = cuda.gpu_info(index)
