@@ -130,3 +130,16 @@ def test_eval_cli_reads_a_wild_file_and_says_so(monkeypatch, capsys, tmp_path: P
     gbk.write_bytes(BODY.encode("gbk"))
     code, _, err = run_cli(monkeypatch, capsys, "eval", "ppl", str(tiny_checkpoint), str(gbk))
     assert code == 0 and "GB18030: 1 file(s)" in err, err
+
+
+def test_jsonl_escapes_of_lone_surrogates_follow_the_text_policy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"title": "\\ud800题", "content": "正文\\udc00"}\n{"text": "好"}\n', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="cpm_infer.text"):
+        docs, _ = read_documents([path])
+    assert [(d.title, d.content) for d in docs] == [("\ufffd题", "正文\ufffd"), (None, "好")]
+    assert f"{path}:1: 1 lone surrogate(s) replaced with U+FFFD" in caplog.text
