@@ -1,0 +1,78 @@
+"""How fast can a batch go? Measured matrix-multiply throughput of the kernels our artifacts use.
+
+A decode step of batch B multiplies B rows by every weight matrix: 2 x (12 d^2 x layers + vocab x d)
+FLOPs per row (CPM-small: 216 MFLOP per token). Batch 1 is bound by reading the weights; a large batch
+by arithmetic. So tokens/s at batch 8 over batch 1 cannot exceed 8 x t(1) / max(t(1), 8 x FLOPs / peak),
+where peak is the best throughput the format's kernel reaches on this CPU. This module measures that
+peak on one MLP-shaped matrix (768 x 3072, weights cache-resident, i.e. the kernel's best case) for
+rows = 1, 8, 64, 256, for each format: float32 ``MatMul`` (MLAS SGEMM), int8 ``quantize_dynamic``
+(``MatMulInteger`` / ``DynamicQuantizeMatMul``) and int4 ``MatMulNBits`` (accuracy level 4: int8 compute),
+quantized with the same settings as ``export.quantize.CONFIGS``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+ROWS = (1, 8, 64, 256)
+
+
+def flops_per_token(n_layer: int, n_embd: int, vocab: int) -> float:
+    return 2.0 * (n_layer * 12 * n_embd * n_embd + vocab * n_embd)
+
+
+def _matmul_model(k: int, n: int, seed: int = 0):
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) * 0.02
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mlp_up")],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _session(model, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def kernel_throughput(threads: int, k: int = 768, n: int = 3072, min_seconds: float = 0.3) -> dict:
+    """{format: {rows: GFLOP/s}} for float32 / int8 / int4 matmuls of k x n weights."""
+    from export.quantize import CONFIGS, _quantize_int4, _quantize_int8
+
+    models = {
+        "float32": _matmul_model(k, n),
+        "int8": _quantize_int8(_matmul_model(k, n), ["mlp_up"], CONFIGS["int8"]),
+        "int4": _quantize_int4(_matmul_model(k, n), ["mlp_up"], replace(CONFIGS["int4"], embedding="float32")),
+    }
+    out: dict = {}
+    for name, model in models.items():
+        session = _session(model, threads)
+        out[name] = {}
+        for rows in ROWS:
+            x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+            session.run(None, {"x": x})
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < min_seconds:
+                session.run(None, {"x": x})
+                count += 1
+            seconds = (time.perf_counter() - start) / count
+            out[name][rows] = 2.0 * rows * k * n / seconds / 1e9
+    return out
+
+
+def batch_bound(t1_s: float, batch: int, flops: float, peak_gflops: float) -> float:
+    """The most tokens/s at ``batch`` over batch 1 that arithmetic allows, given batch 1's step time."""
+    t_batch = max(t1_s, batch * flops / (peak_gflops * 1e9))
+    return batch * t1_s / t_batch

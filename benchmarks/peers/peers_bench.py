@@ -1,0 +1,472 @@
+"""cpm-infer vs llama.cpp vs CTranslate2 on the CPU: speed (batch 1, long context, batch 8) and quality, one run.
+
+    pip install 'cpm-infer[peers]'    # ctranslate2, llama-cpp-python (built from source), gguf
+    flock -x /tmp/cpm-heavy.lock python benchmarks/peers/peers_bench.py --work-dir /tmp/peers
+
+Speed (CPM-small shape, random weights; ``benchmarks/ort_vs_eager.py``'s checkpoint, reused from --work-dir).
+Every engine runs the same weights: ours = the ``--optimize`` ONNX artifact (fp32) and its ``--quantize
+int8|int4`` versions on onnxruntime; llama.cpp = a GGUF written from the checkpoint (f32) and llama.cpp's own
+q8_0 / q4_0 quantizations of it; CTranslate2 = its GPT-2 converter (float32). Greedy, EOS ignored, random
+prompt ids, same for every engine, --threads threads each. Cases:
+
+- ``b1``: batch 1, 16-token prompt, 33 new tokens; decode ms/token = (t(33) - t(1)) / 32.
+- ``ctx900``: the same after a 900-token prompt (decode at past ~900).
+- ``b8``: batch 8, 16-token prompts; decode tokens/s of the batch = 8 x 32 / (t(33) - t(1)).
+
+Rounds are interleaved (every engine and case once per round, after a warm-up), medians over --rounds.
+
+Quality (``cpm_infer/demo/sanguo``: the demo model and its held-out chapter). Reference: float32 eager
+PyTorch. Per engine, over non-overlapping 256-token windows of the chapter (teacher forcing, every
+position): mean KL(reference || engine) of the next-token distribution, top-1 agreement with the
+reference, perplexity; and free-running greedy agreement: 4 prompts of 16 tokens, 240 new tokens each
+(256 in all), the share of new tokens equal to the reference's before the first difference.
+
+Writes ``benchmarks/results/peers-llamacpp-<machine>/{results.json,README.md}``: the table of the
+issue (ours vs llama.cpp vs CTranslate2), ratios from this run, each target with pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+
+from compute_bound import batch_bound, flops_per_token, kernel_throughput  # noqa: E402
+from ctranslate2_bench import CT2Runner, convert_ct2, vocabulary  # noqa: E402
+from llama_cpp_peer import LlamaCppRunner, quantize_gguf, write_gguf  # noqa: E402
+from ort_vs_eager import DEFAULT_VOCAB, machine_name, prepare  # noqa: E402
+
+from cpm_infer.bench.runners import LoopRunner  # noqa: E402
+
+# int4 variants measured next to the default (export.quantize.CONFIGS["int4"]: blocks of 128, int4 LM head):
+# smaller blocks and a float32 LM head trade bytes read per token for quality.
+INT4_VARIANTS = {"ours-int4-b32": {"block_size": 32}, "ours-int4-b32-f32head": {"block_size": 32, "lm_head": "float32"}}
+CASES = {"b1": (1, 16), "ctx900": (1, 900), "b8": (8, 16)}  # name -> (batch, prompt length)
+NEW = 33
+WINDOW, PROMPT, FREE = 256, 16, 240
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_details() -> dict:
+    """CPU family/model/flags of interest, clock, caches and memory, from /proc and sysconf."""
+    info: dict = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        flags = set(fields.get("flags", "").split())
+        info = {
+            "family": fields.get("cpu family"),
+            "model": fields.get("model"),
+            "mhz": fields.get("cpu MHz"),
+            "l3_cache": fields.get("cache size"),
+            "simd": sorted(flags & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni"}),
+        }
+    except OSError:
+        pass
+    info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return info
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
+    """Memory read bandwidth (GB/s) with ``threads`` threads: torch.sum over a float32 buffer >> L3."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30 / 4))
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def int4_variant(fp32: Path, base: Path, out: Path, overrides: dict) -> Path:
+    """An int4 artifact like ``base`` whose graph is quantized from ``fp32`` with ``overrides`` of the int4
+    config (reused when it exists). No quality gate: the quality section measures it."""
+    import shutil
+
+    from cpm_infer.artifact import read_manifest, write_manifest
+    from export.quantize import config_for, quantize_graph
+
+    if (out / "manifest.json").is_file():
+        return out
+    manifest, source = read_manifest(base), read_manifest(fp32)
+    config = config_for("int4", **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base / manifest.tokenizer_file, out / manifest.tokenizer_file)
+    info = quantize_graph(fp32 / source.graph_files["model"], out / "model_int4.onnx", manifest.spec, config)
+    manifest.graph_files = {"model": "model_int4.onnx"}
+    if info.pop("external_data"):
+        manifest.graph_files["weights"] = "model_int4.onnx.data"
+    manifest.details = {**manifest.details, "quantization": {**config.to_dict(), **info, "variant_of": base.name}}
+    write_manifest(out, manifest)
+    return out
+
+
+# -- speed -----------------------------------------------------------------------------------------
+
+
+def speed_engines(work: Path, vocab: Path, threads: int) -> dict:
+    """name -> runner, every engine on the CPM-small-shape weights."""
+    from cpm_infer.backends.ort_backend import load as load_ort
+    from cpm_infer.torch_model import load_model
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeOptions
+
+    ckpt, art = prepare(work, vocab, 0, say)
+    ours = {"ours-fp32": art}
+    for scheme in ("int8", "int4"):
+        path = work / f"cpm-small-{scheme}"
+        if not (path / "manifest.json").is_file():
+            say(f"quantizing {art} to {scheme}")
+            export_onnx(art, path, quantize=QuantizeOptions(scheme), threads=threads, progress=say)
+        ours[f"ours-{scheme}"] = path
+    for name, overrides in INT4_VARIANTS.items():
+        ours[name] = int4_variant(art, ours["ours-int4"], work / f"cpm-small-{name}", overrides)
+    f32 = write_gguf(ckpt, work / "cpm-small-f32.gguf")
+    gguf = {"llama-f32": f32}
+    for ftype in ("q8_0", "q4_0"):
+        gguf[f"llama-{ftype}"] = quantize_gguf(f32, work / f"cpm-small-{ftype}.gguf", ftype, threads)
+    model, tok = load_model(ckpt)
+    pieces = vocabulary(tok, model.config.vocab_size)
+    ct2 = convert_ct2(ckpt, work / "ct2-float32", "float32", pieces)
+    del model
+    engines = {name: LoopRunner(name, load_ort(path, threads=threads)[0]) for name, path in ours.items()}
+    for name, path in gguf.items():
+        engines[name] = LlamaCppRunner(name, path, threads=threads, n_ctx=1024)
+    engines["ct2-f32"] = CT2Runner("ct2-f32", ct2, "float32", pieces, threads)
+    return engines
+
+
+def time_speed(engines: dict, rounds: int, vocab: int) -> dict:
+    """{engine: {case: [decode seconds per step, one per round]}}, rounds interleaved."""
+    rng = np.random.default_rng(0)
+    prompts = {c: rng.integers(10, vocab, size=(b, p), dtype=np.int64) for c, (b, p) in CASES.items()}
+    for name, runner in engines.items():
+        say(f"warm-up {name}")
+        for case in CASES:
+            runner.run(prompts[case], 4)
+    times: dict = {name: {case: [] for case in CASES} for name in engines}
+    for r in range(rounds):
+        say(f"round {r + 1}/{rounds}")
+        for case in CASES:
+            for name, runner in engines.items():
+                timing = runner.run(prompts[case], NEW)
+                times[name][case].append(sum(timing.step_s) / len(timing.step_s))
+    return times
+
+
+def summarize_speed(times: dict) -> dict:
+    rows = {}
+    for name, cases in times.items():
+        b1, ctx, b8 = (statistics.median(cases[c]) for c in ("b1", "ctx900", "b8"))
+        rows[name] = {
+            "decode_ms": b1 * 1e3,
+            "decode_ms_past900": ctx * 1e3,
+            "past900_over_past16": ctx / b1,
+            "b8_step_ms": b8 * 1e3,
+            "b1_tokens_per_s": 1 / b1,
+            "b8_tokens_per_s": 8 / b8,
+            "b8_over_b1_tokens_per_s": 8 * b1 / b8,
+            "rounds_ms": {c: [round(t * 1e3, 3) for t in v] for c, v in cases.items()},
+        }
+    return rows
+
+
+# -- quality ---------------------------------------------------------------------------------------
+
+
+def quality(work: Path, threads: int) -> dict:
+    """KL / top-1 / perplexity / greedy agreement of every engine against float32 eager on the demo model."""
+    import torch
+
+    from cpm_infer.backends.ort_backend import load as load_ort
+    from cpm_infer.backends.torch_backend import TorchBackend
+    from cpm_infer.bench.runners import IdsTokenizer
+    from cpm_infer.config import GenerationConfig
+    from cpm_infer.demo import demo_model_dir
+    from cpm_infer.generate import generate
+    from cpm_infer.tokenizer import CpmTokenizer
+    from cpm_infer.torch_model import load_model
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeOptions
+
+    torch.set_num_threads(threads)
+    demo = demo_model_dir()
+    tok = CpmTokenizer(demo / "spiece.model")
+    ids = np.array(tok.encode((demo / "heldout.txt").read_text(encoding="utf-8")), dtype=np.int64)
+    windows = [ids[i : i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)]
+    prompts = np.stack([w[:PROMPT] for w in windows[:4]])
+    model, _ = load_model(demo)
+    reference = TorchBackend(model)
+    art = work / "demo-fp32"
+    if not (art / "manifest.json").is_file():
+        export_onnx(demo, art, optimize=True, threads=threads, progress=say)
+    ours = {"ours-fp32": art}
+    for scheme in ("int8", "int4"):
+        path = work / f"demo-{scheme}"
+        if not (path / "manifest.json").is_file():
+            export_onnx(art, path, quantize=QuantizeOptions(scheme), threads=threads, progress=say)
+        ours[f"ours-{scheme}"] = path
+    for name, overrides in INT4_VARIANTS.items():
+        ours[name] = int4_variant(art, ours["ours-int4"], work / f"demo-{name}", overrides)
+    f32 = write_gguf(demo, work / "demo-f32.gguf")
+    gguf = {"llama-f32": f32}
+    for ftype in ("q8_0", "q4_0"):
+        gguf[f"llama-{ftype}"] = quantize_gguf(f32, work / f"demo-{ftype}.gguf", ftype, threads)
+
+    def window_logits(fn) -> list[np.ndarray]:
+        return [np.asarray(fn(w), dtype=np.float32) for w in windows]
+
+    def backend_logits(backend):
+        def fn(w):
+            x = w[None, :]
+            return backend.logits_all(x, np.ones_like(x), np.arange(len(w))[None, :])[0]
+
+        return fn
+
+    config = GenerationConfig(temperature=0, max_new_tokens=FREE, ignore_eos=True, ban_unk=False)
+
+    def backend_greedy(backend) -> np.ndarray:
+        results = generate(backend, prompts.tolist(), config, IdsTokenizer(backend.spec.vocab_size))
+        return np.array([r.token_ids for r in results])
+
+    say("quality: float32 eager reference")
+    ref_logits = window_logits(backend_logits(reference))
+    ref_greedy = backend_greedy(reference)
+    engines = {name: load_ort(path, threads=threads)[0] for name, path in ours.items()}
+    out = {}
+    for name, backend in engines.items():
+        say(f"quality: {name}")
+        out[name] = compare(
+            ref_logits, window_logits(backend_logits(backend)), windows, ref_greedy, backend_greedy(backend)
+        )
+    for name, path in gguf.items():
+        say(f"quality: {name}")
+        runner = LlamaCppRunner(name, path, threads=threads, n_ctx=WINDOW)
+        runner.run(prompts, FREE)
+        greedy = runner.last_tokens
+        out[name] = compare(ref_logits, window_logits(runner.logits_all), windows, ref_greedy, greedy)
+        runner.close()
+    out["_setup"] = {
+        "model": "cpm_infer/demo/sanguo (4 layers, 256 hidden, vocab 8000)",
+        "text": "heldout.txt (chapter 60)",
+        "windows": len(windows),
+        "window": WINDOW,
+        "positions": len(windows) * (WINDOW - 1),
+        "greedy": f"{len(prompts)} prompts x {PROMPT} tokens, {FREE} new tokens",
+        "reference_ppl": float(np.exp(np.mean([nll(lg, w) for lg, w in zip(ref_logits, windows, strict=True)]))),
+    }
+    return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    peak = logits.max(-1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+
+
+def nll(logits: np.ndarray, window: np.ndarray) -> float:
+    """Mean negative log-likelihood of window[1:] given the logits of window[:-1]."""
+    lp = log_softmax(logits[:-1])
+    return float(-lp[np.arange(len(window) - 1), window[1:]].mean())
+
+
+def compare(ref: list, got: list, windows: list, ref_greedy: np.ndarray, greedy: np.ndarray) -> dict:
+    kls, top1, nlls = [], [], []
+    for r, g, w in zip(ref, got, windows, strict=True):
+        lp, lq = log_softmax(r[:-1]), log_softmax(g[:-1])
+        kls.append((np.exp(lp) * (lp - lq)).sum(-1))
+        top1.append(r[:-1].argmax(-1) == g[:-1].argmax(-1))
+        nlls.append(nll(g, w))
+    same = greedy == ref_greedy
+    prefix = [int(np.argmin(row)) if not row.all() else len(row) for row in same]
+    return {
+        "kl_mean": float(np.concatenate(kls).mean()),
+        "top1_agreement": float(np.concatenate(top1).mean()),
+        "ppl": float(np.exp(np.mean(nlls))),
+        "greedy_prefix_agreement": float(np.mean(prefix) / greedy.shape[1]),
+        "greedy_positionwise_agreement": float(same.mean()),
+    }
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def targets(speed: dict, qual: dict | None) -> list[dict]:
+    s = speed
+    out = []
+
+    def check(item: str, what: str, value: float, limit: float, op: str = "<=") -> None:
+        ok = value <= limit if op == "<=" else value >= limit
+        out.append({"item": item, "target": what, "value": round(value, 3), "limit": limit, "met": bool(ok)})
+
+    fastest_f32 = min(s["llama-f32"]["decode_ms"], s["ct2-f32"]["decode_ms"])
+    check("1", "int4 decode / llama.cpp q4_0", s["ours-int4"]["decode_ms"] / s["llama-q4_0"]["decode_ms"], 0.65)
+    check("1", "int8 decode / llama.cpp q8_0", s["ours-int8"]["decode_ms"] / s["llama-q8_0"]["decode_ms"], 0.70)
+    check("1", "fp32 decode / faster of llama.cpp f32, CT2 f32", s["ours-fp32"]["decode_ms"] / fastest_f32, 0.95)
+    for scheme in ("int4", "int8"):
+        check("2", f"{scheme} decode past 900 / past 16", s[f"ours-{scheme}"]["past900_over_past16"], 1.15)
+    check("3", "int4 tokens/s batch 8 / batch 1", s["ours-int4"]["b8_over_b1_tokens_per_s"], 4.0, ">=")
+    if qual:
+        for ours, theirs in (("ours-int8", "llama-q8_0"), ("ours-int4", "llama-q4_0")):
+            check("4", f"{ours} KL / {theirs} KL", qual[ours]["kl_mean"] / qual[theirs]["kl_mean"], 1.0)
+            check(
+                "4",
+                f"{ours} greedy agreement - {theirs}",
+                qual[ours]["greedy_prefix_agreement"] - qual[theirs]["greedy_prefix_agreement"],
+                0.0,
+                ">=",
+            )
+    return out
+
+
+def bound_report(speed: dict, kernels: dict) -> dict:
+    """The most int4 batch-8 / batch-1 tokens/s that arithmetic allows on this CPU (any kernel, any format)."""
+    flops = flops_per_token(12, 768, 30000)
+    peak = max(v for rows in kernels.values() for v in rows.values())
+    t1 = speed["ours-int4"]["decode_ms"] / 1e3
+    return {
+        "flops_per_token": flops,
+        "kernel_gflops": {name: {str(r): round(v, 1) for r, v in rows.items()} for name, rows in kernels.items()},
+        "peak_gflops": peak,
+        "int4_b8_step_ms_at_peak": 8 * flops / (peak * 1e9) * 1e3,
+        "int4_b8_over_b1_bound": batch_bound(t1, 8, flops, peak),
+    }
+
+
+def markdown(report: dict) -> str:
+    s, env = report["speed"], report["environment"]
+    lines = [
+        "# cpm-infer vs llama.cpp vs CTranslate2 (CPU)",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {env['cpu']}, {env['cores']} cores, {env['threads']} threads per engine; measured read "
+        f"bandwidth {env['read_gb_per_s']:.1f} GB/s (torch.sum over 1 GiB, {env['threads']} threads); "
+        f"load average {env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        "",
+        f"Speed: CPM-small shape, same random weights for every engine, greedy, median of {env['rounds']} "
+        "interleaved rounds. Decode ms/token = (t(33) - t(1)) / 32 after a 16-token prompt (past 16) or a "
+        "900-token prompt (past 900); batch 8 = tokens/s of the whole batch over the same 32 steps.",
+        "",
+        "| engine | decode ms/token | past 900 ms | past 900 / past 16 | batch 8 tok/s | batch 8 / batch 1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in s.items():
+        lines.append(
+            f"| {name} | {r['decode_ms']:.2f} | {r['decode_ms_past900']:.2f} | {r['past900_over_past16']:.2f}x | "
+            f"{r['b8_tokens_per_s']:.0f} | {r['b8_over_b1_tokens_per_s']:.2f}x |"
+        )
+    q = report.get("quality")
+    if q:
+        setup = q["_setup"]
+        lines += [
+            "",
+            f"Quality: {setup['model']}, {setup['text']}; reference float32 eager PyTorch (perplexity "
+            f"{setup['reference_ppl']:.2f}); {setup['windows']} windows of {setup['window']} tokens, teacher forcing "
+            f"at every position ({setup['positions']} predictions); greedy: {setup['greedy']}.",
+            "",
+            "| engine | mean KL | top-1 agreement | perplexity | greedy agreement (prefix) | greedy (position-wise) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in q.items():
+            if name.startswith("_"):
+                continue
+            lines.append(
+                f"| {name} | {r['kl_mean']:.5f} | {r['top1_agreement']:.4f} | {r['ppl']:.2f} | "
+                f"{r['greedy_prefix_agreement']:.3f} | {r['greedy_positionwise_agreement']:.3f} |"
+            )
+    lines += [
+        "",
+        "Targets (issue 14), from this run:",
+        "",
+        "| item | target | value | limit | met |",
+        "|---|---|---:|---:|---|",
+    ]
+    for t in report["targets"]:
+        op = ">=" if "tokens/s" in t["target"] or "agreement" in t["target"] else "<="
+        lines.append(
+            f"| {t['item']} | {t['target']} | {t['value']} | {op} {t['limit']} | {'yes' if t['met'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, required=True, help="Checkpoints, artifacts, GGUF files (reused).")
+    parser.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="CPM SentencePiece file.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--machine", default=machine_name())
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="Default: benchmarks/results/peers-llamacpp-<machine>."
+    )
+    args = parser.parse_args()
+    for package in ("ctranslate2", "llama_cpp", "gguf"):
+        try:
+            __import__(package)
+        except ImportError as exc:
+            raise SystemExit(f"error: {package} is not installed (pip install 'cpm-infer[peers]')") from exc
+    from cpm_infer.bench import report as bench_report
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    bandwidth = read_bandwidth(args.threads)
+    say(f"read bandwidth {bandwidth:.1f} GB/s")
+    engines = speed_engines(args.work_dir, args.vocab, args.threads)
+    speed = summarize_speed(time_speed(engines, args.rounds, 30000))
+    say("matrix-multiply kernel throughput (the batch bound)")
+    kernels = kernel_throughput(args.threads)
+    qual = None if args.skip_quality else quality(args.work_dir, args.threads)
+    import ctranslate2
+    import llama_cpp
+
+    env = bench_report.environment(
+        {
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "read_gb_per_s": bandwidth,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "cpu_details": cpu_details(),
+        }
+    )
+    env["versions"].update({"llama-cpp-python": llama_cpp.__version__, "ctranslate2": ctranslate2.__version__})
+    report = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "environment": env,
+        "speed": speed,
+        "quality": qual,
+        "batch_bound": bound_report(speed, kernels),
+        "targets": targets(speed, qual),
+    }
+    out = args.out_dir or ROOT / "benchmarks" / "results" / f"peers-llamacpp-{args.machine}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "README.md").write_text(markdown(report), encoding="utf-8")
+    print(markdown(report))
+    say(f"wrote {out}/results.json, README.md")
+
+
+if __name__ == "__main__":
+    main()
