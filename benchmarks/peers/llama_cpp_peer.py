@@ -148,7 +148,7 @@ class LlamaCppRunner:
 
         self.name, self.lib, self.max_rows = name, llama_cpp, max_rows
         llama_cpp.llama_backend_init()
-        self._log_cb = llama_cpp.ggml_log_callback(_silence)  # kept alive as long as the runner
+        self._log_cb = llama_cpp.llama_log_callback(_silence)  # kept alive as long as the runner
         llama_cpp.llama_log_set(self._log_cb, ctypes.c_void_p())
         mparams = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)

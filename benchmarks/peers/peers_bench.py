@@ -193,29 +193,13 @@ def summarize_speed(times: dict) -> dict:
 # -- quality ---------------------------------------------------------------------------------------
 
 
-def quality(work: Path, threads: int) -> dict:
-    """KL / top-1 / perplexity / greedy agreement of every engine against float32 eager on the demo model."""
-    import torch
-
-    from cpm_infer.backends.ort_backend import load as load_ort
-    from cpm_infer.backends.torch_backend import TorchBackend
-    from cpm_infer.bench.runners import IdsTokenizer
-    from cpm_infer.config import GenerationConfig
+def quality_files(work: Path, threads: int) -> tuple[dict, dict]:
+    """The demo model's ONNX artifacts (fp32, int8, int4 and the int4 variants) and GGUF files (reused)."""
     from cpm_infer.demo import demo_model_dir
-    from cpm_infer.generate import generate
-    from cpm_infer.tokenizer import CpmTokenizer
-    from cpm_infer.torch_model import load_model
     from export.onnx_export import export_onnx
     from export.quantize import QuantizeOptions
 
-    torch.set_num_threads(threads)
     demo = demo_model_dir()
-    tok = CpmTokenizer(demo / "spiece.model")
-    ids = np.array(tok.encode((demo / "heldout.txt").read_text(encoding="utf-8")), dtype=np.int64)
-    windows = [ids[i : i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)]
-    prompts = np.stack([w[:PROMPT] for w in windows[:4]])
-    model, _ = load_model(demo)
-    reference = TorchBackend(model)
     art = work / "demo-fp32"
     if not (art / "manifest.json").is_file():
         export_onnx(demo, art, optimize=True, threads=threads, progress=say)
@@ -231,6 +215,31 @@ def quality(work: Path, threads: int) -> dict:
     gguf = {"llama-f32": f32}
     for ftype in ("q8_0", "q4_0"):
         gguf[f"llama-{ftype}"] = quantize_gguf(f32, work / f"demo-{ftype}.gguf", ftype, threads)
+    return ours, gguf
+
+
+def quality(work: Path, threads: int) -> dict:
+    """KL / top-1 / perplexity / greedy agreement of every engine against float32 eager on the demo model."""
+    import torch
+
+    from cpm_infer.backends.ort_backend import load as load_ort
+    from cpm_infer.backends.torch_backend import TorchBackend
+    from cpm_infer.bench.runners import IdsTokenizer
+    from cpm_infer.config import GenerationConfig
+    from cpm_infer.demo import demo_model_dir
+    from cpm_infer.generate import generate
+    from cpm_infer.tokenizer import CpmTokenizer
+    from cpm_infer.torch_model import load_model
+
+    torch.set_num_threads(threads)
+    demo = demo_model_dir()
+    tok = CpmTokenizer(demo / "spiece.model")
+    ids = np.array(tok.encode((demo / "heldout.txt").read_text(encoding="utf-8")), dtype=np.int64)
+    windows = [ids[i : i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)]
+    prompts = np.stack([w[:PROMPT] for w in windows[:4]])
+    model, _ = load_model(demo)
+    reference = TorchBackend(model)
+    ours, gguf = quality_files(work, threads)
 
     def window_logits(fn) -> list[np.ndarray]:
         return [np.asarray(fn(w), dtype=np.float32) for w in windows]
@@ -417,6 +426,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="Write every checkpoint, artifact and GGUF file, time nothing."
+    )
     parser.add_argument("--machine", default=machine_name())
     parser.add_argument(
         "--out-dir", type=Path, default=None, help="Default: benchmarks/results/peers-llamacpp-<machine>."
@@ -430,6 +442,11 @@ def main() -> None:
     from cpm_infer.bench import report as bench_report
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.prepare_only:
+        speed_engines(args.work_dir, args.vocab, args.threads)
+        quality_files(args.work_dir, args.threads)
+        say(f"prepared {args.work_dir}")
+        return
     load_before = os.getloadavg()
     bandwidth = read_bandwidth(args.threads)
     say(f"read bandwidth {bandwidth:.1f} GB/s")
