@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -44,31 +45,51 @@ def _session(model, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _quantized(model, scheme: str, k: int, n: int, scratch: Path) -> Path:
+    """``model`` quantized by the exporter's own quantizer with the scheme's settings (no LM head here)."""
+    import onnx
+
+    from cpm_infer.config import ModelSpec
+    from export.quantize import CONFIGS
+    from export.quantize_graph import quantize_graph
+
+    source, target = scratch / f"{scheme}-in.onnx", scratch / f"{scheme}.onnx"
+    onnx.save(model, str(source))
+    config = replace(CONFIGS[scheme], lm_head="float32", embedding="float32")
+    quantize_graph(source, target, ModelSpec(n_layer=1, n_head=12, n_embd=k, vocab_size=n), config)
+    return target
 
 
 def kernel_throughput(threads: int, k: int = 768, n: int = 3072, min_seconds: float = 0.3) -> dict:
     """{format: {rows: GFLOP/s}} for float32 / int8 / int4 matmuls of k x n weights."""
-    from export.quantize import CONFIGS, _quantize_int4, _quantize_int8
+    import tempfile
 
-    models = {
-        "float32": _matmul_model(k, n),
-        "int8": _quantize_int8(_matmul_model(k, n), ["mlp_up"], CONFIGS["int8"]),
-        "int4": _quantize_int4(_matmul_model(k, n), ["mlp_up"], replace(CONFIGS["int4"], embedding="float32")),
-    }
     out: dict = {}
-    for name, model in models.items():
-        session = _session(model, threads)
-        out[name] = {}
-        for rows in ROWS:
-            x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="cpm-kernels-") as scratch:
+        models = {
+            "float32": _matmul_model(k, n).SerializeToString(),
+            "int8": str(_quantized(_matmul_model(k, n), "int8", k, n, Path(scratch))),
+            "int4": str(_quantized(_matmul_model(k, n), "int4", k, n, Path(scratch))),
+        }
+        for name, model in models.items():
+            out[name] = _rows_throughput(_session(model, threads), k, n, min_seconds)
+    return out
+
+
+def _rows_throughput(session, k: int, n: int, min_seconds: float) -> dict:
+    out: dict = {}
+    for rows in ROWS:
+        x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+        session.run(None, {"x": x})
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_seconds:
             session.run(None, {"x": x})
-            count, start = 0, time.perf_counter()
-            while time.perf_counter() - start < min_seconds:
-                session.run(None, {"x": x})
-                count += 1
-            seconds = (time.perf_counter() - start) / count
-            out[name][rows] = 2.0 * rows * k * n / seconds / 1e9
+            count += 1
+        seconds = (time.perf_counter() - start) / count
+        out[rows] = 2.0 * rows * k * n / seconds / 1e9
     return out
 
 

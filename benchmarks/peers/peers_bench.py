@@ -38,16 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
+# The sibling modules import as top-level ones: the script's folder is first on sys.path when it runs.
+from compute_bound import batch_bound, flops_per_token, kernel_throughput
+from ctranslate2_bench import DEFAULT_VOCAB, CT2Runner, convert_ct2, vocabulary
+from llama_cpp_peer import LlamaCppRunner, quantize_gguf, write_gguf
+
+from cpm_infer.bench.report import machine_slug
+from cpm_infer.bench.runners import LoopRunner
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
-
-from compute_bound import batch_bound, flops_per_token, kernel_throughput  # noqa: E402
-from ctranslate2_bench import CT2Runner, convert_ct2, vocabulary  # noqa: E402
-from llama_cpp_peer import LlamaCppRunner, quantize_gguf, write_gguf  # noqa: E402
-from ort_vs_eager import DEFAULT_VOCAB, machine_name, prepare  # noqa: E402
-
-from cpm_infer.bench.runners import LoopRunner  # noqa: E402
 
 # int4 variants measured next to the default (export.quantize.CONFIGS["int4"]: blocks of 128, int4 LM head):
 # smaller blocks and a float32 LM head trade bytes read per token for quality.
@@ -97,25 +96,26 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def int4_variant(fp32: Path, base: Path, out: Path, overrides: dict) -> Path:
-    """An int4 artifact like ``base`` whose graph is quantized from ``fp32`` with ``overrides`` of the int4
-    config (reused when it exists). No quality gate: the quality section measures it."""
+def quantized_artifact(fp32: Path, out: Path, scheme: str, overrides: dict | None = None) -> Path:
+    """``fp32`` (an --optimize artifact) quantized with ``export.quantize``'s quantizer and the scheme's settings
+    (plus ``overrides``), reused when it exists. The quality gate of ``cpm export onnx --quantize`` is not run:
+    the quality section below measures every artifact against float32 itself."""
     import shutil
 
     from cpm_infer.artifact import read_manifest, write_manifest
-    from export.quantize import config_for, quantize_graph
+    from export.quantize import config_for
+    from export.quantize_graph import quantize_graph
 
     if (out / "manifest.json").is_file():
         return out
-    manifest, source = read_manifest(base), read_manifest(fp32)
-    config = config_for("int4", **overrides)
+    manifest = read_manifest(fp32)
+    config = config_for(scheme, **(overrides or {}))
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(base / manifest.tokenizer_file, out / manifest.tokenizer_file)
-    info = quantize_graph(fp32 / source.graph_files["model"], out / "model_int4.onnx", manifest.spec, config)
-    manifest.graph_files = {"model": "model_int4.onnx"}
-    if info.pop("external_data"):
-        manifest.graph_files["weights"] = "model_int4.onnx.data"
-    manifest.details = {**manifest.details, "quantization": {**config.to_dict(), **info, "variant_of": base.name}}
+    shutil.copyfile(fp32 / manifest.tokenizer_file, out / manifest.tokenizer_file)
+    graph = f"model_{scheme}.onnx"  # its weights: model_{scheme}.onnx.data beside it
+    info = quantize_graph(fp32 / manifest.graph_files["model"], out / graph, manifest.spec, config)
+    manifest.graph_files = {"model": graph}
+    manifest.details = {**manifest.details, "quantization": {**config.to_dict(), **info, "overrides": overrides or {}}}
     write_manifest(out, manifest)
     return out
 
@@ -126,20 +126,15 @@ def int4_variant(fp32: Path, base: Path, out: Path, overrides: dict) -> Path:
 def speed_engines(work: Path, vocab: Path, threads: int) -> dict:
     """name -> runner, every engine on the CPM-small-shape weights."""
     from cpm_infer.backends.ort_backend import load as load_ort
+    from cpm_infer.bench.setup import parity_model
     from cpm_infer.torch_model import load_model
-    from export.onnx_export import export_onnx
-    from export.quantize import QuantizeOptions
 
-    ckpt, art = prepare(work, vocab, 0, say)
+    ckpt, art = parity_model(work, vocab, say=say)
     ours = {"ours-fp32": art}
     for scheme in ("int8", "int4"):
-        path = work / f"cpm-small-{scheme}"
-        if not (path / "manifest.json").is_file():
-            say(f"quantizing {art} to {scheme}")
-            export_onnx(art, path, quantize=QuantizeOptions(scheme), threads=threads, progress=say)
-        ours[f"ours-{scheme}"] = path
+        ours[f"ours-{scheme}"] = quantized_artifact(art, work / f"cpm-small-{scheme}", scheme)
     for name, overrides in INT4_VARIANTS.items():
-        ours[name] = int4_variant(art, ours["ours-int4"], work / f"cpm-small-{name}", overrides)
+        ours[name] = quantized_artifact(art, work / f"cpm-small-{name}", "int4", overrides)
     f32 = write_gguf(ckpt, work / "cpm-small-f32.gguf")
     gguf = {"llama-f32": f32}
     for ftype in ("q8_0", "q4_0"):
@@ -210,7 +205,7 @@ def quality_files(work: Path, threads: int) -> tuple[dict, dict]:
             export_onnx(art, path, quantize=QuantizeOptions(scheme), threads=threads, progress=say)
         ours[f"ours-{scheme}"] = path
     for name, overrides in INT4_VARIANTS.items():
-        ours[name] = int4_variant(art, ours["ours-int4"], work / f"demo-{name}", overrides)
+        ours[name] = quantized_artifact(art, work / f"demo-{name}", "int4", overrides)
     f32 = write_gguf(demo, work / "demo-f32.gguf")
     gguf = {"llama-f32": f32}
     for ftype in ("q8_0", "q4_0"):
@@ -429,7 +424,7 @@ def main() -> None:
     parser.add_argument(
         "--prepare-only", action="store_true", help="Write every checkpoint, artifact and GGUF file, time nothing."
     )
-    parser.add_argument("--machine", default=machine_name())
+    parser.add_argument("--machine", default=machine_slug())
     parser.add_argument(
         "--out-dir", type=Path, default=None, help="Default: benchmarks/results/peers-llamacpp-<machine>."
     )
