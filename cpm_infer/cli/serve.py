@@ -119,9 +119,7 @@ def serve(
     try:
         serve_forever(app, sock, log_level="info" if level <= logging.INFO else "warning", access_log=access_log)
     finally:
-        close = getattr(runtime, "close", None)  # backends that hold device memory or sessions release them
-        if close is not None:
-            close()
+        runtime.close()  # idempotent (the shutdown already closed it); also when the server never started
     print("server stopped", file=sys.stderr)
 
 
