@@ -295,3 +295,28 @@ def test_failed_engine_validation_keeps_its_report(monkeypatch, external_onnx_di
     assert f"(report: {kept})" in str(info.value) and "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
     assert json.loads(kept.read_text())["status"] == "failed"
+
+
+def test_export_trt_takes_device_like_every_command(monkeypatch, capsys, onnx_dir, tmp_path):
+    """--device cuda:N reaches the builder (the simulation has two GPUs); a non-CUDA device is one line."""
+    from conftest import run_cli
+
+    from cpm_infer.artifact import read_manifest
+
+    simulate(monkeypatch, onnx_dir, "10.4.0")
+    fake = cuda.runtime()
+    selected = []
+    set_device = fake.cudaSetDevice
+    monkeypatch.setattr(fake, "cudaSetDevice", lambda i: (selected.append(i), set_device(i))[1])
+    common = ("export", "trt", str(onnx_dir), str(tmp_path / "engine"), "--max-input", "16", "--max-total", "40")
+    code, _, err = run_cli(monkeypatch, capsys, *common, "--device", "cuda:2")
+    assert code == 1 and err.count("\n") == 1 and "GPU 2 requested but only 2 CUDA device(s) are visible" in err
+    code, _, err = run_cli(monkeypatch, capsys, *common, "--device", "rocm")
+    assert code == 1 and err.count("\n") == 1 and "is not a CUDA device" in err
+    assert selected == []
+    code, _, err = run_cli(
+        monkeypatch, capsys, *common, "--device", "cuda:1", "--precision", "fp32", "--max-batch", "2"
+    )
+    assert code == 0, err
+    assert selected and set(selected) == {1}  # the build and the validation's engine both on GPU 1
+    assert read_manifest(tmp_path / "engine").details["precision"] == "fp32"

@@ -29,6 +29,7 @@ def test_help_lists_the_options_without_importing_runtimes():
         "--workspace-gb",
         "--timing-cache",
         "--force",
+        "--device",
     ):
         assert flag in out
 
