@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from cpm_infer.errors import CpmError
@@ -11,6 +11,9 @@ from cpm_infer.errors import CpmError
 
 class ConfigError(CpmError, ValueError):
     """An out-of-range or inconsistent setting."""
+
+
+MAX_LOGPROBS = 20  # alternatives per step (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,14 @@ class GenerationConfig:
 
     temperature 0 means greedy decoding (top_k/top_p are then irrelevant). ``ban_unk`` bans
     ``<unk>`` as CPM's original generate script does; ``banned_ids`` adds more.
+
+    Penalties: ``repetition_penalty`` (CTRL, over prompt + generated ids), ``presence_penalty`` and
+    ``frequency_penalty`` (OpenAI: ``logit -= presence * (count > 0) + frequency * count`` over the
+    generated ids), ``no_repeat_ngram_size`` (transformers: an n-gram never occurs twice in prompt +
+    generated ids). ``logprobs`` = N asks for the chosen token's log-probability and the N most likely
+    alternatives at each step (the model's distribution, before penalties and temperature).
+    ``num_beams`` > 1 is deterministic beam search (temperature 0), returning the
+    ``num_return_sequences`` best beams of each prompt.
     """
 
     max_new_tokens: int = 100
@@ -78,13 +89,20 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 0.9
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
     ban_unk: bool = True
     banned_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = 0
     num_samples: int = 1
     ignore_eos: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    logprobs: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -109,6 +127,13 @@ class GenerationConfig:
             _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(_is_num(value) and -2 <= value <= 2, f"{name} must be between -2 and 2 (0 = off), got {value!r}")
+        check(
+            _is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
+            f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size!r}",
+        )
         check(
             all(_is_int(i) and i >= 0 for i in self.banned_ids),
             f"banned_ids must be non-negative integers, got {self.banned_ids!r}",
@@ -121,27 +146,54 @@ class GenerationConfig:
         check(
             _is_int(self.num_samples) and self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples!r}"
         )
+        check(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            f"logprobs must be between 0 and {MAX_LOGPROBS} (or None = off), got {self.logprobs!r}",
+        )
+        self._check_beams(check)
         # Frozen dataclass: normalise sequences to tuples so configs hash and compare by value.
         object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
+    def _check_beams(self, check: Any) -> None:
+        check(_is_int(self.num_beams) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
+        check(_is_num(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        check(
+            isinstance(self.early_stopping, bool), f"early_stopping must be true or false, got {self.early_stopping!r}"
+        )
+        check(
+            _is_int(self.num_return_sequences) and 1 <= self.num_return_sequences <= self.num_beams,
+            f"num_return_sequences must be between 1 and num_beams ({self.num_beams}), "
+            f"got {self.num_return_sequences!r}",
+        )
+        if self.num_beams == 1:
+            return
+        beams = f"beam search (num_beams {self.num_beams}) is deterministic"
+        check(self.temperature == 0, f"{beams}: it cannot sample (temperature must be 0, got {self.temperature!r})")
+        check(self.num_samples == 1, f"{beams}: use num_return_sequences instead of num_samples")
+        check(not self.stop_strings, f"{beams}: stop_strings are not supported with beams")
+        check(self.logprobs is None, f"{beams}: logprobs are not supported with beams")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def beam_search(self) -> bool:
+        return self.num_beams > 1
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("extra")
         data["banned_ids"] = list(self.banned_ids)
         data["stop_strings"] = list(self.stop_strings)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown generation setting(s): {', '.join(unknown)}")

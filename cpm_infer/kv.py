@@ -17,6 +17,8 @@ dynamic axes are both derived from ``DYNAMIC_AXES`` below.
 
 from __future__ import annotations
 
+import numpy as np
+
 from cpm_infer.config import ModelSpec
 
 INPUT_IDS = "input_ids"
@@ -67,3 +69,13 @@ def dynamic_axes(n_layer: int) -> dict[str, dict[int, str]]:
 def kv_shape(spec: ModelSpec, batch: int, length: int) -> tuple[int, int, int, int]:
     """Shape of one key or value tensor: (batch, n_head, length, head_dim)."""
     return (batch, spec.n_head, length, spec.head_dim)
+
+
+def pad_left(array: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """``array`` with zeros prepended along ``axis`` up to ``width`` (itself when already that wide)."""
+    missing = width - array.shape[axis]
+    if missing <= 0:
+        return array
+    shape = list(array.shape)
+    shape[axis] = missing
+    return np.concatenate([np.zeros(shape, dtype=array.dtype), array], axis=axis)

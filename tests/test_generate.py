@@ -48,9 +48,13 @@ class ScriptBackend:
         state = [(key, step + 1) for key, step in state]
         return self._logits(state), state
 
-    def select(self, state, rows):
+    def select(self, state, rows, start=0):
         self.calls.append(("select", rows.shape, rows.copy()))
         return [state[i] for i in rows]
+
+    def merge(self, state, other):
+        self.calls.append(("merge", (len(state), len(other)), None))
+        return state + other
 
 
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=10)
@@ -239,3 +243,28 @@ def test_stream_callback_gets_python_ints(tiny_checkpoint):
     generate(backend, [tok.encode("话说"), tok.encode("天下")], config, tok, callback=lambda i, t: seen.append((i, t)))
     assert seen and all(type(i) is int and isinstance(t, str) for i, t in seen)
     assert {i for i, _ in seen} == {0, 1}
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(tiny):
+    """Each step's chosen-token logprob and top-N alternatives are the log-softmax of the model's raw
+    logits (before penalties, bans and temperature)."""
+    import torch
+
+    model, backend = tiny
+    prompt = [11, 12, 13, 14]
+    config = GenerationConfig(
+        temperature=0.7, top_p=0.8, repetition_penalty=1.3, max_new_tokens=8, seed=5, logprobs=4, ignore_eos=True
+    )
+    result = generate(backend, [prompt], config, TinyTok())[0]
+    assert len(result.logprobs) == len(result.token_ids) == 8
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + result.token_ids])).logits[0].float()
+    reference = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+    for step, (token, info) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
+        row = reference[step]
+        assert info.token_id == token and info.token_text == TinyTok().decode([token])
+        assert info.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        top = torch.topk(row, 4)
+        assert [i for i, _, _ in info.top] == top.indices.tolist()
+        np.testing.assert_allclose([v for _, _, v in info.top], top.values.numpy(), atol=1e-4)
+        assert [t for _, t, _ in info.top] == [TinyTok().decode([i]) for i in top.indices.tolist()]

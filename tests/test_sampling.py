@@ -1,93 +1,174 @@
+"""Sampling primitives: top-k / top-p against a full-sort reference (hypothesis), the draw, penalties
+against transformers' processors and OpenAI's formula."""
+
+from __future__ import annotations
+
+from collections import Counter
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from cpm_infer import sampling
-from cpm_infer.config import GenerationConfig
+from cpm_infer.chooser import NgramBans
 
 NEG = -np.inf
 
 
-def test_repetition_penalty_divides_positive_and_multiplies_negative():
-    logits = np.array([[2.0, -1.0, 3.0, 0.5]])
-    seen = np.array([[True, True, False, False]])
-    out = sampling.apply_repetition_penalty(logits, seen, 2.0)
-    np.testing.assert_allclose(out, [[1.0, -2.0, 3.0, 0.5]])
+def reference_keep(logits: np.ndarray, k: int, p: float) -> tuple[set[int], dict[int, float]]:
+    """Top-k then top-p by full sort: the kept ids, and each id's mass-before in the top-p order."""
+    ids = np.arange(len(logits))
+    if 0 < k < len(logits):
+        kth = np.sort(logits)[::-1][k - 1]
+        ids = np.flatnonzero(logits >= kth)
+    probs = sampling.softmax(logits[ids])
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order], dtype=np.float64)
+    before = np.concatenate([[0.0], cum[:-1]])
+    kept = {int(ids[i]) for i, b in zip(order, before, strict=True) if p >= 1.0 or b < p}
+    return kept, {int(ids[i]): float(b) for i, b in zip(order, before, strict=True)}
 
 
-def test_ban_ids():
-    out = sampling.ban_ids(np.array([[1.0, 2.0, 3.0]]), [0, 2])
-    assert out.tolist() == [[NEG, 2.0, NEG]]
+def kept_ids(logits: np.ndarray, k: int, p: float) -> set[int]:
+    ids, weights = sampling.candidates(logits, k, p)
+    chosen = np.flatnonzero(weights > 0)
+    return {int(i) for i in (chosen if ids is None else ids[chosen])}
 
 
-def test_temperature():
-    np.testing.assert_allclose(sampling.apply_temperature(np.array([[1.0, -2.0]]), 0.5), [[2.0, -4.0]])
+def positive(logits: np.ndarray, ids: set[int], k: int) -> set[int]:
+    """The ids of ``ids`` with a non-zero probability (a zero can never be drawn)."""
+    pool = np.arange(len(logits))
+    if 0 < k < len(logits):
+        pool = np.flatnonzero(logits >= np.sort(logits)[::-1][k - 1])
+    probs = dict(zip(pool.tolist(), sampling.softmax(logits[pool]).tolist(), strict=True))
+    return {i for i in ids if probs.get(i, 0.0) > 0}
 
 
-def test_top_k_keeps_k_largest_and_ties():
-    logits = np.array([[1.0, 5.0, 3.0, 4.0], [2.0, 2.0, 1.0, 0.0]])
-    out = sampling.top_k_filter(logits, 2)
-    assert out.tolist() == [[NEG, 5.0, NEG, 4.0], [2.0, 2.0, NEG, NEG]]
-    assert sampling.top_k_filter(logits, 0) is logits
-
-
-def test_top_p_smallest_set_reaching_p():
-    # probabilities 0.5, 0.3, 0.15, 0.05
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    assert np.isfinite(sampling.top_p_filter(logits, 0.5)).tolist() == [[True, False, False, False]]
-    assert np.isfinite(sampling.top_p_filter(logits, 0.79)).tolist() == [[True, True, False, False]]
-    assert np.isfinite(sampling.top_p_filter(logits, 0.81)).tolist() == [[True, True, True, False]]
-    # the top token is always kept, even for a tiny p
-    assert np.isfinite(sampling.top_p_filter(logits, 1e-9)).tolist() == [[True, False, False, False]]
-    # order of the vocabulary does not matter
-    shuffled = logits[:, [3, 1, 0, 2]]
-    assert np.isfinite(sampling.top_p_filter(shuffled, 0.79)).tolist() == [[False, True, True, False]]
-
-
-def test_softmax_rows_sum_to_one():
-    probs = sampling.softmax(np.array([[0.0, np.log(3.0)], [NEG, 0.0]]))
-    np.testing.assert_allclose(probs, [[0.25, 0.75], [0.0, 1.0]])
-
-
-def test_sample_respects_filtered_tokens_and_seed():
-    logits = np.array([[NEG, 0.0, NEG, 0.0]] * 2)
-    draws = [sampling.sample(logits, [np.random.default_rng(s), np.random.default_rng(s + 100)]) for s in range(50)]
-    assert {int(t) for d in draws for t in d} == {1, 3}
-    again = sampling.sample(logits, [np.random.default_rng(7), np.random.default_rng(107)])
-    assert again.tolist() == sampling.sample(logits, [np.random.default_rng(7), np.random.default_rng(107)]).tolist()
-
-
-def test_sample_frequencies_follow_probabilities():
-    logits = np.log(np.array([[0.7, 0.2, 0.1]]))
-    rng = np.random.default_rng(0)
-    counts = np.bincount([int(sampling.sample(logits, [rng])[0]) for _ in range(4000)], minlength=3) / 4000
-    np.testing.assert_allclose(counts, [0.7, 0.2, 0.1], atol=0.03)
-
-
-def test_greedy():
-    assert sampling.greedy(np.array([[0.1, 0.9, 0.3], [2.0, 1.0, 0.0]])).tolist() == [1, 0]
-
-
-@pytest.mark.parametrize(
-    ("config", "count"),
-    [
-        (GenerationConfig(temperature=0), 0),
-        (GenerationConfig(temperature=1.0, top_k=0, top_p=1.0), 0),
-        (GenerationConfig(temperature=0.7, top_k=5, top_p=0.9), 3),
-        (GenerationConfig(temperature=0, top_k=5, top_p=0.9), 0),
-    ],
+# Rows with ties, flat rows, banned (-inf) entries and wide ranges.
+values = st.one_of(
+    st.sampled_from([0.0, 1.0, -1.0, 2.5, 2.5, -7.0]),
+    st.floats(-40, 40, width=32),
+    st.just(NEG),
 )
-def test_pipeline_builds_only_steps_that_change_something(config, count):
-    assert len(sampling.build_pipeline(config, [])) == count
-    assert len(sampling.build_pipeline(config, [0])) == count + 1
+rows = st.integers(1, 300).flatmap(
+    lambda n: st.one_of(
+        hnp.arrays(np.float32, n, elements=values),
+        hnp.arrays(np.float32, n, elements=st.sampled_from([0.0, 0.5])),  # few distinct values: ties
+        st.just(np.zeros(n, np.float32)),  # flat
+        st.floats(-5, 5, width=32).map(lambda x, n=n: np.full(n, x, np.float32)),
+    )
+)
 
 
-def test_top_p_candidate_path_equals_full_sort():
+@settings(max_examples=400, deadline=None)
+@given(logits=rows, k=st.integers(0, 310), p=st.one_of(st.sampled_from([1.0, 0.9, 0.5, 0.3, 1e-9]), st.floats(0.01, 1)))
+def test_top_k_top_p_keep_the_full_sort_reference_set(logits, k, p):
+    if not np.isfinite(logits).any():
+        logits[0] = 0.0  # a row with no allowed token is the chooser's case, not the filter's
+    ours = kept_ids(logits, k, p)
+    ref, before = reference_keep(logits, k, p)
+    assert int(np.argmax(logits)) in ours, "the most likely token (lowest id among ties) is always kept"
+    # Identical, except where a token's mass-before equals p to within float rounding of the sums.
+    diff = ours ^ positive(logits, ref, k)
+    assert all(abs(before[i] - p) < 1e-9 for i in diff), (sorted(diff), p)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    logits=hnp.arrays(np.float32, st.integers(2, 400), elements=st.floats(-20, 20, width=32)),
+    p=st.floats(0.05, 0.99),
+)
+def test_nucleus_is_minimal(logits, p):
+    """The kept mass reaches p, and dropping the least likely kept token would fall short of it."""
+    probs = sampling.softmax(logits)
+    keep = sampling.nucleus_mask(probs, p)
+    mass = probs[keep].astype(np.float64).sum()
+    smallest = probs[keep].min()
+    assert mass >= p - 1e-6 or keep.all()
+    assert mass - smallest < p + 1e-6
+
+
+def test_flat_row_keeps_the_lowest_ids_and_the_cost_is_one_pass():
+    logits = np.zeros(30000, np.float32)
+    keep = sampling.nucleus_mask(sampling.softmax(logits), 0.3)
+    assert keep.sum() == 9000 and keep[:9000].all()  # 0.3 * 30000, lowest ids first (stable order)
+    probs = np.array([0.5, 0.25, 0.25], np.float32)
+    assert sampling.nucleus_mask(probs, 0.5).tolist() == [True, False, False]
+    assert sampling.nucleus_mask(probs, 0.75).tolist() == [True, True, False]  # the tie goes to id 1
+    assert sampling.nucleus_mask(probs, 0.76).tolist() == [True, True, True]
+
+
+def test_top_k_keeps_ties_with_the_kth():
+    logits = np.array([1.0, 5.0, 3.0, 4.0, 4.0], np.float32)
+    assert kept_ids(logits, 2, 1.0) == {1, 3, 4}
+    assert kept_ids(logits, 1, 1.0) == {1}
+    assert kept_ids(logits, 0, 1.0) == {0, 1, 2, 3, 4}
+
+
+def test_draw_follows_the_kept_distribution():
+    logits = np.log(np.array([0.6, 0.25, 0.1, 0.05], np.float32))
     rng = np.random.default_rng(0)
-    peaked = rng.normal(size=(6, 3000)) * 4.0  # top 256 hold the mass: the fast path
-    flat = rng.normal(size=(3, 3000)) * 0.1  # they do not: the full-sort fallback
-    for logits in (peaked, flat, np.concatenate([peaked, flat])):
-        fast = sampling.top_p_filter(logits, 0.9)
-        full = sampling.top_p_filter(logits, 0.9, candidates=logits.shape[-1])
-        assert np.array_equal(np.isfinite(fast), np.isfinite(full))
-        kept_mass = (sampling.softmax(logits) * np.isfinite(fast)).sum(axis=-1)
-        assert np.all(kept_mass >= 0.9)
+    draws = Counter(sampling.sample_row(logits, 0, 0.8, rng.random()) for _ in range(6000))
+    assert set(draws) == {0, 1}  # 0.6 < 0.8 <= 0.85
+    assert draws[0] / 6000 == pytest.approx(0.6 / 0.85, abs=0.02)
+    draws = Counter(sampling.sample_row(logits, 3, 1.0, rng.random()) for _ in range(6000))
+    assert set(draws) == {0, 1, 2} and draws[2] / 6000 == pytest.approx(0.1 / 0.95, abs=0.015)
+
+
+def test_draw_never_picks_a_zero_weight():
+    weights = np.array([0.0, 0.3, 0.0, 0.7, 0.0], np.float32)
+    assert {sampling.draw(weights, u) for u in np.linspace(0, 0.999999, 200)} == {1, 3}
+
+
+def test_softmax_and_log_softmax():
+    x = np.array([[0.0, np.log(3.0)], [NEG, 0.0]], np.float32)
+    np.testing.assert_allclose(sampling.softmax(x), [[0.25, 0.75], [0.0, 1.0]])
+    np.testing.assert_allclose(np.exp(sampling.log_softmax(x)), [[0.25, 0.75], [0.0, 1.0]], atol=1e-7)
+
+
+# -- penalties ----------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(
+    history=st.lists(st.integers(0, 29), min_size=1, max_size=40),
+    penalty=st.floats(0.2, 3.0),
+    seed=st.integers(0, 100),
+)
+def test_repetition_penalty_equals_transformers(history, penalty, seed):
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    scores = np.random.default_rng(seed).normal(size=30).astype(np.float32) * 3
+    want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([history]), torch.tensor(scores[None]))
+    got = scores.copy()
+    sampling.apply_repetition_penalty(got, np.unique(history), penalty)
+    np.testing.assert_allclose(got, want[0].numpy(), rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(history=st.lists(st.integers(0, 9), min_size=1, max_size=30), n=st.integers(1, 4))
+def test_no_repeat_ngram_equals_transformers_at_every_length(history, n):
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    bans = NgramBans(n, history[:1])
+    for length in range(1, len(history) + 1):
+        if length > 1:
+            bans.add(history[length - 1])
+        scores = torch.zeros(1, 10)
+        ref = NoRepeatNGramLogitsProcessor(n)(torch.tensor([history[:length]]), scores)
+        assert bans.banned() == torch.nonzero(torch.isinf(ref[0])).flatten().tolist()
+
+
+def test_presence_and_frequency_follow_openai():
+    generated = [3, 5, 3, 3, 8]
+    logits = np.linspace(-1, 1, 10).astype(np.float32)
+    counts = Counter(generated)
+    want = logits.copy()
+    for token, count in counts.items():  # logit -= presence * (count > 0) + frequency * count
+        want[token] -= 0.4 * 1 + 0.25 * count
+    ids = np.array(sorted(counts))
+    got = logits.copy()
+    sampling.apply_presence_frequency(got, ids, np.array([counts[i] for i in ids], np.float32), 0.4, 0.25)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

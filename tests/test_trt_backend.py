@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import run_cli as _run_cli
+from engine_contract import check_all
 
 from cpm_infer import kv
 from cpm_infer.artifact import Manifest, read_manifest, write_manifest
@@ -408,6 +409,41 @@ def test_select_and_ping_pong_match_the_reference(simulated):
     engine.close()
 
 
+def test_simulated_engine_passes_the_engine_contract(simulated):
+    """Joins (staging -> merge into the free set, padding zeroed), cancellations, cut padding and
+    repeated rows on the simulated engine give each row what it gets alone."""
+    engine, tok = load_backend("trt", simulated(limits=EngineLimits(4, 24, 48)), device="cuda")
+    check_all(engine, tok)
+    engine.close()
+
+
+def test_merge_fills_the_free_set_and_refuses_stale_or_oversized_joins(simulated):
+    engine, _ = load_backend("trt", simulated(limits=EngineLimits(3, 8, 24)), device="cuda")
+    reference, _ = load_backend("ort", simulated.onnx_dir, device="cpu")
+    (a, sa), (b, sb) = engine.prefill(*left_pad([[5, 6, 7]], pad_id=0)), reference.prefill(*left_pad([[5, 6, 7]], 0))
+    one = np.ones((1, 1), np.int64)
+    (a, sa), (b, sb) = (
+        engine.decode(sa, one * 9, np.ones((1, 4), np.int64), one * 3),
+        reference.decode(sb, one * 9, np.ones((1, 4), np.int64), one * 3),
+    )
+    ids, mask, pos = left_pad([[11], [12, 13]], pad_id=0)
+    (_, na), (_, nb) = engine.prefill(ids, mask, pos), reference.prefill(ids, mask, pos)
+    running_set = sa.cur
+    sa, sb = engine.merge(sa, na), reference.merge(sb, nb)
+    assert (sa.batch, sa.length, sa.cur) == (3, 4, 1 - running_set)
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]], np.int64)
+    pos = np.array([[4], [1], [2]], np.int64)
+    toks = np.array([[3], [4], [5]], np.int64)
+    (a, sa), (b, sb) = engine.decode(sa, toks, mask, pos), reference.decode(sb, toks, mask, pos)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    _, extra = engine.prefill(*left_pad([[8]], pad_id=0))
+    with pytest.raises(TrtBackendError, match="exceed the engine's batch limit of 3"):
+        engine.merge(sa, extra)
+    with pytest.raises(TrtBackendError, match="stale TensorRT state"):
+        engine.merge(sa, na)  # na's staging buffers were reused by the later prefill
+    engine.close()
+
+
 def test_limits_and_stale_states_are_one_line_errors(simulated):
     engine, _ = load_backend("trt", simulated(limits=EngineLimits(2, 4, 8)), device="cuda")
     ids, mask, pos = left_pad([[5, 6], [7]], pad_id=0)
@@ -420,8 +456,8 @@ def test_limits_and_stale_states_are_one_line_errors(simulated):
     one = np.ones((2, 1), dtype=np.int64)
     with pytest.raises(TrtBackendError, match="stale TensorRT state"):
         engine.decode(old, one, np.ones((2, 3), dtype=np.int64), one)
-    with pytest.raises(TrtBackendError, match="not distinct rows"):
-        engine.select(state, np.array([1, 1]))
+    with pytest.raises(TrtBackendError, match="not rows of a batch of 2"):
+        engine.select(state, np.array([0, 2]))
     for _ in range(6):  # past 2 -> 8 = --max-total
         mask = np.concatenate([mask, one], axis=1)
         _, state = engine.decode(state, one, mask, one)

@@ -10,6 +10,11 @@ backends). Inputs, for a batch of B rows:
 - ``position_ids``    (B, T) int64: ``cumsum(mask) - 1`` with padded positions at 0.
 
 Both calls return the logits of the last position only, shape (B, V) float32, and the new state.
+
+Continuous batching (``cpm_infer.engine``) moves rows in and out of a running batch: ``select`` keeps
+some rows (repeats allowed: beam search) and may cut leading cache positions that are padding in
+every kept row; ``merge`` appends a newly prefilled batch to the running one, left-padding the
+shorter cache once, so later steps cost what they cost for any batch of that size.
 The ONNX / TensorRT graphs follow the same contract with per-layer
 ``past_key_values.{i}.key|value`` inputs and ``present.{i}.key|value`` outputs of shape
 (B, n_head, seq, head_dim), see ``cpm_infer.kv``.
@@ -58,8 +63,15 @@ class Backend(Protocol):
         """Append one token per row to the state; return its logits (B, V) and the new state."""
         ...
 
-    def select(self, state: State, rows: np.ndarray) -> State:
-        """Keep only ``rows`` of the batch (finished sequences are dropped from later steps)."""
+    def select(self, state: State, rows: np.ndarray, *, start: int = 0) -> State:
+        """Keep ``rows`` of the batch, in that order (a row may appear more than once), and the cache
+        positions from ``start`` on (the caller cuts only columns that are padding in every kept row)."""
+        ...
+
+    def merge(self, state: State, other: State) -> State:
+        """The rows of ``state`` followed by the rows of ``other`` (both fresh from prefill/decode/
+        select of this backend). The shorter cache is left-padded with zeros to the longer one's
+        length; the caller pads the attention mask to match (padded slots are masked out)."""
         ...
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from cpm_infer import kv
 from cpm_infer.artifact import Manifest, ManifestError, read_manifest
 from cpm_infer.backends.base import BackendClosedError
 from cpm_infer.backends.ort_gather import RowGather
+from cpm_infer.backends.ort_kv_ops import KvOps
 from cpm_infer.checkpoint import check_tokenizer_fits
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
@@ -154,6 +155,7 @@ class OrtBackend:
         # KV buffers: numpy arrays on the CPU provider, OrtValues on the session's device otherwise.
         self._device_buffers = self.device_kind != "cpu"
         self._gather: RowGather | None = None
+        self._ops: KvOps | None = None
         self.past_names = kv.past_names(spec.n_layer)
         self.present_names = kv.present_names(spec.n_layer)
 
@@ -165,7 +167,7 @@ class OrtBackend:
 
     def close(self) -> None:
         """Drop the InferenceSessions (onnxruntime frees their weights and arenas with them)."""
-        self._session = self._gather = None
+        self._session = self._gather = self._ops = None
 
     # -- the Backend protocol -------------------------------------------------------------
     def prefill(
@@ -186,35 +188,27 @@ class OrtBackend:
     ) -> tuple[np.ndarray, OrtState]:
         return self._step(state, input_ids, attention_mask, position_ids)
 
-    def select(self, state: OrtState, rows: np.ndarray) -> OrtState:
+    def select(self, state: OrtState, rows: np.ndarray, *, start: int = 0) -> OrtState:
+        self.session  # noqa: B018 - raises BackendClosedError once closed
         rows = np.asarray(rows, dtype=np.int64)
-        if not self.io_binding:
-            state.arrays = [a[rows] for a in state.arrays]
-        elif self.kv_shared:
-            state.buffers = [[np.ascontiguousarray(pair[0][rows]), None] for pair in state.buffers]
-            state.bound = None  # new buffers: bind them at the next step
-        else:
-            shape = kv.kv_shape(self.spec, state.batch, state.past)
-            new_shape = kv.kv_shape(self.spec, len(rows), state.past)
-            other = 1 - state.current
-            if self._device_buffers:  # gathered where the cache lives: no host round trip
-                row = int(np.prod(shape[1:]))
-                targets = [self._ensure(state, i, other, len(rows) * row) for i in range(len(state.buffers))]
-                self._row_gather()(
-                    [self._ptr(pair[state.current]) for pair in state.buffers],
-                    [self._ptr(target) for target in targets],
-                    batch=state.batch,
-                    row=row,
-                    rows=rows,
-                )
-            else:
-                for i, pair in enumerate(state.buffers):
-                    kept = pair[state.current][: int(np.prod(shape))].reshape(shape)[rows]
-                    target = self._ensure(state, i, other, kept.size)
-                    target[: kept.size].reshape(new_shape)[...] = kept
-            state.current = other
-        state.batch = len(rows)
-        return state
+        if self.io_binding and self._device_buffers:
+            return self._select_on_device(state, rows, start)
+        kept = [view[rows, :, start:] for view in self._kv_views(state)]  # advanced indexing: copies
+        return self._store(state, kept, len(rows), state.past - start)
+
+    def merge(self, state: OrtState, other: OrtState) -> OrtState:
+        """Rows of ``state`` then ``other``, the shorter cache left-padded with zeros: one copy per join
+        (where the cache lives), after which decode runs on the merged buffers as usual."""
+        self.session  # noqa: B018 - raises BackendClosedError once closed
+        width = max(state.past, other.past)
+        if self.io_binding and self._device_buffers:
+            return self._merge_on_device(state, other, width)
+        merged = [
+            np.concatenate([kv.pad_left(a, width, 2), kv.pad_left(b, width, 2)])
+            for a, b in zip(self._kv_views(state), self._kv_views(other), strict=True)
+        ]
+        state.capacity = max(state.capacity, other.capacity)
+        return self._store(state, merged, state.batch + other.batch, width)
 
     def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits of every position (B, T, V) float32 from a prefill with an empty past, no state kept
@@ -299,18 +293,81 @@ class OrtBackend:
         self._run(lambda: self.session.run_with_iobinding(io))
         return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)[:, -1, :]
 
-    def _ensure(self, state: OrtState, index: int, which: int, elements: int) -> Any:
+    def _ensure(self, state: OrtState, index: int, which: int, elements: int, batch: int | None = None) -> Any:
         """Buffer ``which`` of KV tensor ``index`` with room for ``elements`` (grows x2, capped)."""
         if state.sizes[index][which] >= elements:
             return state.buffers[index][which]
         row = self.spec.n_head * self.spec.n_positions * self.spec.head_dim
-        size = max(elements, min(2 * state.sizes[index][which], max(1, state.batch) * row))
+        rows = max(1, state.batch if batch is None else batch)
+        size = max(elements, min(2 * state.sizes[index][which], rows * row))
         if self._device_buffers:
             buffer: Any = self._ort.OrtValue.ortvalue_from_shape_and_type([size], self.np_dtype, *self._where())
         else:
             buffer = np.empty(size, dtype=self.np_dtype)
         state.buffers[index][which], state.sizes[index][which] = buffer, size
         return buffer
+
+    def _kv_views(self, state: OrtState) -> list[np.ndarray]:
+        """Each KV tensor of a host-resident state as an array (B, nh, past, hs)."""
+        if not self.io_binding:
+            return list(state.arrays)
+        if self.kv_shared:
+            return [pair[0][:, :, : state.past] for pair in state.buffers]
+        shape = kv.kv_shape(self.spec, state.batch, state.past)
+        return [pair[state.current][: int(np.prod(shape))].reshape(shape) for pair in state.buffers]
+
+    def _store(self, state: OrtState, arrays: list[np.ndarray], batch: int, past: int) -> OrtState:
+        """Make ``arrays`` (B, nh, past, hs), freshly computed, the state's cache."""
+        if not self.io_binding:
+            state.arrays = [np.ascontiguousarray(a, dtype=self.np_dtype) for a in arrays]
+        elif self.kv_shared:
+            capacity = max(state.capacity, past)
+            buffers = []
+            for array in arrays:
+                buffer = np.empty(kv.kv_shape(self.spec, batch, capacity), dtype=self.np_dtype)
+                buffer[:, :, :past] = array
+                buffers.append([buffer, None])
+            state.buffers, state.capacity = buffers, capacity
+            state.bound = None  # new buffers: bind them at the next step
+        else:
+            other = 1 - state.current
+            for i, array in enumerate(arrays):
+                target = self._ensure(state, i, other, max(1, array.size), batch)
+                target[: array.size].reshape(array.shape)[...] = array
+            state.current = other
+        state.batch, state.past = batch, past
+        return state
+
+    def _select_on_device(self, state: OrtState, rows: np.ndarray, start: int) -> OrtState:
+        """Rows gathered (and leading padding cut) where the cache lives: no host round trip."""
+        row = self.spec.n_head * state.past * self.spec.head_dim
+        length = state.past - start
+        other = 1 - state.current
+        need = len(rows) * self.spec.n_head * length * self.spec.head_dim
+        targets = [self._ensure(state, i, other, need, len(rows)) for i in range(len(state.buffers))]
+        sources = [self._ptr(pair[state.current]) for pair in state.buffers]
+        if start == 0:
+            self._row_gather()(sources, [self._ptr(t) for t in targets], batch=state.batch, row=row, rows=rows)
+        else:
+            self._kv_ops().select(
+                sources, [self._ptr(t) for t in targets], batch=state.batch, length=state.past, rows=rows, start=start
+            )
+        state.current, state.batch, state.past = other, len(rows), length
+        return state
+
+    def _merge_on_device(self, state: OrtState, other: OrtState, width: int) -> OrtState:
+        batch = state.batch + other.batch
+        free = 1 - state.current
+        need = batch * self.spec.n_head * width * self.spec.head_dim
+        targets = [self._ensure(state, i, free, need, batch) for i in range(len(state.buffers))]
+        self._kv_ops().merge(
+            [self._ptr(pair[state.current]) for pair in state.buffers],
+            [self._ptr(pair[other.current]) for pair in other.buffers],
+            [self._ptr(t) for t in targets],
+            shapes=((state.batch, state.past), (other.batch, other.past)),
+        )
+        state.current, state.batch, state.past = free, batch, width
+        return state
 
     def _where(self) -> tuple[str, int]:
         return ("cpu", 0) if self.device_kind == "cpu" else ("cuda", self.device_id)
@@ -324,6 +381,22 @@ class OrtBackend:
                 self._ort, len(self.past_names), self.np_dtype, device=self._where(), providers=providers
             )
         return self._gather
+
+    def _kv_ops(self) -> KvOps:
+        if self._ops is None:  # built on the first device-side join or cut, on the session's providers
+            providers: list[Any] = ["CPUExecutionProvider"]
+            if self.device_kind == "cuda":
+                providers.insert(0, ("CUDAExecutionProvider", cuda_provider_options(self.device_id)))
+            self._ops = KvOps(
+                self._ort,
+                len(self.past_names),
+                self.np_dtype,
+                heads=self.spec.n_head,
+                dim=self.spec.head_dim,
+                device=self._where(),
+                providers=providers,
+            )
+        return self._ops
 
     @staticmethod
     def _ptr(buffer: Any) -> int:

@@ -71,8 +71,23 @@ class TorchBackend:
     def decode(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
         return self._forward(state, input_ids, attention_mask, position_ids)
 
-    def select(self, state: Any, rows: np.ndarray) -> Any:
-        state.batch_select_indices(self._torch.as_tensor(rows, device=self.device))
+    def select(self, state: Any, rows: np.ndarray, *, start: int = 0) -> Any:
+        self.model  # noqa: B018 - raises BackendClosedError once closed
+        index = self._torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        for layer in state.layers:  # index_select copies, so repeated rows (beams) are independent
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        return state
+
+    def merge(self, state: Any, other: Any) -> Any:
+        """Concatenate the rows of two caches, left-padding the shorter with zeros (masked)."""
+        self.model  # noqa: B018 - raises BackendClosedError once closed
+        torch = self._torch
+        for mine, theirs in zip(state.layers, other.layers, strict=True):
+            length = max(mine.keys.shape[2], theirs.keys.shape[2])
+            for name in ("keys", "values"):
+                parts = [_pad_left(torch, getattr(layer, name), length) for layer in (mine, theirs)]
+                setattr(mine, name, torch.cat(parts, dim=0))
         return state
 
     def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -85,6 +100,14 @@ class TorchBackend:
                 use_cache=False,
             )
             return out.logits.float().cpu().numpy()
+
+
+def _pad_left(torch: Any, tensor: Any, length: int) -> Any:
+    """(B, nh, L, hs) -> (B, nh, length, hs) with zeros in front."""
+    missing = length - tensor.shape[2]
+    if missing <= 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0))
 
 
 def load(path, *, device: str | Device = "cpu", tokenizer_file=None, threads: int | None = None):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -30,13 +32,41 @@ def generate(
     resume: Annotated[
         bool, typer.Option("--resume", help="Keep the results already in --output; generate only the prompts left.")
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 8,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=1, help="Prompts in the running batch (the next joins as one finishes)."),
+    ] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 100,
     min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 0,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="1 = off.")] = 0.9,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "-t", help="0 = greedy. [default: 1.0; 0 with --num-beams]")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="0 = off. [default: 0]")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="1 = off. [default: 0.9]")] = None,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 = off.")] = 1.0,
+    presence_penalty: Annotated[
+        float, typer.Option("--presence-penalty", help="-2..2: subtracted once from the logit of a generated id.")
+    ] = 0.0,
+    frequency_penalty: Annotated[
+        float, typer.Option("--frequency-penalty", help="-2..2: subtracted per occurrence of a generated id.")
+    ] = 0.0,
+    no_repeat_ngram_size: Annotated[
+        int, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off).")
+    ] = 0,
+    logprobs: Annotated[
+        int | None,
+        typer.Option("--logprobs", help="Per token: its logprob and the N most likely alternatives (JSONL output)."),
+    ] = None,
+    num_beams: Annotated[int, typer.Option("--num-beams", help="Beam search with this many beams (1 = off).")] = 1,
+    length_penalty: Annotated[
+        float, typer.Option("--length-penalty", help="Beam score = logprob sum / length ** this.")
+    ] = 1.0,
+    early_stopping: Annotated[
+        bool, typer.Option("--early-stopping", help="Beam search ends once --num-beams hypotheses are done.")
+    ] = False,
+    num_return_sequences: Annotated[
+        int, typer.Option("--num-return-sequences", help="Best beams returned per prompt.")
+    ] = 1,
     ban_id: Annotated[
         list[int] | None, typer.Option("--ban-id", help="Token id never to generate (repeatable).")
     ] = None,
@@ -58,7 +88,6 @@ def generate(
     from cpm_infer.backends import load_backend
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate as run_generation
     from cpm_infer.generate import truncate_prompt
     from cpm_infer.jobs import ResultsFile, pending_runs, read_requests
     from cpm_infer.prompts import essay_prompt, plain_prompt
@@ -69,19 +98,40 @@ def generate(
         raise CpmError("give exactly one of --prompt, --title (with --context) or --input")
     if resume and output is None:
         raise CpmError("--resume continues an --output file; give --output")
+    if num_beams > 1:
+        sampling_flags = [
+            flag
+            for flag, value in (("--temperature", temperature), ("--top-k", top_k), ("--top-p", top_p))
+            if value is not None and not (flag == "--temperature" and value == 0)
+        ]
+        if sampling_flags:
+            raise CpmError(
+                f"--num-beams {num_beams} is deterministic beam search: it cannot combine with "
+                f"{', '.join(sampling_flags)} (sampling)"
+            )
+        if stream:
+            raise CpmError("--stream cannot show beam search (beams change until the end); drop --stream")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        temperature=(0.0 if num_beams > 1 else 1.0) if temperature is None else temperature,
+        top_k=0 if top_k is None else top_k,
+        top_p=(1.0 if num_beams > 1 else 0.9) if top_p is None else top_p,
         repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         ban_unk=not allow_unk,
         banned_ids=tuple(ban_id or ()),
         stop_strings=tuple(stop or ()),
         seed=seed,
         num_samples=num_samples,
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences,
     )
     requests = (
         read_requests(input_file)
@@ -105,39 +155,28 @@ def generate(
         )
         return truncate_prompt(ids, n_positions, max_new_tokens) if truncate else ids
 
-    if stream:
-        batch_size = 1  # one sequence at a time, so streamed text never interleaves
-    out_handle, already = ResultsFile.open(output, requests, config.num_samples, resume) if output else (None, set())
+    per_prompt = config.num_samples * config.num_return_sequences
+    out_handle, already = ResultsFile.open(output, requests, per_prompt, resume) if output else (None, set())
     if already:
         print(f"resuming: {len(already)} of {len(requests)} prompts already in {output}", file=sys.stderr)
     done = len(already)
     try:
-        for run in pending_runs(len(requests), batch_size, already):
-            chunk = requests[run.start : run.start + run.count]
-            callback = _StreamPrinter() if stream else None
-            results = run_generation(
-                runtime, [encode(r) for r in chunk], config, tok, callback=callback, index_offset=run.start
-            )
-            records = []
-            for result in results:
-                req = requests[result.prompt_index]
-                record = {
-                    "index": result.prompt_index,
-                    **req,
-                    "sample": result.sample_index,
-                    "text": result.text,
-                    "finish_reason": result.finish_reason,
-                    "prompt_tokens": result.prompt_tokens,
-                    "new_tokens": len(result.token_ids),
-                }
-                records.append(record)
-                if not out_handle and not stream:
-                    _print_result(record, len(requests) > 1 or config.num_samples > 1)
-            if callback is not None:
-                callback.close()
-            if out_handle:
-                out_handle.write(records)  # one write per batch: a kill never leaves half a prompt's samples
-            done += len(chunk)
+        # Rows are seeded by prompt index and do not depend on their batch: every run of consecutive
+        # pending prompts goes through the engine at once, up to --batch-size prompts running together.
+        for run in pending_runs(len(requests), len(requests), already):
+            prompts = [encode(r) for r in requests[run.start : run.start + run.count]]
+            for results, callback in _result_groups(runtime, prompts, config, tok, batch_size, stream, run.start):
+                records = [result_record(requests[result.prompt_index], result) for result in results]
+                if out_handle:
+                    out_handle.write(records)  # one write per prompt: a kill never leaves half its samples
+                for record in records:
+                    if not out_handle and logprobs is not None:
+                        print(json.dumps(record, ensure_ascii=False))
+                    elif not out_handle and not stream:
+                        _print_result(record, len(requests) > 1 or per_prompt > 1)
+                if callback is not None:
+                    callback.close()
+                done += 1
     except KeyboardInterrupt as exc:
         from cpm_infer.errors import Interrupted
 
@@ -146,8 +185,55 @@ def generate(
     finally:
         if out_handle:
             out_handle.close()
+        runtime.close()  # free the runtime's memory now (GPU buffers), not at garbage collection
     if output:
-        print(f"wrote {done} prompt(s) x {config.num_samples} sample(s) to {output}", file=sys.stderr)
+        print(f"wrote {done} prompt(s) x {per_prompt} sample(s) to {output}", file=sys.stderr)
+
+
+def _result_groups(
+    runtime, prompts: list[list[int]], config, tok, batch_size: int, stream: bool, offset: int
+) -> Iterator[tuple]:
+    """(results of one prompt, its stream printer or None), in prompt order; ``offset`` numbers the first
+    prompt (it seeds the rows). Up to ``batch_size`` prompts run at once in the engine, later ones joining
+    as earlier ones finish; with ``stream`` one prompt at a time, so streamed text never interleaves."""
+    from cpm_infer.generate import generate_iter
+
+    if not stream:
+        rows = batch_size * config.num_samples
+        for results in generate_iter(runtime, prompts, config, tok, max_rows=rows, index_offset=offset):
+            yield results, None
+        return
+    for index, prompt in enumerate(prompts):
+        printer = _StreamPrinter()
+        (results,) = generate_iter(runtime, [prompt], config, tok, callback=printer, index_offset=offset + index)
+        yield results, printer
+
+
+def result_record(request: dict, result) -> dict:
+    """One JSONL output record: the prompt's index and fields, the text and how it ended (+ logprobs when
+    asked, the score of a beam)."""
+    record = {
+        "index": result.prompt_index,
+        **request,
+        "sample": result.sample_index,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": len(result.token_ids),
+    }
+    if result.score is not None:
+        record["score"] = result.score
+    if result.logprobs is not None:
+        record["logprobs"] = [
+            {
+                "token_id": step.token_id,
+                "text": step.token_text,
+                "logprob": step.logprob,
+                "top": [{"token_id": i, "text": t, "logprob": v} for i, t, v in step.top],
+            }
+            for step in result.logprobs
+        ]
+    return record
 
 
 def _print_result(record: dict, label: bool) -> None:

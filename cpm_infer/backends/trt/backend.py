@@ -16,7 +16,14 @@ buffers sized for (max_batch, nh, max_total, hs): step t reads the past from set
 the present into set ``1 - cur``; the next step swaps. Nothing is allocated per step; the price is
 the concat the graph does anyway (O(context) bytes per token, see the README's decode benchmarks).
 Dropping finished rows (``select``) gathers the kept rows into the other set with one device copy
-per run of consecutive rows per tensor, and swaps.
+per run of consecutive rows per tensor (a 2-D copy when leading padding is cut too), and swaps.
+
+Joining (``merge``). A prefill writes its cache into a third, smaller set (staging, sized for the
+prefill profile), so it never touches the running batch's set. ``merge`` then copies the running
+rows and the new rows into the free set, left-padding the shorter ones (``cudaMemset2DAsync`` zeroes
+the padding, ``cudaMemcpy2DAsync`` places each run of rows), once per join; a fresh prefill that is
+decoded directly reads its past from staging. A state names its set (``cur``, -1 = staging) and an
+epoch, so a state whose buffers were reused since is refused instead of read.
 
 Logits. The graph returns logits for every position; only the last one per row is copied back
 (one strided ``cudaMemcpy2DAsync`` into pinned memory), then the stream is synchronised once.
@@ -58,9 +65,13 @@ class TrtBackendError(CpmError):
     """The engine cannot be loaded or run, or a call does not fit it."""
 
 
+STAGING = -1  # TrtState.cur of a cache still in the prefill (staging) buffers
+
+
 @dataclass(frozen=True)
 class TrtState:
-    """Where the KV cache is: which buffer set, how many rows and positions, and for which prefill."""
+    """Where the KV cache is: which buffer set (0, 1 or STAGING), how many rows and positions, and
+    the epoch of those buffers (a later prefill reuses staging; a later fresh decode reuses the sets)."""
 
     epoch: int
     batch: int
@@ -69,7 +80,7 @@ class TrtState:
 
 
 def copy_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
-    """(source row, destination row, count) runs gathering ``rows`` into rows 0..len-1."""
+    """(source row, destination row, count) runs gathering ``rows`` (repeats allowed) into rows 0..len-1."""
     runs: list[tuple[int, int, int]] = []
     for dst, src in enumerate(int(r) for r in rows):
         if runs and runs[-1][0] + runs[-1][2] == src:
@@ -115,7 +126,8 @@ class TrtBackend:
         self._stream_handle = int(self._stream)
         self._contexts = profile_contexts(trt, self._engine, list(PROFILE_NAMES), self._stream_handle, self._device)
         self._allocate()
-        self._epoch = 0
+        self.max_batch = limits.max_batch  # the engine never runs more rows than this
+        self._epoch, self._sets_epoch = 0, 0
 
     # -- setup -----------------------------------------------------------------------------------
     def _on_device(self) -> None:
@@ -164,7 +176,12 @@ class TrtBackend:
         self._kv_dtype = self._dtypes[kv.past_names(s.n_layer)[0]]
         per_tensor = b * s.n_head * total * s.head_dim * self._kv_dtype.itemsize
         self._kv = [[self._device(per_tensor, "KV cache") for _ in range(2 * s.n_layer)] for _ in range(2)]
-        log.info("TensorRT backend: %.1f MiB of KV buffers (2 sets)", 2 * 2 * s.n_layer * per_tensor / 2**20)
+        staging = b * s.n_head * t * s.head_dim * self._kv_dtype.itemsize
+        self._staging = [self._device(staging, "KV staging") for _ in range(2 * s.n_layer)]
+        log.info(
+            "TensorRT backend: %.1f MiB of KV buffers (2 sets + staging)",
+            2 * s.n_layer * (2 * per_tensor + staging) / 2**20,
+        )
 
     def close(self) -> None:
         """Free device memory, the execution context and the engine now (also done at garbage collection);
@@ -210,8 +227,8 @@ class TrtBackend:
         mask: np.ndarray,
         pos: np.ndarray,
         past_len: int,
-        past_set: int,
-        out_set: int,
+        past_bufs: list[int],
+        out_bufs: list[int],
     ) -> np.ndarray:
         ctx, s = self._contexts[profile], self.spec  # each context was bound to its profile at load
         batch, seq = ids.shape
@@ -221,8 +238,8 @@ class TrtBackend:
             ok &= ctx.set_input_shape(name, array.shape) and ctx.set_tensor_address(name, self._in_dev[name])
         past_shape = kv.kv_shape(s, batch, past_len)
         for i, (past, present) in enumerate(zip(kv.past_names(s.n_layer), kv.present_names(s.n_layer), strict=True)):
-            ok &= ctx.set_input_shape(past, past_shape) and ctx.set_tensor_address(past, self._kv[past_set][i])
-            ok &= ctx.set_tensor_address(present, self._kv[out_set][i])
+            ok &= ctx.set_input_shape(past, past_shape) and ctx.set_tensor_address(past, past_bufs[i])
+            ok &= ctx.set_tensor_address(present, out_bufs[i])
         ok &= ctx.set_tensor_address(kv.LOGITS, self._logits_dev)
         if not ok:
             raise TrtBackendError(
@@ -258,8 +275,9 @@ class TrtBackend:
         self._fit(PREFILL, batch, seq, 0)
         self._on_device()
         self._epoch += 1
-        logits = self._run(PREFILL, input_ids, attention_mask, position_ids, 0, past_set=1, out_set=0)
-        return logits, TrtState(self._epoch, batch, seq, cur=0)
+        # The (empty) past is bound to set 1's buffers: any valid address, nothing is read.
+        logits = self._run(PREFILL, input_ids, attention_mask, position_ids, 0, self._kv[1], self._staging)
+        return logits, TrtState(self._epoch, batch, seq, cur=STAGING)
 
     def decode(self, state: TrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
         self._check_state(state)
@@ -271,32 +289,93 @@ class TrtBackend:
             )
         self._fit(DECODE, batch, 1, state.length)
         self._on_device()
-        logits = self._run(
-            DECODE, input_ids, attention_mask, position_ids, state.length, past_set=state.cur, out_set=1 - state.cur
-        )
-        return logits, TrtState(state.epoch, batch, state.length + 1, cur=1 - state.cur)
+        src, out, epoch = self._source(state), self._target(state), self._epoch_after(state)
+        logits = self._run(DECODE, input_ids, attention_mask, position_ids, state.length, src, self._kv[out])
+        return logits, TrtState(epoch, batch, state.length + 1, cur=out)
 
-    def select(self, state: TrtState, rows: np.ndarray) -> TrtState:
+    def select(self, state: TrtState, rows: np.ndarray, *, start: int = 0) -> TrtState:
         self._check_state(state)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size == 0 or rows.min() < 0 or rows.max() >= state.batch or len(set(rows.tolist())) != rows.size:
-            raise TrtBackendError(f"select: rows {rows.tolist()} are not distinct rows of a batch of {state.batch}")
-        if np.array_equal(rows, np.arange(state.batch)):
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= state.batch:
+            raise TrtBackendError(f"select: rows {rows.tolist()} are not rows of a batch of {state.batch}")
+        if not 0 <= start < state.length:
+            raise TrtBackendError(f"select: start {start} is outside a cache of {state.length} positions")
+        if start == 0 and np.array_equal(rows, np.arange(state.batch)):
             return state
         self._on_device()
-        s = self.spec
-        block = s.n_head * state.length * s.head_dim * self._kv_dtype.itemsize  # one row of one tensor
-        src, dst = self._kv[state.cur], self._kv[1 - state.cur]
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        src, out, epoch = self._source(state), self._target(state), self._epoch_after(state)
+        length = state.length - start
         for first, to, count in copy_runs(rows):
-            for i in range(2 * s.n_layer):
+            self._place(src, first, state.length, start, self._kv[out], to, length, count)
+        return TrtState(epoch, int(rows.size), length, cur=out)
+
+    def merge(self, state: TrtState, other: TrtState) -> TrtState:
+        """Running rows (one set) + newly prefilled rows (staging) into the free set, left-padded."""
+        for s in (state, other):
+            self._check_state(s)
+        sets = [s.cur for s in (state, other) if s.cur != STAGING]
+        if len(sets) != 1:
+            raise TrtBackendError("merge: expected one running state and one fresh prefill")
+        batch, length = state.batch + other.batch, max(state.length, other.length)
+        if batch > self.limits.max_batch:
+            raise TrtBackendError(
+                f"merge: {batch} rows exceed the engine's batch limit of {self.limits.max_batch} (--max-batch)"
+            )
+        self._on_device()
+        out = 1 - sets[0]
+        row = 0
+        for part in (state, other):
+            self._place(self._source(part), 0, part.length, 0, self._kv[out], row, length, part.batch)
+            row += part.batch
+        epoch = state.epoch if state.cur != STAGING else other.epoch
+        return TrtState(epoch, batch, length, cur=out)
+
+    # -- KV buffer bookkeeping ------------------------------------------------------------------------
+    def _source(self, state: TrtState) -> list[int]:
+        return self._staging if state.cur == STAGING else self._kv[state.cur]
+
+    @staticmethod
+    def _target(state: TrtState) -> int:
+        return 0 if state.cur == STAGING else 1 - state.cur
+
+    def _epoch_after(self, state: TrtState) -> int:
+        """A state leaving staging becomes the sets' new occupant: older set states turn stale."""
+        if state.cur != STAGING:
+            return state.epoch
+        self._sets_epoch += 1
+        return self._sets_epoch
+
+    def _place(
+        self, src: list[int], first: int, src_len: int, start: int, dst: list[int], to: int, dst_len: int, count: int
+    ) -> None:
+        """Copy ``count`` rows from row ``first`` of ``src`` (length ``src_len``, from position ``start``)
+        to row ``to`` of ``dst`` (length ``dst_len``), right-aligned; the padding in front is zeroed."""
+        s, item = self.spec, self._kv_dtype.itemsize
+        line = s.head_dim * item  # one position of one head
+        kept = src_len - start
+        pad = dst_len - kept
+        lines = count * s.n_head  # (row, head) pairs: each is a contiguous run of positions
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for i in range(2 * s.n_layer):
+            base = dst[i] + to * s.n_head * dst_len * line
+            if pad:
                 cuda.call(
-                    self._rt.cudaMemcpyAsync(
-                        dst[i] + to * block, src[i] + first * block, count * block, kind, self._stream_handle
-                    ),
-                    "KV row gather",
+                    self._rt.cudaMemset2DAsync(base, dst_len * line, 0, pad * line, lines, self._stream_handle),
+                    "KV padding",
                 )
-        return TrtState(state.epoch, int(rows.size), state.length, cur=1 - state.cur)
+            cuda.call(
+                self._rt.cudaMemcpy2DAsync(
+                    base + pad * line,
+                    dst_len * line,
+                    src[i] + (first * s.n_head * src_len + start) * line,
+                    src_len * line,
+                    kept * line,
+                    lines,
+                    kind,
+                    self._stream_handle,
+                ),
+                "KV row gather",
+            )
 
     def _check_open(self) -> None:
         if getattr(self, "_closed", False):
@@ -311,8 +390,9 @@ class TrtBackend:
 
     def _check_state(self, state: TrtState) -> None:
         self._check_open()
-        if not isinstance(state, TrtState) or state.epoch != self._epoch:
-            raise TrtBackendError("stale TensorRT state: a later prefill has reused its KV buffers")
+        current = self._epoch if isinstance(state, TrtState) and state.cur == STAGING else self._sets_epoch
+        if not isinstance(state, TrtState) or state.epoch != current:
+            raise TrtBackendError("stale TensorRT state: a later prefill or generation has reused its KV buffers")
 
 
 def load(path, *, device: str | Device = "auto", tokenizer_file=None, threads: int | None = None):

@@ -1,0 +1,291 @@
+"""The generation engine: one running batch over any ``Backend``, rows joining and leaving at every step.
+
+Pure Python + numpy; never imports a runtime. Cut like gpt-fast: a step is ``_drop_cancelled`` ->
+``_decode_running`` (one token for each running row) -> ``_prefill_newcomers`` (their first token,
+then ``merge`` into the running batch); ``_advance`` is the per-token bookkeeping (stop checks, text,
+events). Each row has its own settings, seeded generator and penalty state (``cpm_infer.chooser``)
+and reads only its own row of logits, so its tokens do not depend on what it is batched with.
+
+Single-threaded: one owner calls ``add`` / ``cancel`` / ``step``; a server wraps it with its own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from cpm_infer.backends.base import Backend
+from cpm_infer.batch import DecodeBatch
+from cpm_infer.chooser import RowChooser, TokenLogprob, choose
+from cpm_infer.config import ConfigError, GenerationConfig
+from cpm_infer.detok import TextStream
+from cpm_infer.errors import CpmError
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(CpmError):
+    """A prompt does not leave room for one new token in the model's context."""
+
+
+class TokenizerLike(Protocol):
+    eod_id: int
+    unk_id: int
+    pad_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class GenerationResult:
+    prompt_index: int
+    sample_index: int
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos" | "length" | "stop" | "context" | a cancel reason
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    score: float | None = None  # beam search: the beam's length-penalised log-probability
+
+
+@dataclass
+class TokenEvent:
+    """A row produced ``token_id``; ``text`` is its newly final text (may be ""; text that could
+    still start a stop string is held back)."""
+
+    row_id: int
+    tag: object
+    token_id: int
+    text: str
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class FinishEvent:
+    """A row ended. ``text`` is what was still held back (streamed text = the row's TokenEvent texts
+    + this); ``result`` is the whole row."""
+
+    row_id: int
+    tag: object
+    reason: str
+    result: GenerationResult
+    text: str = ""
+
+
+Event = TokenEvent | FinishEvent
+
+
+def check_prompt_length(index: int, prompt: Sequence[int], n_positions: int) -> None:
+    if len(prompt) >= n_positions:
+        raise PromptTooLongError(
+            f"prompt {index} has {len(prompt)} tokens but the model's context is {n_positions}: "
+            f"shorten it, or truncate it to its last tokens (--truncate)"
+        )
+
+
+def make_rng(seed: int | None, prompt_index: int, sample_index: int) -> np.random.Generator:
+    if seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng([seed, prompt_index, sample_index])
+
+
+@dataclass
+class _Row:
+    id: int
+    tag: object
+    prompt: list[int]
+    config: GenerationConfig
+    chooser: RowChooser
+    text: TextStream
+    prompt_index: int
+    sample_index: int
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            prompt_index=self.prompt_index,
+            sample_index=self.sample_index,
+            prompt_tokens=len(self.prompt),
+            token_ids=self.ids,
+            text=self.text.text,
+            finish_reason=self.finish_reason or "length",
+            logprobs=self.logprobs,
+        )
+
+
+class Engine:
+    def __init__(self, backend: Backend, tokenizer: TokenizerLike, *, max_rows: int = 8) -> None:
+        if max_rows < 1:
+            raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
+        self.backend, self.tokenizer = backend, tokenizer
+        limit = getattr(backend, "max_batch", None)  # e.g. a TensorRT engine's profile
+        self.max_rows = min(max_rows, limit) if limit else max_rows
+        self.n_positions = backend.spec.n_positions
+        self.vocab = backend.spec.vocab_size
+        self.tokens_last_step = 0  # rows that produced a token in the last step (incl. <eod>)
+        self._next_id = 0
+        self._pending: list[_Row] = []
+        self._rows: list[_Row] = []  # the running batch's rows, in batch order
+        self._batch: DecodeBatch | None = None
+        self._cancelled: dict[int, str] = {}
+        self._finished: list[FinishEvent] = []  # cancelled pending rows, reported at the next step
+
+    # -- public API ------------------------------------------------------------------------------
+    def add(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        *,
+        seed: int | None,
+        prompt_index: int = 0,
+        sample_index: int = 0,
+        tag: object = None,
+    ) -> int:
+        """Queue one row (one sample of one prompt); returns its row id. It joins the running batch at
+        the next ``step`` with room; its generator is seeded from (seed, prompt_index, sample_index)."""
+        if config.beam_search:
+            raise ConfigError("beam search does not run in the continuous batch; use cpm_infer.beam.beam_search")
+        prompt = [int(t) for t in prompt_ids] or [self.tokenizer.eod_id]  # empty = start of a document
+        check_prompt_length(prompt_index, prompt, self.n_positions)
+        row = _Row(
+            id=self._next_id,
+            tag=tag,
+            prompt=prompt,
+            config=config,
+            chooser=RowChooser(
+                config,
+                prompt,
+                make_rng(seed, prompt_index, sample_index),
+                vocab=self.vocab,
+                banned=self._static_bans(config),
+                eos=self.tokenizer.eod_id,
+            ),
+            text=TextStream(self.tokenizer, config.stop_strings),
+            prompt_index=prompt_index,
+            sample_index=sample_index,
+            logprobs=[] if config.logprobs is not None else None,
+        )
+        self._next_id += 1
+        self._pending.append(row)
+        return row.id
+
+    def cancel(self, row_id: int, reason: str = "cancelled") -> None:
+        """Drop the row before the next step; a FinishEvent with ``reason`` follows from that step."""
+        for row in self._pending:
+            if row.id == row_id:
+                self._pending.remove(row)
+                row.finish_reason = reason
+                self._finished.append(self._finish_event(row))
+                return
+        if any(row.id == row_id for row in self._rows):
+            self._cancelled[row_id] = reason
+
+    def step(self) -> list[Event]:
+        """Drop cancelled rows, decode one token for every running row, prefill newcomers (their first
+        token) and merge them into the running batch. Returns this step's events."""
+        events: list[Event] = list(self._finished)
+        self._finished = []
+        self.tokens_last_step = 0
+        self._drop_cancelled(events)
+        if self._rows:
+            self._decode_running(events)
+        room = self.max_rows - len(self._rows)
+        if self._pending and room > 0:
+            newcomers, self._pending = self._pending[:room], self._pending[room:]
+            self._prefill_newcomers(newcomers, events)
+        return events
+
+    @property
+    def live_rows(self) -> int:
+        return len(self._rows)
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._pending)
+
+    def has_work(self) -> bool:
+        return bool(self._rows or self._pending or self._finished)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        if not self._cancelled:
+            return
+        for row in self._rows:
+            if row.id in self._cancelled:
+                row.finish_reason = self._cancelled[row.id]
+        self._cancelled.clear()
+        self._keep_unfinished(events)
+
+    def _decode_running(self, events: list[Event]) -> None:
+        logits = self._batch.decode(self.backend, [row.ids[-1] for row in self._rows])
+        self._choose(logits, self._rows, events)
+        self._keep_unfinished(events)
+
+    def _prefill_newcomers(self, rows: list[_Row], events: list[Event]) -> None:
+        logits, batch = DecodeBatch.prefill(self.backend, [row.prompt for row in rows], self.tokenizer.pad_id)
+        self._choose(logits, rows, events)
+        if self._batch is None:
+            self._batch, self._rows = batch, rows
+        else:  # join all newcomers, then drop those that already finished in the same select
+            self._batch.merge(self.backend, batch)
+            self._rows = self._rows + rows
+        self._keep_unfinished(events)
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _choose(self, logits: np.ndarray, rows: list[_Row], events: list[Event]) -> None:
+        tokens, infos = choose(logits, [row.chooser for row in rows], self.tokenizer.decode)
+        self.tokens_last_step += len(rows)
+        for row, token, info in zip(rows, tokens, infos, strict=True):
+            self._advance(row, token, info, events)
+
+    def _advance(self, row: _Row, token: int, info: TokenLogprob | None, events: list[Event]) -> None:
+        config = row.config
+        if token == self.tokenizer.eod_id and not config.ignore_eos:
+            row.finish_reason = "eos"
+            return
+        row.ids.append(token)
+        row.chooser.update(token)
+        if row.logprobs is not None and info is not None:
+            row.logprobs.append(info)
+        text, stopped = row.text.add(token)
+        events.append(TokenEvent(row.id, row.tag, token, text, info))
+        if stopped:
+            row.finish_reason = "stop"
+        elif len(row.ids) >= config.max_new_tokens:
+            row.finish_reason = "length"
+        elif len(row.prompt) + len(row.ids) >= self.n_positions:
+            row.finish_reason = "context"
+
+    def _keep_unfinished(self, events: list[Event]) -> None:
+        """Drop the finished rows of the running batch (one ``select``), report them."""
+        keep = [i for i, row in enumerate(self._rows) if row.finish_reason is None]
+        if len(keep) == len(self._rows):
+            return
+        self._finish_rows([row for row in self._rows if row.finish_reason is not None], events)
+        if keep:
+            self._batch.select(self.backend, keep)
+            self._rows = [self._rows[i] for i in keep]
+        else:
+            self._batch, self._rows = None, []
+
+    def _finish_rows(self, rows: list[_Row], events: list[Event]) -> None:
+        events.extend(self._finish_event(row) for row in rows)
+
+    def _finish_event(self, row: _Row) -> FinishEvent:
+        tail = row.text.finish()
+        return FinishEvent(row.id, row.tag, row.finish_reason or "length", row.result(), tail)
+
+    def _static_bans(self, config: GenerationConfig) -> np.ndarray:
+        banned = [self.tokenizer.unk_id] if config.ban_unk else []
+        banned += [i for i in config.banned_ids if i < self.vocab]
+        banned += range(self.tokenizer.vocab_size, self.vocab)  # embedding rows the tokenizer cannot decode
+        return np.unique(np.asarray(banned, dtype=np.int64))
