@@ -54,6 +54,7 @@ class Measurement:
     gpu_peak_mb: float | None
     repeats: int
     gb_per_s: float | None = None  # weights + KV bytes read per decode step / p50 step time
+    sampling: str = "greedy"  # the runner's sampling mode (runners.Sampling label)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,4 +174,5 @@ def measure(
         gpu_peak_mb=gpu_peak.read() if gpu_peak is not None else None,
         repeats=repeats,
         gb_per_s=moved / p50 / 1e6 if moved and steps else None,
+        sampling=getattr(getattr(runner, "sampling", None), "label", "greedy"),
     )

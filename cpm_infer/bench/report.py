@@ -24,16 +24,20 @@ def baseline_name(results: Sequence[Measurement]) -> str | None:
 
 
 def with_ratios(results: Sequence[Measurement]) -> list[dict]:
-    """Each measurement as a dict plus its decode and first-token speedups over the eager baseline
-    on the same case (>1 = faster than eager)."""
+    """Each measurement as a dict plus its decode and first-token speedups over the eager baseline on the
+    same case and sampling mode (>1 = faster than eager), and ``vs_greedy``: its decode p50 over the same
+    backend's greedy decode p50 on the same case (what sampling costs; measured in the same run)."""
     base = baseline_name(results)
-    reference = {(m.batch, m.prompt_len, m.new_tokens): m for m in results if m.backend == base}
+    reference = {(m.sampling, m.batch, m.prompt_len, m.new_tokens): m for m in results if m.backend == base}
+    greedy = {(m.backend, m.batch, m.prompt_len, m.new_tokens): m for m in results if m.sampling == "greedy"}
     rows = []
     for m in results:
         row = m.to_dict()
-        ref = reference.get((m.batch, m.prompt_len, m.new_tokens))
+        ref = reference.get((m.sampling, m.batch, m.prompt_len, m.new_tokens))
         row["decode_speedup"] = ref.decode_p50_ms / m.decode_p50_ms if ref else None
         row["ttft_speedup"] = ref.ttft_ms / m.ttft_ms if ref else None
+        plain = greedy.get((m.backend, m.batch, m.prompt_len, m.new_tokens))
+        row["vs_greedy"] = m.decode_p50_ms / plain.decode_p50_ms if plain and m.sampling != "greedy" else None
         rows.append(row)
     return rows
 
@@ -76,6 +80,7 @@ def environment(extra: dict | None = None) -> dict:
 
 COLUMNS = [
     ("backend", "backend", "{}"),
+    ("sampling", "sampling", "{}"),
     ("sweep", "sweep", "{}"),
     ("batch", "batch", "{}"),
     ("prompt_len", "prompt", "{}"),
@@ -88,7 +93,9 @@ COLUMNS = [
     ("peak_rss_mb", "RSS MB", "{:.0f}"),
     ("decode_speedup", "decode x", "{:.2f}"),
     ("ttft_speedup", "TTFT x", "{:.2f}"),
+    ("vs_greedy", "x greedy", "{:.2f}"),
 ]
+SAMPLING_COLUMNS = ("sampling", "vs_greedy")  # shown when some row sampled
 
 
 GPU_COLUMN = ("gpu_peak_mb", "GPU MB", "{:.0f}")
@@ -96,10 +103,12 @@ GPU_COLUMN = ("gpu_peak_mb", "GPU MB", "{:.0f}")
 
 def columns_for(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     """COLUMNS, plus peak GPU memory after RSS when some row measured it (rows that did not show "-")."""
+    sampled = any(r.get("sampling", "greedy") != "greedy" for r in rows)
+    columns = [c for c in COLUMNS if sampled or c[0] not in SAMPLING_COLUMNS]
     if not any(r.get("gpu_peak_mb") is not None for r in rows):
-        return list(COLUMNS)
-    at = next(i for i, c in enumerate(COLUMNS) if c[0] == "peak_rss_mb") + 1
-    return [*COLUMNS[:at], GPU_COLUMN, *COLUMNS[at:]]
+        return columns
+    at = next(i for i, c in enumerate(columns) if c[0] == "peak_rss_mb") + 1
+    return [*columns[:at], GPU_COLUMN, *columns[at:]]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -123,12 +132,20 @@ def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
         f"Machine: {env['cpu']} ({env['cores']} cores), Python {env['python']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         "",
-        "Greedy decoding, EOS ignored, warm-up excluded. TTFT = time to first token (median); p50/p90 = decode "
+        "Sampling: "
+        + "; ".join(f"`{label}` = {text}" for label, text in env.get("sampling", {"greedy": "greedy (argmax)"}).items())
+        + ". EOS ignored, warm-up excluded. TTFT = time to first token (median); p50/p90 = decode "
         "ms per step of the whole batch; GB/s = bytes of weights and KV cache one decode step reads (at the mean "
         "past length) / p50 step time, the achieved memory bandwidth to compare with the machine's; "
         "tok/s = new tokens of the batch / wall time; RSS = peak resident memory of "
         "the process (all backends are loaded in it); `decode x` / `TTFT x` = speedup over the eager baseline "
-        f"(`{env.get('baseline', 'hf-generate')}`) on the same case in the same run (>1 is faster)." + gpu_note,
+        f"(`{env.get('baseline', 'hf-generate')}`, same sampling) on the same case in the same run (>1 is faster)"
+        + (
+            "; `x greedy` = decode p50 over the same backend's greedy decode p50 (the cost of sampling)."
+            if any(r.get("vs_greedy") is not None for r in rows)
+            else "."
+        )
+        + gpu_note,
         "",
         *(
             [
@@ -149,17 +166,40 @@ def markdown(rows: Sequence[dict], env: dict, command: str) -> str:
 COMPACT = ("backend", "ttft_ms", "decode_p50_ms", "gb_per_s", "tokens_per_s", "decode_speedup", "ttft_speedup")
 
 
-def terminal_table(rows: Sequence[dict], *, compact: bool = False):
-    """A rich table; ``compact`` keeps the columns that matter for a single case."""
+def terminal_table(rows: Sequence[dict], *, compact: bool = False, width: int = 80):
+    """Rich table(s) that fit in ``width`` columns without cutting a value: when all columns do not fit,
+    they are split into several tables, each repeating the row's key columns. ``compact`` keeps the
+    columns that matter for a single case."""
+    from rich.console import Group
     from rich.table import Table
 
     columns = [c for c in columns_for(rows) if not compact or c[0] in COMPACT]
-    table = Table(title="decode x / TTFT x = speedup over eager (>1 is faster)")
-    for _, title, _ in columns:
-        table.add_column(title, justify="left" if title in ("backend", "sweep") else "right")
-    for row in rows:
-        table.add_row(*(_cell(row, k, f) for k, _, f in columns))
-    return table
+    cells = {key: [_cell(row, key, fmt) for row in rows] for key, _, fmt in columns}
+    cells["#"] = [str(i + 1) for i in range(len(rows))]
+    need = {key: max([len(title), *map(len, cells[key])]) for key, title, _ in [*columns, ("#", "#", "")]}
+    keys = [c for c in columns if c[0] in ("backend", "sampling")]
+    rest = [c for c in columns if c not in keys]
+    widest = max((need[c[0]] + 3 for c in rest), default=0)
+    if 1 + sum(need[c[0]] + 3 for c in keys) + widest > width:  # too narrow for the names: number the rows
+        keys, rest = [("#", "#", "")], columns
+    chunks, current = [], list(keys)
+    for column in rest:  # a table costs 1 + (width + 3) per column (borders and padding)
+        if len(current) > len(keys) and 1 + sum(need[c[0]] + 3 for c in [*current, column]) > width:
+            chunks.append(current)
+            current = list(keys)
+        current.append(column)
+    chunks.append(current)
+    tables = []
+    for i, chunk in enumerate(chunks):
+        title = "decode x / TTFT x = speedup over eager (>1 is faster)" if i == 0 else None
+        table = Table(title=title)
+        for key, name, _ in chunk:
+            justify = "left" if key in ("backend", "sampling", "sweep", "#") else "right"
+            table.add_column(name, justify=justify, no_wrap=True, min_width=need[key])
+        for r in range(len(rows)):
+            table.add_row(*(cells[key][r] for key, _, _ in chunk))
+        tables.append(table)
+    return Group(*tables)
 
 
 def plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:

@@ -1,7 +1,8 @@
-"""What a benchmark times: one greedy generation of ``new_tokens`` for a batch of prompt ids.
+"""What a benchmark times: one generation of ``new_tokens`` for a batch of prompt ids, greedy or sampled.
 
 Every runner returns the same ``Timing`` (time to first token, then one duration per decode step),
-measured at the point where the new tokens are on the host, so devices are synchronised.
+measured at the point where the new tokens are on the host, so devices are synchronised. A runner
+generates under one ``Sampling`` mode (``with_sampling`` makes the variant for another one).
 """
 
 from __future__ import annotations
@@ -14,8 +15,75 @@ from typing import Protocol
 import numpy as np
 
 from cpm_infer.backends.base import Backend
-from cpm_infer.config import GenerationConfig
-from cpm_infer.generate import GenerationStats, generate
+from cpm_infer.config import ConfigError, GenerationConfig
+from cpm_infer.errors import CpmError
+from cpm_infer.generate import GenerationStats, TokenizerLike, generate
+
+# Settings a --sampling mode may set (the rest of the benchmark's config is fixed: EOS ignored, no bans).
+SAMPLING_KEYS = {
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "repetition_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "no_repeat_ngram_size": int,
+}
+CLI_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 0.9}  # what `cpm generate` samples with
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A named set of sampling settings: ``greedy``, ``default`` (the CLI's) or given ``key=value,...``."""
+
+    label: str
+    settings: tuple[tuple[str, float | int], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return dict(self.settings).get("temperature", 1.0) == 0
+
+    def describe(self) -> str:
+        if self.label == "greedy":
+            return "greedy (argmax)"
+        text = ", ".join(f"{k} {v}" for k, v in self.settings)
+        return f"{text} (the CLI defaults)" if self.label == "default" else text
+
+    def config(self, new_tokens: int) -> GenerationConfig:
+        base = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, ban_unk=False, seed=0)
+        return base.replace(**dict(self.settings))
+
+
+GREEDY = Sampling("greedy", (("temperature", 0.0),))
+
+
+def parse_sampling(text: str) -> Sampling:
+    """``greedy`` | ``default`` | ``key=value,key=value`` (keys from SAMPLING_KEYS), validated."""
+    text = text.strip()
+    if text == "greedy":
+        return GREEDY
+    if text == "default":
+        return Sampling("default", tuple(CLI_DEFAULTS.items()))
+    settings: dict[str, float | int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in SAMPLING_KEYS:
+            raise CpmError(
+                f"--sampling takes greedy, default or key=value pairs with keys {', '.join(SAMPLING_KEYS)}; "
+                f"got {item!r}"
+            )
+        try:
+            settings[key.strip()] = SAMPLING_KEYS[key.strip()](value)
+        except ValueError as exc:
+            raise CpmError(f"--sampling: {key.strip()} must be a number, got {value!r}") from exc
+    if not settings:
+        raise CpmError("--sampling needs greedy, default or key=value settings")
+    mode = Sampling(",".join(f"{k}={v}" for k, v in settings.items()), tuple(settings.items()))
+    try:
+        mode.config(1)
+    except ConfigError as exc:
+        raise CpmError(f"--sampling {text}: {exc}") from exc
+    return mode
 
 
 @dataclass
@@ -49,15 +117,27 @@ class IdsTokenizer:
 
 
 class LoopRunner:
-    """Our generation loop over any ``Backend``."""
+    """Our generation loop over any ``Backend`` (with the real tokenizer when given: streaming text is part
+    of what a user's generation costs)."""
 
-    def __init__(self, name: str, backend: Backend, traffic: StepBytes | None = None) -> None:
-        self.name, self.backend, self.traffic = name, backend, traffic
-        self.tokenizer = IdsTokenizer(backend.spec.vocab_size)
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        traffic: StepBytes | None = None,
+        *,
+        sampling: Sampling = GREEDY,
+        tokenizer: TokenizerLike | None = None,
+    ) -> None:
+        self.name, self.backend, self.traffic, self.sampling = name, backend, traffic, sampling
+        self.tokenizer = tokenizer or IdsTokenizer(backend.spec.vocab_size)
+
+    def with_sampling(self, sampling: Sampling) -> LoopRunner:
+        return LoopRunner(self.name, self.backend, self.traffic, sampling=sampling, tokenizer=self.tokenizer)
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
-        config = GenerationConfig(temperature=0, max_new_tokens=new_tokens, ignore_eos=True, ban_unk=False)
         stats = GenerationStats()
+        config = self.sampling.config(new_tokens)
         results = generate(self.backend, prompts.tolist(), config, self.tokenizer, stats=stats)
         return Timing(stats.first_token_s, list(stats.step_s), stats.new_tokens, [r.token_ids for r in results])
 
@@ -69,8 +149,25 @@ class HFGenerateRunner:
 
     name = "hf-generate"
 
-    def __init__(self, model, traffic: StepBytes | None = None) -> None:
-        self.model, self.traffic = model, traffic
+    def __init__(self, model, traffic: StepBytes | None = None, *, sampling: Sampling = GREEDY) -> None:
+        self.model, self.traffic, self.sampling = model, traffic, sampling
+
+    def with_sampling(self, sampling: Sampling) -> HFGenerateRunner | None:
+        """The same runner sampling like ``sampling`` (None: transformers has no presence/frequency penalty)."""
+        settings = dict(sampling.settings)
+        if settings.get("presence_penalty") or settings.get("frequency_penalty"):
+            return None
+        return HFGenerateRunner(self.model, self.traffic, sampling=sampling)
+
+    def _sampling_kwargs(self) -> dict:
+        if self.sampling.greedy:
+            return {"do_sample": False}
+        settings = {**CLI_DEFAULTS, **dict(self.sampling.settings)}
+        kwargs = {"do_sample": True, **{k: settings[k] for k in ("temperature", "top_k", "top_p")}}
+        for key in ("repetition_penalty", "no_repeat_ngram_size"):
+            if key in settings:
+                kwargs[key] = settings[key]
+        return kwargs
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
         import torch
@@ -92,7 +189,7 @@ class HFGenerateRunner:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
-                do_sample=False,
+                **self._sampling_kwargs(),
                 eos_token_id=None,
                 pad_token_id=IdsTokenizer.pad_id,
                 logits_processor=LogitsProcessorList([_Clock()]),

@@ -59,6 +59,7 @@ class BenchSetup:
     workdir: tempfile.TemporaryDirectory | None = None
     devices: dict[str, str] = field(default_factory=dict)  # runner name -> the device it ran on
     gpu_peaks: dict[str, TorchGpuPeak] = field(default_factory=dict)  # only runners whose memory torch sees
+    _tokenizer: object = field(default=None, repr=False)
 
     def scratch(self) -> Path:
         """A temporary directory removed by :meth:`close` (random checkpoints, exports made for the run)."""
@@ -67,6 +68,14 @@ class BenchSetup:
         return Path(self.workdir.name)
 
     load_s: dict[str, float] = field(default_factory=dict)  # seconds to load each artifact backend
+
+    def tokenizer(self):
+        """The checkpoint's tokenizer (loop runners decode text as ``cpm generate`` does)."""
+        from cpm_infer.tokenizer import CpmTokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = CpmTokenizer(self.checkpoint.tokenizer_file)
+        return self._tokenizer
 
     def close(self) -> None:
         if self.workdir is not None:
@@ -221,7 +230,9 @@ def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads:
     if "hf" in backends:
         runners.append(HFGenerateRunner(model, traffic))
     if "torch" in backends:
-        runners.append(LoopRunner("torch", TorchBackend(model, device=str(target)), traffic))
+        runners.append(
+            LoopRunner("torch", TorchBackend(model, device=str(target)), traffic, tokenizer=setup.tokenizer())
+        )
     for runner in runners:
         setup.runners.append(runner)
         setup.devices[runner.name] = str(target)
@@ -255,7 +266,7 @@ def _add_ort(setup: BenchSetup, onnx_dirs: Sequence[Path], device: str, threads:
         except (CpmError, ManifestError) as exc:
             setup.skipped[name] = str(exc)
             continue
-        setup.runners.append(LoopRunner(name, backend, manifest_traffic(path, setup.spec)))
+        setup.runners.append(LoopRunner(name, backend, manifest_traffic(path, setup.spec), tokenizer=setup.tokenizer()))
         setup.devices[name] = str(target)
 
 
@@ -275,7 +286,7 @@ def _add_trt(setup: BenchSetup, trt_dirs: Sequence[Path], device: str, say) -> N
         except CpmError as exc:
             setup.skipped[name] = str(exc)
             continue
-        setup.runners.append(LoopRunner(name, backend, manifest_traffic(path, setup.spec)))
+        setup.runners.append(LoopRunner(name, backend, manifest_traffic(path, setup.spec), tokenizer=setup.tokenizer()))
         setup.devices[name] = str(target)
 
 

@@ -40,6 +40,15 @@ def bench(
         str, typer.Option("--context", help="Context lengths for decode latency vs context ('' = none).")
     ] = "16,256,900",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per case (after one warm-up).")] = 3,
+    sampling: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sampling",
+            help="greedy, default (the CLI's: temperature 1.0, top_p 0.9) or key=value,... settings "
+            "(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty, "
+            "no_repeat_ngram_size). Repeat to compare. [default: greedy]",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for bench.json, bench.md and plots.")] = Path(
         "bench-results"
     ),
@@ -53,8 +62,10 @@ def bench(
 
     from cpm_infer.bench import harness, report
     from cpm_infer.bench import setup as bench_setup
+    from cpm_infer.bench.runners import parse_sampling
 
     console = Console(stderr=True)
+    modes = list({m.label: m for m in (parse_sampling(text) for text in sampling or ["greedy"])}.values())
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
     cases_args = dict(
         batches=_ints(batch, "--batch"),
@@ -87,22 +98,28 @@ def bench(
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("benchmarking", total=len(cases) * len(prepared.runners))
+            task = progress.add_task("benchmarking", total=len(cases) * len(prepared.runners) * len(modes))
 
             results = []
             for case in cases:
                 prompts = harness.make_prompts(case, prepared.spec.vocab_size)
-                for runner in prepared.runners:
-                    progress.update(
-                        task,
-                        description=f"{runner.name}: {case.sweep} b{case.batch} p{case.prompt_len} n{case.new_tokens}",
-                    )
-                    results.append(
-                        harness.measure(
-                            runner, case, prompts, repeats=repeats, gpu_peak=prepared.gpu_peaks.get(runner.name)
+                for base_runner in prepared.runners:
+                    for mode in modes:
+                        runner = base_runner.with_sampling(mode)
+                        progress.advance(task)
+                        if runner is None:
+                            prepared.skipped[f"{base_runner.name} ({mode.label})"] = "not supported by this runner"
+                            continue
+                        progress.update(
+                            task,
+                            description=f"{runner.name} {mode.label}: {case.sweep} b{case.batch} "
+                            f"p{case.prompt_len} n{case.new_tokens}",
                         )
-                    )
-                    progress.advance(task)
+                        results.append(
+                            harness.measure(
+                                runner, case, prompts, repeats=repeats, gpu_peak=prepared.gpu_peaks.get(runner.name)
+                            )
+                        )
         command = "cpm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         env = report.environment(
             {
@@ -112,10 +129,12 @@ def bench(
                 "spec": prepared.spec.to_dict(),
                 "source": (preset and f"preset {preset} (random weights)") or str(model),
                 "load_s": prepared.load_s,
+                "sampling": {mode.label: mode.describe() for mode in modes},
             }
         )
         written = report.write_reports(results, out, command=command, env=env, skipped=prepared.skipped)
     finally:
         prepared.close()
-    Console().print(report.terminal_table(written["rows"]))
+    out_console = Console()
+    out_console.print(report.terminal_table(written["rows"], width=out_console.width))
     console.print("wrote " + ", ".join(str(p) for p in written["files"]))

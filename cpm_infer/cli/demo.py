@@ -100,7 +100,7 @@ def demo(
         )
     finally:
         prepared.close()
-    console.print(report.terminal_table(written["rows"], compact=True))
+    console.print(report.terminal_table(written["rows"], compact=True, width=console.width))
     by_name = {r["backend"]: r for r in written["rows"]}
     if "ort" in by_name and by_name["ort"]["decode_speedup"]:
         console.print(
