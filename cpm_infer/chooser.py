@@ -122,16 +122,17 @@ class RowChooser:
         return logits
 
     def pick(self, logits: np.ndarray) -> int:
-        """argmax, or one draw under temperature / top-k / top-p (one uniform per step)."""
+        """argmax, or one draw under temperature / top-k / top-p (one uniform per step); <eod> when every
+        token is banned (the row cannot go on). ``logits`` is the row's own copy: it is overwritten."""
         c = self.config
-        if not np.isfinite(logits.max()):  # every token is banned: the row cannot go on
-            return self.eos
         if c.greedy:
-            return int(np.argmax(logits))
+            token = int(np.argmax(logits))
+            return token if logits[token] > -np.inf else self.eos
         u = self.rng.random()
         if c.temperature != 1.0:
-            logits = logits / np.float32(c.temperature)
-        return sampling.sample_row(logits, c.top_k, c.top_p, u)
+            logits /= np.float32(c.temperature)
+        token = sampling.sample_row(logits, c.top_k, c.top_p, u)
+        return token if token >= 0 else self.eos
 
     def update(self, token: int) -> None:
         """Record a token the row generated (not <eod>)."""

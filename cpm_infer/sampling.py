@@ -15,6 +15,9 @@ Top-k then top-p, exactly as their full-sort definitions, without sorting the vo
 - The draw is an inverse CDF over the kept mass, in id order, from one uniform per row and step:
   sums of 256-token chunks find the chunk, a cumulative sum inside it the token.
 
+Full-length temporaries cost here (numpy's cumsum and weighted bincount are slow paths, and every
+30000-float temporary is a fresh allocation): the row is transformed in place where it can be.
+
 Masses are summed in float64. The only difference from a full-sort implementation is the order of
 those sums, which can matter only when the mass before a token equals p to within rounding.
 """
@@ -30,10 +33,21 @@ _CHUNK = 256  # tokens per chunk of the inverse-CDF draw
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Along the last axis, float32 in and out."""
+    """Along the last axis, float32 in and out (a row goes through ``softmax_inplace`` on a copy, so both
+    give the same bits)."""
+    if logits.ndim == 1:
+        return softmax_inplace(np.array(logits, dtype=np.float32))
     shifted = logits - np.max(logits, axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def softmax_inplace(row: np.ndarray) -> np.ndarray:
+    """The probabilities of a float32 row, computed in the row's own memory (no temporaries)."""
+    np.subtract(row, row.max(), out=row)
+    np.exp(row, out=row)
+    row /= row.sum()
+    return row
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -119,7 +133,10 @@ def kept_weights(probs: np.ndarray, p: float) -> np.ndarray:
     """``probs`` with the tokens outside the top-p set zeroed (float32)."""
     if p >= 1.0:
         return probs
-    found = nucleus(probs, p)
+    t = np.float32(_crossing_value(probs, p))
+    if np.count_nonzero(probs == t) == 1:  # no tie at the crossing: the set is every token >= t
+        return probs * (probs >= t)
+    found = nucleus(probs, p)  # ties at the crossing are taken in id order
     if found.threshold < 0:
         return probs
     weights = probs * (probs > np.float32(found.threshold))
@@ -148,16 +165,20 @@ def draw(weights: np.ndarray, u: float) -> int:
 
 def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray | None, np.ndarray]:
     """What top-k then top-p keep of a row: (ids, or None for the whole row; their draw weights,
-    zero outside the kept set). The weights are the probabilities renormalised over the top-k set."""
+    zero outside the kept set). The weights are the probabilities renormalised over the top-k set.
+    ``logits`` (float32, the caller's own copy) is overwritten."""
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         ids = np.flatnonzero(logits >= top_k_threshold(logits, top_k))
-        return ids, kept_weights(softmax(logits[ids]), top_p)
-    return None, kept_weights(softmax(logits), top_p)
+        return ids, kept_weights(softmax_inplace(logits[ids]), top_p)
+    return None, kept_weights(softmax_inplace(logits), top_p)
 
 
 def sample_row(logits: np.ndarray, top_k: int, top_p: float, u: float) -> int:
-    """One token from a row of (penalised, temperature-scaled) logits under top-k then top-p."""
+    """One token from a row of (penalised, temperature-scaled) float32 logits under top-k then top-p;
+    -1 when every token is banned. ``logits`` (the caller's own copy) is overwritten."""
+    if logits.max() == -np.inf:
+        return -1
     ids, weights = candidates(logits, top_k, top_p)
     token = draw(weights, u)
     return token if ids is None else int(ids[token])

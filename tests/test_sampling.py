@@ -32,7 +32,7 @@ def reference_keep(logits: np.ndarray, k: int, p: float) -> tuple[set[int], dict
 
 
 def kept_ids(logits: np.ndarray, k: int, p: float) -> set[int]:
-    ids, weights = sampling.candidates(logits, k, p)
+    ids, weights = sampling.candidates(logits.copy(), k, p)  # candidates works in place
     chosen = np.flatnonzero(weights > 0)
     return {int(i) for i in (chosen if ids is None else ids[chosen])}
 
@@ -110,10 +110,10 @@ def test_top_k_keeps_ties_with_the_kth():
 def test_draw_follows_the_kept_distribution():
     logits = np.log(np.array([0.6, 0.25, 0.1, 0.05], np.float32))
     rng = np.random.default_rng(0)
-    draws = Counter(sampling.sample_row(logits, 0, 0.8, rng.random()) for _ in range(6000))
+    draws = Counter(sampling.sample_row(logits.copy(), 0, 0.8, rng.random()) for _ in range(6000))
     assert set(draws) == {0, 1}  # 0.6 < 0.8 <= 0.85
     assert draws[0] / 6000 == pytest.approx(0.6 / 0.85, abs=0.02)
-    draws = Counter(sampling.sample_row(logits, 3, 1.0, rng.random()) for _ in range(6000))
+    draws = Counter(sampling.sample_row(logits.copy(), 3, 1.0, rng.random()) for _ in range(6000))
     assert set(draws) == {0, 1, 2} and draws[2] / 6000 == pytest.approx(0.1 / 0.95, abs=0.015)
 
 
