@@ -63,7 +63,6 @@ def common_eos(backend, prompt):
 @pytest.mark.parametrize(
     ("beams", "returns", "length_penalty", "early_stopping", "no_repeat", "rep"),
     [
-        (4, 1, 1.0, False, 0, 1.0),
         (4, 3, 1.0, True, 0, 1.0),
         (3, 3, 0.0, False, 2, 1.0),
         (5, 2, 2.0, False, 0, 1.4),
