@@ -88,12 +88,14 @@ class Nucleus(NamedTuple):
     n_ties: int
 
 
-def _crossing_value(probs: np.ndarray, p: float) -> float:
-    """The probability of the token (in descending order) at which the cumulative mass reaches p."""
-    sub, above = probs, 0.0
+def _crossing_value(probs: np.ndarray, p: float) -> tuple[float, bool]:
+    """The probability t of the token (in descending order) at which the cumulative mass reaches p, and
+    whether another token may have the same probability (then the caller resolves ties by id)."""
+    sub, above, pivots = probs, 0.0, []
     while sub.size > _SMALL:
         half = sub.size // 2
-        part = np.partition(sub, half)  # part[half:] holds the larger half
+        part = np.partition(sub, half)  # part[half:] holds the larger half, part[half] its smallest value
+        pivots.append(part[half])
         upper = float(part[half:].sum(dtype=np.float64))
         if above + upper >= p:
             sub = part[half:]
@@ -101,12 +103,16 @@ def _crossing_value(probs: np.ndarray, p: float) -> float:
             above, sub = above + upper, part[:half]
     desc = np.sort(sub)[::-1]
     cum = above + np.cumsum(desc, dtype=np.float64)
-    return float(desc[min(int(np.searchsorted(cum, p, side="left")), desc.size - 1)])
+    i = min(int(np.searchsorted(cum, p, side="left")), desc.size - 1)
+    t = desc[i]
+    # A value equal to t outside ``sub`` sits on the other side of a pivot equal to t.
+    tie = (i > 0 and desc[i - 1] == t) or (i + 1 < desc.size and desc[i + 1] == t) or any(v == t for v in pivots)
+    return float(t), bool(tie)
 
 
 def nucleus(probs: np.ndarray, p: float) -> Nucleus:
     """The smallest most-likely prefix of ``probs`` (one float32 row) whose mass reaches ``p``."""
-    t = np.float32(_crossing_value(probs, p))
+    t = np.float32(_crossing_value(probs, p)[0])
     while True:
         above = float((probs * (probs > t)).sum(dtype=np.float64))
         ties = np.flatnonzero(probs == t)
@@ -133,8 +139,9 @@ def kept_weights(probs: np.ndarray, p: float) -> np.ndarray:
     """``probs`` with the tokens outside the top-p set zeroed (float32)."""
     if p >= 1.0:
         return probs
-    t = np.float32(_crossing_value(probs, p))
-    if np.count_nonzero(probs == t) == 1:  # no tie at the crossing: the set is every token >= t
+    value, tie = _crossing_value(probs, p)
+    if not tie:  # a single token has probability t: the set is every token >= t
+        t = np.float32(value)
         return probs * (probs >= t)
     found = nucleus(probs, p)  # ties at the crossing are taken in id order
     if found.threshold < 0:
