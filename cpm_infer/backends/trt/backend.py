@@ -110,6 +110,15 @@ class TrtBackend:
         # The loop stops a sequence at spec.n_positions: make that the engine's max total length.
         self.spec = ModelSpec(spec.n_layer, spec.n_head, spec.n_embd, spec.vocab_size, limits.max_total)
         self.device_index = device
+        try:
+            self._load(trt, engine_bytes)
+        except BaseException:
+            self.close()  # a failed load frees what it allocated now, not at some later garbage collection
+            raise
+        self.max_batch = limits.max_batch  # the engine never runs more rows than this
+        self._epoch, self._sets_epoch = 0, 0
+
+    def _load(self, trt, engine_bytes: bytes | mmap.mmap) -> None:
         self._on_device()
         self._logger = get_logger(trt)  # TensorRT messages go to logging, not stderr
         self._runtime = trt.Runtime(self._logger)
@@ -126,8 +135,6 @@ class TrtBackend:
         self._stream_handle = int(self._stream)
         self._contexts = profile_contexts(trt, self._engine, list(PROFILE_NAMES), self._stream_handle, self._device)
         self._allocate()
-        self.max_batch = limits.max_batch  # the engine never runs more rows than this
-        self._epoch, self._sets_epoch = 0, 0
 
     # -- setup -----------------------------------------------------------------------------------
     def _on_device(self) -> None:
