@@ -87,13 +87,13 @@ COLUMNS = [
     ("new_tokens", "new", "{}"),
     ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("decode_p50_ms", "p50 ms", "{:.2f}"),
+    ("vs_greedy", "x greedy", "{:.2f}"),
     ("decode_p90_ms", "p90 ms", "{:.2f}"),
     ("gb_per_s", "GB/s", "{:.1f}"),
     ("tokens_per_s", "tok/s", "{:.1f}"),
     ("peak_rss_mb", "RSS MB", "{:.0f}"),
     ("decode_speedup", "decode x", "{:.2f}"),
     ("ttft_speedup", "TTFT x", "{:.2f}"),
-    ("vs_greedy", "x greedy", "{:.2f}"),
 ]
 SAMPLING_COLUMNS = ("sampling", "vs_greedy")  # shown when some row sampled
 
