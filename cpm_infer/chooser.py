@@ -122,16 +122,15 @@ class RowChooser:
         return logits
 
     def pick(self, logits: np.ndarray) -> int:
-        """argmax, or one draw under temperature / top-k / top-p (one uniform per step); <eod> when every
+        """argmax, or one draw under temperature / top-k / top-p (from the row's generator); <eod> when every
         token is banned (the row cannot go on). ``logits`` is the row's own copy: it is overwritten."""
         c = self.config
         if c.greedy:
             token = int(np.argmax(logits))
             return token if logits[token] > -np.inf else self.eos
-        u = self.rng.random()
         if c.temperature != 1.0:
             logits /= np.float32(c.temperature)
-        token = sampling.sample_row(logits, c.top_k, c.top_p, u)
+        token = sampling.sample_row(logits, c.top_k, c.top_p, self.rng)
         return token if token >= 0 else self.eos
 
     def update(self, token: int) -> None:

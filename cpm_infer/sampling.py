@@ -5,15 +5,18 @@ Top-k then top-p, exactly as their full-sort definitions, without sorting the vo
 - top-k keeps every logit >= the k-th largest (ties with the k-th are kept, as transformers does);
   ``np.partition`` finds it in O(V).
 - top-p keeps the smallest prefix of the tokens sorted by probability (descending, ties by lower id
-  first, i.e. a stable sort) whose mass reaches p: token i is kept iff the mass of the tokens before it
-  is < p. ``nucleus`` finds the probability ``t`` of the token where that mass is reached by selection
-  on mass: ``np.partition`` splits the candidates at their median, the mass of the upper half says
-  which half holds the crossing, and the search goes on in that half (30000 -> 15000 -> ... -> 256,
-  about two partitions of the row in all), then sorts the last 256. Every token above ``t`` is kept,
-  and of those equal to ``t`` the lowest ids while the mass before them is < p. The work is the same
-  for a flat row and a peaked one; a full sort of a 30000-token row costs ~2 ms (argsort) here.
-- The draw is an inverse CDF over the kept mass, in id order, from one uniform per row and step:
-  sums of 256-token chunks find the chunk, a cumulative sum inside it the token.
+  first, i.e. a stable sort) whose mass reaches p: token i is kept iff the mass of the tokens ahead of
+  it is < p (``mass_before``).
+- The draw (``sample_nucleus``) is by rejection: draw from the whole distribution (inverse CDF in id
+  order: sums of 256-token chunks find the chunk, a cumulative sum inside it the token), keep the token
+  if it is in the nucleus (one O(V) pass: the mass of the tokens more likely than it), else draw again.
+  A kept token comes out with probability p_i / (mass of the nucleus), exactly the renormalised
+  distribution, after 1 / (mass of the nucleus) <= 1/p draws on average whatever the distribution's
+  shape. After 3 misses (a small p on a flat row) the nucleus is computed outright (``kept_weights``):
+  ``np.partition`` halves the candidates, keeping the half where the cumulative mass crosses p
+  (30000 -> 15000 -> ... -> 256, about two partitions of the row), then sorts the last 256; the
+  mixture of the two stays exact. A full argsort of a 30000-token row costs ~1 ms here, the draw and
+  its check ~0.1 ms.
 
 Full-length temporaries cost here (numpy's cumsum and weighted bincount are slow paths, and every
 30000-float temporary is a fresh allocation): the row is transformed in place where it can be.
@@ -30,6 +33,7 @@ import numpy as np
 
 _SMALL = 256  # candidates sorted outright at the end of the selection
 _CHUNK = 256  # tokens per chunk of the inverse-CDF draw
+_TRIES = 3  # rejection draws before the nucleus is computed outright
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -151,43 +155,79 @@ def kept_weights(probs: np.ndarray, p: float) -> np.ndarray:
     return weights
 
 
+class Cdf:
+    """Inverse-CDF draws in id order over fixed weights: chunk sums once, a 256-long cumulative sum per draw."""
+
+    def __init__(self, weights: np.ndarray) -> None:
+        self.weights = weights
+        n = weights.size
+        full = n - n % _CHUNK
+        sums = weights[:full].reshape(-1, _CHUNK).sum(axis=1, dtype=np.float64)
+        if full < n:
+            sums = np.append(sums, weights[full:].sum(dtype=np.float64))
+        self.cum = np.cumsum(sums)
+
+    def draw(self, u: float) -> int:
+        """The token at which the cumulative weight first exceeds ``u * total`` (never a zero weight)."""
+        cum, weights = self.cum, self.weights
+        target = u * cum[-1]
+        chunk = min(int(np.searchsorted(cum, target, side="right")), cum.size - 1)
+        start = chunk * _CHUNK
+        inner = np.cumsum(weights[start : start + _CHUNK], dtype=np.float64)
+        offset = target - (cum[chunk - 1] if chunk else 0.0)
+        i = int(np.searchsorted(inner, offset, side="right"))
+        if i >= inner.size:  # rounding between the chunk sum and its inner sums: the chunk's last token
+            i = int(np.flatnonzero(weights[start : start + _CHUNK])[-1])
+        return start + i
+
+
 def draw(weights: np.ndarray, u: float) -> int:
-    """Inverse CDF in id order: the token at which the cumulative weight first exceeds ``u * total``."""
-    n = weights.size
-    full = n - n % _CHUNK
-    sums = weights[:full].reshape(-1, _CHUNK).sum(axis=1, dtype=np.float64)
-    if full < n:
-        sums = np.append(sums, weights[full:].sum(dtype=np.float64))
-    cum = np.cumsum(sums)
-    target = u * cum[-1]
-    chunk = min(int(np.searchsorted(cum, target, side="right")), cum.size - 1)
-    start = chunk * _CHUNK
-    inner = np.cumsum(weights[start : start + _CHUNK], dtype=np.float64)
-    offset = target - (cum[chunk - 1] if chunk else 0.0)
-    i = int(np.searchsorted(inner, offset, side="right"))
-    if i >= inner.size:  # rounding between the chunk sum and its inner sums: the chunk's last token
-        i = int(np.flatnonzero(weights[start : start + _CHUNK])[-1])
-    return start + i
+    """One inverse-CDF draw over ``weights`` in id order."""
+    return Cdf(weights).draw(u)
+
+
+def mass_before(probs: np.ndarray, token: int) -> float:
+    """The mass of the tokens ahead of ``token`` in the top-p order: more likely, or as likely with a lower
+    id. ``token`` is in the nucleus of ``p`` iff this is < p."""
+    pt = probs[token]
+    ahead = float((probs * (probs > pt)).sum(dtype=np.float64))
+    return ahead + int(np.count_nonzero(probs[:token] == pt)) * float(pt)
+
+
+def sample_nucleus(probs: np.ndarray, p: float, rng: np.random.Generator) -> int:
+    """One token from ``probs`` restricted to its top-p set (renormalised), by rejection (see above)."""
+    cdf = Cdf(probs)
+    if p >= 1.0:
+        return cdf.draw(rng.random())
+    for _ in range(_TRIES):
+        token = cdf.draw(rng.random())
+        if mass_before(probs, token) < p:
+            return token
+    return draw(kept_weights(probs, p), rng.random())
 
 
 def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray | None, np.ndarray]:
-    """What top-k then top-p keep of a row: (ids, or None for the whole row; their draw weights,
-    zero outside the kept set). The weights are the probabilities renormalised over the top-k set.
-    ``logits`` (float32, the caller's own copy) is overwritten."""
-    vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
+    """What top-k then top-p keep of a row, computed outright: (ids, or None for the whole row; their
+    weights, zero outside the kept set). ``logits`` (float32, the caller's own copy) is overwritten."""
+    ids, probs = _top_k(logits, top_k)
+    return ids, kept_weights(probs, top_p)
+
+
+def _top_k(logits: np.ndarray, top_k: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(ids kept by top-k or None for all, their probabilities renormalised over them), in place."""
+    if 0 < top_k < logits.shape[-1]:
         ids = np.flatnonzero(logits >= top_k_threshold(logits, top_k))
-        return ids, kept_weights(softmax_inplace(logits[ids]), top_p)
-    return None, kept_weights(softmax_inplace(logits), top_p)
+        return ids, softmax_inplace(logits[ids])
+    return None, softmax_inplace(logits)
 
 
-def sample_row(logits: np.ndarray, top_k: int, top_p: float, u: float) -> int:
+def sample_row(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.Generator) -> int:
     """One token from a row of (penalised, temperature-scaled) float32 logits under top-k then top-p;
     -1 when every token is banned. ``logits`` (the caller's own copy) is overwritten."""
     if logits.max() == -np.inf:
         return -1
-    ids, weights = candidates(logits, top_k, top_p)
-    token = draw(weights, u)
+    ids, probs = _top_k(logits, top_k)
+    token = sample_nucleus(probs, top_p, rng)
     return token if ids is None else int(ids[token])
 
 

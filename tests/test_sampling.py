@@ -33,9 +33,17 @@ def reference_keep(logits: np.ndarray, k: int, p: float) -> tuple[set[int], dict
 
 
 def kept_ids(logits: np.ndarray, k: int, p: float) -> set[int]:
+    """The set computed outright (``candidates``: the selection on mass, the rejection sampler's fallback)."""
     ids, weights = sampling.candidates(logits.copy(), k, p)  # candidates works in place
     chosen = np.flatnonzero(weights > 0)
     return {int(i) for i in (chosen if ids is None else ids[chosen])}
+
+
+def accepted_ids(logits: np.ndarray, k: int, p: float) -> set[int]:
+    """The tokens the rejection sampler accepts: those whose mass ahead is < p."""
+    ids, probs = sampling._top_k(logits.copy(), k)
+    inside = [i for i in range(probs.size) if probs[i] > 0 and (p >= 1.0 or sampling.mass_before(probs, i) < p)]
+    return {int(ids[i]) if ids is not None else i for i in inside}
 
 
 def positive(logits: np.ndarray, ids: set[int], k: int) -> set[int]:
@@ -69,13 +77,13 @@ rows = st.integers(1, 300).flatmap(
 def test_top_k_top_p_keep_the_full_sort_reference_set(logits, k, p):
     if not np.isfinite(logits).any():
         logits[0] = 0.0  # a row with no allowed token is the chooser's case, not the filter's
-    ours = kept_ids(logits, k, p)
     ref, before, first = reference_keep(logits, k, p)
-    # Distinct logits can round to one float32 probability: "most likely" is by probability, then id.
-    assert first in ours, "the most likely token is always kept"
-    # Identical, except where a token's mass-before equals p to within float rounding of the sums.
-    diff = ours ^ positive(logits, ref, k)
-    assert all(abs(before[i] - p) < 1e-9 for i in diff), (sorted(diff), p)
+    for ours in (kept_ids(logits, k, p), accepted_ids(logits, k, p)):
+        # Distinct logits can round to one float32 probability: "most likely" is by probability, then id.
+        assert first in ours, "the most likely token is always kept"
+        # Identical, except where a token's mass-before equals p to within float rounding of the sums.
+        diff = ours ^ positive(logits, ref, k)
+        assert all(abs(before[i] - p) < 1e-9 for i in diff), (sorted(diff), p)
 
 
 @settings(max_examples=200, deadline=None)
@@ -113,11 +121,23 @@ def test_top_k_keeps_ties_with_the_kth():
 def test_draw_follows_the_kept_distribution():
     logits = np.log(np.array([0.6, 0.25, 0.1, 0.05], np.float32))
     rng = np.random.default_rng(0)
-    draws = Counter(sampling.sample_row(logits.copy(), 0, 0.8, rng.random()) for _ in range(6000))
+    draws = Counter(sampling.sample_row(logits.copy(), 0, 0.8, rng) for _ in range(6000))
     assert set(draws) == {0, 1}  # 0.6 < 0.8 <= 0.85
     assert draws[0] / 6000 == pytest.approx(0.6 / 0.85, abs=0.02)
-    draws = Counter(sampling.sample_row(logits.copy(), 3, 1.0, rng.random()) for _ in range(6000))
+    draws = Counter(sampling.sample_row(logits.copy(), 3, 1.0, rng) for _ in range(6000))
     assert set(draws) == {0, 1, 2} and draws[2] / 6000 == pytest.approx(0.1 / 0.95, abs=0.015)
+
+
+def test_rejection_and_its_fallback_sample_the_same_distribution():
+    """A small p on a flat-ish row misses often: the fallback (the nucleus computed outright) takes over
+    after three draws; the mixture is still the renormalised nucleus."""
+    rng = np.random.default_rng(1)
+    probs = sampling.softmax(np.linspace(0.0, 0.5, 40, dtype=np.float32))
+    kept = sampling.kept_weights(probs, 0.2)
+    want = kept / kept.sum()
+    counts = np.bincount([sampling.sample_nucleus(probs, 0.2, rng) for _ in range(8000)], minlength=40) / 8000
+    np.testing.assert_allclose(counts, want, atol=0.02)
+    assert set(np.flatnonzero(counts)) == set(np.flatnonzero(want))
 
 
 def test_draw_never_picks_a_zero_weight():
