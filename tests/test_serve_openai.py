@@ -91,8 +91,8 @@ def test_a_list_of_prompts_gets_n_choices_each_in_order(client, reference):
     prompts = ["话说天下大势", "白发渔樵"]
     got = client.completions.create(model=MODEL, prompt=prompts, n=2, seed=3, **SAMPLING)
     assert [c.index for c in got.choices] == [0, 1, 2, 3]
-    config = GenerationConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, num_samples=2)
-    want = generate(backend, [tok.encode(p) for p in prompts], config, tok, seeds=[3, 3])
+    config = GenerationConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, num_samples=2, seed=3)
+    want = generate(backend, [tok.encode(p) for p in prompts], config, tok)  # rows seeded by (seed, prompt, sample)
     assert [c.text for c in got.choices] == [r.text for r in want]
     assert got.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
     # Token ids are prompts too (one list, or a list of lists).
@@ -137,6 +137,39 @@ def test_echo_puts_the_prompt_before_the_completion(client):
     assert "".join(c.choices[0].text for c in chunks) == got.choices[0].text
 
 
+def test_logprobs_in_openais_shape(client, reference):
+    backend, tok = reference
+    got = client.completions.create(model=MODEL, prompt="话说", logprobs=3, seed=2, **SAMPLING).choices[0]
+    config = GenerationConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=2, logprobs=3)
+    want = generate(backend, [tok.encode("话说")], config, tok)[0].logprobs
+    lp = got.logprobs
+    assert lp.tokens == [step.token_text for step in want] and len(lp.tokens) == len(want) > 0
+    assert lp.token_logprobs == pytest.approx([step.logprob for step in want])
+    assert all(x <= 0 for x in lp.token_logprobs)
+    for top, step in zip(lp.top_logprobs, want, strict=True):
+        assert step.token_text in top and 1 <= len(top) <= 4  # the 3 most likely, plus the chosen one
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # Streamed: the same tokens and log-probabilities, chunk by chunk.
+    chunks = client.completions.create(model=MODEL, prompt="话说", logprobs=3, seed=2, stream=True, **SAMPLING)
+    streamed = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens]
+    assert streamed == lp.tokens
+
+
+def test_penalties_change_the_text_as_generating_alone_does(client, reference):
+    backend, tok = reference
+    base = {"model": MODEL, "prompt": "话说天下", "seed": 4, "temperature": 0, "max_tokens": 24}
+    plain = client.completions.create(**base).choices[0].text
+    penalised = client.completions.create(presence_penalty=2, frequency_penalty=2, **base).choices[0].text
+    no_repeat = client.completions.create(extra_body={"no_repeat_ngram_size": 1}, **base).choices[0].text
+    ids = tok.encode("话说天下")
+    greedy = GenerationConfig(temperature=0, max_new_tokens=24)
+    assert plain == generate(backend, [ids], greedy, tok)[0].text
+    want = generate(backend, [ids], greedy.replace(presence_penalty=2.0, frequency_penalty=2.0), tok)[0]
+    assert penalised == want.text and penalised != plain
+    unique = generate(backend, [ids], greedy.replace(no_repeat_ngram_size=1), tok)[0]
+    assert no_repeat == unique.text and len(set(unique.token_ids) | set(ids)) == len(unique.token_ids) + len(set(ids))
+
+
 def test_models_and_a_wrong_model_id(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
@@ -157,6 +190,7 @@ def test_models_and_a_wrong_model_id(client):
         ({"n": 0}, "n"),
         ({"n": 9, "prompt": ["a", "b"]}, "n"),
         ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": 2, "echo": True}, "echo"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"seed": -1}, "seed"),
         ({"prompt": []}, "prompt"),

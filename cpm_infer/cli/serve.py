@@ -17,9 +17,15 @@ log = logging.getLogger(__name__)
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address (loopback by default; 0.0.0.0 exposes it).")]
 PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0 = any free port).")]
-MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Sequences per batch (1 = one at a time).")]
-WaitOpt = Annotated[float, typer.Option("--batch-wait-ms", min=0, help="How long a request waits for batch-mates.")]
-QueueOpt = Annotated[int, typer.Option("--queue-size", min=1, help="Requests waiting for a batch; more get 503.")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", min=1, help="Rows in the running batch (1 = one at a time).")]
+BatchingOpt = Annotated[
+    str,
+    typer.Option(
+        "--batching", help="continuous: requests join the running batch at every step; static: a batch runs to its end."
+    ),
+]
+WaitOpt = Annotated[float, typer.Option("--batch-wait-ms", min=0, help="Static batching: wait for batch-mates.")]
+QueueOpt = Annotated[int, typer.Option("--queue-size", min=1, help="Requests waiting to join; more get 503.")]
 CapOpt = Annotated[int, typer.Option("--max-new-tokens-cap", min=1, help="Largest max_new_tokens a request may ask.")]
 DefaultTokensOpt = Annotated[int, typer.Option("--default-max-new-tokens", min=1, help="When a request gives none.")]
 SamplesOpt = Annotated[int, typer.Option("--max-samples", min=1, help="Most choices (prompts x n) per request.")]
@@ -48,6 +54,7 @@ def serve(
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     max_batch: MaxBatchOpt = 8,
+    batching: BatchingOpt = "continuous",
     batch_wait_ms: WaitOpt = 10.0,
     queue_size: QueueOpt = 64,
     max_new_tokens_cap: CapOpt = 512,
@@ -74,6 +81,7 @@ def serve(
 
     settings = ServeSettings(
         max_batch=max_batch,
+        batching=batching,
         batch_wait_ms=batch_wait_ms,
         queue_size=queue_size,
         max_new_tokens_cap=max_new_tokens_cap,
@@ -111,7 +119,7 @@ def serve(
     print(
         f"serving {model_path} ({runtime.name}, loaded in {load_s:.1f} s) "
         f"on http://{_url_host(bound_host)}:{bound_port}  "
-        f"max batch {max_batch}, wait {batch_wait_ms:g} ms, queue {queue_size}; Ctrl-C to stop",
+        f"{batching} batching of up to {max_batch} rows, queue {queue_size}; Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
     )

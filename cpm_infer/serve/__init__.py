@@ -1,11 +1,14 @@
 """``cpm serve``: an HTTP generation service (FastAPI + uvicorn) over one model instance.
 
-- ``settings``  server limits (batch size, batch wait, queue size, caps, timeouts).
-- ``batcher``   the dynamic batcher: a bounded queue drained by one worker thread into ``generate`` batches.
-- ``schemas``   request/response models; sampling values are validated by ``GenerationConfig``.
-- ``app``       the FastAPI app factory (completions, the seed's ``/zuowen`` route, health, model info).
-- ``server``    uvicorn with graceful shutdown, in the foreground (CLI) or a background thread (tests).
+- ``settings``     server limits (batch rows, batching mode, queue size, caps, timeouts).
+- ``scheduler``    one thread driving the engine: a bounded FIFO queue, continuous (or static) batching.
+- ``jobs``         a request as the scheduler sees it, and the events it sends back to the handler.
+- ``schemas``      request models (OpenAI's Completions fields + CPM's extras, the essay route) with their limits.
+- ``completions``  request -> prompts and GenerationConfig; events -> OpenAI answers and stream chunks.
+- ``errors``       the errors the server answers, in OpenAI's shape; ``web`` the HTTP plumbing around them.
+- ``docs``         response shapes and statuses for the OpenAPI schema; ``metrics`` Prometheus; ``auth`` API key.
+- ``app``          the FastAPI app factory; ``server`` uvicorn with graceful shutdown (foreground or a thread).
 
-FastAPI and uvicorn are an optional extra (``pip install 'cpm-infer[serve]'``); import this package's
-modules only where they are needed.
+FastAPI, uvicorn and prometheus-client are an optional extra (``pip install 'cpm-infer[serve]'``); import this
+package's modules only where they are needed.
 """

@@ -2,7 +2,7 @@
 route, ``/health``, ``/info`` and Prometheus ``/metrics``. Handlers never run the model: they tokenize in a
 thread pool, submit a job and await its events, so the event loop stays free for other clients.
 
-``create_app`` holds no global state: each app has its own batcher, metrics registry and limits, so several
+``create_app`` holds no global state: each app has its own scheduler, metrics registry and limits, so several
 apps (replicas) can live in one process or be built in another one."""
 
 # No ``from __future__ import annotations`` here: FastAPI reads the per-app request model from the
@@ -23,11 +23,11 @@ from cpm_infer import __version__
 from cpm_infer.backends.base import Backend
 from cpm_infer.serve import docs, schemas
 from cpm_infer.serve.auth import require_api_key
-from cpm_infer.serve.batcher import Batcher
 from cpm_infer.serve.completions import Answer, collect, encode_prompts, request_config, stream
 from cpm_infer.serve.errors import ClientGoneError, ModelNotFoundError, RequestTimeoutError
 from cpm_infer.serve.jobs import DISCONNECTED, TIMEOUT, Job
 from cpm_infer.serve.metrics import RequestCounter, ServeMetrics
+from cpm_infer.serve.scheduler import Scheduler
 from cpm_infer.serve.settings import ServeSettings
 from cpm_infer.serve.web import BodyLimitMiddleware, EventStreamResponse, install_error_handlers
 from cpm_infer.tokenizer import CpmTokenizer
@@ -51,8 +51,8 @@ def create_app(
     """
     settings = settings or ServeSettings()
     metrics = ServeMetrics()
-    batcher = Batcher(backend, tokenizer, settings, metrics, owns_backend=owns_backend)
-    metrics.watch(lambda: batcher.snapshot()["queued"], lambda: batcher.snapshot()["running_rows"])
+    scheduler = Scheduler(backend, tokenizer, settings, metrics, owns_backend=owns_backend)
+    metrics.watch(lambda: scheduler.snapshot()["queued"], lambda: scheduler.snapshot()["running_rows"])
     n_positions = backend.spec.n_positions
     created = int(time.time())
     completion_request = schemas.completion_request_model(settings, tokenizer.vocab_size)
@@ -61,13 +61,13 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(tokenizer.encode, "预热")  # jieba loads its dictionary on first use
         if warmup:
-            await run_in_threadpool(batcher.warmup)
-        batcher.start()
+            await run_in_threadpool(scheduler.warmup)
+        scheduler.start()
         yield
-        await run_in_threadpool(batcher.close)
+        await run_in_threadpool(scheduler.close)
 
     app = FastAPI(title="cpm-infer", version=__version__, lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.scheduler = scheduler
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -82,7 +82,7 @@ def create_app(
 
     @app.get("/health", responses={503: {"description": "shutting down"}})
     async def health() -> JSONResponse:
-        state = batcher.snapshot()
+        state = scheduler.snapshot()
         status = "shutting_down" if state["closing"] else "ok"
         return JSONResponse({"status": status, **state}, status_code=503 if state["closing"] else 200)
 
@@ -122,7 +122,7 @@ def create_app(
         check_model(body.model, model_name)
         config = request_config(body, settings)
         prompts = await run_in_threadpool(encode_prompts, tokenizer, body, n_positions, config.max_new_tokens)
-        job = batcher.submit([p.ids for p in prompts], config, stream=bool(body.stream))
+        job = scheduler.submit([p.ids for p in prompts], config, stream=bool(body.stream))
         metrics.prompt(job.prompt_tokens)
         answer = Answer(
             id=f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -135,9 +135,9 @@ def create_app(
         )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = stream(job, answer, include_usage, batcher.cancel)
-            return EventStreamResponse(events, on_close=lambda: batcher.cancel(job, DISCONNECTED))
-        results = await _wait(job, batcher, request)
+            events = stream(job, answer, include_usage, scheduler.cancel)
+            return EventStreamResponse(events, on_close=lambda: scheduler.cancel(job, DISCONNECTED))
+        results = await _wait(job, scheduler, request)
         return JSONResponse(answer.body(job, results))
 
     async def essay(request: Request, title: str, context: str, max_len: int, seed: int | None) -> dict[str, str]:
@@ -150,7 +150,7 @@ def create_app(
 
         ids, context_start = await run_in_threadpool(encode)
         config = schemas.essay_config(max_len, len(ids), seed, settings)
-        results = await _wait(batcher.submit([ids], config), batcher, request)
+        results = await _wait(scheduler.submit([ids], config), scheduler, request)
         # As the seed service: the context the client gave, continued (decoded together, as the seed did).
         content = tokenizer.decode(ids[context_start:] + results[0].token_ids)
         return {"title": title, "content": content}
@@ -186,7 +186,7 @@ def check_model(requested: str | None, served: str) -> None:
         )
 
 
-async def _wait(job: Job, batcher: Batcher, request: Request) -> list[Any]:
+async def _wait(job: Job, scheduler: Scheduler, request: Request) -> list[Any]:
     """A non-streaming job's results. A client that disconnects, or a request past its deadline, is
     cancelled so that it stops taking a place in the queue or a row of the running batch."""
     result = asyncio.ensure_future(collect(job))
@@ -194,14 +194,14 @@ async def _wait(job: Job, batcher: Batcher, request: Request) -> list[Any]:
     try:
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not result.done():
-            batcher.cancel(job, DISCONNECTED)
+            scheduler.cancel(job, DISCONNECTED)
             raise ClientGoneError("the client disconnected")  # nobody reads this answer
         return result.result()
     except RequestTimeoutError:
-        batcher.cancel(job, TIMEOUT)
+        scheduler.cancel(job, TIMEOUT)
         raise
     except asyncio.CancelledError:  # the server gave up on this handler (forced shutdown)
-        batcher.cancel(job, DISCONNECTED)
+        scheduler.cancel(job, DISCONNECTED)
         raise
     finally:
         gone.cancel()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from cpm_infer.config import GenerationConfig
+from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.generate import GenerationResult, PromptTooLongError, truncate_prompt
 from cpm_infer.prompts import essay_prompt, plain_prompt
 from cpm_infer.serve.errors import InvalidRequestError, RequestTimeoutError, ServeError
@@ -22,8 +22,8 @@ from cpm_infer.serve.settings import ServeSettings
 from cpm_infer.serve.web import sse
 from cpm_infer.tokenizer import CpmTokenizer
 
+API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_samples": "n", "stop_strings": "stop"}
 KEEPALIVE_S = 15.0  # an SSE comment this often while a streamed request waits (keeps proxies from timing out)
-_CONFIG_FIELDS = {f.name for f in fields(GenerationConfig)}
 
 
 def request_config(req: CompletionRequest, settings: ServeSettings) -> GenerationConfig:
@@ -52,19 +52,18 @@ def request_config(req: CompletionRequest, settings: ServeSettings) -> Generatio
         "seed": req.seed,
         "num_samples": n,
         "ignore_eos": req.ignore_eos,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "no_repeat_ngram_size": req.no_repeat_ngram_size,
+        "logprobs": req.logprobs,
     }
-    engine_settings = {
-        "presence_penalty": (req.presence_penalty or 0.0, 0.0),
-        "frequency_penalty": (req.frequency_penalty or 0.0, 0.0),
-        "no_repeat_ngram_size": (req.no_repeat_ngram_size, 0),
-        "logprobs": (req.logprobs, None),
-    }
-    for name, (value, off) in engine_settings.items():
-        if name in _CONFIG_FIELDS:
-            values[name] = value
-        elif value != off:
-            raise InvalidRequestError(f"{name} is not supported by this server version", param=name)
-    return GenerationConfig(**values)
+    try:
+        return GenerationConfig(**values)
+    except ConfigError as exc:  # name the request's fields, not the library's
+        message = str(exc)
+        for library, api in API_NAMES.items():
+            message = message.replace(library, api)
+        raise InvalidRequestError(message, param=message.split()[0]) from exc
 
 
 @dataclass

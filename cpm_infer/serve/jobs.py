@@ -62,6 +62,8 @@ class Job:
         self.first_token: float | None = None
         self.finished: float | None = None
         self.batch_rows = 0  # the largest batch its rows ran in
+        self.row_ids: list[int] = []  # its rows in the engine
+        self.rows_done = 0
         self.state = "pending"  # -> "running" -> "done"
         self.stop_reason: str | None = None
         self._loop = asyncio.get_running_loop()

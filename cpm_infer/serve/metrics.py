@@ -6,7 +6,7 @@ prompt and generated tokens, time to first token and inter-token latency.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,10 +51,11 @@ class ServeMetrics:
     def prompt(self, tokens: int) -> None:
         self.prompt_tokens.inc(tokens)
 
-    def generated(self, tokens: int, step_seconds: Iterable[float] = ()) -> None:
+    def generated(self, tokens: int) -> None:
         self.generated_tokens.inc(tokens)
-        for seconds in step_seconds:
-            self.itl.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

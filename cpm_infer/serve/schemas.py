@@ -36,12 +36,17 @@ _PROMPT_DOC = "Text, texts, token ids or lists of token ids; each prompt gets n 
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
-# One of ``prompt`` or ``title`` (``context`` goes with ``title``): stated in the schema, checked in the model.
-_PROMPT_XOR_TITLE = {
+# One of ``prompt`` or ``title`` (``context`` goes with ``title``), and no ``echo`` with ``logprobs``: stated in
+# the schema, checked in the model and in completions.request_config.
+_RULES = {
     "oneOf": [
         {"required": ["prompt"], "not": {"anyOf": [{"required": ["title"]}, {"required": ["context"]}]}},
         {"required": ["title"], "not": {"required": ["prompt"]}},
-    ]
+    ],
+    "not": {
+        "required": ["echo", "logprobs"],
+        "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
+    },
 }
 
 
@@ -60,7 +65,7 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     """POST /v1/completions. OpenAI's fields, then CPM's extras (defaults: the server's sampling defaults)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=_PROMPT_XOR_TITLE)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=_RULES)
 
     model: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = Field(
         None, description="The served model's id (GET /v1/models); omitted = the served model."

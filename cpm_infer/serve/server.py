@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from cpm_infer.errors import CpmError
-from cpm_infer.serve.batcher import Batcher
+from cpm_infer.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,14 @@ class ServerStartError(CpmError):
 
 
 class CpmServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, batcher: Batcher, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace_s: float) -> None:
         super().__init__(config)
-        self.batcher = batcher
+        self.scheduler = scheduler
         self.grace_s = grace_s
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # As uvicorn's, minus re-raising the signal after the shutdown: a graceful stop exits 0.
-        self.batcher.begin_shutdown(self.grace_s)
+        self.scheduler.begin_shutdown(self.grace_s)
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
@@ -45,7 +45,7 @@ class CpmServer(uvicorn.Server):
 
     def request_exit(self) -> None:
         """Begin the graceful stop from any thread (what a signal does in the foreground)."""
-        self.batcher.begin_shutdown(self.grace_s)
+        self.scheduler.begin_shutdown(self.grace_s)
         self.should_exit = True
 
 
@@ -72,10 +72,10 @@ def make_server(app: FastAPI, *, log_level: str = "warning", access_log: bool = 
         access_log=access_log,
         lifespan="on",
         server_header=False,
-        # A backstop only: the batcher cancels what is left after the grace, so handlers answer first.
+        # A backstop only: the scheduler cancels what is left after the grace, so handlers answer first.
         timeout_graceful_shutdown=int(grace) + 5,
     )
-    return CpmServer(config, app.state.batcher, grace)
+    return CpmServer(config, app.state.scheduler, grace)
 
 
 def serve_forever(app: FastAPI, sock: socket.socket, *, log_level: str = "warning", access_log: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Server limits: one validated object shared by the CLI, the app and the batcher."""
+"""Server limits: one validated object shared by the CLI, the app and the scheduler."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from cpm_infer.config import ConfigError
 class ServeSettings:
     """How much the server accepts and how it batches.
 
-    ``max_batch`` counts sequences (a request with ``num_samples`` n takes n rows); a request larger
-    than it still runs, alone. ``queue_size`` bounds the requests waiting for a batch: one more gets
-    503 at once. ``timeout_s`` bounds a request from arrival to its last token (504 after it).
+    ``max_batch`` counts rows (a request with p prompts and n choices takes p x n); a request larger than it
+    still runs. ``queue_size`` bounds the requests waiting to join the batch: one more gets 503 at once.
+    ``timeout_s`` bounds a request from arrival to its last token (504 after it). ``batch_wait_ms`` is how long
+    static batching waits for batch-mates (continuous batching admits at every step).
     """
 
     max_batch: int = 8
+    batching: str = "continuous"  # or "static" (a batch runs to its end before the next one forms)
     batch_wait_ms: float = 10.0
     queue_size: int = 64
     max_new_tokens_cap: int = 512
@@ -32,6 +34,10 @@ class ServeSettings:
                 raise ConfigError(message)
 
         check(self.max_batch >= 1, f"max batch must be >= 1, got {self.max_batch}")
+        check(
+            self.batching in ("continuous", "static"),
+            f"batching must be 'continuous' or 'static', got {self.batching!r}",
+        )
         check(self.batch_wait_ms >= 0, f"batch wait must be >= 0 ms, got {self.batch_wait_ms}")
         check(self.queue_size >= 1, f"queue size must be >= 1, got {self.queue_size}")
         check(self.max_new_tokens_cap >= 1, f"max_new_tokens cap must be >= 1, got {self.max_new_tokens_cap}")

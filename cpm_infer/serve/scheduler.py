@@ -1,0 +1,276 @@
+"""The scheduler: many HTTP requests, one model, one generation thread driving the engine.
+
+Requests wait in a bounded FIFO queue (``queue_size``; one more gets 503 at once). Admission is FIFO:
+
+- ``continuous`` (default): before every engine step, queued requests join the running batch while their rows fit
+  in ``max_batch`` (a request larger than ``max_batch`` joins an empty batch and the engine feeds it in). Whatever
+  its settings, a request starts at the next step instead of waiting for the batch to finish; rows leave as they
+  finish.
+- ``static`` (for comparison): a batch is formed when the engine is idle (the oldest request, then the following
+  ones that fit, after waiting up to ``batch_wait_ms`` for batch-mates) and runs until its last row finishes.
+
+Each row is seeded from (seed, prompt index, sample index), so its text does not depend on its batch-mates. A
+cancelled request (client gone, timeout, shutdown) leaves the queue at once, or its rows leave the running batch
+before the next step. The engine is single-threaded: only the generation thread touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+
+from cpm_infer.backends.base import Backend
+from cpm_infer.config import GenerationConfig
+from cpm_infer.engine import Engine, FinishEvent, TokenizerLike
+from cpm_infer.engine import TokenEvent as EngineToken
+from cpm_infer.errors import describe
+from cpm_infer.serve.errors import GenerationFailedError, QueueFullError, ShuttingDownError
+from cpm_infer.serve.jobs import SHUTDOWN, ChoiceDone, ErrorEvent, Job, TokenEvent, error_for
+from cpm_infer.serve.metrics import ServeMetrics
+from cpm_infer.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Owns the model: one thread runs every engine step; handlers only submit, cancel and await events."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: TokenizerLike,
+        settings: ServeSettings,
+        metrics: ServeMetrics | None = None,
+        *,
+        owns_backend: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.owns_backend = owns_backend  # close() also closes the backend (the server loaded it for itself)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics
+        self.counters: Counter[str] = Counter()
+        self.engine = Engine(backend, tokenizer, max_rows=settings.max_batch)
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._running: set[Job] = set()
+        self._to_cancel: list[tuple[int, str]] = []  # (row id, reason), applied by the generation thread
+        self._engine_rows = 0  # rows in the engine (running or fed in), as of the last step
+        self._last_token: dict[int, float] = {}  # row id -> when it produced its last token
+        self._closing = False  # no new requests (graceful shutdown began)
+        self._stopped = False  # the generation thread exits
+        self._thread: threading.Thread | None = None
+        self._grace_timer: threading.Timer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``."""
+        self.engine.add([self.tokenizer.eod_id], GenerationConfig(max_new_tokens=2), seed=0)
+        while self.engine.has_work():
+            self.engine.step()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="cpm-serve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new requests; let in-flight ones finish for ``grace_s`` seconds, then cancel them."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()  # do not hold a static batch open waiting for batch-mates
+        log.info("shutting down: %d queued, %d running; grace %.1f s", len(self._pending), len(self._running), grace_s)
+        if grace_s <= 0:
+            self._cancel_all(SHUTDOWN)
+        else:
+            self._grace_timer = threading.Timer(grace_s, self._cancel_all, args=(SHUTDOWN,))
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Cancel whatever is left and stop the generation thread (blocking: call it off the event loop)."""
+        self._cancel_all(SHUTDOWN)
+        with self._cond:
+            self._closing = self._stopped = True
+            self._cond.notify_all()
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the generation thread did not stop within %s s", timeout)
+                return  # it may still be using the backend: leave it open
+        if self.owns_backend:
+            self.backend.close()
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, stream: bool = False) -> Job:
+        """Queue a request (call on the event loop). Raises at once when full or shutting down."""
+        job = Job(prompts, config, stream=stream, timeout_s=self.settings.timeout_s)
+        with self._cond:
+            if self._closing:
+                self.counters["rejected_shutting_down"] += 1
+                raise ShuttingDownError("the server is shutting down; retry on another replica")
+            if len(self._pending) >= self.settings.queue_size:
+                self.counters["rejected_queue_full"] += 1
+                raise QueueFullError(f"the server is busy ({self.settings.queue_size} requests queued); retry later")
+            self._pending.append(job)
+            self.counters["accepted"] += 1
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job, reason: str) -> bool:
+        """Give up on a request: it leaves the queue, or its rows leave the batch before the next step.
+
+        Returns False when it had already finished. The request's handler gets an ErrorEvent.
+        """
+        with self._cond:
+            if job.state == "done":
+                return False
+            if job.state == "pending":
+                self._pending.remove(job)
+            else:
+                self._running.discard(job)
+                self._to_cancel += [(row_id, reason) for row_id in job.row_ids]
+            job.state, job.stop_reason, job.finished = "done", reason, time.monotonic()
+            self.counters[f"cancelled_{reason}"] += 1
+            self._cond.notify_all()
+        job.post(ErrorEvent(error_for(reason)))
+        return True
+
+    def snapshot(self) -> dict[str, object]:
+        with self._cond:
+            return {
+                "queued": len(self._pending),
+                "running": len(self._running),
+                "running_rows": self._engine_rows,
+                "closing": self._closing,
+                "counters": dict(sorted(self.counters.items())),
+            }
+
+    # -- generation thread -------------------------------------------------------------------
+    def _cancel_all(self, reason: str) -> None:
+        with self._cond:
+            jobs = [*self._pending, *self._running]
+        for job in jobs:
+            self.cancel(job, reason)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._admit():
+                    return
+                for row_id, reason in self._to_cancel:
+                    self.engine.cancel(row_id, reason)
+                self._to_cancel.clear()
+            try:
+                events = self.engine.step()
+            except Exception as exc:
+                log.exception("generation step failed")
+                self._fail_running(exc)
+                continue
+            self._dispatch(events, time.monotonic())
+
+    def _admit(self) -> bool:
+        """Move queued jobs into the engine by the batching mode (under the lock); wait while there is nothing
+        to do. False when the thread should exit."""
+        while True:
+            if self._stopped:
+                return False
+            room = self.settings.max_batch - self._engine_rows
+            busy = self.engine.has_work()
+            if self.settings.batching == "static":
+                if busy:
+                    return True
+                if self._pending:
+                    wait = self._pending[0].created + self.settings.batch_wait_s - time.monotonic()
+                    rows = sum(job.rows for job in self._pending)
+                    if wait > 0 and rows < self.settings.max_batch and not self._closing:
+                        self._cond.wait(wait)
+                        continue
+            while self._pending and (self._pending[0].rows <= room or not (busy or self._engine_rows)):
+                job = self._pending.popleft()
+                self._start(job)
+                room -= job.rows
+                busy = True
+            if busy or self._to_cancel:
+                return True
+            self._cond.wait()
+
+    def _start(self, job: Job) -> None:
+        job.state, job.started = "running", time.monotonic()
+        self._running.add(job)
+        job.row_ids = []
+        for p, prompt in enumerate(job.prompts):
+            for s in range(job.n):
+                tag = (job, p * job.n + s)
+                job.row_ids.append(
+                    self.engine.add(prompt, job.config, seed=job.config.seed, prompt_index=p, sample_index=s, tag=tag)
+                )
+        self._engine_rows += job.rows
+
+    def _dispatch(self, events: list, now: float) -> None:
+        tokens = 0
+        for event in events:
+            job, choice = event.tag
+            if isinstance(event, EngineToken):
+                tokens += 1
+                if job.first_token is None:
+                    job.first_token = now
+                    if self.metrics is not None:
+                        self.metrics.first_token(now - job.created)
+                last = self._last_token.get(event.row_id)
+                if last is not None and self.metrics is not None:
+                    self.metrics.inter_token(now - last)
+                self._last_token[event.row_id] = now
+                if job.stream and job.state == "running" and (event.text or event.logprob is not None):
+                    job.post(TokenEvent(choice, event.text, event.logprob))
+            elif isinstance(event, FinishEvent):
+                self._last_token.pop(event.row_id, None)
+                if job.state != "running":  # cancelled: its handler has its answer already
+                    continue
+                if job.stream and event.text:
+                    job.post(TokenEvent(choice, event.text))
+                job.post(ChoiceDone(choice, event.result))
+                job.rows_done += 1
+                if job.rows_done == job.rows:
+                    self._finish(job)
+        rows = self.engine.live_rows + self.engine.pending_rows
+        with self._cond:
+            self._engine_rows = rows
+            self.counters["generated_tokens"] += tokens
+            for job in self._running:
+                job.batch_rows = max(job.batch_rows, self.engine.live_rows)
+        if self.metrics is not None and tokens:
+            self.metrics.generated(tokens)
+
+    def _finish(self, job: Job) -> None:
+        with self._cond:
+            if job.state == "done":  # cancelled meanwhile: its handler has its answer already
+                return
+            job.state, job.finished = "done", time.monotonic()
+            self._running.discard(job)
+            self.counters["completed"] += 1
+
+    def _fail_running(self, exc: Exception) -> None:
+        """A failed step leaves the batch in an unknown state: its requests fail, the engine starts afresh."""
+        error = GenerationFailedError(f"generation failed: {describe(exc)}")
+        with self._cond:
+            jobs = list(self._running)
+            self._running.clear()
+            self._to_cancel.clear()
+            self.engine = Engine(self.backend, self.tokenizer, max_rows=self.settings.max_batch)
+            self._engine_rows = 0
+            for job in jobs:
+                job.state, job.finished = "done", time.monotonic()
+                self.counters["failed"] += 1
+        for job in jobs:
+            job.post(ErrorEvent(error))

@@ -1,0 +1,146 @@
+"""The scheduler without HTTP: continuous vs static admission, FIFO, a request larger than the batch, the queue
+bound and cancellation; and generate's per-request seeds and per-row stops."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from cpm_infer.backends import load_backend
+from cpm_infer.config import GenerationConfig
+from cpm_infer.generate import generate
+from cpm_infer.serve.errors import QueueFullError, ShuttingDownError
+from cpm_infer.serve.jobs import ChoiceDone, ErrorEvent, TokenEvent
+from cpm_infer.serve.scheduler import Scheduler
+from cpm_infer.serve.settings import ServeSettings
+
+SAMPLED = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_backend("torch", tiny_checkpoint)
+
+
+def _prompts(tok):
+    return [tok.encode(t) for t in ("滚滚长江东逝水", "话说天下大势", "建宁二年四月望日，帝御温德殿", "白发")]
+
+
+def test_per_prompt_seeds_sample_as_if_each_prompt_ran_alone(model):
+    backend, tok = model
+    prompts, seeds = _prompts(tok), [11, 12, 13, 11]
+    batched = generate(backend, prompts, SAMPLED, tok, seeds=seeds)
+    alone = [generate(backend, [p], SAMPLED.replace(seed=s), tok)[0] for p, s in zip(prompts, seeds, strict=False)]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert batched[0].token_ids != batched[3].token_ids  # same seed, other prompt: not a copy
+    # Without per-prompt seeds the row index seeds the generator: index_offset alone cannot do this.
+    shared_seed = generate(backend, prompts, SAMPLED.replace(seed=11), tok)
+    assert shared_seed[1].token_ids != alone[1].token_ids or shared_seed[2].token_ids != alone[2].token_ids
+
+
+def test_should_stop_drops_one_row_and_leaves_the_others_exact(model):
+    backend, tok = model
+    prompts = _prompts(tok)
+    config = SAMPLED.replace(max_new_tokens=20, ignore_eos=True)
+    full = generate(backend, prompts, config, tok, seeds=[1, 2, 3, 4])
+    calls: dict[int, int] = {}
+
+    def stop_row_1(index: int) -> str | None:
+        calls[index] = calls.get(index, 0) + 1
+        return "disconnected" if index == 1 and calls[index] >= 5 else None
+
+    cut = generate(backend, prompts, config, tok, seeds=[1, 2, 3, 4], should_stop=stop_row_1)
+    assert cut[1].finish_reason == "disconnected" and cut[1].token_ids == full[1].token_ids[:5]
+    for i in (0, 2, 3):
+        assert cut[i].token_ids == full[i].token_ids and cut[i].finish_reason == "length"
+
+
+def _run(scheduler, scenario):
+    try:
+        return asyncio.run(scenario())
+    finally:
+        scheduler.close()
+
+
+async def _results(job):
+    results = {}
+    while len(results) < job.rows:
+        event = await job.next_event()
+        assert isinstance(event, ChoiceDone), event
+        results[event.choice] = event.result
+    return [results[i] for i in range(job.rows)]
+
+
+LONG = GenerationConfig(max_new_tokens=40, temperature=0, ignore_eos=True)
+SHORT = SAMPLED.replace(max_new_tokens=3, seed=5)  # other settings than the long one
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_short_request_joins_the_running_batch_and_leaves_first(model, batching):
+    backend, tok = model
+    scheduler = Scheduler(backend, tok, ServeSettings(max_batch=4, batch_wait_ms=0, batching=batching))
+
+    async def scenario():
+        scheduler.start()
+        long = scheduler.submit([tok.encode("话说")], LONG, stream=True)
+        assert isinstance(await long.next_event(), TokenEvent)  # the long request is generating
+        short = scheduler.submit([tok.encode("天下")], SHORT)
+        result = (await _results(short))[0]
+        while not isinstance(await long.next_event(), ChoiceDone):
+            pass
+        while short.state != "done" or long.state != "done":  # the scheduler marks them just after the event
+            await asyncio.sleep(0.01)
+        return long, short, result
+
+    long, short, result = _run(scheduler, scenario)
+    assert result.token_ids == generate(backend, [tok.encode("天下")], SHORT, tok)[0].token_ids
+    if batching == "continuous":
+        assert short.finished < long.finished and short.batch_rows == 2
+    else:  # it waited for the long request's batch to end
+        assert short.started >= long.finished and short.batch_rows == 1
+
+
+def test_admission_is_fifo_and_a_request_larger_than_the_batch_runs(model):
+    backend, tok = model
+    scheduler = Scheduler(backend, tok, ServeSettings(max_batch=2, queue_size=8))
+
+    async def scenario():
+        big = scheduler.submit([tok.encode("长江")], SAMPLED.replace(num_samples=3, seed=2))
+        small = [scheduler.submit([[5 + i]], SAMPLED.replace(max_new_tokens=2)) for i in range(3)]
+        scheduler.start()
+        results = await _results(big)
+        for job in small:
+            await _results(job)
+        return big, small, results
+
+    big, small, results = _run(scheduler, scenario)
+    want = generate(backend, [tok.encode("长江")], SAMPLED.replace(num_samples=3, seed=2), tok)
+    assert [r.token_ids for r in results] == [r.token_ids for r in want]
+    starts = [job.started for job in [big, *small]]
+    assert starts == sorted(starts)  # first come, first admitted
+
+
+def test_the_queue_is_bounded_and_cancel_frees_the_place(model):
+    backend, tok = model
+    scheduler = Scheduler(backend, tok, ServeSettings(max_batch=1, queue_size=2))  # not started: all wait
+
+    async def scenario():
+        a = scheduler.submit([[5]], SAMPLED)
+        scheduler.submit([[6]], SAMPLED)
+        with pytest.raises(QueueFullError):
+            scheduler.submit([[7]], SAMPLED)
+        assert scheduler.cancel(a, "disconnected") and not scheduler.cancel(a, "disconnected")
+        assert isinstance(await a.next_event(), ErrorEvent)
+        scheduler.submit([[8]], SAMPLED)  # the cancelled request's place is free again
+        scheduler.begin_shutdown(grace_s=0)
+        with pytest.raises(ShuttingDownError):
+            scheduler.submit([[9]], SAMPLED)
+        return scheduler.snapshot()
+
+    state = _run(scheduler, scenario)
+    assert state["queued"] == 0 and state["closing"]
+    assert state["counters"]["rejected_queue_full"] == 1 and state["counters"]["cancelled_disconnected"] == 1
+    assert state["counters"]["cancelled_shutdown"] == 2
