@@ -1,13 +1,22 @@
-"""Load test of `cpm serve` on loopback: throughput and p50/p99 latency with 1, 4 and 16 concurrent
-clients, dynamic batching vs one request at a time (--max-batch 1).
+"""Load test of `cpm serve` on loopback: continuous vs static batching on the same workload, in one run.
 
-    cpm model create /tmp/cpm-4l --tokenizer ../shared/cpm-vocab/chinese_vocab.model --layers 4 --hidden 256 --heads 4
-    python benchmarks/serve_load.py --model /tmp/cpm-4l --threads 1 --sampling default greedy --machine cpu-2core
+    cpm model create /tmp/cpm-small --preset small      # a random CPM-small (or any checkpoint / artifact)
+    python benchmarks/serve_load.py --model /tmp/cpm-small --threads 1 --machine cpu-2core
 
-Each mode starts its own `cpm serve` process (the clients run here, in threads: another process, so
-they do not share the server's GIL). Every request asks for the same number of new tokens
-(``ignore_eos``) with its own seed, so all runs do the same work. Results go to
-benchmarks/results/serve-<machine>.json and .md.
+For each batching mode a `cpm serve` process is started (the clients run here, in threads: another process, so
+they do not share the server's GIL), then three scenarios run against it:
+
+- ``probe``: the issue's case. A long sampled request (``--long-tokens``) starts; 0.5 s later a short greedy one
+  (8 tokens) arrives. Reported: the short request's latency (target: continuous <= 10% of static).
+- ``poisson``: open loop, requests arrive as a Poisson process (``--rate`` per second), mixed settings (greedy,
+  sampled with top-k/top-p/penalties) and lengths (8-16, 32-64, 128-192 new tokens), every client streaming.
+- ``closed-16``: 16 concurrent streaming clients send the same mixed requests back to back (target: continuous
+  tokens/s >= static's).
+
+Both modes get exactly the same requests (same seeds, ``ignore_eos`` so the lengths are as drawn). Reported per
+scenario: requests/s, generated tokens/s, time to first token p50/p99, inter-token latency p50/p99 (gaps
+between streamed chunks) and end-to-end latency p50/p99. Results go to benchmarks/results/serve_load-<machine>.json
+and .md.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import json
 import os
 import platform
 import queue
-import statistics
+import random
 import subprocess
 import sys
 import threading
@@ -36,131 +45,172 @@ PROMPTS = [
     "我的家乡在一个美丽的小山村。",
     "读书使人进步。",
 ]
-MODES = {"batched": {"max_batch": 16, "batch_wait_ms": 10}, "one-at-a-time": {"max_batch": 1, "batch_wait_ms": 0}}
-# "default": the server's sampling defaults (temperature 1, top_p 0.9: numpy sorts the vocabulary per row
-# and step); "greedy": argmax only, so the model's own batching gain shows.
-SAMPLING = {"default": {}, "greedy": {"temperature": 0}}
+LENGTHS = [((8, 16), 0.5), ((32, 64), 0.35), ((128, 192), 0.15)]  # (new tokens range, share)
+SETTINGS = [
+    ({"temperature": 0}, 0.3),
+    ({"temperature": 0.9, "top_p": 0.9}, 0.3),
+    ({"temperature": 0.7, "top_k": 40, "repetition_penalty": 1.1}, 0.2),
+    ({"temperature": 1.0, "top_p": 0.95, "presence_penalty": 0.5, "frequency_penalty": 0.5}, 0.2),
+]
+MODES = ("continuous", "static")
+
+
+def workload(n: int, seed: int) -> list[dict]:
+    """``n`` mixed requests, the same for every mode."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        (low, high), settings = _pick(rng, LENGTHS), _pick(rng, SETTINGS)
+        out.append(
+            {
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": rng.randint(low, high),
+                "ignore_eos": True,
+                "seed": i,
+                **settings,
+            }
+        )
+    return out
+
+
+def _pick(rng: random.Random, choices: list[tuple]) -> object:
+    return rng.choices([c for c, _ in choices], weights=[w for _, w in choices])[0]
 
 
 class Server:
     """`cpm serve` in a subprocess on a free port."""
 
-    def __init__(self, model: Path, max_batch: int, batch_wait_ms: float, backend: str, threads: int | None) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "cpm_infer.cli.app",
-            "serve",
-            "--model",
-            str(model),
-            "--backend",
-            backend,
-            "--port",
-            "0",
-            "--max-batch",
-            str(max_batch),
-            "--batch-wait-ms",
-            str(batch_wait_ms),
-            "--queue-size",
-            "256",
-        ]
-        if threads:
-            cmd += ["--threads", str(threads)]
+    def __init__(self, model: Path, batching: str, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, "-m", "cpm_infer.cli.app", "serve", "--model", str(model), "--backend", args.backend]
+        cmd += ["--port", "0", "--batching", batching, "--max-batch", str(args.max_batch), "--batch-wait-ms", "10"]
+        cmd += ["--queue-size", "512", "--max-new-tokens-cap", "1024", "--timeout", "600"]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stderr], daemon=True).start()
         first = ""
         while "on http://" not in first:  # skip any warnings printed while the model loads
-            first = lines.get(timeout=120)
+            first = lines.get(timeout=300)
             if self.proc.poll() is not None:
                 raise SystemExit(f"cpm serve did not start: {first}")
         self.host, port = first.split("on http://")[1].split()[0].rsplit(":", 1)
         self.port = int(port)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if self.call("GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
 
-    def call(self, method: str, path: str, body: dict | None = None, conn: http.client.HTTPConnection | None = None):
-        own = conn is None
-        conn = conn or http.client.HTTPConnection(self.host, self.port, timeout=300)
+    def get(self, path: str) -> dict:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
         try:
-            data = json.dumps(body, ensure_ascii=False).encode() if body is not None else None
-            conn.request(method, path, data, {"Content-Type": "application/json"} if data else {})
-            resp = conn.getresponse()
-            return resp.status, json.loads(resp.read())
+            conn.request("GET", path)
+            return json.loads(conn.getresponse().read())
         finally:
-            if own:
-                conn.close()
+            conn.close()
+
+    def stream(self, body: dict) -> dict:
+        """One streaming completion: arrival times of its chunks, tokens, latency."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=900)
+        start = time.perf_counter()
+        try:
+            conn.request(
+                "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+            )
+            resp = conn.getresponse()
+            if resp.status != 200:
+                return {"error": f"{resp.status} {resp.read()[:200]!r}"}
+            chunks, usage = [], None
+            for line in resp:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return {"error": event["error"]["message"]}
+                if any(c["text"] for c in event["choices"]):
+                    chunks.append(time.perf_counter() - start)
+                usage = event.get("usage") or usage
+            return {"chunks": chunks, "tokens": usage["completion_tokens"], "latency": time.perf_counter() - start}
+        finally:
+            conn.close()
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
 
 
-def run_level(server: Server, clients: int, requests: int, max_new_tokens: int, sampling: dict) -> dict:
-    """``requests`` completions spread over ``clients`` threads, each on its own keep-alive connection."""
-    todo: queue.Queue[int] = queue.Queue()
-    for i in range(requests):
-        todo.put(i)
-    latencies: list[float] = []
-    tokens, batch_sizes, errors = [0], [], []
-    lock = threading.Lock()
+def probe(server: Server, long_tokens: int) -> dict:
+    long = {"prompt": PROMPTS[0], "max_tokens": long_tokens, "ignore_eos": True, "temperature": 0.9, "seed": 1}
+    short = {"prompt": PROMPTS[1], "max_tokens": 8, "ignore_eos": True, "temperature": 0, "seed": 2}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(server.stream, long)
+        time.sleep(0.5)
+        result = server.stream(short)
+        long_result = first.result()
+    return {"short_latency_s": round(result["latency"], 3), "long_latency_s": round(long_result["latency"], 3)}
+
+
+def poisson(server: Server, requests: list[dict], rate: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in requests:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    start = time.perf_counter()
+
+    def send(i: int) -> dict:
+        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
+        return server.stream(requests[i])
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(send, range(len(requests))))
+    return summary(results, time.perf_counter() - start)
+
+
+def closed(server: Server, requests: list[dict], clients: int) -> dict:
+    todo: queue.Queue[dict] = queue.Queue()
+    for body in requests:
+        todo.put(body)
+    results: list[dict] = []
 
     def client() -> None:
-        conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
         while True:
             try:
-                i = todo.get_nowait()
+                body = todo.get_nowait()
             except queue.Empty:
-                break
-            body = {
-                "prompt": PROMPTS[i % len(PROMPTS)],
-                "max_tokens": max_new_tokens,
-                "ignore_eos": True,
-                "seed": i,
-                **sampling,
-            }
-            start = time.perf_counter()
-            status, answer = server.call("POST", "/v1/completions", body, conn)
-            elapsed = time.perf_counter() - start
-            with lock:
-                if status != 200:
-                    errors.append(answer)
-                    continue
-                latencies.append(elapsed)
-                tokens[0] += answer["usage"]["completion_tokens"]
-                batch_sizes.append(answer["timings"]["batch_rows"])
-        conn.close()
+                return
+            results.append(server.stream(body))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
-    wall = time.perf_counter() - start
-    ms = sorted(1000 * x for x in latencies)
+    return summary(results, time.perf_counter() - start)
+
+
+def summary(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if "error" not in r]
+    ttft = sorted(1000 * r["chunks"][0] for r in ok if r["chunks"])
+    gaps = sorted(1000 * (b - a) for r in ok for a, b in zip(r["chunks"], r["chunks"][1:], strict=False))
+    latency = sorted(1000 * r["latency"] for r in ok)
+    tokens = sum(r["tokens"] for r in ok)
     return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": len(errors),
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(len(latencies) / wall, 2),
-        "tokens_per_s": round(tokens[0] / wall, 1),
-        "p50_ms": round(statistics.median(ms), 1),
-        "p99_ms": round(percentile(ms, 99), 1),
-        "mean_batch_size": round(statistics.mean(batch_sizes), 2),
+        "requests": len(ok),
+        "errors": len(results) - len(ok),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(gaps, 50),
+        "itl_p99_ms": pct(gaps, 99),
+        "latency_p50_ms": pct(latency, 50),
+        "latency_p99_ms": pct(latency, 99),
     }
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (with few requests, p99 is the slowest one)."""
+def pct(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return float("nan")
     rank = max(1, -(-len(sorted_values) * q // 100))
-    return sorted_values[int(rank) - 1]
+    return round(sorted_values[int(rank) - 1], 1)
 
 
 def main() -> None:
@@ -168,72 +218,95 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="Checkpoint directory or exported artifact.")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="Runtime threads of the server.")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=32, help="Requests per concurrency level.")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--sampling", nargs="+", choices=list(SAMPLING), default=["default"])
-    parser.add_argument(
-        "--machine", default=f"{platform.machine()}-{os.cpu_count()}cpu", help="Name for the results files."
-    )
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=48, help="Requests per load scenario.")
+    parser.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second.")
+    parser.add_argument("--clients", type=int, default=16, help="Concurrent clients of the closed-loop scenario.")
+    parser.add_argument("--long-tokens", type=int, default=200, help="The probe's long request.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--machine", default=f"{platform.machine()}-{os.cpu_count()}cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
 
-    rows = []
-    for mode, options in MODES.items():
-        server = Server(args.model, options["max_batch"], options["batch_wait_ms"], args.backend, args.threads)
+    requests = workload(args.requests, args.seed)
+    rows, info = [], {}
+    for mode in MODES:
+        server = Server(args.model, mode, args)
         try:
-            _, info = server.call("GET", "/info")
-            for i in range(2):  # warm-up
-                server.call("POST", "/v1/completions", {"prompt": PROMPTS[i], "max_tokens": 4})
-            for sampling in args.sampling:
-                for clients in args.clients:
-                    result = run_level(
-                        server, clients, max(args.requests, clients), args.max_new_tokens, SAMPLING[sampling]
-                    )
-                    row = {"mode": mode, **options, "sampling": sampling, **result}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+            info = server.get("/info")
+            server.stream({"prompt": PROMPTS[0], "max_tokens": 4})  # warm-up
+            scenarios = {
+                "probe": lambda s=server: probe(s, args.long_tokens),
+                "poisson": lambda s=server: poisson(s, requests, args.rate, args.seed),
+                f"closed-{args.clients}": lambda s=server: closed(s, requests, args.clients),
+            }
+            for name, run in scenarios.items():
+                row = {"mode": mode, "scenario": name, **run()}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         finally:
             server.stop()
 
     spec = info["spec"]
+    by = {(r["mode"], r["scenario"]): r for r in rows}
+    closed_name = f"closed-{args.clients}"
+    targets = {
+        "short_request_continuous_over_static": round(
+            by["continuous", "probe"]["short_latency_s"] / by["static", "probe"]["short_latency_s"], 3
+        ),
+        "closed_tokens_per_s_continuous_over_static": round(
+            by["continuous", closed_name]["tokens_per_s"] / by["static", closed_name]["tokens_per_s"], 3
+        ),
+    }
     meta = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": args.machine,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "model": f"{info['model']} ({spec['n_layer']} layers, hidden {spec['n_embd']}, vocab "
-        "{spec['vocab_size']}), backend {info['backend']}",
-        "max_tokens": args.max_new_tokens,
+        "model": f"{info['model']} ({spec['n_layer']} layers, hidden {spec['n_embd']}, vocab {spec['vocab_size']}), "
+        f"backend {info['backend']}",
+        "max_batch": args.max_batch,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve-{args.machine}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n", encoding="utf-8")
-    stem.with_suffix(".md").write_text(markdown(meta, rows), encoding="utf-8")
+    stem = args.out / f"serve_load-{args.machine}"
+    payload = {"meta": meta, "targets": targets, "results": rows}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    stem.with_suffix(".md").write_text(markdown(meta, targets, rows, args), encoding="utf-8")
+    print(json.dumps(targets))
     print(f"wrote {stem}.json and {stem}.md")
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def markdown(meta: dict, targets: dict, rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"# `cpm serve` load test: {meta['machine']}",
+        f"# `cpm serve` load test, continuous vs static batching: {meta['machine']}",
         "",
         f"- command: `{meta['command']}`",
-        f"- model: {meta['model']}; {meta['max_new_tokens']} new tokens per request (ignore_eos), one seed per request",
-        "- sampling: default = temperature 1, top_p 0.9 (the server's defaults); greedy = temperature 0",
+        f"- model: {meta['model']}; `--max-batch {meta['max_batch']}`; every client streams",
         f"- machine: {meta['cpu']}, {meta['cpu_count']} CPUs; load average at the end "
         f"{meta['load_average_at_end']}; {meta['time']}",
-        "- batched: `--max-batch 16 --batch-wait-ms 10`; one-at-a-time: `--max-batch 1`",
+        f"- probe: a {args.long_tokens}-token sampled request, then 0.5 s later an 8-token greedy one; short request "
+        f"latency continuous / static = **{targets['short_request_continuous_over_static']}** (target <= 0.1)",
+        f"- poisson: {args.requests} mixed requests arriving at {args.rate}/s; closed-{args.clients}: the same "
+        f"requests from {args.clients} clients back to back; tokens/s continuous / static = "
+        f"**{targets['closed_tokens_per_s_continuous_over_static']}** (target >= 1)",
         "",
-        "| mode | sampling | clients | requests | req/s | tokens/s | p50 ms | p99 ms | mean batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | scenario | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+        "latency p50 ms | latency p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r["scenario"] == "probe":
+            lines.append(
+                f"| {r['mode']} | probe: short request {r['short_latency_s']} s "
+                f"(long one {r['long_latency_s']} s) | | | | | | | | | |"
+            )
+            continue
         lines.append(
-            f"| {r['mode']} | {r['sampling']} | {r['clients']} | {r['requests']} | {r['requests_per_s']} | "
-            f"{r['tokens_per_s']} | "
-            f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch_size']} |"
+            f"| {r['mode']} | {r['scenario']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['ttft_p50_ms']} | "
+            f"{r['ttft_p99_ms']} | {r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['latency_p50_ms']} | "
+            f"{r['latency_p99_ms']} | {r['errors']} |"
         )
     return "\n".join(lines) + "\n"
 
