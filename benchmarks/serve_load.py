@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cpm_infer.bench.report import machine_slug
+
 PROMPTS = [
     "话说天下大势，分久必合，合久必分。",
     "滚滚长江东逝水，浪花淘尽英雄。",
@@ -224,7 +226,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="Concurrent clients of the closed-loop scenario.")
     parser.add_argument("--long-tokens", type=int, default=200, help="The probe's long request.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--machine", default=f"{platform.machine()}-{os.cpu_count()}cpu")
+    parser.add_argument("--machine", default=machine_slug(), help="Name for the results files.")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
 
