@@ -304,7 +304,9 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(long_checkpo
     with long_server(long_checkpoint, max_batch=4, queue_size=4) as srv:
         running = EventStream(srv, LONG)
         assert running.next()["choices"][0]["finish_reason"] is None  # generating now
-        status, short = request(srv, "POST", "/v1/completions", {"prompt": "天下", "max_tokens": 8, "temperature": 0.5})
+        status, short = request(
+            srv, "POST", "/v1/completions", {"prompt": "天下", "max_tokens": 8, "temperature": 0.5, "ignore_eos": True}
+        )
         assert status == 200 and short["usage"]["completion_tokens"] == 8
         assert short["timings"]["batch_rows"] == 2  # it ran beside the long request
         assert running.next()["choices"][0]["finish_reason"] is None  # which is still generating
