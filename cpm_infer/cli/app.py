@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from cpm_infer.cli import bench, demo, export, generate, info, model, serve, tokenize
+from cpm_infer.cli import batch, bench, demo, export, generate, info, model, serve, tokenize
 from cpm_infer.cli import eval as eval_cli
 from cpm_infer.cli import tokenizer as tokenizer_cli
 from cpm_infer.cli import train as train_cli
@@ -23,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("generate")(generate.generate)
+app.command("batch")(batch.batch)
 app.command("info")(info.info)
 app.command("tokenize")(tokenize.tokenize)
 app.command("serve")(serve.serve)

@@ -19,3 +19,12 @@ TokenizerOpt = Annotated[
     Path | None, typer.Option("--tokenizer", help="SentencePiece file, if the model directory has none.")
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the runtime.")]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        envvar="RAY_ADDRESS",
+        show_envvar=True,
+        help="Ray cluster to join (host:port of its head, or 'auto'); default: start one on this machine.",
+    ),
+]

@@ -10,7 +10,17 @@ from typing import Annotated
 
 import typer
 
-from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, ThreadsOpt, TokenizerOpt
+from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, RayAddressOpt, ThreadsOpt, TokenizerOpt
+from cpm_infer.cli.serve_ray import (
+    MaxReplicasOpt,
+    MinReplicasOpt,
+    RayFlags,
+    RayOpt,
+    ReplicaCpusOpt,
+    ReplicaGpusOpt,
+    ReplicasOpt,
+    TargetOpt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,14 @@ def serve(
     no_warmup: NoWarmupOpt = False,
     access_log: AccessLogOpt = False,
     api_key: ApiKeyOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = 1,
+    min_replicas: MinReplicasOpt = None,
+    max_replicas: MaxReplicasOpt = None,
+    target_ongoing_requests: TargetOpt = None,
+    replica_cpus: ReplicaCpusOpt = 1.0,
+    replica_gpus: ReplicaGpusOpt = 0.0,
 ) -> None:
     """Serve a CPM model over HTTP: OpenAI's /v1/completions and /v1/models, /zuowen, /metrics, /health, /info."""
     from cpm_infer.deps import require
@@ -73,6 +91,10 @@ def serve(
     require("fastapi", "serve")
     require("uvicorn", "serve")
     require("prometheus_client", "serve")
+    ray_flags = RayFlags(
+        ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus, replica_gpus
+    )
+    ray_flags.check(ray)
     from cpm_infer.backends import detect_backend, load_backend
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.serve.app import create_app
@@ -93,6 +115,30 @@ def serve(
     )
     model_path = resolve_model(model)
     backend_name = detect_backend(model_path) if backend == "auto" else backend
+    if not _is_loopback(host) and not api_key:
+        print(
+            f"warning: listening on {host} without an API key: anyone who can reach it can use the model "
+            "(set --api-key or CPM_API_KEY)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if ray:
+        from cpm_infer.cli.serve_ray import serve_on_ray
+
+        serve_on_ray(
+            model_path,
+            ray_flags,
+            backend=backend_name,
+            device=device,
+            tokenizer=tokenizer,
+            threads=threads,
+            settings=settings,
+            warmup=not no_warmup,
+            api_key=api_key or None,
+            host=host,
+            port=port,
+        )
+        return
     sock = bind(host, port)  # fail on a taken port before spending time loading the model
     start = time.perf_counter()
     runtime, tok = load_backend(backend_name, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
@@ -109,13 +155,6 @@ def serve(
         owns_backend=True,
     )
     bound_host, bound_port = sock.getsockname()[:2]
-    if not _is_loopback(host) and not api_key:
-        print(
-            f"warning: listening on {host} without an API key: anyone who can reach it can use the model "
-            "(set --api-key or CPM_API_KEY)",
-            file=sys.stderr,
-            flush=True,
-        )
     print(
         f"serving {model_path} ({runtime.name}, loaded in {load_s:.1f} s) "
         f"on http://{_url_host(bound_host)}:{bound_port}  "

@@ -1,0 +1,135 @@
+"""``cpm batch``: bulk generation on Ray Data (many prompts, a pool of model actors, resumable output)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, RayAddressOpt, ThreadsOpt, TokenizerOpt
+
+
+def batch(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Prompt files: text (a prompt per line), JSONL (prompt or title/context) or Parquet."),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (a rerun resumes it).")],
+    model: ModelOpt = None,
+    output_format: Annotated[str, typer.Option("--format", help="Part files: jsonl or parquet.")] = "jsonl",
+    actors: Annotated[int, typer.Option("--actors", min=1, help="Model replicas (Ray actors).")] = 1,
+    actor_cpus: Annotated[float, typer.Option("--actor-cpus", min=0.01, help="CPUs each actor reserves.")] = 1.0,
+    actor_gpus: Annotated[float, typer.Option("--actor-gpus", min=0, help="GPUs each actor reserves.")] = 0.0,
+    part_size: Annotated[
+        int, typer.Option("--part-size", min=1, help="Prompts per part file (what a rerun skips when done).")
+    ] = 256,
+    ray_address: RayAddressOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 100,
+    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 0,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="1 = off.")] = 0.9,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 = off.")] = 1.0,
+    ban_id: Annotated[
+        list[int] | None, typer.Option("--ban-id", help="Token id never to generate (repeatable).")
+    ] = None,
+    allow_unk: Annotated[bool, typer.Option("--allow-unk", help="Allow <unk> (banned by default).")] = False,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Prompt i, sample s is seeded by (seed, i, s).")] = 0,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples per prompt.")] = 1,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at <eod>.")] = False,
+    truncate: Annotated[
+        bool, typer.Option("--truncate", help="Keep the last tokens of prompts that are too long.")
+    ] = False,
+    backend: BackendOpt = "auto",
+    device: DeviceOpt = "auto",
+    tokenizer: TokenizerOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Generate for every prompt of INPUTS on a Ray cluster; results as the same records as `cpm generate
+    --output`, plus prompt_index and seed, in part files under OUTPUT. Same seed, same results."""
+    from cpm_infer.backends import detect_backend
+    from cpm_infer.cli._common import resolve_model
+    from cpm_infer.config import GenerationConfig
+    from cpm_infer.deps import require
+
+    require("ray.data", "ray")
+    from cpm_infer.bulk.job import BulkJob, describe_inputs, open_output
+    from cpm_infer.bulk.pipeline import Pool, Progress, run
+    from cpm_infer.cluster import connected
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        ban_unk=not allow_unk,
+        banned_ids=tuple(ban_id or ()),
+        stop_strings=tuple(stop or ()),
+        seed=seed,
+        num_samples=num_samples,
+        ignore_eos=ignore_eos,
+    )
+    model_path = resolve_model(model)
+    job = BulkJob(
+        model=str(model_path),
+        output=str(output),
+        config=config,
+        backend=detect_backend(model_path) if backend == "auto" else backend,
+        device=device,
+        tokenizer=str(tokenizer) if tokenizer else None,
+        threads=threads,
+        batch_size=batch_size,
+        truncate=truncate,
+        fmt=output_format,
+    )
+    pool = Pool(actors=actors, cpus=actor_cpus, gpus=actor_gpus, prompts_per_part=part_size)
+    open_output(job, describe_inputs(inputs))  # refuse a wrong output directory before starting Ray
+    with connected(ray_address) as local, _ProgressBar() as bar:
+        where = "a local Ray cluster" if local else f"the Ray cluster at {ray_address or 'RAY_ADDRESS'}"
+        print(f"generating on {where} with {actors} actor(s) of {job.backend} ({model_path})", file=sys.stderr)
+        result: Progress = run(job, inputs, pool, on_progress=bar.update)
+    skipped = f"; {result.skipped} finished earlier" if result.skipped else ""
+    rate = f", {result.done / result.elapsed_s:.2f} prompts/s" if result.elapsed_s > 0 else ""
+    print(
+        f"wrote {result.done} prompt(s) x {num_samples} sample(s) to {output} in {result.parts} part(s) by "
+        f"{len(result.workers)} actor(s){rate}{skipped}; {result.total} in all",
+        file=sys.stderr,
+    )
+
+
+class _ProgressBar:
+    """Prompts done out of those left to do, on stderr."""
+
+    def __enter__(self) -> _ProgressBar:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("prompts"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = None
+        self.progress.start()
+        return self
+
+    def update(self, state: object) -> None:
+        from cpm_infer.bulk.pipeline import Progress
+
+        assert isinstance(state, Progress)
+        rate = f"{state.done / state.elapsed_s:.2f}/s" if state.elapsed_s > 0 else ""
+        if self.task is None:
+            self.task = self.progress.add_task("generate", total=state.todo, rate=rate)
+        self.progress.update(self.task, completed=state.done, rate=rate)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
