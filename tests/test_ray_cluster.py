@@ -29,7 +29,7 @@ from cpm_infer.serve.ray_app import REPLICA_HEADER, ReplicaConfig, Scaling, appl
 from cpm_infer.serve.settings import ServeSettings
 
 SETTINGS = ServeSettings(max_batch=8, batch_wait_ms=5, queue_size=32, max_new_tokens_cap=64, timeout_s=60)
-BODY = {"prompt": "滚滚长江东逝水", "max_new_tokens": 12, "temperature": 0.9, "top_k": 40, "seed": 11}
+BODY = {"prompt": "滚滚长江东逝水", "max_tokens": 12, "temperature": 0.9, "top_k": 40, "seed": 11}
 
 
 @pytest.fixture(scope="module")
@@ -91,32 +91,50 @@ def service(cluster, tiny_checkpoint):
 
 class TestServe:
     def test_two_replicas_answer_the_same_as_cpm_serve(self, service, tiny_checkpoint):
+        """The unmodified OpenAI client, through Ray's proxy and straight to `cpm serve`'s app: same answers."""
+        import openai
+        from prometheus_client.parser import text_string_to_metric_families
+
         from cpm_infer.backends import load_backend
         from cpm_infer.serve.app import create_app
         from cpm_infer.serve.server import BackgroundServer
 
+        def ask(port: int) -> tuple[str | None, str]:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+            raw = client.completions.with_raw_response.create(
+                model=tiny_checkpoint.name, prompt=BODY["prompt"], max_tokens=12, temperature=0.9, seed=11, n=2
+            )
+            return raw.headers.get(REPLICA_HEADER), "|".join(c.text for c in raw.parse().choices)
+
         seen: dict[str, str] = {}
         for _ in range(60):
-            status, replica, body = post(service, "/v1/completions", BODY)
-            assert status == 200 and replica
-            seen[replica] = body["choices"][0]["text"]
+            replica, text = ask(service)
+            seen[replica] = text
             if len(seen) == 2:
                 break
-        assert len(seen) == 2, f"one replica answered everything: {seen}"
+        assert len(seen) == 2 and None not in seen, f"one replica answered everything: {seen}"
         assert len(set(seen.values())) == 1  # same seed, same text, whichever replica
         bad = {**BODY, "temperature": -1}
         ray_bad = post(service, "/v1/completions", bad)
-        # The same request to `cpm serve`'s app in this process: same text, same refusal.
         backend, tok = load_backend("torch", tiny_checkpoint)
         with BackgroundServer(create_app(backend, tok, SETTINGS, model_name=tiny_checkpoint.name)) as local:
-            status, _, body = post(local.port, "/v1/completions", BODY)
-            assert status == 200 and body["choices"][0]["text"] == next(iter(seen.values()))
+            assert ask(local.port)[1] == next(iter(seen.values()))
             local_bad = post(local.port, "/v1/completions", bad)
-        assert ray_bad[0] == local_bad[0] and 400 <= ray_bad[0] < 500 and ray_bad[2] == local_bad[2]
-        conn = http.client.HTTPConnection("127.0.0.1", service, timeout=30)
-        conn.request("GET", "/info")
-        resp = conn.getresponse()
-        assert json.loads(resp.read())["replica"] == resp.getheader(REPLICA_HEADER) in seen
+        assert ray_bad[0] == local_bad[0] == 400 and ray_bad[2] == local_bad[2]
+        # /metrics per replica: each scrape is one replica's registry, labelled with the replica that answered.
+        scraped: set[str] = set()
+        for _ in range(60):
+            conn = http.client.HTTPConnection("127.0.0.1", service, timeout=30)
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+            (sample,) = families["cpm_replica_info"].samples
+            assert sample.labels["replica"] == resp.getheader(REPLICA_HEADER)
+            assert any(s.value > 0 for s in families["cpm_requests"].samples)
+            scraped.add(sample.labels["replica"])
+            if scraped == set(seen):
+                break
+        assert scraped == set(seen)
 
     def test_a_replica_killed_under_load_leaves_the_service_answering(self, service):
         log: list[tuple[float, int, str | None]] = []
@@ -124,7 +142,7 @@ class TestServe:
 
         def client() -> None:
             while not stop.is_set():
-                status, replica, _ = post(service, "/v1/completions", {**BODY, "max_new_tokens": 24})
+                status, replica, _ = post(service, "/v1/completions", {**BODY, "max_tokens": 24})
                 log.append((time.monotonic(), status, replica))
 
         def wait_for(check, timeout: float) -> None:
@@ -233,8 +251,8 @@ def test_bulk_killed_mid_run_resumes_where_it_stopped(cluster, monkeypatch, caps
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    titles = [f"第{i}回" for i in range(12)]
-    gen = ["-n", "48", "--ignore-eos", "--seed", "3", "--num-samples", "2", "--batch-size", "1"]
+    titles = [f"第{i}回" for i in range(8)]
+    gen = ["-n", "32", "--ignore-eos", "--seed", "3", "--num-samples", "2", "--batch-size", "1"]
     lines = [json.dumps({"title": t, "context": "话说"}, ensure_ascii=False) for t in titles]
     single = _single(monkeypatch, capsys, tmp_path, tiny_checkpoint, lines, gen)
     pq.write_table(pa.table({"title": titles, "context": ["话说"] * len(titles)}), tmp_path / "titles.parquet")
