@@ -1,8 +1,8 @@
 """Joining a Ray cluster for ``cpm serve --ray`` and ``cpm batch``.
 
 With an address (``--ray-address``, or ``RAY_ADDRESS``) the command joins that cluster as a driver and leaves it
-running afterwards; without one it starts a single-machine cluster for itself and stops it when done. A process
-that is already connected (a test, a notebook) is used as it is.
+running afterwards; without one it starts a single-machine cluster for itself, on loopback, and stops it when done.
+A process that is already connected (a test, a notebook) is used as it is.
 """
 
 from __future__ import annotations
@@ -18,8 +18,19 @@ from cpm_infer.errors import CpmError
 log = logging.getLogger(__name__)
 
 
+# Ray's switch for single-machine operation: its processes then listen on loopback only, nothing else can join.
+_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 class ClusterError(CpmError):
     """The Ray cluster could not be reached or started."""
+
+
+def prefer_loopback(address: str | None) -> None:
+    """Call before Ray is imported: a cluster this command starts for itself (no address) listens on loopback,
+    not on every interface of the machine (Ray reads the switch once, when it is imported)."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault(_LOCAL_ONLY, "0")
 
 
 @contextmanager
@@ -31,11 +42,10 @@ def connected(address: str | None = None, *, num_cpus: int | None = None, verbos
         yield False
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    local = {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1"}  # a cluster of this machine only: loopback
     try:
         ray.init(
             address=address,
-            **({} if address else local),
+            num_cpus=None if address else num_cpus,
             include_dashboard=False,
             logging_level=logging.INFO if verbose else logging.WARNING,
             log_to_driver=verbose,

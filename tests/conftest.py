@@ -25,6 +25,8 @@ Hello world 123 abc, the quick brown fox.
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray clusters the tests start stay on loopback (Ray reads this once, on import; their processes inherit it).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -34,15 +34,19 @@ BODY = {"prompt": "滚滚长江东逝水", "max_tokens": 12, "temperature": 0.9,
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(
-        num_cpus=2,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
+    with pytest.MonkeyPatch.context() as env:
+        # On a loaded machine Serve's proxy can miss its default 5 s readiness check three times and be restarted.
+        env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="WARNING",
+        )
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), address  # loopback only (conftest)
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield address
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -53,13 +53,14 @@ def batch(
     --output`, plus prompt_index and seed, in part files under OUTPUT. Same seed, same results."""
     from cpm_infer.backends import detect_backend
     from cpm_infer.cli._common import resolve_model
+    from cpm_infer.cluster import connected, prefer_loopback
     from cpm_infer.config import GenerationConfig
     from cpm_infer.deps import require
 
+    prefer_loopback(ray_address)
     require("ray.data", "ray")
     from cpm_infer.bulk.job import BulkJob, describe_inputs, open_output
     from cpm_infer.bulk.pipeline import Pool, Progress, run
-    from cpm_infer.cluster import connected
 
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,

@@ -79,12 +79,13 @@ def serve_on_ray(
 ) -> None:
     """Deploy, print the URL, and wait for Ctrl-C / SIGTERM; then remove the application (replicas get their
     shutdown grace) and, for a cluster started here, stop it."""
+    from cpm_infer.cluster import connected, prefer_loopback
     from cpm_infer.deps import require
 
+    prefer_loopback(flags.ray_address)
     require("ray.serve", "ray")
     from ray import serve
 
-    from cpm_infer.cluster import connected
     from cpm_infer.serve.ray_app import ReplicaConfig, Scaling, application
 
     config = ReplicaConfig(
