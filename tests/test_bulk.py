@@ -21,12 +21,11 @@ from cpm_infer.bulk.job import (
     finished_ranges,
     open_output,
     part_name,
-    request_from_line,
     request_from_record,
 )
 from cpm_infer.bulk.worker import PartWriter
-from cpm_infer.cli.generate import _read_requests
 from cpm_infer.config import GenerationConfig
+from cpm_infer.jobs import read_requests
 
 LINES = [
     "天下大势",
@@ -40,25 +39,6 @@ LINES = [
     "",
 ]
 SAMPLED = GenerationConfig(max_new_tokens=10, temperature=0.9, top_k=40, seed=5, num_samples=2)
-
-
-def test_lines_parse_exactly_as_cpm_generate_reads_them(tmp_path):
-    good = [line for line in LINES if not line.startswith("{不是")]
-    path = tmp_path / "p.txt"
-    path.write_text("\n".join(good), encoding="utf-8")
-    ours = [r for r in (request_from_line(line, "p.txt") for line in path.read_text().splitlines()) if r]
-    assert ours == list(_read_requests(path))
-    assert ours[3] == {"title": "无题", "context": ""} and ours[4] == {"title": "数字", "context": "12"}
-
-
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [("{不是 JSON 的开头}", "invalid JSON"), ('{"text": "x"}', 'needs a "prompt" or a "title"')],
-)
-def test_bad_lines_are_one_line_errors(line, message):
-    with pytest.raises(BulkError, match=message) as info:
-        request_from_line(line, "in.jsonl")
-    assert "\n" not in str(info.value) and str(info.value).startswith("in.jsonl: ")
 
 
 def test_parquet_records():
@@ -124,10 +104,11 @@ def _batch(requests: list[dict[str, str]], ids: list[int]) -> dict[str, np.ndarr
 
 
 def test_worker_writes_what_cpm_generate_writes(monkeypatch, capsys, tmp_path, tiny_checkpoint):
-    requests = [r for r in (request_from_line(line, "x") for line in LINES if not line.startswith("{不是")) if r]
-    requests += [{"prompt": f"第{i}回"} for i in range(4)]  # 10 prompts in all
     path = tmp_path / "in.jsonl"
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in requests), encoding="utf-8")
+    lines = [line for line in LINES if not line.startswith("{不是")] + [f"第{i}回" for i in range(4)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    requests = read_requests(path)  # as `cpm generate --input` reads it (the pipeline's tasks call the same)
+    assert len(requests) == 10
     args = ["-i", str(path), "-o", str(tmp_path / "single.jsonl"), "-n", "10", "-t", "0.9", "--top-k", "40"]
     code, _, err = run_cli(
         monkeypatch,
@@ -157,9 +138,9 @@ def test_worker_writes_what_cpm_generate_writes(monkeypatch, capsys, tmp_path, t
         writer(_batch([requests[4]], [4]))
         assert finished_ranges(job.output) == [(0, 4), (4, 5), (5, 10)]
         bulk = _read_parts(Path(job.output), fmt)
-        assert [r["prompt_index"] for r in bulk] == [i for i in range(10) for _ in range(2)]
+        assert [r["index"] for r in bulk] == [i for i in range(10) for _ in range(2)]
         assert {r["seed"] for r in bulk} == {5}
-        assert [{k: v for k, v in r.items() if k not in ("prompt_index", "seed")} for r in bulk] == single
+        assert [{k: v for k, v in r.items() if k != "seed"} for r in bulk] == single
 
 
 def _read_parts(out: Path, fmt: str) -> list[dict]:

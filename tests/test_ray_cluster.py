@@ -230,8 +230,8 @@ def _parts(out: Path) -> list[dict]:
     return rows
 
 
-def _without_index(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("prompt_index", "seed")} for r in rows]
+def _without_seed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seed"} for r in rows]
 
 
 def test_bulk_with_two_actors_equals_cpm_generate(cluster, monkeypatch, capsys, tmp_path, tiny_checkpoint):
@@ -245,8 +245,8 @@ def test_bulk_with_two_actors_equals_cpm_generate(cluster, monkeypatch, capsys, 
     assert code == 0, err
     assert "wrote 9 prompt(s) x 2 sample(s)" in err
     rows = _parts(out)
-    assert _without_index(rows) == single
-    assert [r["prompt_index"] for r in rows] == [i // 2 for i in range(18)] and {r["seed"] for r in rows} == {7}
+    assert _without_seed(rows) == single
+    assert [r["index"] for r in rows] == [i // 2 for i in range(18)] and {r["seed"] for r in rows} == {7}
     code, _, err = run_cli(monkeypatch, capsys, "batch", *args, *pool)  # all done: nothing to do
     assert code == 0 and "wrote 0 prompt(s)" in err and "9 finished earlier" in err
 
@@ -284,4 +284,4 @@ def test_bulk_killed_mid_run_resumes_where_it_stopped(cluster, monkeypatch, caps
     assert code == 0, err
     assert f"{before} finished earlier" in err and f"wrote {len(titles) - before} prompt(s)" in err
     rows = _parts(out)
-    assert _without_index(sorted(rows, key=lambda r: (r["prompt_index"], r["sample"]))) == single
+    assert _without_seed(sorted(rows, key=lambda r: (r["index"], r["sample"]))) == single

@@ -22,6 +22,7 @@ import numpy as np
 
 from cpm_infer.config import GenerationConfig
 from cpm_infer.errors import CpmError
+from cpm_infer.text import clean
 
 FORMATS = ("jsonl", "parquet")
 MANIFEST = "job.json"
@@ -159,30 +160,13 @@ def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int]]:
     return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in itertools.pairwise(bounds)]
 
 
-def request_from_line(line: str, where: str) -> dict[str, str] | None:
-    """A prompt from one input line, as ``cpm generate --input`` reads it: blank lines are skipped, a line
-    starting with ``{`` is JSON with ``prompt`` or ``title`` (+ ``context``), any other line is a prompt."""
-    if not line.strip():
-        return None
-    if not line.lstrip().startswith("{"):
-        return {"prompt": line}
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BulkError(f"{where}: invalid JSON ({exc.msg}) in line {_excerpt(line)}") from exc
-    if isinstance(obj.get("prompt"), str):
-        return {"prompt": obj["prompt"]}
-    if isinstance(obj.get("title"), str):
-        return {"title": obj["title"], "context": str(obj.get("context", ""))}
-    raise BulkError(f'{where}: a JSON line needs a "prompt" or a "title" string: {_excerpt(line)}')
-
-
 def request_from_record(prompt: object, title: object, context: object, where: str) -> dict[str, str]:
-    """A prompt from a Parquet row (``prompt``, or ``title`` + optional ``context``)."""
+    """A prompt from a Parquet row (``prompt``, or ``title`` + optional ``context``), under the text policy of
+    ``cpm_infer.text`` as text inputs are."""
     if isinstance(prompt, str):
-        return {"prompt": prompt}
+        return {"prompt": clean(prompt, where)}
     if isinstance(title, str):
-        return {"title": title, "context": context if isinstance(context, str) else ""}
+        return {"title": clean(title, where), "context": clean(context, where) if isinstance(context, str) else ""}
     raise BulkError(f'{where}: a row has neither a "prompt" nor a "title" string')
 
 
@@ -195,7 +179,3 @@ def _flat(manifest: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
-
-
-def _excerpt(line: str, width: int = 60) -> str:
-    return repr(line if len(line) <= width else line[:width] + "...")

@@ -1,8 +1,9 @@
 """The Ray Data pipeline of ``cpm batch``.
 
-read_text / read_parquet (+ parsing, in Ray tasks) -> prompts (``prompt`` | ``title`` + ``context``) numbered
-0..n-1 in input order, those that finished parts cover dropped -> ``map_batches(PartWriter)`` on a pool of actors,
-each holding one model -> one summary row per written part, read here for the progress.
+Input files, parsed in Ray tasks (text/JSONL exactly as ``cpm generate --input`` reads them; Parquet with
+read_parquet) -> prompts (``prompt`` | ``title`` + ``context``) numbered 0..n-1 in input order, those that finished
+parts cover dropped -> ``map_batches(PartWriter)`` on a pool of actors, each holding one model -> one summary row
+per written part, read here for the progress.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from cpm_infer.bulk.job import (
     finished_ranges,
     input_kind,
     open_output,
-    request_from_line,
     request_from_record,
 )
 from cpm_infer.bulk.worker import PartWriter
 from cpm_infer.errors import CpmError
+from cpm_infer.jobs import read_requests
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +120,13 @@ def _read(inputs: list[Path]) -> ray.data.Dataset:
     paths = [str(p.resolve()) for p in inputs]
     if input_kind(inputs[0]) == "parquet":
         return ray.data.read_parquet(paths, include_paths=True).map_batches(_records_to_prompts, batch_format="pyarrow")
-    # Lines split as str.splitlines, empty ones dropped: as `cpm generate --input` reads a file.
-    lines = ray.data.read_text(paths, include_paths=True, drop_empty_lines=True)
-    return lines.map_batches(_lines_to_prompts, batch_format="pyarrow")
+    # A task per file, parsed by the same function as `cpm generate --input` (encoding, text policy, JSON lines).
+    files = ray.data.from_items([{"path": path} for path in paths])
+    return files.map_batches(_file_to_prompts, batch_size=1, batch_format="pyarrow")
 
 
-def _lines_to_prompts(batch: pa.Table) -> pa.Table:
-    requests = [
-        request_from_line(line, path)
-        for line, path in zip(batch["text"].to_pylist(), batch["path"].to_pylist(), strict=True)
-    ]
-    return _prompt_table([r for r in requests if r is not None])
+def _file_to_prompts(batch: pa.Table) -> pa.Table:
+    return _prompt_table([r for path in batch["path"].to_pylist() for r in read_requests(Path(path))])
 
 
 def _records_to_prompts(batch: pa.Table) -> pa.Table:

@@ -115,9 +115,9 @@ def _request(prompt: object, title: object, context: object) -> dict[str, str]:
 
 
 def _record(request: dict[str, str], result: GenerationResult, seed: int | None) -> dict[str, Any]:
-    """``cpm generate --output``'s record plus the prompt's index and the seed."""
+    """``cpm generate --output``'s record (with the prompt's ``index``) plus the seed."""
     return {
-        "prompt_index": result.prompt_index,
+        "index": result.prompt_index,
         **request,
         "sample": result.sample_index,
         "seed": seed,
@@ -135,7 +135,7 @@ def _parquet_schema() -> Any:
         return None
     return pa.schema(
         [
-            ("prompt_index", pa.int64()),
+            ("index", pa.int64()),
             ("prompt", pa.string()),
             ("title", pa.string()),
             ("context", pa.string()),

@@ -50,7 +50,7 @@ def batch(
     threads: ThreadsOpt = None,
 ) -> None:
     """Generate for every prompt of INPUTS on a Ray cluster; results as the same records as `cpm generate
-    --output`, plus prompt_index and seed, in part files under OUTPUT. Same seed, same results."""
+    --output` (with the prompt's index) plus the seed, in part files under OUTPUT. Same seed, same results."""
     from cpm_infer.backends import detect_backend
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.cluster import connected, prefer_loopback
