@@ -84,7 +84,7 @@ def run(
         job = dataclasses.replace(job, threads=max(1, math.floor(pool.cpus)))
     with _data_context(), _one_line_errors():
         finished = finished_ranges(job.output)
-        todo, total = _numbered(_read(inputs), finished)
+        todo, total = _numbered(_read(inputs), finished, pool.prompts_per_part)
         if total == 0:
             raise BulkError(f"{', '.join(map(str, inputs))}: no prompts")
         rerun = open_output(job, described, total)
@@ -144,16 +144,18 @@ def _prompt_table(requests: list[dict[str, str]]) -> pa.Table:
     return pa.table({c: pa.array([r.get(c) for r in requests], type=pa.string()) for c in _PROMPT_COLUMNS})
 
 
-def _numbered(prompts: ray.data.Dataset, finished: list[tuple[int, int]]) -> tuple[list[pa.Table], int]:
+def _numbered(prompts: ray.data.Dataset, finished: list[tuple[int, int]], rows: int) -> tuple[list[pa.Table], int]:
     """Number the prompts 0..n-1 in input order (blocks arrive in order: ``preserve_order``) and keep those that
-    no finished part covers. Only the prompts pass through this process, never the generated text."""
+    no finished part covers, in tables of ``rows`` prompts: one block per part, so that the parts of one input
+    file spread over every actor. Only the prompts pass through this process, never the generated text."""
     todo, total = [], 0
     for block in prompts.iter_batches(batch_size=None, batch_format="pyarrow"):
         ids = np.arange(total, total + len(block), dtype=np.int64)
         total += len(block)
         keep = ~covered(ids, finished)
         if keep.any():
-            todo.append(block.append_column("id", pa.array(ids)).filter(pa.array(keep)))
+            kept = block.append_column("id", pa.array(ids)).filter(pa.array(keep))
+            todo += [kept.slice(start, rows) for start in range(0, len(kept), rows)]
     return todo, total
 
 
