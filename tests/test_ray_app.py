@@ -113,7 +113,7 @@ def test_replica_header_and_health_on_the_real_app(tiny_checkpoint):
     assert asyncio.run(call("/v1/models")) == 200
     assert (REPLICA_HEADER.encode(), b"r-1") in sent[0]["headers"]
     assert asyncio.run(asgi_status(app, "/health")) == 200
-    app.state.batcher.begin_shutdown(0)
+    app.state.scheduler.begin_shutdown(0)
     assert asyncio.run(asgi_status(app, "/health")) == 503  # a draining replica fails Ray's health check
 
 

@@ -1,6 +1,6 @@
 """``cpm serve`` on Ray Serve: the same FastAPI app (``create_app``), one per replica, behind Ray's HTTP proxy.
 
-Each replica loads its own model and runs its own continuous batcher; Ray routes requests to the least busy
+Each replica loads its own model and runs its own continuous-batching scheduler; Ray routes requests to the least busy
 replica, restarts dead ones and scales between bounds. Every answer carries ``x-cpm-replica`` (which replica made
 it), ``/info`` shows it too, and a replica's health check is its own ``GET /health``.
 
@@ -128,7 +128,7 @@ class ReplicaHeader:
 
 @serve.ingress()
 class CpmReplica:
-    """One replica: one model, one ``create_app`` app (its own batcher, limits and metrics)."""
+    """One replica: one model, one ``create_app`` app (its own scheduler, limits and metrics)."""
 
     def __init__(self, config: ReplicaConfig, threads: int) -> None:
         self.config = config
