@@ -18,7 +18,7 @@ Modes: ``plain`` (no flags), ``optimize`` (``--optimize``), ``fp16`` (``--fp16``
 (``--optimize --quantize SCHEME``: export, fusions, quantization and the quality gate in one run),
 ``artifact-int4``/``artifact-int8`` (``--quantize`` of the ``optimize`` mode's float32 artifact).
 The quality gate runs with ``--force-quality`` (random weights: its verdict means nothing, its memory
-does) on ``--gate-file`` (default: the first ~3000 characters of the demo held-out chapter, >= 1000
+does) on ``--gate-file`` (default: the first 1000 characters of the demo held-out chapter, ~1150
 tokens with the CPM vocabulary, to bound the gate's time on CPM-large).
 
 Results merge into ``OUT/results.json`` keyed by (name, mode), so that modes measured in separate
@@ -49,7 +49,7 @@ MODES = {
     "artifact-int8": ["--quantize", "int8"],
     "artifact-int4": ["--quantize", "int4"],
 }
-GATE_CHARS = 3000
+GATE_CHARS = 1000
 
 
 def _status(pid: int | str) -> dict[str, int]:
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--modes", default="plain,optimize,fp16,int8,int4")
     parser.add_argument("--name", help="Model name in the table (default: the checkpoint's directory name).")
     parser.add_argument("--work-dir", type=Path, help="Where the artifacts go (default: next to the checkpoint).")
-    parser.add_argument("--gate-file", type=Path, help="Quality-gate text (default: 3000 chars of the demo chapter).")
+    parser.add_argument("--gate-file", type=Path, help="Quality-gate text (default: 1000 chars of the demo chapter).")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export-memory")
     parser.add_argument("--keep", action="store_true", help="Keep the artifacts (default: delete each after use).")
