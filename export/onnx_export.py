@@ -41,11 +41,11 @@ from export.onnx_weights import (
     weight_bytes,
 )
 from export.quantize import QuantizeOptions
+from export.reference import record_eager
 from export.validate import (
     ValidationReport,
     failed_report_path,
     raise_for_failures,
-    record_eager,
     validate_onnx_graph,
     write_report,
 )

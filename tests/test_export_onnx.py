@@ -232,7 +232,8 @@ def test_validation_detects_a_different_model(artifact):
     from conftest import make_tiny_model
 
     from cpm_infer.artifact import read_manifest
-    from export.validate import ValidationError, record_eager, validate_onnx_graph
+    from export.reference import record_eager
+    from export.validate import ValidationError, validate_onnx_graph
 
     spec = read_manifest(artifact).spec
     other = make_tiny_model(spec.vocab_size, seed=1, n_positions=spec.n_positions)

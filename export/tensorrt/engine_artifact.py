@@ -29,16 +29,10 @@ from cpm_infer.backends.trt.compat import RuntimeInfo, cc_string
 from cpm_infer.backends.trt.profiles import EngineLimits, make_profiles
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError
+from export.reference import record_backend, validation_cases
 from export.tensorrt.builder import build_engine
 from export.tensorrt.precision import PRECISIONS, BuildPlan, check_trt_supports, parse_version, resolve_build
-from export.validate import (
-    PRECISION_DTYPES,
-    ValidationReport,
-    failed_report_path,
-    record_backend,
-    validate_backend,
-    validation_cases,
-)
+from export.validate import PRECISION_DTYPES, ValidationReport, failed_report_path, validate_backend
 
 log = logging.getLogger(__name__)
 
