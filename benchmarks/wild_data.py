@@ -106,7 +106,6 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="exit 1 unless the reader's counts are the expected")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from cpm_infer.documents import read_documents
 
     expected = write_folder(args.out, args.seed)
