@@ -1,7 +1,7 @@
 """Scale-out on one machine: requests/s of `cpm serve` vs Ray Serve with 1 and 2 replicas, and prompts/s of
 `cpm batch` (Ray Data) with 1 and 2 actors vs one `generate()` loop, on the same model and the same work.
 
-    python benchmarks/ray_scaleout.py --model cpm_infer/demo/sanguo --machine cpu-2core-shared
+    python benchmarks/ray_scaleout.py --model cpm_infer/demo/sanguo --machine amd-epyc-2c
 
 A local Ray cluster on loopback with as many CPUs as the machine has: 1 replica/actor reserves all of them and runs
 that many threads; 2 replicas/actors reserve half each and run half the threads, so every setup uses the same cores.
