@@ -89,13 +89,21 @@ class Server:
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stderr], daemon=True).start()
-        first = ""
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            for line in self.proc.stderr:
+                lines.put(line)
+            lines.put(None)  # the server closed stderr: it has exited
+
+        threading.Thread(target=pump, daemon=True).start()
+        first: str | None = ""
+        seen: list[str] = []
         while "on http://" not in first:  # skip any warnings printed while the model loads
             first = lines.get(timeout=300)
-            if self.proc.poll() is not None:
-                raise SystemExit(f"cpm serve did not start: {first}")
+            if first is None:
+                raise SystemExit(f"cpm serve did not start: {''.join(seen[-3:]).strip()}")
+            seen.append(first)
         self.host, port = first.split("on http://")[1].split()[0].rsplit(":", 1)
         self.port = int(port)
 
