@@ -18,7 +18,9 @@ GPT2LMHeadModel itself (``export.validate``), never against this module.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 
 import torch
 from torch import nn
@@ -155,6 +157,7 @@ class ExportGPT2(nn.Module):
                 value = source.detach().to(target)  # the same tensor when already in ``target``
             setattr(owner, name, nn.Parameter(value, requires_grad=False))
             if take and value.data_ptr() != source.data_ptr():
+                page_out(source)
                 source.data = torch.empty(0, dtype=source.dtype, device=source.device)
 
         src = model.transformer
@@ -205,3 +208,29 @@ class ExportGPT2(nn.Module):
     def empty_past(self, batch: int) -> list[torch.Tensor]:
         shape = (batch, self.n_head, 0, self.head_dim)
         return [torch.zeros(shape, dtype=self.dtype) for _ in range(2 * self.n_layer)]
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def page_out(tensor: torch.Tensor) -> bool:
+    """Ask the kernel to reclaim the pages of a CPU tensor about to be dropped (non-destructive).
+
+    Checkpoint weights are memory-mapped from their safetensors file, and the map lives until the
+    last tensor of the file is freed: converting them one by one (float16 export) would otherwise
+    keep every float32 page resident next to the float16 copy. Clean file pages are dropped at once;
+    anything else (heap memory, other systems) is left as it is. Returns whether the kernel took the hint."""
+    if tensor.device.type != "cpu" or not tensor.numel():
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last <= first:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(first, last - first, _MADV_PAGEOUT) == 0  # fails harmlessly where unsupported
+    except (OSError, AttributeError):  # no C library to call (not a POSIX system)
+        return False

@@ -15,7 +15,6 @@ is never materialised as one Python object or one serialized string.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -201,7 +200,7 @@ def pack_inline(source: Path, target: Path) -> None:
         body = len(meta) + (len(_key(_TENSOR_RAW_DATA)) + len(_varint(size)) + size if size else 0)
         graph_length += len(_key(_GRAPH_INITIALIZER)) + len(_varint(body)) + body
         records.append((meta, size, body, tensor))
-    maps: dict[str, tuple[Any, mmap.mmap]] = {}
+    handles: dict[str, Any] = {}
     try:
         with open(target, "wb") as out:
             out.write(head)
@@ -212,17 +211,28 @@ def pack_inline(source: Path, target: Path) -> None:
                 if size:
                     out.write(_key(_TENSOR_RAW_DATA) + _varint(size))
                     info = external_info(tensor)
-                    if info["location"] not in maps:
-                        handle = open(base / info["location"], "rb")
-                        maps[info["location"]] = (handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-                    data = maps[info["location"]][1]
-                    offset = int(info.get("offset", 0))
-                    for start in range(offset, offset + size, 64 * 2**20):
-                        out.write(data[start : min(start + 64 * 2**20, offset + size)])
+                    if info["location"] not in handles:
+                        handles[info["location"]] = open(base / info["location"], "rb", buffering=0)
+                    _copy_range(handles[info["location"]], int(info.get("offset", 0)), size, out)
     finally:
-        for handle, mapped in maps.values():
-            mapped.close()
+        for handle in handles.values():
             handle.close()
+
+
+def _copy_range(source: Any, offset: int, size: int, out: Any, chunk: int = 64 * 2**20) -> None:
+    """Copy ``size`` bytes of ``source`` from ``offset`` through one reused buffer. Plain reads, not a
+    memory map: read pages stay in the page cache, outside the process's resident set, whereas a
+    map's pages would count towards it (the whole data file by the end)."""
+    buffer = bytearray(min(chunk, size))
+    view = memoryview(buffer)
+    source.seek(offset)
+    left = size
+    while left:
+        n = source.readinto(view[: min(chunk, left)])
+        if not n:
+            raise OSError(f"{source.name} ends before offset {offset + size}")
+        out.write(view[:n])
+        left -= n
 
 
 def _inline_meta(tensor: Any) -> tuple[bytes, int]:

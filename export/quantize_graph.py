@@ -28,7 +28,14 @@ import numpy as np
 from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.errors import CpmError, first_line
-from export.onnx_weights import ExternalDataWriter, load_graph, save_graph, tensor_array, weight_bytes
+from export.onnx_weights import (
+    ExternalDataWriter,
+    load_graph,
+    release_memory,
+    save_graph,
+    tensor_array,
+    weight_bytes,
+)
 from export.quantize import QuantConfig, QuantizeError
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,8 @@ def _rewrite(model, targets: set[str], initializers: dict, base: Path, writer, q
         new_nodes.extend(nodes)
         model.graph.initializer.extend(writer.add_proto(t) for t in tensors)
         written.update(t.name for t in tensors)
+        del nodes, tensors, arrays
+        release_memory()  # the scratch model's pages go back to the OS before the next group
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     return written
@@ -221,7 +230,15 @@ class _Int8:
         result = quantizer.model.model
         for opset in result.opset_import:
             _set_opset(self.model, opset.domain, opset.version, at_least=True)
-        return list(result.graph.node), [t for t in result.graph.initializer if t.name not in arrays]
+        # Copies: a protobuf sub-message keeps its whole parent message alive (one memory arena), so
+        # returning the nodes themselves would keep every group's scratch model and weights until the end.
+        return [_copy(n) for n in result.graph.node], [t for t in result.graph.initializer if t.name not in arrays]
+
+
+def _copy(message: Any) -> Any:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
 
 
 def _set_opset(model: Any, domain: str, version: int, *, at_least: bool = False) -> None:

@@ -250,3 +250,17 @@ def test_cli_empty_file_one_line_error(backends, tmp_path, monkeypatch, capsys):
         monkeypatch, capsys, "eval", "score", str(backends["artifact"]), str(empty), "--scope", "tokens"
     )
     assert code == 1 and err.startswith("error: unknown --scope 'tokens'") and err.count("\n") == 1
+
+
+def test_log_softmax_at_row_chunks_give_the_same_values():
+    """Rows are scored a chunk at a time (bounded temporaries): any chunk size gives the same numbers."""
+    from cpm_infer.eval.logprobs import log_softmax_at
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((130, 50)).astype(np.float32) * 5
+    targets = rng.integers(0, 50, 130)
+    whole = log_softmax_at(logits, targets, rows=1000)
+    for rows in (1, 7, 64):
+        np.testing.assert_array_equal(log_softmax_at(logits, targets, rows=rows), whole)
+    expected = logits[np.arange(130), targets] - np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(whole, expected, rtol=1e-5)

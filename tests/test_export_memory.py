@@ -247,3 +247,78 @@ def test_pack_inline_equals_onnx_save(checkpoint, tmp_path):
         del tensor.external_data[:]
     assert packed == reference
     onnx.checker.check_model(packed)
+
+
+def test_pack_inline_copies_without_a_memory_map(checkpoint, tmp_path, monkeypatch):
+    """Packing reads the data file through a bounded buffer: the pages of a memory map would count in
+    the process's resident set (the whole data file by the end), the page cache does not."""
+    import mmap
+
+    from export.onnx_export import export_onnx
+    from export.onnx_weights import _copy_range, pack_inline
+
+    art = export_onnx(checkpoint, tmp_path / "ext", external_data_threshold=0).path
+    reference = onnx.load(str(art / "model.onnx"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pack_inline memory-mapped the data file")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    monkeypatch.setattr(np, "memmap", refuse)
+    pack_inline(art / "model.onnx", tmp_path / "packed.onnx")
+    monkeypatch.undo()
+    packed = onnx.load(str(tmp_path / "packed.onnx"))
+    assert [t.raw_data for t in packed.graph.initializer] == [t.raw_data for t in reference.graph.initializer]
+
+    data = bytes(range(256)) * 5
+    (tmp_path / "bytes").write_bytes(data)
+    with open(tmp_path / "bytes", "rb", buffering=0) as source, open(tmp_path / "copy", "wb") as out:
+        _copy_range(source, 3, 1000, out, chunk=7)  # many chunks, a short last one
+    assert (tmp_path / "copy").read_bytes() == data[3:1003]
+    with open(tmp_path / "bytes", "rb", buffering=0) as source, pytest.raises(OSError, match="ends before"):
+        _copy_range(source, 1200, 200, tmp_path.joinpath("short").open("wb"))
+
+
+def _rss_file() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status RssFile here")
+
+
+def test_page_out_drops_mapped_checkpoint_pages_and_keeps_values(tmp_path):
+    """A float16 export converts memory-mapped float32 checkpoint weights one by one: each converted
+    tensor's pages are handed back, and the tensor still reads the same values (from the file)."""
+    from safetensors.torch import load_file, save_file
+
+    from export.gpt2 import page_out
+
+    values = torch.from_numpy(np.random.default_rng(0).standard_normal(4 * 2**20, dtype=np.float32))  # 16 MiB
+    save_file({"w": values}, str(tmp_path / "w.safetensors"))
+    mapped = load_file(str(tmp_path / "w.safetensors"))["w"]  # how checkpoints are loaded
+    assert torch.equal(mapped, values)  # every page resident
+    before = _rss_file()
+    if not page_out(mapped):
+        pytest.skip("madvise(MADV_PAGEOUT) is not supported here")
+    assert before - _rss_file() > 8 * 2**20
+    assert torch.equal(mapped, values)
+    heap = values.clone()
+    page_out(heap)  # heap memory: left as it is
+    assert torch.equal(heap, values)
+
+
+def test_float16_conversion_hands_back_each_float32_weight(checkpoint, monkeypatch):
+    """from_hf(take=True) pages out every float32 weight it converts, and only those."""
+    import export.gpt2 as gpt2
+    from cpm_infer.torch_model import load_model
+
+    model, _ = load_model(checkpoint)
+    reference = gpt2.ExportGPT2.from_hf(model, torch.float16)
+    converted = sum(1 for p in reference.parameters() if p.dtype == torch.float16)
+    paged: list[int] = []
+    real = gpt2.page_out
+    monkeypatch.setattr(gpt2, "page_out", lambda t: paged.append(t.numel()) or real(t))
+    module = gpt2.ExportGPT2.from_hf(model, torch.float16, take=True)
+    assert len(paged) == converted and all(paged)
+    for (name, want), got in zip(reference.state_dict().items(), module.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name

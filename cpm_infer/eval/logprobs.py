@@ -12,12 +12,19 @@ class EvalError(CpmError):
     """Unusable evaluation input (no text, a too-short gate file, a bad template) or model."""
 
 
-def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log p(target) per row: ``logits`` (N, V) float, ``targets`` (N,) int -> (N,) float64."""
-    logits = logits.astype(np.float32, copy=False)
-    peak = logits.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
-    return logits[np.arange(len(targets)), targets].astype(np.float64) - log_norm
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray, *, rows: int = 64) -> np.ndarray:
+    """log p(target) per row: ``logits`` (N, V) float, ``targets`` (N,) int -> (N,) float64.
+
+    ``rows`` rows at a time: the temporaries are then a few MB, not several copies of a 1024-token
+    window's logits (123 MB each with the CPM vocabulary), which would raise the quality gate's peak memory."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for start in range(0, len(targets), rows):
+        part = logits[start : start + rows].astype(np.float32, copy=False)
+        peak = part.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(part - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
+        want = targets[start : start + rows]
+        out[start : start + rows] = part[np.arange(len(want)), want].astype(np.float64) - log_norm
+    return out
 
 
 def all_logits(backend: Backend | Scorer, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
