@@ -128,8 +128,16 @@ class RowChooser:
         if c.greedy:
             token = int(np.argmax(logits))
             return token if logits[token] > -np.inf else self.eos
+        top = logits.max()
+        if top == -np.inf:
+            return self.eos
         if c.temperature != 1.0:
-            logits /= np.float32(c.temperature)
+            # Shift first so the largest logit stays 0: a tiny temperature then sends the others to -inf (the
+            # greedy limit) instead of overflowing to inf - inf = NaN; one below float32's range acts as its
+            # smallest normal.
+            logits -= top
+            with np.errstate(over="ignore"):
+                logits /= max(np.float32(c.temperature), np.finfo(np.float32).tiny)
         token = sampling.sample_row(logits, c.top_k, c.top_p, self.rng)
         return token if token >= 0 else self.eos
 

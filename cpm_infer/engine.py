@@ -82,12 +82,25 @@ class FinishEvent:
 Event = TokenEvent | FinishEvent
 
 
-def check_prompt_length(index: int, prompt: Sequence[int], n_positions: int) -> None:
+def check_prompt_length(index: int, prompt: Sequence[int], n_positions: int, max_prompt: int | None = None) -> None:
     if len(prompt) >= n_positions:
         raise PromptTooLongError(
             f"prompt {index} has {len(prompt)} tokens but the model's context is {n_positions}: "
             f"shorten it, or truncate it to its last tokens (--truncate)"
         )
+    if max_prompt is not None and len(prompt) > max_prompt:
+        raise PromptTooLongError(
+            f"prompt {index} has {len(prompt)} tokens but this engine takes prompts of at most {max_prompt} "
+            "(its build's --max-input): shorten it, or truncate it to its last tokens (--truncate)"
+        )
+
+
+def max_prompt_tokens(backend: Backend) -> int:
+    """The longest prompt a backend prefills: the context minus one new token, or less where the backend says
+    so (a TensorRT engine's prefill profile, ``max_prompt``)."""
+    limit = backend.spec.n_positions - 1
+    own = getattr(backend, "max_prompt", None)
+    return min(limit, int(own)) if own else limit
 
 
 def make_rng(seed: int | None, prompt_index: int, sample_index: int) -> np.random.Generator:
@@ -130,6 +143,7 @@ class Engine:
         limit = getattr(backend, "max_batch", None)  # e.g. a TensorRT engine's profile
         self.max_rows = min(max_rows, limit) if limit else max_rows
         self.n_positions = backend.spec.n_positions
+        self.max_prompt = max_prompt_tokens(backend)
         self.vocab = backend.spec.vocab_size
         self.tokens_last_step = 0  # rows that produced a token in the last step (incl. <eod>)
         self._next_id = 0
@@ -155,7 +169,7 @@ class Engine:
         if config.beam_search:
             raise ConfigError("beam search does not run in the continuous batch; use cpm_infer.beam.beam_search")
         prompt = [int(t) for t in prompt_ids] or [self.tokenizer.eod_id]  # empty = start of a document
-        check_prompt_length(prompt_index, prompt, self.n_positions)
+        check_prompt_length(prompt_index, prompt, self.n_positions, self.max_prompt)
         row = _Row(
             id=self._next_id,
             tag=tag,

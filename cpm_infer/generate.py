@@ -22,6 +22,7 @@ from cpm_infer.engine import (
     PromptTooLongError,
     TokenizerLike,
     check_prompt_length,
+    max_prompt_tokens,
 )
 
 __all__ = [
@@ -59,9 +60,9 @@ class GenerationStats:
         return 1000 * float(np.mean(self.step_s)) if self.step_s else float("nan")
 
 
-def check_prompt_lengths(prompts: Sequence[Sequence[int]], n_positions: int) -> None:
+def check_prompt_lengths(prompts: Sequence[Sequence[int]], n_positions: int, max_prompt: int | None = None) -> None:
     for index, prompt in enumerate(prompts):
-        check_prompt_length(index, prompt, n_positions)
+        check_prompt_length(index, prompt, n_positions, max_prompt)
 
 
 def truncate_prompt(ids: Sequence[int], n_positions: int, max_new_tokens: int) -> list[int]:
@@ -128,7 +129,7 @@ def generate_iter(
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
     prompts = [list(p) if len(p) else [tokenizer.eod_id] for p in prompts]  # empty = start of a document
-    check_prompt_lengths(prompts, backend.spec.n_positions)
+    check_prompt_lengths(prompts, backend.spec.n_positions, max_prompt_tokens(backend))
     if config.beam_search:
         from cpm_infer.beam import beam_search
 

@@ -67,7 +67,9 @@ def apply_repetition_penalty(logits: np.ndarray, ids: np.ndarray, penalty: float
     makes a seen token less likely (transformers' ``RepetitionPenaltyLogitsProcessor``).
     """
     picked = logits[ids]
-    logits[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    big = np.finfo(logits.dtype).max  # a tiny penalty must not overflow to inf (inf - inf = NaN downstream)
+    with np.errstate(over="ignore"):
+        logits[ids] = np.clip(np.where(picked < 0, picked * penalty, picked / penalty), -big, big)
 
 
 def apply_presence_frequency(

@@ -131,6 +131,13 @@ def test_prompt_longer_than_context_is_refused():
         generate(backend, [[1, 1, 1, 1]], GREEDY, ScriptTok())
 
 
+def test_prompt_longer_than_the_backends_prefill_limit_is_refused():
+    backend = ScriptBackend({1: [10]}, n_positions=16)
+    backend.max_prompt = 3  # a TensorRT engine built with --max-input 3
+    with pytest.raises(PromptTooLongError, match="at most 3"):
+        generate(backend, [[1, 1, 1, 1]], GREEDY, ScriptTok())
+
+
 def test_empty_prompt_starts_a_document():
     backend = ScriptBackend({7: [10, 11]})
     assert generate(backend, [[]], GREEDY.replace(max_new_tokens=2), ScriptTok())[0].token_ids == [10, 11]

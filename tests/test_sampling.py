@@ -3,6 +3,7 @@ against transformers' processors and OpenAI's formula."""
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cpm_infer import sampling
-from cpm_infer.chooser import NgramBans
+from cpm_infer.chooser import NgramBans, RowChooser
+from cpm_infer.config import GenerationConfig
 
 NEG = -np.inf
 
@@ -195,3 +197,31 @@ def test_presence_and_frequency_follow_openai():
     got = logits.copy()
     sampling.apply_presence_frequency(got, ids, np.array([counts[i] for i in ids], np.float32), 0.4, 0.25)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-45, 5e-324])
+def test_a_tiny_temperature_is_the_greedy_limit_without_nan(temperature):
+    """Dividing raw logits by a temperature near 0 overflows to inf (inf - inf = NaN in the softmax); the chooser
+    shifts the row first, so the limit is the argmax, with no floating-point warning."""
+    logits = (np.random.default_rng(1).normal(size=200) * 3).astype(np.float32)
+    logits[5] = -np.inf  # a banned token stays banned
+    config = GenerationConfig(temperature=temperature)
+    row = RowChooser(config, [1], np.random.default_rng(0), vocab=200, banned=np.array([0]), eos=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert row.pick(row.process(logits.copy())) == int(np.argmax(logits))
+    banned_all = np.full(200, -np.inf, np.float32)
+    assert row.pick(banned_all) == 7  # nothing allowed: the row ends
+
+
+def test_a_tiny_repetition_penalty_stays_finite():
+    """Dividing a positive logit by a penalty near 0 overflows float32; the result is clipped, so the seen token
+    becomes the (finite) favourite instead of a NaN row."""
+    logits = np.array([1.0, 2.0, -1.0, 0.5], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampling.apply_repetition_penalty(logits, np.array([0, 2]), 1e-40)
+    assert np.isfinite(logits).all() and int(np.argmax(logits)) == 0
+    config = GenerationConfig(repetition_penalty=1e-40, temperature=0.7)
+    row = RowChooser(config, [0, 1], np.random.default_rng(0), vocab=4, banned=np.array([], np.int64), eos=3)
+    assert row.pick(row.process(np.array([1.0, 2.0, -1.0, 0.5], np.float32))) in (0, 1)

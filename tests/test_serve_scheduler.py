@@ -144,3 +144,36 @@ def test_the_queue_is_bounded_and_cancel_frees_the_place(model):
     assert state["queued"] == 0 and state["closing"]
     assert state["counters"]["rejected_queue_full"] == 1 and state["counters"]["cancelled_disconnected"] == 1
     assert state["counters"]["cancelled_shutdown"] == 2
+
+
+class _ShortPrefill:
+    """The backend with a prefill limit below its context, like a TensorRT engine built with --max-input."""
+
+    def __init__(self, backend, max_prompt: int) -> None:
+        self._backend, self.max_prompt = backend, max_prompt
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_a_request_the_engine_refuses_fails_alone_and_the_thread_lives_on(model):
+    backend, tok = model
+    limited = _ShortPrefill(backend, max_prompt=4)
+    scheduler = Scheduler(limited, tok, ServeSettings(max_batch=4))
+
+    async def scenario():
+        scheduler.start()
+        running = scheduler.submit([tok.encode("话说")[:3]], LONG, stream=True)
+        assert isinstance(await running.next_event(), TokenEvent)
+        refused = scheduler.submit([list(range(10, 20))], SAMPLED)  # 10 tokens > the engine's 4
+        event = await refused.next_event()
+        while not isinstance(await running.next_event(), ChoiceDone):
+            pass
+        later = scheduler.submit([[5, 6]], SAMPLED.replace(max_new_tokens=2))
+        return event, await _results(later)
+
+    event, later = _run(scheduler, scenario)
+    assert isinstance(event, ErrorEvent) and event.error.status == 400
+    assert "at most 4" in str(event.error)
+    assert len(later) == 1  # the generation thread still serves
+    assert scheduler.counters["failed"] == 1 and scheduler.counters["completed"] == 2

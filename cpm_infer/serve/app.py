@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cpm_infer import __version__
 from cpm_infer.backends.base import Backend
+from cpm_infer.engine import max_prompt_tokens
 from cpm_infer.serve import docs, schemas
 from cpm_infer.serve.auth import require_api_key
 from cpm_infer.serve.completions import Answer, collect, encode_prompts, request_config, stream
@@ -54,6 +55,7 @@ def create_app(
     scheduler = Scheduler(backend, tokenizer, settings, metrics, owns_backend=owns_backend)
     metrics.watch(lambda: scheduler.snapshot()["queued"], lambda: scheduler.snapshot()["running_rows"])
     n_positions = backend.spec.n_positions
+    max_prompt = max_prompt_tokens(backend)  # less than the context on a TensorRT engine (--max-input)
     created = int(time.time())
     completion_request = schemas.completion_request_model(settings, tokenizer.vocab_size)
 
@@ -80,11 +82,11 @@ def create_app(
     router = APIRouter(dependencies=protected)
     errors = docs.error_responses(auth=bool(api_key))
 
-    @app.get("/health", responses={503: {"description": "shutting down"}})
+    @app.get("/health", responses={503: {"description": "shutting down, or the generation thread has stopped"}})
     async def health() -> JSONResponse:
         state = scheduler.snapshot()
-        status = "shutting_down" if state["closing"] else "ok"
-        return JSONResponse({"status": status, **state}, status_code=503 if state["closing"] else 200)
+        status = "shutting_down" if state["closing"] else "ok" if scheduler.alive else "generation_stopped"
+        return JSONResponse({"status": status, **state}, status_code=200 if status == "ok" else 503)
 
     @router.get("/info", responses=errors.only(401))
     async def info() -> dict[str, Any]:
@@ -121,7 +123,9 @@ def create_app(
         arrived = time.monotonic()
         check_model(body.model, model_name)
         config = request_config(body, settings)
-        prompts = await run_in_threadpool(encode_prompts, tokenizer, body, n_positions, config.max_new_tokens)
+        prompts = await run_in_threadpool(
+            encode_prompts, tokenizer, body, n_positions, config.max_new_tokens, max_prompt
+        )
         job = scheduler.submit([p.ids for p in prompts], config, stream=bool(body.stream))
         metrics.prompt(job.prompt_tokens)
         answer = Answer(
@@ -145,7 +149,7 @@ def create_app(
         context = schemas.clean_field(context, "context")
 
         def encode() -> tuple[list[int], int]:
-            ids = schemas.essay_ids(tokenizer, title, context, n_positions)
+            ids = schemas.essay_ids(tokenizer, title, context, min(n_positions, max_prompt + 1))
             return ids, len(tokenizer.encode(title)) + 1  # where the context starts (after <sep>)
 
         ids, context_start = await run_in_threadpool(encode)

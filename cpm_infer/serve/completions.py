@@ -73,9 +73,14 @@ class Prompt:
 
 
 def encode_prompts(
-    tokenizer: CpmTokenizer, req: CompletionRequest, n_positions: int, max_new_tokens: int
+    tokenizer: CpmTokenizer,
+    req: CompletionRequest,
+    n_positions: int,
+    max_new_tokens: int,
+    max_prompt: int | None = None,
 ) -> list[Prompt]:
-    """Token ids of each prompt, refused (400) or truncated (``truncate``) when it leaves no room to generate."""
+    """Token ids of each prompt, refused (400) or truncated (``truncate``) when it leaves no room to generate
+    or is longer than the backend prefills (``max_prompt``: a TensorRT engine's --max-input)."""
     if req.title is not None:
         ids = essay_prompt(tokenizer, req.title, req.context or "")
         prompts = [Prompt(ids, tokenizer.decode(ids))]
@@ -87,10 +92,17 @@ def encode_prompts(
     for i, prompt in enumerate(prompts):
         if req.truncate:
             prompt.ids = truncate_prompt(prompt.ids, n_positions, max_new_tokens)
+            if max_prompt:
+                prompt.ids = prompt.ids[-max_prompt:]
+        which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
         if len(prompt.ids) >= n_positions:
-            which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
             raise PromptTooLongError(
                 f"{which} has {len(prompt.ids)} tokens but the model's context is {n_positions}; "
+                f'shorten it or send "truncate": true'
+            )
+        if max_prompt and len(prompt.ids) > max_prompt:
+            raise PromptTooLongError(
+                f"{which} has {len(prompt.ids)} tokens but this engine takes prompts of at most {max_prompt}; "
                 f'shorten it or send "truncate": true'
             )
     return prompts

@@ -26,8 +26,8 @@ from cpm_infer.backends.base import Backend
 from cpm_infer.config import GenerationConfig
 from cpm_infer.engine import Engine, FinishEvent, TokenizerLike
 from cpm_infer.engine import TokenEvent as EngineToken
-from cpm_infer.errors import describe
-from cpm_infer.serve.errors import GenerationFailedError, QueueFullError, ShuttingDownError
+from cpm_infer.errors import CpmError, describe
+from cpm_infer.serve.errors import GenerationFailedError, InvalidRequestError, QueueFullError, ShuttingDownError
 from cpm_infer.serve.jobs import SHUTDOWN, ChoiceDone, ErrorEvent, Job, TokenEvent, error_for
 from cpm_infer.serve.metrics import ServeMetrics
 from cpm_infer.serve.settings import ServeSettings
@@ -163,21 +163,25 @@ class Scheduler:
         for job in jobs:
             self.cancel(job, reason)
 
+    @property
+    def alive(self) -> bool:
+        """The generation thread runs (or was never started); False when it died: /health then fails."""
+        return self._thread is None or self._thread.is_alive() or self._stopped
+
     def _work(self) -> None:
         while True:
-            with self._cond:
-                if not self._admit():
-                    return
-                for row_id, reason in self._to_cancel:
-                    self.engine.cancel(row_id, reason)
-                self._to_cancel.clear()
             try:
+                with self._cond:
+                    if not self._admit():
+                        return
+                    for row_id, reason in self._to_cancel:
+                        self.engine.cancel(row_id, reason)
+                    self._to_cancel.clear()
                 events = self.engine.step()
-            except Exception as exc:
+                self._dispatch(events, time.monotonic())
+            except Exception as exc:  # a failed step (or bookkeeping) must not end the thread
                 log.exception("generation step failed")
                 self._fail_running(exc)
-                continue
-            self._dispatch(events, time.monotonic())
 
     def _admit(self) -> bool:
         """Move queued jobs into the engine by the batching mode (under the lock); wait while there is nothing
@@ -198,24 +202,39 @@ class Scheduler:
                         continue
             while self._pending and (self._pending[0].rows <= room or not (busy or self._engine_rows)):
                 job = self._pending.popleft()
-                self._start(job)
+                if not self._start(job):
+                    continue
                 room -= job.rows
                 busy = True
             if busy or self._to_cancel:
                 return True
             self._cond.wait()
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job) -> bool:
+        """Add a job's rows to the engine (under the lock). A job the engine refuses fails alone (its rows
+        already added leave again); False then."""
         job.state, job.started = "running", time.monotonic()
-        self._running.add(job)
         job.row_ids = []
-        for p, prompt in enumerate(job.prompts):
-            for s in range(job.n):
-                tag = (job, p * job.n + s)
-                job.row_ids.append(
-                    self.engine.add(prompt, job.config, seed=job.config.seed, prompt_index=p, sample_index=s, tag=tag)
-                )
+        try:
+            for p, prompt in enumerate(job.prompts):
+                for s in range(job.n):
+                    tag = (job, p * job.n + s)
+                    job.row_ids.append(
+                        self.engine.add(
+                            prompt, job.config, seed=job.config.seed, prompt_index=p, sample_index=s, tag=tag
+                        )
+                    )
+        except CpmError as exc:  # e.g. a prompt longer than a TensorRT engine prefills
+            log.warning("request refused by the engine: %s", describe(exc))
+            for row_id in job.row_ids:
+                self.engine.cancel(row_id, "error")
+            job.state, job.finished = "done", time.monotonic()
+            self.counters["failed"] += 1
+            job.post(ErrorEvent(InvalidRequestError(describe(exc), param="prompt")))  # the request's fault: 400
+            return False
+        self._running.add(job)
         self._engine_rows += job.rows
+        return True
 
     def _dispatch(self, events: list, now: float) -> None:
         tokens = 0
@@ -235,14 +254,15 @@ class Scheduler:
                     job.post(TokenEvent(choice, event.text, event.logprob))
             elif isinstance(event, FinishEvent):
                 self._last_token.pop(event.row_id, None)
-                if job.state != "running":  # cancelled: its handler has its answer already
-                    continue
+                with self._cond:  # decided under the lock, so a concurrent cancel() sees a finished job as done
+                    if job.state != "running":  # cancelled: its handler has its answer already
+                        continue
+                    job.rows_done += 1
+                    if job.rows_done == job.rows:
+                        self._finish_locked(job)
                 if job.stream and event.text:
                     job.post(TokenEvent(choice, event.text))
                 job.post(ChoiceDone(choice, event.result))
-                job.rows_done += 1
-                if job.rows_done == job.rows:
-                    self._finish(job)
         rows = self.engine.live_rows + self.engine.pending_rows
         with self._cond:
             self._engine_rows = rows
@@ -252,13 +272,10 @@ class Scheduler:
         if self.metrics is not None and tokens:
             self.metrics.generated(tokens)
 
-    def _finish(self, job: Job) -> None:
-        with self._cond:
-            if job.state == "done":  # cancelled meanwhile: its handler has its answer already
-                return
-            job.state, job.finished = "done", time.monotonic()
-            self._running.discard(job)
-            self.counters["completed"] += 1
+    def _finish_locked(self, job: Job) -> None:
+        job.state, job.finished = "done", time.monotonic()
+        self._running.discard(job)
+        self.counters["completed"] += 1
 
     def _fail_running(self, exc: Exception) -> None:
         """A failed step leaves the batch in an unknown state: its requests fail, the engine starts afresh."""
@@ -269,6 +286,7 @@ class Scheduler:
             self._to_cancel.clear()
             self.engine = Engine(self.backend, self.tokenizer, max_rows=self.settings.max_batch)
             self._engine_rows = 0
+            self._last_token.clear()  # the new engine numbers its rows from 0 again
             for job in jobs:
                 job.state, job.finished = "done", time.monotonic()
                 self.counters["failed"] += 1

@@ -116,6 +116,7 @@ class TrtBackend:
             self.close()  # a failed load frees what it allocated now, not at some later garbage collection
             raise
         self.max_batch = limits.max_batch  # the engine never runs more rows than this
+        self.max_prompt = limits.max_input  # the prefill profile's longest prompt
         self._epoch, self._sets_epoch = 0, 0
 
     def _load(self, trt, engine_bytes: bytes | mmap.mmap) -> None:
