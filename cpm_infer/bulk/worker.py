@@ -41,6 +41,13 @@ class PartWriter:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         log.info("bulk worker %d: %s (%s)", os.getpid(), job.model, self.backend.name)
 
+    def __del__(self) -> None:
+        # Ray drops the instance when its actor leaves a shrinking pool: free the model (GPU memory) then,
+        # not at process exit. close() is idempotent.
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         order = np.argsort(batch["id"], kind="stable")
         ids = np.asarray(batch["id"], dtype=np.int64)[order]
