@@ -68,7 +68,6 @@ def child(out_file: str, argv: list[str]) -> None:
     import atexit
 
     atexit.register(lambda: Path(out_file).write_text(json.dumps(_status("self"))))
-    sys.path.insert(0, str(ROOT))
     from cpm_infer.cli.app import main
 
     sys.argv = ["cpm", *argv]
@@ -142,7 +141,6 @@ def cpu_name() -> str:
 
 
 def weight_bytes(checkpoint: Path) -> int:
-    sys.path.insert(0, str(ROOT))
     from cpm_infer.checkpoint import open_checkpoint
 
     return sum(p.stat().st_size for p in open_checkpoint(checkpoint).weight_files)
