@@ -106,11 +106,28 @@ class QuantizeOptions:
     gate_file: Path | None = None
     gate_threshold: float | None = None  # None: the scheme's default (quality_gate.THRESHOLDS)
     force_quality: bool = False
+    block_size: int | None = None  # int4: weights per scale (None: the scheme's 128)
+    lm_head: str | None = None  # "float32" keeps the LM head unquantized (None: quantized like the rest)
+
+    def config(self) -> QuantConfig:
+        """The scheme's configuration with what the user changed (refused where it does not apply)."""
+        overrides: dict[str, Any] = {}
+        if self.block_size is not None:
+            if self.scheme != "int4":
+                raise QuantizeError(f"--block-size applies to int4 (MatMulNBits blocks), not {self.scheme}")
+            if self.block_size < 16 or self.block_size & (self.block_size - 1):
+                raise QuantizeError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+            overrides["block_size"] = self.block_size
+        if self.lm_head is not None:
+            if self.lm_head not in ("float32", "quantized"):
+                raise QuantizeError(f"--lm-head must be float32 or quantized, got {self.lm_head!r}")
+            overrides["lm_head"] = "float32" if self.lm_head == "float32" else self.scheme
+        return config_for(self.scheme, **overrides)
 
 
 def check_request(model_dir: str | os.PathLike[str], options: QuantizeOptions, *, fp16: bool, device: str) -> None:
     """Refuse what cannot be quantized before any work: fp16, GPU, an already-quantized artifact."""
-    config_for(options.scheme)
+    options.config()
     if fp16:
         raise QuantizeError("--quantize starts from the float32 graph; drop --fp16")
     if not device.startswith("cpu"):
@@ -154,7 +171,7 @@ def apply_quantization(
     from export.quality_gate import run_gate
     from export.quantize_graph import quantize_graph
 
-    config = config_for(options.scheme)
+    config = options.config()
     source = graph_files["model"]
     fp32_graph = (source_dir or directory) / source
     target = f"model_{options.scheme}.onnx"

@@ -223,3 +223,28 @@ def test_cli_quantized_export_and_generate(tiny_vocab, gate_text, tmp_path, monk
         monkeypatch, capsys, "export", "onnx", str(out), str(tmp_path / "again"), "--quantize", "int8"
     )
     assert code == 1 and err.startswith("error: ") and "already quantized (int4)" in err and err.count("\n") == 1
+
+
+def test_cli_int4_recipe_flags(fp32_artifact, gate_text, tmp_path, monkeypatch, capsys):
+    """--block-size 32 --lm-head float32: the int4 recipe closest to float32 (the one that matches llama.cpp
+    q4_0's quality in the peer run), recorded in the manifest; values that do not apply are one-line errors."""
+    from cpm_infer.artifact import read_manifest
+
+    def export(out: str, *extra: str) -> tuple[int, str]:
+        code, _, err = run_cli(monkeypatch, capsys, "export", "onnx", str(fp32_artifact), str(tmp_path / out), *extra)
+        return code, err
+
+    code, err = export("int4-b32", "--quantize", "int4", "--gate-file", str(gate_text), "--block-size", "32",
+                       "--lm-head", "float32")  # fmt: skip
+    assert code == 0, err
+    details = read_manifest(tmp_path / "int4-b32").details["quantization"]
+    assert details["block_size"] == 32 and details["lm_head"] == "float32"
+    for extra, says in [
+        (("--quantize", "int4", "--block-size", "24"), "power of two >= 16"),
+        (("--quantize", "int4", "--lm-head", "int2"), "float32 or quantized"),
+        (("--quantize", "int8", "--block-size", "32"), "applies to int4"),
+        (("--lm-head", "float32"), "apply with --quantize"),
+    ]:
+        code, err = export("refused", *extra)
+        assert code == 1 and says in err and "Traceback" not in err, err
+        assert not (tmp_path / "refused").exists()

@@ -53,6 +53,21 @@ def onnx(
     force_quality: Annotated[
         bool, typer.Option("--force-quality", help="Write the quantized artifact even when it fails the quality gate.")
     ] = False,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            "--block-size",
+            help="int4: weights per scale, a power of two >= 16 (default 128; 32 is closer to float32 and larger).",
+        ),
+    ] = None,
+    lm_head: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-head",
+            help="float32 keeps the LM head unquantized (closer to float32, more bytes per "
+            "token); quantized (default) quantizes it like the rest.",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
@@ -61,8 +76,10 @@ def onnx(
     from rich.console import Console
 
     from export.onnx_export import export_onnx
-    from export.quantize import QuantizeOptions
+    from export.quantize import QuantizeError, QuantizeOptions
 
+    if (block_size is not None or lm_head is not None) and not quantize:
+        raise QuantizeError("--block-size and --lm-head apply with --quantize")
     console = Console(stderr=True)
     with console.status("exporting", spinner="dots") as status:
 
@@ -81,7 +98,8 @@ def onnx(
             tokenizer_file=tokenizer,
             threads=threads,
             progress=progress,
-            quantize=quantize and QuantizeOptions(quantize, gate_file, gate_threshold, force_quality),
+            quantize=quantize
+            and QuantizeOptions(quantize, gate_file, gate_threshold, force_quality, block_size, lm_head),
         )
     print_reports(result.reports, Console())
     if "quantization" in result.manifest.details:
