@@ -18,7 +18,14 @@ from trainer.config import TrainConfig
 from trainer.errors import TrainError
 from trainer.finetune import lm_loss_sum
 from trainer.loop import Callbacks, RunResult, run
-from trainer.prepare import check_vocab, file_sha256, load_data, make_accelerator, resume_source, seed_everything
+from trainer.prepare import (
+    check_vocab,
+    file_sha256,
+    load_data_main_first,
+    make_accelerator,
+    resume_source,
+    seed_everything,
+)
 from trainer.windows import Progress
 
 log = logging.getLogger(__name__)
@@ -116,15 +123,7 @@ def distill(
     else:
         layers = pick_layers(ckpt.spec.n_layer, student_layers or max(1, ckpt.spec.n_layer // 2))
     max_len, stride = cfg.resolve_lengths(ckpt.spec.n_positions)
-    with accelerator.main_process_first():
-        data, data_fp = load_data(
-            cfg,
-            tokenizer,
-            max_len,
-            stride,
-            progress if accelerator.is_main_process else None,
-            report=callbacks.on_data if callbacks and accelerator.is_main_process else None,
-        )
+    data, data_fp = load_data_main_first(accelerator, cfg, tokenizer, max_len, stride, progress, callbacks)
     if resume is not None:
         student, _ = load_model(resume)
         if student.config.n_layer != len(layers):

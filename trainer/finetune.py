@@ -13,7 +13,14 @@ from trainer.batches import IGNORE
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
 from trainer.loop import Callbacks, RunResult, run
-from trainer.prepare import check_vocab, file_sha256, load_data, make_accelerator, resume_source, seed_everything
+from trainer.prepare import (
+    check_vocab,
+    file_sha256,
+    load_data_main_first,
+    make_accelerator,
+    resume_source,
+    seed_everything,
+)
 from trainer.windows import Progress
 
 log = logging.getLogger(__name__)
@@ -74,15 +81,7 @@ def finetune(
     tokenizer = CpmTokenizer(tok_path)
     check_vocab(tokenizer, spec, model_dir or tok_path)
     max_len, stride = cfg.resolve_lengths(spec.n_positions)
-    with accelerator.main_process_first():  # rank 0 builds the cache, the others then read it
-        data, data_fp = load_data(
-            cfg,
-            tokenizer,
-            max_len,
-            stride,
-            progress if accelerator.is_main_process else None,
-            report=callbacks.on_data if callbacks and accelerator.is_main_process else None,
-        )
+    data, data_fp = load_data_main_first(accelerator, cfg, tokenizer, max_len, stride, progress, callbacks)
 
     if resume is not None:
         model, _ = load_model(resume)

@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,29 @@ def resume_source(cfg: TrainConfig) -> Path | None:
             f"{cfg.output} already holds a training run; pass --resume to continue it or choose another --output"
         )
     return None
+
+
+def load_data_main_first(
+    accelerator: Any,
+    cfg: TrainConfig,
+    tokenizer: CpmTokenizer,
+    max_len: int,
+    stride: int,
+    progress: Progress | None,
+    callbacks: Any = None,
+) -> tuple[Data, dict]:
+    """``load_data`` in a distributed run: rank 0 builds the token cache, the others then read it; only rank 0
+    shows progress and reports to ``callbacks.on_data``."""
+    main = accelerator.is_main_process
+    with accelerator.main_process_first():
+        return load_data(
+            cfg,
+            tokenizer,
+            max_len,
+            stride,
+            progress if main else None,
+            report=callbacks.on_data if callbacks and main else None,
+        )
 
 
 def load_data(
