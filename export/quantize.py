@@ -2,8 +2,11 @@
 
 Schemes (ONNX Runtime, CPU provider), applied to the float32 graph the export validated:
 
-- ``int8``: ``onnxruntime.quantization``'s dynamic quantization, weights int8 per output channel
-  (MatMulInteger / DynamicQuantizeMatMul, activations quantized per call).
+- ``int8``: weight-only 8-bit ``com.microsoft.MatMulNBits``, a scale per ``block_size`` (32) input rows as
+  llama.cpp's q8_0, activations quantized per block inside (``accuracy_level`` 4). ``per_channel``
+  (``--per-channel``): ``onnxruntime.quantization``'s dynamic quantization instead, weights int8 per output
+  channel (MatMulInteger / DynamicQuantizeMatMul, activations quantized per tensor per call): faster, further
+  from float32.
 - ``int4``: weight-only 4-bit ``com.microsoft.MatMulNBits`` (``matmul_nbits_quantizer``), blocks of
   ``block_size`` input rows with their own scale, ``accuracy_level`` 4 (int8 activations inside).
 
@@ -49,13 +52,22 @@ class QuantConfig:
     per_channel: bool = True  # int8: one scale per output column
     reduce_range: bool = False  # int8: 7-bit weights (avoids u8s8 saturation on AVX2 without VNNI)
     weight_type: str = "QInt8"  # int8
-    block_size: int = 128  # int4
-    symmetric: bool = True  # int4: no zero points
-    accuracy_level: int = 4  # int4: int8 compute inside MatMulNBits
+    block_size: int | None = 128  # MatMulNBits blocks; None (int8 only): per-channel dynamic quantization
+    symmetric: bool = True  # MatMulNBits: no zero points
+    accuracy_level: int = 4  # MatMulNBits: int8 compute inside (activations quantized per block)
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.scheme == "int4" else 8
+
+    @property
+    def block_wise(self) -> bool:
+        """MatMulNBits (int4, or int8 with a block size) rather than quantize_dynamic's MatMulInteger."""
+        return self.block_size is not None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.scheme == "int8":
+        if not self.block_wise:
             for key in ("block_size", "symmetric", "accuracy_level"):
                 data.pop(key)
             data["method"] = (
@@ -64,16 +76,22 @@ class QuantConfig:
         else:
             for key in ("per_channel", "reduce_range", "weight_type"):
                 data.pop(key)
-            data["method"] = "onnxruntime.quantization.matmul_nbits_quantizer (com.microsoft.MatMulNBits, bits 4)"
+            data["method"] = (
+                f"onnxruntime.quantization.matmul_nbits_quantizer (com.microsoft.MatMulNBits, bits {self.bits})"
+            )
         return data
 
 
 # Decided from measurements (README: quantization table; CPM-small-shape decode on 2 AVX2 cores, batch 1,
 # and held-out perplexity of the demo model on its chapter 60):
+# - int8 in blocks of 32 (MatMulNBits), not per channel: the per-channel scheme's next-token KL from float32
+#   was 4.0x llama.cpp q8_0's on the demo model's held-out chapter (per-tensor activations), blocks of 32 0.85x
+#   (blocks of 64: 1.05x); it costs decode speed (2-core Xeon with VNNI: 7.9 vs 4.4 ms/token on CPM-small,
+#   q8_0 9.5; benchmarks/results/peers-llamacpp-intel-xeon-2c). Per channel stays available (--per-channel).
 # - LM head quantized in both: it is the largest matrix (30000x768), and keeping it float32 made a decode
 #   step 19-28% slower for int8 (7.7-8.9 -> 9.9-10.6 ms) and 64-113% slower for int4 (4.7-5.1 -> 8.4-10.1
 #   ms), for at most 0.07% perplexity.
-# - int8 reduce_range: this CPU class (AVX2 without VNNI) multiplies u8 x s8 pairs into saturating int16;
+# - int8 per channel, reduce_range: AVX2 without VNNI multiplies u8 x s8 pairs into saturating int16;
 #   7-bit weights avoid that. On the demo models the two differ by under 0.1% perplexity either way.
 # - embedding: int8 would get one scale for the whole table (quantize_dynamic's Gather), so it stays
 #   float32; int4 uses GatherBlockQuantized with the MatMuls' 128-blocks (+0.05% perplexity, CPM-small
@@ -81,7 +99,7 @@ class QuantConfig:
 # - int4 symmetric: asymmetric (zero points) made a decode step ~25% slower (5.7 -> 7.2 ms); it was closer
 #   to float32 on the demo model (-0.04% vs +0.87% perplexity), both far inside the +10% gate.
 CONFIGS = {
-    "int8": QuantConfig("int8", lm_head="int8", embedding="float32", reduce_range=True),
+    "int8": QuantConfig("int8", lm_head="int8", embedding="float32", reduce_range=True, block_size=32),
     "int4": QuantConfig("int4", lm_head="int4", embedding="int4"),
 }
 
@@ -95,6 +113,11 @@ def config_for(scheme: str, **overrides: Any) -> QuantConfig:
             raise QuantizeError(
                 f"{part} must be {scheme} or float32 for the {scheme} scheme, not {getattr(config, part)!r}"
             )
+    if config.scheme == "int4" and config.block_size is None:
+        raise QuantizeError("int4 is block-wise: it needs a block size")
+    if config.scheme == "int8" and config.embedding != "float32":
+        # quantize_dynamic's Gather gets one scale for the whole table; ORT's block-wise Gather is 4-bit only.
+        raise QuantizeError("the int8 scheme keeps the embedding float32")
     return config
 
 
@@ -106,15 +129,20 @@ class QuantizeOptions:
     gate_file: Path | None = None
     gate_threshold: float | None = None  # None: the scheme's default (quality_gate.THRESHOLDS)
     force_quality: bool = False
-    block_size: int | None = None  # int4: weights per scale (None: the scheme's 128)
+    block_size: int | None = None  # weights per scale (None: the scheme's default)
     lm_head: str | None = None  # "float32" keeps the LM head unquantized (None: quantized like the rest)
+    per_channel: bool = False  # int8: a scale per output column and dynamic activations instead of blocks
 
     def config(self) -> QuantConfig:
         """The scheme's configuration with what the user changed (refused where it does not apply)."""
         overrides: dict[str, Any] = {}
+        if self.per_channel:
+            if self.scheme != "int8":
+                raise QuantizeError(f"--per-channel applies to int8, not {self.scheme}")
+            if self.block_size is not None:
+                raise QuantizeError("--per-channel and --block-size exclude each other")
+            overrides["block_size"] = None
         if self.block_size is not None:
-            if self.scheme != "int4":
-                raise QuantizeError(f"--block-size applies to int4 (MatMulNBits blocks), not {self.scheme}")
             if self.block_size < 16 or self.block_size & (self.block_size - 1):
                 raise QuantizeError(f"--block-size must be a power of two >= 16, got {self.block_size}")
             overrides["block_size"] = self.block_size

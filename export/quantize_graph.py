@@ -11,8 +11,8 @@ largest weight, quantized and float.
 
 - ``int8``: ``ONNXQuantizer`` in ``IntegerOps`` mode (what ``quantize_dynamic`` runs): MatMulInteger on
   per-channel int8 weights, activations quantized per call by DynamicQuantizeLinear.
-- ``int4``: ``DefaultWeightOnlyQuantizer`` (what ``MatMulNBitsQuantizer`` runs per node): MatMulNBits,
-  and GatherBlockQuantized for the embedding.
+- ``int4``, and ``int8`` with a block size: ``DefaultWeightOnlyQuantizer`` (what ``MatMulNBitsQuantizer``
+  runs per node): MatMulNBits with 4 or 8 bits, and GatherBlockQuantized for an int4 embedding.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
     data = target.with_name(f"{target.name}.data")
     try:
         with _quiet_quantizer_logs(), ExternalDataWriter(data) as writer:
-            quantize = _Int8(model, config) if config.scheme == "int8" else _Int4(model, config)
+            quantize = _NBits(model, config) if config.block_wise else _Int8(model, config)
             written = _rewrite(model, set(targets), initializers, base, writer, quantize)
             _drop_unused_initializers(model)
             # What stays float (norms, biases, position embedding...) moves into the target's data file too.
@@ -125,8 +125,9 @@ def _rewrite(model, targets: set[str], initializers: dict, base: Path, writer, q
     return written
 
 
-class _Int4:
-    """MatMulNBits / GatherBlockQuantized through ORT's DefaultWeightOnlyQuantizer, one node at a time."""
+class _NBits:
+    """MatMulNBits (4 or 8 bits) / GatherBlockQuantized (4 bits) through ORT's DefaultWeightOnlyQuantizer,
+    one node at a time."""
 
     def __init__(self, model: Any, config: QuantConfig) -> None:
         from onnx import helper
@@ -144,7 +145,7 @@ class _Int4:
                 quant_format=QuantFormat.QOperator,
                 op_types_to_quantize=("MatMul", "Gather"),
                 quant_axes=(("MatMul", 0), ("Gather", 1)),
-                bits=4,
+                bits=config.bits,
             )
         )
         # As MatMulNBitsQuantizer.process: the com.microsoft domain; int4 Gather data needs opset 21 / IR 10.

@@ -167,8 +167,8 @@ def test_one_onnx_runtime_session_at_a_time(checkpoint, gate_text, tmp_path, mon
     assert len(live) == 4 and most[0] == 1  # 2 validations + 2 gate runs, one after the other
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_streamed_quantization_equals_onnx_runtime_whole_model(checkpoint, tmp_path, scheme, monkeypatch):
+@pytest.mark.parametrize(("scheme", "overrides"), [("int8", {}), ("int8", {"block_size": None}), ("int4", {})])
+def test_streamed_quantization_equals_onnx_runtime_whole_model(checkpoint, tmp_path, scheme, overrides, monkeypatch):
     """Node-by-node quantization from memory-mapped weights gives ORT's whole-model result exactly."""
     from onnx import numpy_helper
 
@@ -178,7 +178,7 @@ def test_streamed_quantization_equals_onnx_runtime_whole_model(checkpoint, tmp_p
     from export.quantize_graph import _embedding_gather, quantize_graph, untie_lm_head
 
     art = export_onnx(checkpoint, tmp_path / "fp32", optimize=True, external_data_threshold=0).path
-    spec, config = read_manifest(art).spec, config_for(scheme)
+    spec, config = read_manifest(art).spec, config_for(scheme, **overrides)
     with monkeypatch.context() as patched:
         refuse_weight_reads(patched, tmp_path)
         quantize_graph(art / "model_optimized.onnx", tmp_path / "streamed.onnx", spec, config)
@@ -189,7 +189,7 @@ def test_streamed_quantization_equals_onnx_runtime_whole_model(checkpoint, tmp_p
     untie_lm_head(model, spec)
     initializers = {t.name: t for t in model.graph.initializer}
     nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
-    if scheme == "int8":
+    if not config.block_wise:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         onnx.save(model, str(tmp_path / "in.onnx"))
@@ -207,11 +207,13 @@ def test_streamed_quantization_equals_onnx_runtime_whole_model(checkpoint, tmp_p
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        nodes.append(_embedding_gather(model, spec, initializers))
-        kinds = ("MatMul", "Gather")
+        kinds: tuple[str, ...] = ("MatMul",)
+        if config.embedding != "float32":
+            nodes.append(_embedding_gather(model, spec, initializers))
+            kinds = ("MatMul", "Gather")
         quantizer = MatMulNBitsQuantizer(
             model,
-            bits=4,
+            bits=config.bits,
             block_size=config.block_size,
             is_symmetric=config.symmetric,
             accuracy_level=config.accuracy_level,

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 
 # Quantized vs float32 graph, max |log p| difference over all positions (nats). Measured on this
 # tiny model: int8 0.015, int4 0.12 (initializer_range 0.02; wider random inits amplify errors).
-LOGPROB_TOLERANCE = {"int8": 0.05, "int4": 0.3}
+LOGPROB_TOLERANCE = {"int8": 0.05, "int8-per-channel": 0.05, "int4": 0.3}
 
 
 def _checkpoint(tiny_vocab: Path, out: Path, *, seed: int = 0, init: float = 0.02) -> Path:
@@ -58,9 +58,12 @@ def quantized(fp32_artifact, gate_text, tmp_path_factory) -> dict[str, Path]:
     from export.quantize import QuantizeOptions
 
     root = tmp_path_factory.mktemp("quantized")
-    return {
+    out = {
         s: export_onnx(fp32_artifact, root / s, quantize=QuantizeOptions(s, gate_text)).path for s in ("int8", "int4")
     }
+    per_channel = QuantizeOptions("int8", gate_text, per_channel=True)
+    out["int8-per-channel"] = export_onnx(fp32_artifact, root / "int8-per-channel", quantize=per_channel).path
+    return out
 
 
 def _vocab(artifact: Path) -> int:
@@ -80,7 +83,7 @@ def _logprobs(artifact: Path, ids: np.ndarray) -> np.ndarray:
     return logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-per-channel", "int4"])
 def test_quantized_logprobs_close_to_fp32(fp32_artifact, quantized, scheme):
     ids = np.random.default_rng(0).integers(0, _vocab(fp32_artifact), size=(2, 40))
     diff = np.abs(_logprobs(quantized[scheme], ids) - _logprobs(fp32_artifact, ids)).max()
@@ -98,18 +101,43 @@ def test_manifest_records_scheme_and_gate(quantized, scheme):
     if scheme == "int4":
         assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["embedding"]) == (128, True, 4, "int4")
         assert q["operators"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}  # 4 per layer + LM head
-    else:
-        assert (q["per_channel"], q["reduce_range"], q["weight_type"], q["embedding"]) == (
-            True,
-            True,
-            "QInt8",
-            "float32",
-        )
-        assert q["operators"]["MatMulInteger"] == 9
+    else:  # llama.cpp q8_0's layout: 8-bit blocks of 32 on every matrix, LM head included; embedding float32
+        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["embedding"]) == (32, True, 4, "float32")
+        assert q["operators"] == {"MatMulNBits": 9} and "per_channel" not in q
+    assert f"MatMulNBits, bits {scheme[-1]}" in q["method"]
     gate = q["gate"]
     assert gate["passed"] and not gate["forced"] and gate["tokens"] > 1000
     assert gate["increase"] == pytest.approx(gate["quantized_perplexity"] / gate["fp32_perplexity"] - 1)
     assert gate["threshold"] == {"int8": 0.02, "int4": 0.10}[scheme]
+
+
+def test_int8_per_channel_manifest(quantized):
+    """--per-channel: quantize_dynamic's scheme, MatMulInteger on per-column int8 weights, activations per tensor."""
+    from cpm_infer.artifact import read_manifest
+
+    manifest = read_manifest(quantized["int8-per-channel"])
+    q = manifest.details["quantization"]
+    assert manifest.graph_files == {"model": "model_int8.onnx"}
+    assert (q["per_channel"], q["reduce_range"], q["weight_type"], q["embedding"]) == (True, True, "QInt8", "float32")
+    assert q["operators"]["MatMulInteger"] == 9 and "MatMulInteger" in q["method"] and "block_size" not in q
+    assert q["lm_head"] == "int8" and q["gate"]["passed"] and q["gate"]["threshold"] == 0.02
+
+
+def test_int8_config_refusals():
+    from export.quantize import QuantizeError, QuantizeOptions, config_for
+
+    with pytest.raises(QuantizeError, match="keeps the embedding float32"):
+        config_for("int8", embedding="int8")
+    with pytest.raises(QuantizeError, match="needs a block size"):
+        config_for("int4", block_size=None)
+    assert config_for("int8", block_size=64).bits == 8 and config_for("int4").bits == 4
+    assert not QuantizeOptions("int8", per_channel=True).config().block_wise
+    for options, says in [
+        (QuantizeOptions("int4", per_channel=True), "applies to int8"),
+        (QuantizeOptions("int8", block_size=32, per_channel=True), "exclude each other"),
+    ]:
+        with pytest.raises(QuantizeError, match=says):
+            options.config()
 
 
 def test_quantized_weights_are_smaller(fp32_artifact, quantized):
@@ -242,8 +270,10 @@ def test_cli_int4_recipe_flags(fp32_artifact, gate_text, tmp_path, monkeypatch, 
     for extra, says in [
         (("--quantize", "int4", "--block-size", "24"), "power of two >= 16"),
         (("--quantize", "int4", "--lm-head", "int2"), "float32 or quantized"),
-        (("--quantize", "int8", "--block-size", "32"), "applies to int4"),
+        (("--quantize", "int8", "--block-size", "8"), "power of two >= 16"),
         (("--lm-head", "float32"), "apply with --quantize"),
+        (("--per-channel",), "apply with --quantize"),
+        (("--quantize", "int4", "--per-channel"), "applies to int8"),
     ]:
         code, err = export("refused", *extra)
         assert code == 1 and says in err and "Traceback" not in err, err

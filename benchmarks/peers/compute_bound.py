@@ -5,9 +5,10 @@ FLOPs per row (CPM-small: 216 MFLOP per token). Batch 1 is bound by reading the 
 by arithmetic. So tokens/s at batch 8 over batch 1 cannot exceed 8 x t(1) / max(t(1), 8 x FLOPs / peak),
 where peak is the best throughput the format's kernel reaches on this CPU. This module measures that
 peak on one MLP-shaped matrix (768 x 3072, weights cache-resident, i.e. the kernel's best case) for
-rows = 1, 8, 64, 256, for each format: float32 ``MatMul`` (MLAS SGEMM), int8 ``quantize_dynamic``
-(``MatMulInteger`` / ``DynamicQuantizeMatMul``) and int4 ``MatMulNBits`` (accuracy level 4: int8 compute),
-quantized with the same settings as ``export.quantize.CONFIGS``.
+rows = 1, 8, 64, 256, for each format: float32 ``MatMul`` (MLAS SGEMM), int8 ``MatMulNBits`` (8 bits, blocks
+of 32, the int8 default), int8 per channel (``quantize_dynamic``: ``MatMulInteger`` / ``DynamicQuantizeMatMul``)
+and int4 ``MatMulNBits`` (accuracy level 4: int8 compute), quantized with the same settings as
+``export.quantize.CONFIGS``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _session(model, threads: int):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _quantized(model, scheme: str, k: int, n: int, scratch: Path) -> Path:
+def _quantized(model, scheme: str, k: int, n: int, scratch: Path, name: str | None = None, **overrides) -> Path:
     """``model`` quantized by the exporter's own quantizer with the scheme's settings (no LM head here)."""
     import onnx
 
@@ -56,9 +57,10 @@ def _quantized(model, scheme: str, k: int, n: int, scratch: Path) -> Path:
     from export.quantize import CONFIGS
     from export.quantize_graph import quantize_graph
 
-    source, target = scratch / f"{scheme}-in.onnx", scratch / f"{scheme}.onnx"
+    name = name or scheme
+    source, target = scratch / f"{name}-in.onnx", scratch / f"{name}.onnx"
     onnx.save(model, str(source))
-    config = replace(CONFIGS[scheme], lm_head="float32", embedding="float32")
+    config = replace(CONFIGS[scheme], lm_head="float32", embedding="float32", **overrides)
     quantize_graph(source, target, ModelSpec(n_layer=1, n_head=12, n_embd=k, vocab_size=n), config)
     return target
 
@@ -72,6 +74,9 @@ def kernel_throughput(threads: int, k: int = 768, n: int = 3072, min_seconds: fl
         models = {
             "float32": _matmul_model(k, n).SerializeToString(),
             "int8": str(_quantized(_matmul_model(k, n), "int8", k, n, Path(scratch))),
+            "int8-per-channel": str(
+                _quantized(_matmul_model(k, n), "int8", k, n, Path(scratch), "int8-per-channel", block_size=None)
+            ),
             "int4": str(_quantized(_matmul_model(k, n), "int4", k, n, Path(scratch))),
         }
         for name, model in models.items():

@@ -49,9 +49,15 @@ from cpm_infer.bench.runners import LoopRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# int4 variants measured next to the default (export.quantize.CONFIGS["int4"]: blocks of 128, int4 LM head):
-# smaller blocks and a float32 LM head trade bytes read per token for quality.
-INT4_VARIANTS = {"ours-int4-b32": {"block_size": 32}, "ours-int4-b32-f32head": {"block_size": 32, "lm_head": "float32"}}
+# Variants measured next to the defaults (export.quantize.CONFIGS), name -> (scheme, overrides): int8 with
+# MatMulNBits blocks (q8_0's layout) instead of per-channel scales; int4 with smaller blocks and a float32 LM
+# head, which trade bytes read per token for quality.
+VARIANTS = {
+    "ours-int8-per-channel": ("int8", {"block_size": None}),
+    "ours-int8-b64": ("int8", {"block_size": 64}),
+    "ours-int4-b32": ("int4", {"block_size": 32}),
+    "ours-int4-b32-f32head": ("int4", {"block_size": 32, "lm_head": "float32"}),
+}
 CASES = {"b1": (1, 16), "ctx900": (1, 900), "b8": (8, 16)}  # name -> (batch, prompt length)
 NEW = 33
 WINDOW, PROMPT, FREE = 256, 16, 240
@@ -111,10 +117,11 @@ def quantized_artifact(fp32: Path, out: Path, scheme: str, overrides: dict | Non
     from export.quantize import config_for
     from export.quantize_graph import quantize_graph
 
-    if (out / "manifest.json").is_file():
-        return out
-    manifest = read_manifest(fp32)
     config = config_for(scheme, **(overrides or {}))
+    if is_current(out, config):
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # absent, or written with other settings (an older default)
+    manifest = read_manifest(fp32)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(fp32 / manifest.tokenizer_file, out / manifest.tokenizer_file)
     graph = f"model_{scheme}.onnx"  # its weights: model_{scheme}.onnx.data beside it
@@ -123,6 +130,16 @@ def quantized_artifact(fp32: Path, out: Path, scheme: str, overrides: dict | Non
     manifest.details = {**manifest.details, "quantization": {**config.to_dict(), **info, "overrides": overrides or {}}}
     write_manifest(out, manifest)
     return out
+
+
+def is_current(artifact: Path, config) -> bool:
+    """``artifact`` exists and was quantized with ``config`` (a work dir may hold an older default's)."""
+    from cpm_infer.artifact import read_json
+
+    if not (artifact / "manifest.json").is_file():
+        return False
+    written = read_json(artifact / "manifest.json").get("details", {}).get("quantization", {})
+    return all(written.get(key) == value for key, value in config.to_dict().items())
 
 
 # -- speed -----------------------------------------------------------------------------------------
@@ -138,8 +155,8 @@ def speed_engines(work: Path, vocab: Path, threads: int) -> dict:
     ours = {"ours-fp32": art}
     for scheme in ("int8", "int4"):
         ours[f"ours-{scheme}"] = quantized_artifact(art, work / f"cpm-small-{scheme}", scheme)
-    for name, overrides in INT4_VARIANTS.items():
-        ours[name] = quantized_artifact(art, work / f"cpm-small-{name}", "int4", overrides)
+    for name, (scheme, overrides) in VARIANTS.items():
+        ours[name] = quantized_artifact(art, work / f"cpm-small-{name}", scheme, overrides)
     f32 = write_gguf(ckpt, work / "cpm-small-f32.gguf")
     gguf = {"llama-f32": f32}
     for ftype in ("q8_0", "q4_0"):
@@ -206,11 +223,11 @@ def quality_files(work: Path, threads: int) -> tuple[dict, dict]:
     ours = {"ours-fp32": art}
     for scheme in ("int8", "int4"):
         path = work / f"demo-{scheme}"
-        if not (path / "manifest.json").is_file():
-            export_onnx(art, path, quantize=QuantizeOptions(scheme), threads=threads, progress=say)
+        if not is_current(path, QuantizeOptions(scheme).config()):  # the export runs the quality gate too
+            export_onnx(art, path, quantize=QuantizeOptions(scheme), force=True, threads=threads, progress=say)
         ours[f"ours-{scheme}"] = path
-    for name, overrides in INT4_VARIANTS.items():
-        ours[name] = quantized_artifact(art, work / f"demo-{name}", "int4", overrides)
+    for name, (scheme, overrides) in VARIANTS.items():
+        ours[name] = quantized_artifact(art, work / f"demo-{name}", scheme, overrides)
     f32 = write_gguf(demo, work / "demo-f32.gguf")
     gguf = {"llama-f32": f32}
     for ftype in ("q8_0", "q4_0"):
@@ -327,15 +344,22 @@ def targets(speed: dict, qual: dict | None) -> list[dict]:
         ok = value <= limit if op == "<=" else value >= limit
         out.append({"item": item, "target": what, "value": round(value, 3), "limit": limit, "met": bool(ok)})
 
+    # Every int8 / int4 artifact of the run against its peer (the defaults first), so that the speed and the
+    # quality of each recipe can be read side by side.
+    pairs = [
+        (ours, theirs, limit)
+        for scheme, theirs, limit in (("int4", "llama-q4_0", 0.65), ("int8", "llama-q8_0", 0.70))
+        for ours in sorted((n for n in s if n.startswith(f"ours-{scheme}")), key=len)
+    ]
     fastest_f32 = min(s["llama-f32"]["decode_ms"], s["ct2-f32"]["decode_ms"])
-    check("1", "int4 decode / llama.cpp q4_0", s["ours-int4"]["decode_ms"] / s["llama-q4_0"]["decode_ms"], 0.65)
-    check("1", "int8 decode / llama.cpp q8_0", s["ours-int8"]["decode_ms"] / s["llama-q8_0"]["decode_ms"], 0.70)
+    for ours, theirs, limit in pairs:
+        check("1", f"{ours} decode / {theirs}", s[ours]["decode_ms"] / s[theirs]["decode_ms"], limit)
     check("1", "fp32 decode / faster of llama.cpp f32, CT2 f32", s["ours-fp32"]["decode_ms"] / fastest_f32, 0.95)
     for scheme in ("int4", "int8"):
         check("2", f"{scheme} decode past 900 / past 16", s[f"ours-{scheme}"]["past900_over_past16"], 1.15)
     check("3", "int4 tokens/s batch 8 / batch 1", s["ours-int4"]["b8_over_b1_tokens_per_s"], 4.0, ">=")
     if qual:
-        for ours, theirs in (("ours-int8", "llama-q8_0"), ("ours-int4", "llama-q4_0")):
+        for ours, theirs, _ in pairs:
             check("4", f"{ours} KL / {theirs} KL", qual[ours]["kl_mean"] / qual[theirs]["kl_mean"], 1.0)
             check(
                 "4",

@@ -48,12 +48,14 @@ def quantized_bytes(quantization: dict[str, Any], part: str, n_in: int) -> float
     scheme = quantization.get("scheme")
     if quantization.get(part, scheme) == "float32":
         return 4.0
-    if scheme == "int8":  # one int8 per weight + one float scale per output column (per channel)
+    bits = {"int8": 8, "int4": 4}.get(str(scheme))
+    if bits is None:
+        return 4.0
+    block = quantization.get("block_size", 128 if bits == 4 else None)
+    if block is None:  # int8 per channel: one int8 per weight + one float scale per output column
         return 1.0 + (4.0 / n_in if quantization.get("per_channel", True) else 0.0)
-    if scheme == "int4":  # half a byte + a float scale (and a zero point when asymmetric) per block
-        block = int(quantization.get("block_size", 128))
-        return 0.5 + (4.0 + (0.0 if quantization.get("symmetric", True) else 0.5)) / block
-    return 4.0
+    # MatMulNBits: bits/8 bytes per weight + a float scale (and a zero point when asymmetric) per block
+    return bits / 8 + (4.0 + (0.0 if quantization.get("symmetric", True) else bits / 8)) / int(block)
 
 
 def artifact_format(details: dict[str, Any], dtype: str, spec: ModelSpec) -> WeightFormat:

@@ -57,9 +57,18 @@ def onnx(
         int | None,
         typer.Option(
             "--block-size",
-            help="int4: weights per scale, a power of two >= 16 (default 128; 32 is closer to float32 and larger).",
+            help="Weights per scale, a power of two >= 16 (int8 default 32, as llama.cpp's q8_0; int4 default 128, "
+            "32 is closer to float32 and larger).",
         ),
     ] = None,
+    per_channel: Annotated[
+        bool,
+        typer.Option(
+            "--per-channel",
+            help="int8: one scale per output column, activations quantized per tensor (MatMulInteger): faster "
+            "decoding, further from float32 than blocks.",
+        ),
+    ] = False,
     lm_head: Annotated[
         str | None,
         typer.Option(
@@ -78,8 +87,8 @@ def onnx(
     from export.onnx_export import export_onnx
     from export.quantize import QuantizeError, QuantizeOptions
 
-    if (block_size is not None or lm_head is not None) and not quantize:
-        raise QuantizeError("--block-size and --lm-head apply with --quantize")
+    if (block_size is not None or lm_head is not None or per_channel) and not quantize:
+        raise QuantizeError("--block-size, --lm-head and --per-channel apply with --quantize")
     console = Console(stderr=True)
     with console.status("exporting", spinner="dots") as status:
 
@@ -99,7 +108,7 @@ def onnx(
             threads=threads,
             progress=progress,
             quantize=quantize
-            and QuantizeOptions(quantize, gate_file, gate_threshold, force_quality, block_size, lm_head),
+            and QuantizeOptions(quantize, gate_file, gate_threshold, force_quality, block_size, lm_head, per_channel),
         )
     print_reports(result.reports, Console())
     if "quantization" in result.manifest.details:
