@@ -44,7 +44,9 @@ class QuantizeError(CpmError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What one scheme does. ``lm_head``/``embedding``: quantized with the scheme, or "float32"."""
+    """What one scheme does. ``lm_head``/``embedding``: quantized with the scheme, or "float32"; the int4
+    scheme's LM head may also be "int8" (``LM_HEAD_INT8``: 8-bit blocks, as llama.cpp keeps its output matrix
+    at 6 bits in q4_0 files)."""
 
     scheme: str
     lm_head: str
@@ -67,6 +69,8 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.scheme == "int4" and self.lm_head == "int8":
+            data["lm_head_block_size"] = LM_HEAD_INT8_BLOCK
         if not self.block_wise:
             for key in ("block_size", "symmetric", "accuracy_level"):
                 data.pop(key)
@@ -98,6 +102,7 @@ class QuantConfig:
 #   artifact 146 -> 70 MB). One row is read per token either way: size, not speed.
 # - int4 symmetric: asymmetric (zero points) made a decode step ~25% slower (5.7 -> 7.2 ms); it was closer
 #   to float32 on the demo model (-0.04% vs +0.87% perplexity), both far inside the +10% gate.
+LM_HEAD_INT8_BLOCK = 32  # an int4 artifact's 8-bit LM head: the int8 scheme's blocks
 CONFIGS = {
     "int8": QuantConfig("int8", lm_head="int8", embedding="float32", reduce_range=True, block_size=32),
     "int4": QuantConfig("int4", lm_head="int4", embedding="int4"),
@@ -109,7 +114,8 @@ def config_for(scheme: str, **overrides: Any) -> QuantConfig:
         raise QuantizeError(f"unknown quantization scheme {scheme!r}; use {' or '.join(SCHEMES)}")
     config = replace(CONFIGS[scheme], **overrides)
     for part in ("lm_head", "embedding"):
-        if getattr(config, part) not in (scheme, "float32"):
+        allowed = (scheme, "float32", "int8") if (scheme, part) == ("int4", "lm_head") else (scheme, "float32")
+        if getattr(config, part) not in allowed:
             raise QuantizeError(
                 f"{part} must be {scheme} or float32 for the {scheme} scheme, not {getattr(config, part)!r}"
             )
@@ -130,7 +136,7 @@ class QuantizeOptions:
     gate_threshold: float | None = None  # None: the scheme's default (quality_gate.THRESHOLDS)
     force_quality: bool = False
     block_size: int | None = None  # weights per scale (None: the scheme's default)
-    lm_head: str | None = None  # "float32" keeps the LM head unquantized (None: quantized like the rest)
+    lm_head: str | None = None  # "float32" unquantized, "int8" (int4 only) 8-bit; None: quantized like the rest
     per_channel: bool = False  # int8: a scale per output column and dynamic activations instead of blocks
 
     def config(self) -> QuantConfig:
@@ -147,9 +153,9 @@ class QuantizeOptions:
                 raise QuantizeError(f"--block-size must be a power of two >= 16, got {self.block_size}")
             overrides["block_size"] = self.block_size
         if self.lm_head is not None:
-            if self.lm_head not in ("float32", "quantized"):
-                raise QuantizeError(f"--lm-head must be float32 or quantized, got {self.lm_head!r}")
-            overrides["lm_head"] = "float32" if self.lm_head == "float32" else self.scheme
+            if self.lm_head not in ("float32", "int8", "quantized"):
+                raise QuantizeError(f"--lm-head must be float32, int8 or quantized, got {self.lm_head!r}")
+            overrides["lm_head"] = self.scheme if self.lm_head == "quantized" else self.lm_head
         return config_for(self.scheme, **overrides)
 
 

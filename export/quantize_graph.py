@@ -36,7 +36,7 @@ from export.onnx_weights import (
     tensor_array,
     weight_bytes,
 )
-from export.quantize import QuantConfig, QuantizeError
+from export.quantize import LM_HEAD_INT8_BLOCK, QuantConfig, QuantizeError, config_for
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
     try:
         with _quiet_quantizer_logs(), ExternalDataWriter(data) as writer:
             quantize = _NBits(model, config) if config.block_wise else _Int8(model, config)
+            if lm_head is not None and config.lm_head != config.scheme:  # int4 with an 8-bit LM head
+                quantize = _HeadApart(quantize, lm_head, _NBits(model, _int8_head(config)))
             written = _rewrite(model, set(targets), initializers, base, writer, quantize)
             _drop_unused_initializers(model)
             # What stays float (norms, biases, position embedding...) moves into the target's data file too.
@@ -172,6 +174,31 @@ class _NBits:
         scratch.initializer.append(numpy_helper.from_array(np.asarray(arrays[name]), name))
         nodes = self.quantizer.quantize(node, [scratch])
         return nodes, [t for t in scratch.initializer if t.name != name]
+
+
+def _int8_head(config: QuantConfig) -> QuantConfig:
+    if (config.scheme, config.lm_head) != ("int4", "int8"):
+        raise QuantizeError(f"an {config.lm_head} LM head is not possible with the {config.scheme} scheme")
+    return config_for("int8", block_size=LM_HEAD_INT8_BLOCK, accuracy_level=config.accuracy_level)
+
+
+class _HeadApart:
+    """The quantizer of every node but the LM head, which gets its own (an int4 body with an 8-bit head)."""
+
+    def __init__(self, body: Any, head_name: str, head: Any) -> None:
+        self.body, self.head_name, self.head = body, head_name, head
+
+    def _of(self, node: Any) -> Any:
+        return self.head if node.name == self.head_name else self.body
+
+    def group_key(self, node: Any) -> str:
+        return self._of(node).group_key(node)
+
+    def weight_of(self, node: Any) -> str:
+        return self._of(node).weight_of(node)
+
+    def __call__(self, group: list[Any], arrays: dict[str, np.ndarray]) -> tuple[list[Any], list[Any]]:
+        return self._of(group[0])(group, arrays)
 
 
 class _Int8:

@@ -39,6 +39,12 @@ def test_quantized_artifact_formats_from_manifest_details():
         {"quantization": {"scheme": "int8", "lm_head": "int8", "block_size": 32, "symmetric": True}}, "float32", SMALL
     )
     assert int8_blocks.body_bytes == int8_blocks.head_bytes == pytest.approx(1 + 4 / 32)
+    head8 = artifact_format(
+        {"quantization": {"scheme": "int4", "lm_head": "int8", "block_size": 32, "lm_head_block_size": 32}},
+        "float32",
+        SMALL,
+    )
+    assert (head8.body_bytes, head8.head_bytes) == (pytest.approx(0.5 + 4 / 32), pytest.approx(1 + 4 / 32))
     kv8 = artifact_format({"kv_dtype": "int8"}, "float32", SMALL)
     assert (kv8.body_bytes, kv8.kv_bytes) == (4, 1)
     assert artifact_format({}, "float16", SMALL) == WeightFormat("float16", 2, 2, 2)

@@ -140,6 +140,35 @@ def test_int8_config_refusals():
             options.config()
 
 
+def test_int4_with_int8_lm_head(fp32_artifact, gate_text, tmp_path):
+    """int4 body, 8-bit LM head (llama.cpp keeps q4_0 files' output matrix at 6 bits): the head's MatMulNBits has
+    bits 8 and blocks of 32, every other matrix bits 4."""
+    import onnx
+    from onnx import helper
+
+    from cpm_infer.artifact import read_manifest
+    from export.onnx_export import export_onnx
+    from export.quantize import QuantizeOptions
+
+    options = QuantizeOptions("int4", gate_text, block_size=32, lm_head="int8")
+    art = export_onnx(fp32_artifact, tmp_path / "int4-head8", quantize=options).path
+    q = read_manifest(art).details["quantization"]
+    assert q["operators"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}
+    graph = onnx.load(str(art / "model_int4.onnx"), load_external_data=False)
+    bits = {
+        n.input[1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    head = [name for name in bits if name.startswith("lm_head")]
+    assert len(head) == 1 and (bits[head[0]]["bits"], bits[head[0]]["block_size"]) == (8, 32)
+    assert all((v["bits"], v["block_size"]) == (4, 32) for k, v in bits.items() if k != head[0])
+    ids = np.random.default_rng(0).integers(0, _vocab(fp32_artifact), size=(2, 40))
+    reference = _logprobs(fp32_artifact, ids)
+    diff = np.abs(_logprobs(art, ids) - reference).max()
+    assert 0 < diff <= LOGPROB_TOLERANCE["int4"]
+
+
 def test_quantized_weights_are_smaller(fp32_artifact, quantized):
     def graph_bytes(path: Path) -> int:
         from cpm_infer.artifact import read_manifest
@@ -267,9 +296,14 @@ def test_cli_int4_recipe_flags(fp32_artifact, gate_text, tmp_path, monkeypatch, 
     assert code == 0, err
     details = read_manifest(tmp_path / "int4-b32").details["quantization"]
     assert details["block_size"] == 32 and details["lm_head"] == "float32"
+    code, err = export("int4-head8", "--quantize", "int4", "--gate-file", str(gate_text), "--block-size", "32",
+                       "--lm-head", "int8")  # fmt: skip
+    assert code == 0, err
+    details = read_manifest(tmp_path / "int4-head8").details["quantization"]
+    assert (details["block_size"], details["lm_head"], details["lm_head_block_size"]) == (32, "int8", 32)
     for extra, says in [
         (("--quantize", "int4", "--block-size", "24"), "power of two >= 16"),
-        (("--quantize", "int4", "--lm-head", "int2"), "float32 or quantized"),
+        (("--quantize", "int4", "--lm-head", "int2"), "float32, int8 or quantized"),
         (("--quantize", "int8", "--block-size", "8"), "power of two >= 16"),
         (("--lm-head", "float32"), "apply with --quantize"),
         (("--per-channel",), "apply with --quantize"),

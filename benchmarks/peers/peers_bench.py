@@ -49,13 +49,14 @@ from cpm_infer.bench.runners import LoopRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Variants measured next to the defaults (export.quantize.CONFIGS), name -> (scheme, overrides): int8 with
-# MatMulNBits blocks (q8_0's layout) instead of per-channel scales; int4 with smaller blocks and a float32 LM
-# head, which trade bytes read per token for quality.
+# Variants measured next to the defaults (export.quantize.CONFIGS), name -> (scheme, overrides): int8 per
+# channel (faster, further from float32) and in blocks of 64; int4 with smaller blocks and an 8-bit or float32
+# LM head, which trade bytes read per token for quality.
 VARIANTS = {
     "ours-int8-per-channel": ("int8", {"block_size": None}),
     "ours-int8-b64": ("int8", {"block_size": 64}),
     "ours-int4-b32": ("int4", {"block_size": 32}),
+    "ours-int4-b32-int8head": ("int4", {"block_size": 32, "lm_head": "int8"}),
     "ours-int4-b32-f32head": ("int4", {"block_size": 32, "lm_head": "float32"}),
 }
 CASES = {"b1": (1, 16), "ctx900": (1, 900), "b8": (8, 16)}  # name -> (batch, prompt length)

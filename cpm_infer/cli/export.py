@@ -73,8 +73,8 @@ def onnx(
         str | None,
         typer.Option(
             "--lm-head",
-            help="float32 keeps the LM head unquantized (closer to float32, more bytes per "
-            "token); quantized (default) quantizes it like the rest.",
+            help="float32 keeps the LM head unquantized (closer to float32, more bytes per token); int8 (with "
+            "int4) gives it 8-bit blocks of 32; quantized (default) quantizes it like the rest.",
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -127,6 +127,7 @@ def print_quantization(details: dict, console) -> None:
         f"{k} {details[k]}"
         for k in (
             "lm_head",
+            "lm_head_block_size",
             "embedding",
             "block_size",
             "symmetric",
