@@ -45,8 +45,8 @@ class QuantizeError(CpmError):
 @dataclass(frozen=True)
 class QuantConfig:
     """What one scheme does. ``lm_head``/``embedding``: quantized with the scheme, or "float32"; the int4
-    scheme's LM head may also be "int8" (``LM_HEAD_INT8``: 8-bit blocks, as llama.cpp keeps its output matrix
-    at 6 bits in q4_0 files)."""
+    scheme's LM head may also be "int8" (8-bit blocks of ``LM_HEAD_INT8_BLOCK``, as llama.cpp keeps the output
+    matrix of q4_0 files at 6 bits)."""
 
     scheme: str
     lm_head: str
@@ -90,8 +90,8 @@ class QuantConfig:
 # and held-out perplexity of the demo model on its chapter 60):
 # - int8 in blocks of 32 (MatMulNBits), not per channel: the per-channel scheme's next-token KL from float32
 #   was 4.0x llama.cpp q8_0's on the demo model's held-out chapter (per-tensor activations), blocks of 32 0.85x
-#   (blocks of 64: 1.05x); it costs decode speed (2-core Xeon with VNNI: 7.9 vs 4.4 ms/token on CPM-small,
-#   q8_0 9.5; benchmarks/results/peers-llamacpp-intel-xeon-2c). Per channel stays available (--per-channel).
+#   (blocks of 64: 1.05x); it costs decode speed (2-core Xeon with VNNI: 8.25 vs 6.09 ms/token on CPM-small,
+#   q8_0 10.80; benchmarks/results/peers-llamacpp-intel-xeon-2c). Per channel stays available (--per-channel).
 # - LM head quantized in both: it is the largest matrix (30000x768), and keeping it float32 made a decode
 #   step 19-28% slower for int8 (7.7-8.9 -> 9.9-10.6 ms) and 64-113% slower for int4 (4.7-5.1 -> 8.4-10.1
 #   ms), for at most 0.07% perplexity.
@@ -117,7 +117,7 @@ def config_for(scheme: str, **overrides: Any) -> QuantConfig:
         allowed = (scheme, "float32", "int8") if (scheme, part) == ("int4", "lm_head") else (scheme, "float32")
         if getattr(config, part) not in allowed:
             raise QuantizeError(
-                f"{part} must be {scheme} or float32 for the {scheme} scheme, not {getattr(config, part)!r}"
+                f"{part} must be {' or '.join(allowed)} for the {scheme} scheme, not {getattr(config, part)!r}"
             )
     if config.scheme == "int4" and config.block_size is None:
         raise QuantizeError("int4 is block-wise: it needs a block size")
