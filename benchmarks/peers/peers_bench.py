@@ -21,8 +21,8 @@ position): mean KL(reference || engine) of the next-token distribution, top-1 ag
 reference, perplexity; and free-running greedy agreement: 4 prompts of 16 tokens, 240 new tokens each
 (256 in all), the share of new tokens equal to the reference's before the first difference.
 
-Writes ``benchmarks/results/peers-llamacpp-<machine>/{results.json,README.md}``: the table of the
-issue (ours vs llama.cpp vs CTranslate2), ratios from this run, each target with pass/fail.
+Writes ``benchmarks/results/peers-llamacpp-<machine>/{results.json,README.md}``: ours vs llama.cpp vs
+CTranslate2, ratios from this run, each target with pass/fail.
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def paired(speed: dict, a: str, b: str | list[str], case_a: str = "b1", case_b: 
 
 
 def targets(speed: dict, qual: dict | None) -> list[dict]:
-    """Each target of the issue with its value from this run: speed ratios are paired per round (``paired``),
+    """Each speed and quality target with its value from this run: speed ratios are paired per round (``paired``),
     with the ratio of the medians beside them."""
     s = speed
     out = []
@@ -454,7 +454,7 @@ def markdown(report: dict) -> str:
             )
     lines += [
         "",
-        "Targets (issue 14), from this run:",
+        "Targets, from this run:",
         "",
         "| item | target | value (speed: median of per-round ratios) | ratio of medians | limit | met |",
         "|---|---|---:|---:|---:|---|",
