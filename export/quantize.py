@@ -175,8 +175,8 @@ def check_request(model_dir: str | os.PathLike[str], options: QuantizeOptions, *
         )
 
 
-def quantized_scheme(directory: str | os.PathLike[str]) -> str | None:
-    """The scheme of a quantized artifact directory, None for anything else."""
+def quantization_details(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``details.quantization`` of an artifact directory's manifest, None for anything not quantized."""
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         return None
@@ -185,7 +185,13 @@ def quantized_scheme(directory: str | os.PathLike[str]) -> str | None:
     data = read_json(path)
     details = data.get("details") if isinstance(data, dict) else None
     quantization = details.get("quantization") if isinstance(details, dict) else None
-    return str(quantization.get("scheme", "quantized")) if isinstance(quantization, dict) else None
+    return quantization if isinstance(quantization, dict) else None
+
+
+def quantized_scheme(directory: str | os.PathLike[str]) -> str | None:
+    """The scheme of a quantized artifact directory, None for anything else."""
+    quantization = quantization_details(directory)
+    return None if quantization is None else str(quantization.get("scheme", "quantized"))
 
 
 def apply_quantization(

@@ -71,7 +71,8 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
         with _quiet_quantizer_logs(), ExternalDataWriter(data) as writer:
             quantize = _NBits(model, config) if config.block_wise else _Int8(model, config)
             if lm_head is not None and config.lm_head != config.scheme:  # int4 with an 8-bit LM head
-                quantize = _HeadApart(quantize, lm_head, _NBits(model, _int8_head(config)))
+                head = config_for("int8", block_size=LM_HEAD_INT8_BLOCK, accuracy_level=config.accuracy_level)
+                quantize = _HeadApart(quantize, lm_head, _NBits(model, head))
             written = _rewrite(model, set(targets), initializers, base, writer, quantize)
             _drop_unused_initializers(model)
             # What stays float (norms, biases, position embedding...) moves into the target's data file too.
@@ -174,12 +175,6 @@ class _NBits:
         scratch.initializer.append(numpy_helper.from_array(np.asarray(arrays[name]), name))
         nodes = self.quantizer.quantize(node, [scratch])
         return nodes, [t for t in scratch.initializer if t.name != name]
-
-
-def _int8_head(config: QuantConfig) -> QuantConfig:
-    if (config.scheme, config.lm_head) != ("int4", "int8"):
-        raise QuantizeError(f"an {config.lm_head} LM head is not possible with the {config.scheme} scheme")
-    return config_for("int8", block_size=LM_HEAD_INT8_BLOCK, accuracy_level=config.accuracy_level)
 
 
 class _HeadApart:

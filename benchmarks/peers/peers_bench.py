@@ -135,12 +135,10 @@ def quantized_artifact(fp32: Path, out: Path, scheme: str, overrides: dict | Non
 
 def is_current(artifact: Path, config) -> bool:
     """``artifact`` exists and was quantized with ``config`` (a work dir may hold an older default's)."""
-    from cpm_infer.artifact import read_json
+    from export.quantize import quantization_details
 
-    if not (artifact / "manifest.json").is_file():
-        return False
-    written = read_json(artifact / "manifest.json").get("details", {}).get("quantization", {})
-    return all(written.get(key) == value for key, value in config.to_dict().items())
+    written = quantization_details(artifact)
+    return written is not None and all(written.get(key) == value for key, value in config.to_dict().items())
 
 
 # -- speed -----------------------------------------------------------------------------------------
