@@ -133,7 +133,7 @@ def single_process(model: Path, threads: int, prompts: list[str], args: argparse
     """The same prompts through one `generate()` loop, batches of 8 (what `cpm generate --batch-size 8` does)."""
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
 
     backend, tok = load_backend("torch", model, threads=threads)
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=0, ignore_eos=True, seed=0)

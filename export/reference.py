@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cpm_infer.config import ModelSpec
-from cpm_infer.generate import left_pad
+from cpm_infer.engine.generate import left_pad
 
 
 def validation_cases(spec: ModelSpec, seed: int = 0) -> list[tuple[str, list[list[int]]]]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from cpm_infer.config import GenerationConfig
 from cpm_infer.engine import Engine, FinishEvent, TokenEvent
-from cpm_infer.generate import generate
+from cpm_infer.engine.generate import generate
 
 PROMPTS = ("滚滚长江东逝水", "话说天下大势，分久必合", "白发", "青山依旧在，几度夕阳红。")
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=10, ban_unk=False, ignore_eos=True)
@@ -72,7 +72,7 @@ def check_cancel_frees_the_row(backend, tok):
 
 def check_repeated_rows(backend, tok):
     """select with repeated rows (beam search) gives each copy the same next logits."""
-    from cpm_infer.batch import DecodeBatch
+    from cpm_infer.engine.batch import DecodeBatch
 
     prompts = [tok.encode(p) for p in PROMPTS[:2]]
     logits, batch = DecodeBatch.prefill(backend, prompts, tok.pad_id)

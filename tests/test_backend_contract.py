@@ -9,7 +9,7 @@ import pytest
 
 from cpm_infer.backends import LOADERS, get_loader, load_backend
 from cpm_infer.backends.base import Backend, BackendClosedError, Scorer
-from cpm_infer.generate import left_pad
+from cpm_infer.engine.generate import left_pad
 
 
 @pytest.mark.parametrize("name", sorted(LOADERS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cpm_infer.config import ConfigError, GenerationConfig
-from cpm_infer.generate import generate
+from cpm_infer.engine.generate import generate
 
 pytest.importorskip("torch")
 

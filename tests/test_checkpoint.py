@@ -12,7 +12,7 @@ import torch
 from cpm_infer.backends import BackendError, detect_backend, load_backend
 from cpm_infer.checkpoint import CheckpointError, open_checkpoint
 from cpm_infer.config import GenerationConfig
-from cpm_infer.generate import generate
+from cpm_infer.engine.generate import generate
 from cpm_infer.torch_model import load_model
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cpm_infer.detok import IncrementalDetokenizer, TextStream
+from cpm_infer.engine.detok import IncrementalDetokenizer, TextStream
 
 
 class CountingTok:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cpm_infer.config import ConfigError, GenerationConfig, ModelSpec
 from cpm_infer.engine import Engine, FinishEvent, TokenEvent
-from cpm_infer.generate import generate
+from cpm_infer.engine.generate import generate
 
 V = 48
 

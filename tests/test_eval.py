@@ -115,8 +115,8 @@ def test_teacher_forced_fallback_matches_one_pass(backends):
 def test_zero_shot_prefers_the_models_own_continuation(backends):
     """The greedy continuation is, by construction, more likely than unrelated token strings."""
     from cpm_infer.config import GenerationConfig
+    from cpm_infer.engine.generate import generate
     from cpm_infer.eval.zero_shot import Example, score_examples
-    from cpm_infer.generate import generate
 
     tok, backend = backends["tok"], backends["ort"]
     prompt = "话说天下大势，分久必合"

@@ -93,7 +93,7 @@ def artifact(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 def _hf_vs_export(model, dtype=torch.float32):
-    from cpm_infer.generate import left_pad
+    from cpm_infer.engine.generate import left_pad
     from export.gpt2 import ExportGPT2
 
     module = ExportGPT2.from_hf(model, dtype)
@@ -247,7 +247,7 @@ def test_validation_detects_a_different_model(artifact):
 def test_external_data_layout_loads_and_generates(tiny_checkpoint, tmp_path, artifact):
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
     from export.onnx_export import export_onnx
 
     result = export_onnx(tiny_checkpoint, tmp_path / "ext", external_data_threshold=0)
@@ -291,7 +291,7 @@ def test_fp16_graph_keeps_layernorm_and_softmax_in_float32(tiny_checkpoint, tmp_
     if report.status == "passed":  # the ORT backend runs it with float16 KV buffers
         from cpm_infer.backends import load_backend
         from cpm_infer.config import GenerationConfig
-        from cpm_infer.generate import generate
+        from cpm_infer.engine.generate import generate
 
         cfg = GenerationConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
         (eager, tok), (half, _) = load_backend("torch", tiny_checkpoint), load_backend("ort", tmp_path / "fp16")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpm_infer.config import GenerationConfig, ModelSpec
-from cpm_infer.generate import GenerationStats, PromptTooLongError, generate, left_pad, position_ids_from_mask
+from cpm_infer.engine.generate import GenerationStats, PromptTooLongError, generate, left_pad, position_ids_from_mask
 
 V = 20
 
@@ -242,7 +242,7 @@ def test_stream_callback_gets_python_ints(tiny_checkpoint):
     """The callback's type says (int, str): a numpy integer would break json.dumps in callers."""
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
 
     backend, tok = load_backend("torch", tiny_checkpoint)
     seen = []

@@ -29,7 +29,7 @@ def test_logprobs_go_into_the_jsonl_output(monkeypatch, capsys, tmp_path, tiny_c
 def test_beam_search_from_the_cli_matches_the_library(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
     from cpm_infer.prompts import plain_prompt
 
     out = tmp_path / "beams.jsonl"

@@ -44,14 +44,14 @@ def pair(tiny_checkpoint):
 
 
 def _tokens(backend, tok, prompts, config):
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
 
     return [r.token_ids for r in generate(backend, [tok.encode(p) for p in prompts], config, tok)]
 
 
 def test_greedy_on_the_gpu_matches_the_cpu(pair):
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import left_pad
+    from cpm_infer.engine.generate import left_pad
 
     cpu, gpu, tok = pair
     ids, mask, pos = left_pad([tok.encode(p) for p in PROMPTS], pad_id=tok.pad_id)

@@ -20,7 +20,7 @@ def fused(tiny_checkpoint, tmp_path_factory) -> Path:
 
 def _decode(backend, prompts: list[list[int]], steps: int):
     """Greedy prefill + ``steps`` decode steps: the logits of each step, the state, the last mask and positions."""
-    from cpm_infer.generate import left_pad
+    from cpm_infer.engine.generate import left_pad
 
     ids, mask, pos = left_pad(prompts, pad_id=0)
     logits, state = backend.prefill(ids, mask, pos)

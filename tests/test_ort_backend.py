@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpm_infer.generate import left_pad, position_ids_from_mask
+from cpm_infer.engine.generate import left_pad, position_ids_from_mask
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -192,7 +192,7 @@ def test_cli_greedy_64_tokens_equal_eager(artifact, tiny_checkpoint, monkeypatch
 
 def test_library_greedy_tokens_equal_for_batches(backends):
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
 
     torch_backend, bound, _, tok = backends
     prompts = [tok.encode(t) for t in ("话说天下大势", "滚滚长江东逝水，浪花淘尽英雄", "周末")]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cpm_infer.backends.ort_backend import cuda_provider_options
-from cpm_infer.generate import left_pad
+from cpm_infer.engine.generate import left_pad
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cpm_infer import sampling
-from cpm_infer.chooser import NgramBans, RowChooser
 from cpm_infer.config import GenerationConfig
+from cpm_infer.engine import sampling
+from cpm_infer.engine.chooser import NgramBans, RowChooser
 
 NEG = -np.inf
 

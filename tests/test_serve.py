@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 
 from cpm_infer.backends import load_backend
 from cpm_infer.config import GenerationConfig
-from cpm_infer.generate import generate
+from cpm_infer.engine.generate import generate
 from cpm_infer.prompts import essay_prompt
 from cpm_infer.serve import schemas
 from cpm_infer.serve.app import create_app

@@ -16,7 +16,7 @@ from prometheus_client import parser
 
 from cpm_infer.backends import load_backend
 from cpm_infer.config import GenerationConfig
-from cpm_infer.generate import generate
+from cpm_infer.engine.generate import generate
 from cpm_infer.serve.app import create_app
 from cpm_infer.serve.server import BackgroundServer
 from cpm_infer.serve.settings import ServeSettings

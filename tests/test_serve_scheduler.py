@@ -11,7 +11,7 @@ pytest.importorskip("fastapi")
 
 from cpm_infer.backends import load_backend
 from cpm_infer.config import GenerationConfig
-from cpm_infer.generate import generate
+from cpm_infer.engine.generate import generate
 from cpm_infer.serve.errors import QueueFullError, ShuttingDownError
 from cpm_infer.serve.jobs import ChoiceDone, ErrorEvent, TokenEvent
 from cpm_infer.serve.scheduler import Scheduler

@@ -35,7 +35,7 @@ def test_demo_files_and_size(demo: Path) -> None:
 def test_demo_loads_and_generates_sanguo_like_text(demo: Path) -> None:
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
     from cpm_infer.prompts import plain_prompt
 
     backend, tok = load_backend("torch", demo)

@@ -32,8 +32,8 @@ from cpm_infer.backends.trt.backend import TrtBackendError, copy_runs
 from cpm_infer.backends.trt.compat import RuntimeInfo
 from cpm_infer.backends.trt.profiles import EngineLimits, make_profiles
 from cpm_infer.config import GenerationConfig
+from cpm_infer.engine.generate import generate, left_pad
 from cpm_infer.errors import CpmError
-from cpm_infer.generate import generate, left_pad
 from export.tensorrt.engine_artifact import engine_details
 from export.tensorrt.precision import parse_version, plan_build
 from export.validate import validate_backend

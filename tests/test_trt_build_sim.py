@@ -230,7 +230,7 @@ def test_engine_is_built_from_the_external_weights_and_generates_like_ort(monkey
     from cpm_infer.artifact import read_manifest, sha256_files
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
     from export.tensorrt.engine_artifact import export_trt
 
     trt = simulate(monkeypatch, external_onnx_dir, "10.4.0")

@@ -59,7 +59,7 @@ def _build(onnx_dir, out, precision, tmp_path):
 def test_fp32_engine_builds_validates_and_generates_like_onnx_runtime(gpu, onnx_dirs, tmp_path):
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
 
     trt, info = gpu
     result = _build(onnx_dirs["float32"], tmp_path / "engine", "fp32", tmp_path)

@@ -243,7 +243,7 @@ def quality(work: Path, threads: int) -> dict:
     from cpm_infer.bench.runners import IdsTokenizer
     from cpm_infer.config import GenerationConfig
     from cpm_infer.demo import demo_model_dir
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
     from cpm_infer.tokenizer import CpmTokenizer
     from cpm_infer.torch_model import load_model
 

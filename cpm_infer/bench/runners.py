@@ -16,8 +16,8 @@ import numpy as np
 
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import ConfigError, GenerationConfig
+from cpm_infer.engine.generate import GenerationStats, TokenizerLike, generate
 from cpm_infer.errors import CpmError
-from cpm_infer.generate import GenerationStats, TokenizerLike, generate
 
 # Settings a --sampling mode may set (the rest of the benchmark's config is fixed: EOS ignored, no bans).
 SAMPLING_KEYS = {

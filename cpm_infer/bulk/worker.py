@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cpm_infer.bulk.job import BulkError, BulkJob, contiguous_runs, part_name
-from cpm_infer.generate import GenerationResult, generate, truncate_prompt
+from cpm_infer.engine.generate import GenerationResult, generate, truncate_prompt
 from cpm_infer.prompts import essay_prompt, plain_prompt
 
 log = logging.getLogger(__name__)

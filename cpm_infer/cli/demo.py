@@ -32,7 +32,7 @@ def demo(
     from cpm_infer.checkpoint import open_checkpoint
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
     from export.onnx_export import export_onnx
 
     console, status = Console(), Console(stderr=True)

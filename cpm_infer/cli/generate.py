@@ -88,7 +88,7 @@ def generate(
     from cpm_infer.backends import load_backend
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import truncate_prompt
+    from cpm_infer.engine.generate import truncate_prompt
     from cpm_infer.jobs import ResultsFile, pending_runs, read_requests
     from cpm_infer.prompts import essay_prompt, plain_prompt
     from cpm_infer.text import clean
@@ -196,7 +196,7 @@ def _result_groups(
     """(results of one prompt, its stream printer or None), in prompt order; ``offset`` numbers the first
     prompt (it seeds the rows). Up to ``batch_size`` prompts run at once in the engine, later ones joining
     as earlier ones finish; with ``stream`` one prompt at a time, so streamed text never interleaves."""
-    from cpm_infer.generate import generate_iter
+    from cpm_infer.engine.generate import generate_iter
 
     if not stream:
         rows = batch_size * config.num_samples

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cpm_infer.config import ConfigError, GenerationConfig
-from cpm_infer.generate import GenerationResult, PromptTooLongError, truncate_prompt
+from cpm_infer.engine.generate import GenerationResult, PromptTooLongError, truncate_prompt
 from cpm_infer.prompts import essay_prompt, plain_prompt
 from cpm_infer.serve.errors import InvalidRequestError, RequestTimeoutError, ServeError
 from cpm_infer.serve.jobs import TIMEOUT, ChoiceDone, ErrorEvent, Job, TokenEvent

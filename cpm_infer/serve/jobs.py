@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpm_infer.config import GenerationConfig
-from cpm_infer.generate import GenerationResult
+from cpm_infer.engine.generate import GenerationResult
 from cpm_infer.serve.errors import ClientGoneError, RequestTimeoutError, ServeError, ShuttingDownError
 
 # Why a request was cancelled (also its rows' finish reason inside the engine).

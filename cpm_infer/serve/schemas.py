@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from cpm_infer.config import ConfigError, GenerationConfig
-from cpm_infer.generate import PromptTooLongError
+from cpm_infer.engine.generate import PromptTooLongError
 from cpm_infer.prompts import essay_prompt
 from cpm_infer.serve.settings import ServeSettings
 from cpm_infer.text import clean_field as policy_clean_field

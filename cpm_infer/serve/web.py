@@ -16,7 +16,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cpm_infer.config import ConfigError
-from cpm_infer.generate import PromptTooLongError
+from cpm_infer.engine.generate import PromptTooLongError
 from cpm_infer.serve.errors import INVALID, ServeError, error_body
 
 log = logging.getLogger(__name__)

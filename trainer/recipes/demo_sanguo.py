@@ -160,7 +160,7 @@ def heldout_perplexity(model_dir: Path, data: Path, max_len: int) -> tuple[float
 def samples(model_dir: Path) -> list[tuple[str, str]]:
     from cpm_infer.backends import load_backend
     from cpm_infer.config import GenerationConfig
-    from cpm_infer.generate import generate
+    from cpm_infer.engine.generate import generate
     from cpm_infer.prompts import plain_prompt
 
     backend, tok = load_backend("torch", model_dir)

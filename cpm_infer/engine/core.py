@@ -3,7 +3,7 @@
 Pure Python + numpy; never imports a runtime. Cut like gpt-fast: a step is ``_drop_cancelled`` ->
 ``_decode_running`` (one token for each running row) -> ``_prefill_newcomers`` (their first token,
 then ``merge`` into the running batch); ``_advance`` is the per-token bookkeeping (stop checks, text,
-events). Each row has its own settings, seeded generator and penalty state (``cpm_infer.chooser``)
+events). Each row has its own settings, seeded generator and penalty state (``cpm_infer.engine.chooser``)
 and reads only its own row of logits, so its tokens do not depend on what it is batched with.
 
 Single-threaded: one owner calls ``add`` / ``cancel`` / ``step``; a server wraps it with its own lock.
@@ -19,10 +19,10 @@ from typing import Protocol
 import numpy as np
 
 from cpm_infer.backends.base import Backend
-from cpm_infer.batch import DecodeBatch
-from cpm_infer.chooser import RowChooser, TokenLogprob, choose
 from cpm_infer.config import ConfigError, GenerationConfig
-from cpm_infer.detok import TextStream
+from cpm_infer.engine.batch import DecodeBatch
+from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose
+from cpm_infer.engine.detok import TextStream
 from cpm_infer.errors import CpmError
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Engine:
         """Queue one row (one sample of one prompt); returns its row id. It joins the running batch at
         the next ``step`` with room; its generator is seeded from (seed, prompt_index, sample_index)."""
         if config.beam_search:
-            raise ConfigError("beam search does not run in the continuous batch; use cpm_infer.beam.beam_search")
+            raise ConfigError("beam search does not run in the continuous batch; use cpm_infer.engine.beam.beam_search")
         prompt = [int(t) for t in prompt_ids] or [self.tokenizer.eod_id]  # empty = start of a document
         check_prompt_length(prompt_index, prompt, self.n_positions, self.max_prompt)
         row = _Row(

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cpm_infer import sampling
 from cpm_infer.config import GenerationConfig
+from cpm_infer.engine import sampling
 
 
 @dataclass

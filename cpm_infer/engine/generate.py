@@ -1,7 +1,7 @@
 """``generate()``: a list of prompts in, their results out, over the engine (``cpm_infer.engine``).
 
 All rows join one batch at the first step and leave as they finish, so a call behaves like the plain
-prefill-then-decode loop it replaces. Beam search (``num_beams`` > 1) runs in ``cpm_infer.beam``.
+prefill-then-decode loop it replaces. Beam search (``num_beams`` > 1) runs in ``cpm_infer.engine.beam``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cpm_infer.backends.base import Backend
-from cpm_infer.batch import left_pad, position_ids_from_mask
 from cpm_infer.config import GenerationConfig
-from cpm_infer.engine import (
+from cpm_infer.engine.batch import left_pad, position_ids_from_mask
+from cpm_infer.engine.core import (
     Engine,
     FinishEvent,
     GenerationResult,
@@ -131,7 +131,7 @@ def generate_iter(
     prompts = [list(p) if len(p) else [tokenizer.eod_id] for p in prompts]  # empty = start of a document
     check_prompt_lengths(prompts, backend.spec.n_positions, max_prompt_tokens(backend))
     if config.beam_search:
-        from cpm_infer.beam import beam_search
+        from cpm_infer.engine.beam import beam_search
 
         for i, prompt in enumerate(prompts):
             yield beam_search(backend, [prompt], config, tokenizer, index_offset=index_offset + i, stats=stats)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpm_infer import sampling
 from cpm_infer.backends.base import Backend
-from cpm_infer.batch import DecodeBatch
-from cpm_infer.chooser import NgramBans
 from cpm_infer.config import GenerationConfig
-from cpm_infer.engine import GenerationResult, TokenizerLike
+from cpm_infer.engine import sampling
+from cpm_infer.engine.batch import DecodeBatch
+from cpm_infer.engine.chooser import NgramBans
+from cpm_infer.engine.core import GenerationResult, TokenizerLike
 
 NEG = np.float32(-1.0e9)  # transformers' "impossible" score
 
