@@ -36,7 +36,7 @@ from export.onnx_weights import (
     tensor_array,
     weight_bytes,
 )
-from export.quantize import LM_HEAD_INT8_BLOCK, QuantConfig, QuantizeError, config_for
+from export.quant_config import LM_HEAD_INT8_BLOCK, QuantConfig, QuantizeError, config_for
 
 log = logging.getLogger(__name__)
 
