@@ -15,14 +15,25 @@ class Interrupted(CpmError):
 
 def first_line(exc: BaseException | str) -> str:
     """The first non-empty line of an exception's message (or of a string); the type's name when it has none."""
-    text = str(exc).strip()
-    if text:
-        return text.splitlines()[0].strip()
+    return _line(exc, 0)
+
+
+def last_line(exc: BaseException | str) -> str:
+    """The last non-empty line (the type's name when there is none): where a wrapper that quotes a traceback (Ray's
+    task errors) names the original error."""
+    return _line(exc, -1)
+
+
+def _line(exc: BaseException | str, index: int) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines:
+        return lines[index]
     return type(exc).__name__ if isinstance(exc, BaseException) else ""
 
 
-def describe(exc: BaseException) -> str:
-    """``TypeName: first line`` (just the type's name when the message is empty), for unexpected errors."""
+def describe(exc: BaseException, *, last: bool = False) -> str:
+    """``TypeName: first line`` (``last``: the last line; just the type's name when the message is empty), for
+    unexpected errors."""
     name = type(exc).__name__
-    detail = first_line(exc)
+    detail = last_line(exc) if last else first_line(exc)
     return name if detail == name else f"{name}: {detail}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cpm_infer.errors import CpmError, Interrupted, describe, first_line
+from cpm_infer.errors import CpmError, Interrupted, describe, first_line, last_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +23,14 @@ def test_first_line_and_describe():
     assert describe(KeyError("x")) == "KeyError: 'x'"
     assert describe(RuntimeError("")) == "RuntimeError"
     assert issubclass(Interrupted, CpmError)
+
+
+def test_last_line_names_the_wrapped_error():
+    """Ray quotes the remote traceback in a task error: its last line names the original error."""
+    wrapped = RuntimeError('ray::f() (pid=1)\n  File "x.py", line 3, in f\n    raise ValueError\nValueError: boom\n')
+    assert last_line(wrapped) == "ValueError: boom"
+    assert describe(wrapped, last=True) == "RuntimeError: ValueError: boom"
+    assert last_line(RuntimeError()) == "RuntimeError" and describe(KeyError(), last=True) == "KeyError"
 
 
 def test_no_raise_from_none_in_the_tree():

@@ -34,7 +34,7 @@ from cpm_infer.bulk.job import (
     request_from_record,
 )
 from cpm_infer.bulk.worker import PartWriter
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, describe
 from cpm_infer.jobs import read_requests
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _one_line_errors() -> Iterator[None]:
         cause = _project_error(exc)
         if cause is not None:
             raise BulkError(str(cause)) from exc
-        raise BulkError(f"bulk generation failed: {_first_line(exc)}") from exc
+        raise BulkError(f"bulk generation failed: {describe(exc, last=True)}") from exc
 
 
 def _project_error(exc: BaseException) -> CpmError | None:
@@ -198,8 +198,3 @@ def _project_error(exc: BaseException) -> CpmError | None:
             return current
         todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cpm_infer.errors import CpmError
+from cpm_infer.errors import CpmError, first_line
 
 if TYPE_CHECKING:
     from cpm_infer.serve.settings import ServeSettings
@@ -112,7 +112,7 @@ def serve_on_ray(
         try:
             serve.run(application(config, scaling), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:
-            raise RayServeError(f"Ray Serve could not deploy the model: {_first_line(exc)}") from exc
+            raise RayServeError(f"Ray Serve could not deploy the model: {first_line(exc)}") from exc
         count = f"{scaling.replicas} replica(s)"
         if scaling.max_replicas is not None:
             count += f", autoscaling up to {scaling.max_replicas}"
@@ -150,8 +150,3 @@ def _free_port(host: str, port: int) -> int:
         return sock.getsockname()[1]
     finally:
         sock.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
