@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, make_dataclass, replace
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from cpm_infer.errors import CpmError
+from cpm_infer.settings import BY_NAME, MAX_LOGPROBS, SETTINGS
 
 
 class ConfigError(CpmError, ValueError):
     """An out-of-range or inconsistent setting."""
 
 
-MAX_LOGPROBS = 20  # alternatives per step (OpenAI's limit)
+__all__ = ["MAX_LOGPROBS", "ConfigError", "GenerationConfig", "ModelSpec", "preset"]
 
 
 @dataclass(frozen=True)
@@ -67,112 +69,48 @@ def preset(name: str) -> ModelSpec:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from exc
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How to generate. Immutable and validated on construction; ``replace()`` derives variants.
+class _GenerationConfigBase:
+    """How to generate. Immutable and validated on construction; ``replace()`` derives variants. Its fields,
+    defaults and ranges are the declaration in ``cpm_infer.settings`` (each field's help is there).
 
-    temperature 0 means greedy decoding (top_k/top_p are then irrelevant). ``ban_unk`` bans
-    ``<unk>`` as CPM's original generate script does; ``banned_ids`` adds more.
-
-    Penalties: ``repetition_penalty`` (CTRL, over prompt + generated ids), ``presence_penalty`` and
-    ``frequency_penalty`` (OpenAI: ``logit -= presence * (count > 0) + frequency * count`` over the
-    generated ids), ``no_repeat_ngram_size`` (transformers: an n-gram never occurs twice in prompt +
-    generated ids). ``logprobs`` = N asks for the chosen token's log-probability and the N most likely
-    alternatives at each step (the model's distribution, before penalties and temperature).
-    ``num_beams`` > 1 is deterministic beam search (temperature 0), returning the
+    temperature 0 means greedy decoding (top_k/top_p/min_p are then irrelevant). ``ban_unk`` bans ``<unk>`` as
+    CPM's original generate script does; ``banned_ids`` adds more. ``logprobs`` = N asks for the chosen token's
+    log-probability and the N most likely alternatives at each step (the model's distribution, before
+    penalties and temperature). ``num_beams`` > 1 is deterministic beam search (temperature 0), returning the
     ``num_return_sequences`` best beams of each prompt.
     """
 
-    max_new_tokens: int = 100
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    ban_unk: bool = True
-    banned_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    seed: int | None = 0
-    num_samples: int = 1
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool = False
-    num_return_sequences: int = 1
-
     def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
+        for setting in SETTINGS:
+            problem = setting.check(getattr(self, setting.name))
+            if problem:
+                raise ConfigError(problem)
+            # Frozen dataclass: sequences become tuples so configs hash and compare by value.
+            object.__setattr__(self, setting.name, setting.normalise(getattr(self, setting.name)))
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(
+                f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens!r}"
+            )
+        if self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                f"num_return_sequences must be between 1 and num_beams ({self.num_beams}), "
+                f"got {self.num_return_sequences!r}"
+            )
+        if self.num_beams > 1:
+            self._check_beams()
 
-        check(
-            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-            f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}",
-        )
-        check(
-            _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
-            f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens!r}",
-        )
-        check(
-            _is_num(self.temperature) and self.temperature >= 0,
-            f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}",
-        )
-        check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
-        check(_is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        check(
-            _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-            f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}",
-        )
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            check(_is_num(value) and -2 <= value <= 2, f"{name} must be between -2 and 2 (0 = off), got {value!r}")
-        check(
-            _is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
-            f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size!r}",
-        )
-        check(
-            all(_is_int(i) and i >= 0 for i in self.banned_ids),
-            f"banned_ids must be non-negative integers, got {self.banned_ids!r}",
-        )
-        check(all(isinstance(s, str) and s for s in self.stop_strings), "stop_strings must be non-empty strings")
-        check(
-            self.seed is None or (_is_int(self.seed) and self.seed >= 0),
-            f"seed must be a non-negative integer, got {self.seed!r}",
-        )
-        check(
-            _is_int(self.num_samples) and self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples!r}"
-        )
-        check(
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-            f"logprobs must be between 0 and {MAX_LOGPROBS} (or None = off), got {self.logprobs!r}",
-        )
-        self._check_beams(check)
-        # Frozen dataclass: normalise sequences to tuples so configs hash and compare by value.
-        object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-
-    def _check_beams(self, check: Any) -> None:
-        check(_is_int(self.num_beams) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
-        check(_is_num(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        check(
-            isinstance(self.early_stopping, bool), f"early_stopping must be true or false, got {self.early_stopping!r}"
-        )
-        check(
-            _is_int(self.num_return_sequences) and 1 <= self.num_return_sequences <= self.num_beams,
-            f"num_return_sequences must be between 1 and num_beams ({self.num_beams}), "
-            f"got {self.num_return_sequences!r}",
-        )
-        if self.num_beams == 1:
-            return
+    def _check_beams(self) -> None:
         beams = f"beam search (num_beams {self.num_beams}) is deterministic"
-        check(self.temperature == 0, f"{beams}: it cannot sample (temperature must be 0, got {self.temperature!r})")
-        check(self.num_samples == 1, f"{beams}: use num_return_sequences instead of num_samples")
-        check(not self.stop_strings, f"{beams}: stop_strings are not supported with beams")
-        check(self.logprobs is None, f"{beams}: logprobs are not supported with beams")
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.beams != "no" or value == setting.beam_default:
+                continue
+            if setting.name == "temperature":
+                raise ConfigError(f"{beams}: it cannot sample (temperature must be 0, got {value!r})")
+            if setting.name == "num_samples":
+                raise ConfigError(f"{beams}: use num_return_sequences instead of num_samples")
+            raise ConfigError(f"{beams}: {setting.name} is not supported with beams")
 
     @property
     def greedy(self) -> bool:
@@ -187,21 +125,27 @@ class GenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["banned_ids"] = list(self.banned_ids)
-        data["stop_strings"] = list(self.stop_strings)
+        for setting in SETTINGS:
+            if setting.kind in ("ids", "strings", "bias"):
+                data[setting.name] = [list(v) if setting.kind == "bias" else v for v in data[setting.name]]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(BY_NAME))
         if unknown:
             raise ConfigError(f"unknown generation setting(s): {', '.join(unknown)}")
-        values = dict(data)
-        for key in ("banned_ids", "stop_strings"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
+        return cls(**data)
+
+
+GenerationConfig = make_dataclass(
+    "GenerationConfig",
+    [(s.name, s.annotation, dataclass_field(default=s.default)) for s in SETTINGS],
+    bases=(_GenerationConfigBase,),
+    frozen=True,
+)
+GenerationConfig.__module__ = __name__  # pickles (Ray ships configs to actors) by this module's name
+GenerationConfig.__doc__ = _GenerationConfigBase.__doc__
 
 
 def _is_int(value: Any) -> bool:

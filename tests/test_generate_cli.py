@@ -61,13 +61,13 @@ def test_penalties_change_the_output(monkeypatch, capsys, tiny_checkpoint):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--num-beams", "0"), "num_beams must be >= 1, got 0"),
+        (("--num-beams", "0"), "num_beams must be >= 1 (1 = off), got 0"),
         (("--num-beams", "2", "-t", "0.7"), "cannot combine with --temperature"),
         (("--num-beams", "2", "--top-p", "0.5"), "cannot combine with --top-p"),
         (("--num-beams", "2", "--num-return-sequences", "3"), "num_return_sequences must be between 1 and num_beams"),
         (("--num-beams", "2", "--stream"), "--stream cannot show beam search"),
         (("--num-beams", "2", "--num-samples", "2"), "use num_return_sequences"),
-        (("--num-beams", "2", "--logprobs", "2"), "logprobs are not supported with beams"),
+        (("--num-beams", "2", "--logprobs", "2"), "logprobs is not supported with beams"),
         (("--presence-penalty", "-3"), "presence_penalty must be between -2 and 2"),
         (("--frequency-penalty", "2.5"), "frequency_penalty must be between -2 and 2"),
         (("--no-repeat-ngram-size", "-1"), "no_repeat_ngram_size must be >= 0"),

@@ -14,7 +14,8 @@ from hypothesis.extra import numpy as hnp
 
 from cpm_infer.config import GenerationConfig
 from cpm_infer.engine import sampling
-from cpm_infer.engine.chooser import NgramBans, RowChooser
+from cpm_infer.engine.chooser import RowChooser
+from cpm_infer.engine.processors import NgramBans
 
 NEG = -np.inf
 

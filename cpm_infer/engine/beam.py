@@ -20,9 +20,8 @@ import numpy as np
 
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import GenerationConfig
-from cpm_infer.engine import sampling
+from cpm_infer.engine import processors, sampling
 from cpm_infer.engine.batch import DecodeBatch
-from cpm_infer.engine.chooser import NgramBans
 from cpm_infer.engine.core import GenerationResult, TokenizerLike
 
 NEG = np.float32(-1.0e9)  # transformers' "impossible" score
@@ -45,23 +44,11 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return cand[np.lexsort((cand, -scores[cand]))][:k]
 
 
-def _process(logp: np.ndarray, prompt: list[int], beams: list[list[int]], config: GenerationConfig, ban, eos):
-    """transformers' logits processors for beams, on log-probabilities, in place."""
+def _process(logp: np.ndarray, prompt: list[int], beams: list[list[int]], config: GenerationConfig, ctx) -> None:
+    """The rows' logits processors (the continuous batch's, built from each beam's history) on
+    log-probabilities, in place, as transformers applies its processors to beams."""
     for row, generated in zip(logp, beams, strict=True):
-        history = prompt + generated
-        if config.repetition_penalty != 1.0:
-            sampling.apply_repetition_penalty(row, np.unique(history), config.repetition_penalty)
-        if config.presence_penalty or config.frequency_penalty:
-            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
-            if ids.size:
-                sampling.apply_presence_frequency(
-                    row, ids, counts.astype(np.float32), config.presence_penalty, config.frequency_penalty
-                )
-        if config.no_repeat_ngram_size:
-            row[NgramBans(config.no_repeat_ngram_size, history).banned()] = -np.inf
-        row[ban] = -np.inf
-        if eos is not None and len(generated) < config.min_new_tokens:
-            row[eos] = -np.inf
+        processors.apply(processors.build(config, prompt, generated, ctx), row)
 
 
 def search_one(
@@ -70,6 +57,7 @@ def search_one(
     """The ``num_return_sequences`` best (generated ids, score, ended with <eod>) for one prompt."""
     k, prompt = config.num_beams, list(prompt)
     eos = None if config.ignore_eos else tokenizer.eod_id
+    ctx = processors.RowContext(backend.spec.vocab_size, ban, tokenizer.eod_id)
     max_len = min(len(prompt) + config.max_new_tokens, backend.spec.n_positions)
     logits, batch = DecodeBatch.prefill(backend, [prompt], tokenizer.pad_id)
     batch.select(backend, [0] * k)
@@ -82,7 +70,7 @@ def search_one(
     top_k_mask = np.arange(2 * k) < k
     while True:
         logp = sampling.log_softmax(logits.astype(np.float32))
-        _process(logp, prompt, running, config, ban, eos)
+        _process(logp, prompt, running, config, ctx)
         vocab = logp.shape[1]
         acc = (logp + scores[:, None]).reshape(-1)
         best = _top(acc, 2 * k)
@@ -132,11 +120,9 @@ def beam_search(
     stats=None,
 ) -> list[GenerationResult]:
     """``num_return_sequences`` results per prompt (sample_index = rank, best first)."""
-    vocab = backend.spec.vocab_size
-    banned = [tokenizer.unk_id] if config.ban_unk else []
-    banned += [i for i in config.banned_ids if i < vocab]
-    banned += range(tokenizer.vocab_size, vocab)
-    ban = np.unique(np.asarray(banned, dtype=np.int64))
+    ban = processors.static_bans(
+        config, unk_id=tokenizer.unk_id, tokenizer_vocab=tokenizer.vocab_size, vocab=backend.spec.vocab_size
+    )
     results = []
     for i, prompt in enumerate(prompts):
         for rank, (tokens, score, ended) in enumerate(search_one(backend, prompt, config, tokenizer, ban)):

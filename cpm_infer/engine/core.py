@@ -23,6 +23,7 @@ from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.batch import DecodeBatch
 from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose
 from cpm_infer.engine.detok import TextStream
+from cpm_infer.engine.processors import static_bans
 from cpm_infer.errors import CpmError
 
 log = logging.getLogger(__name__)
@@ -299,7 +300,5 @@ class Engine:
         return FinishEvent(row.id, row.tag, row.finish_reason or "length", row.result(), tail)
 
     def _static_bans(self, config: GenerationConfig) -> np.ndarray:
-        banned = [self.tokenizer.unk_id] if config.ban_unk else []
-        banned += [i for i in config.banned_ids if i < self.vocab]
-        banned += range(self.tokenizer.vocab_size, self.vocab)  # embedding rows the tokenizer cannot decode
-        return np.unique(np.asarray(banned, dtype=np.int64))
+        tok = self.tokenizer
+        return static_bans(config, unk_id=tok.unk_id, tokenizer_vocab=tok.vocab_size, vocab=self.vocab)
