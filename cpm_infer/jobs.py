@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cpm_infer.errors import CpmError
 from cpm_infer.text import clean, read_text_file
@@ -156,3 +157,31 @@ def _completed(path: Path, requests: list[dict], num_samples: int) -> set[int]:
         tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         os.replace(tmp, path)
     return done
+
+
+def result_record(request: dict, result: Any, **extra: Any) -> dict:
+    """One output record of ``cpm generate --output`` and ``cpm batch``: the prompt's index and fields, the
+    text and how it ended, the beam's score and the logprobs where there are any, then ``extra``."""
+    record = {
+        "index": result.prompt_index,
+        **request,
+        "sample": result.sample_index,
+        **extra,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": len(result.token_ids),
+    }
+    if result.score is not None:
+        record["score"] = result.score
+    if result.logprobs is not None:
+        record["logprobs"] = [
+            {
+                "token_id": step.token_id,
+                "text": step.token_text,
+                "logprob": step.logprob,
+                "top": [{"token_id": i, "text": t, "logprob": v} for i, t, v in step.top],
+            }
+            for step in result.logprobs
+        ]
+    return record

@@ -1,84 +1,54 @@
-"""``cpm generate``: text from a prompt, a title + context, or a file of prompts."""
+"""``cpm generate``: text from a prompt, a title + context, or a file of prompts.
+
+parse (the requests and the config) -> prepare (the backend and the prompts' ids) -> run (the engine, up to
+``--batch-size`` prompts at once) -> write (stdout, a stream, or a resumable JSONL file).
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, ThreadsOpt, TokenizerOpt
+from cpm_infer.cli.gen_options import GenOptions, generation_options
+from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, ThreadsOpt, TokenizerOpt, TruncateOpt
 from cpm_infer.errors import CpmError
 
-log = logging.getLogger(__name__)
+PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Plain prompt text.")]
+TitleOpt = Annotated[str | None, typer.Option("--title", help="Essay title: the prompt is `title <sep> context`.")]
+ContextOpt = Annotated[str, typer.Option("--context", help="Text after the title (with --title).")]
+InputOpt = Annotated[
+    Path | None,
+    typer.Option("--input", "-i", help="Prompts, one per line; or JSONL with prompt or title/context per line."),
+]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write results as JSONL here.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Keep the results already in --output; generate only the prompts left.")
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", min=1, help="Prompts in the running batch (the next joins as one finishes).")
+]
+StreamOpt = Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")]
 
 
+@generation_options("generate")
 def generate(
     model: ModelOpt = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Plain prompt text.")] = None,
-    title: Annotated[
-        str | None, typer.Option("--title", help="Essay title: the prompt is `title <sep> context`.")
-    ] = None,
-    context: Annotated[str, typer.Option("--context", help="Text after the title (with --title).")] = "",
-    input_file: Annotated[
-        Path | None,
-        typer.Option("--input", "-i", help="Prompts, one per line; or JSONL with prompt or title/context per line."),
-    ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results as JSONL here.")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Keep the results already in --output; generate only the prompts left.")
-    ] = False,
-    batch_size: Annotated[
-        int,
-        typer.Option("--batch-size", min=1, help="Prompts in the running batch (the next joins as one finishes)."),
-    ] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 100,
-    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 0,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", "-t", help="0 = greedy. [default: 1.0; 0 with --num-beams]")
-    ] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="0 = off. [default: 0]")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="1 = off. [default: 0.9]")] = None,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 = off.")] = 1.0,
-    presence_penalty: Annotated[
-        float, typer.Option("--presence-penalty", help="-2..2: subtracted once from the logit of a generated id.")
-    ] = 0.0,
-    frequency_penalty: Annotated[
-        float, typer.Option("--frequency-penalty", help="-2..2: subtracted per occurrence of a generated id.")
-    ] = 0.0,
-    no_repeat_ngram_size: Annotated[
-        int, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off).")
-    ] = 0,
-    logprobs: Annotated[
-        int | None,
-        typer.Option("--logprobs", help="Per token: its logprob and the N most likely alternatives (JSONL output)."),
-    ] = None,
-    num_beams: Annotated[int, typer.Option("--num-beams", help="Beam search with this many beams (1 = off).")] = 1,
-    length_penalty: Annotated[
-        float, typer.Option("--length-penalty", help="Beam score = logprob sum / length ** this.")
-    ] = 1.0,
-    early_stopping: Annotated[
-        bool, typer.Option("--early-stopping", help="Beam search ends once --num-beams hypotheses are done.")
-    ] = False,
-    num_return_sequences: Annotated[
-        int, typer.Option("--num-return-sequences", help="Best beams returned per prompt.")
-    ] = 1,
-    ban_id: Annotated[
-        list[int] | None, typer.Option("--ban-id", help="Token id never to generate (repeatable).")
-    ] = None,
-    allow_unk: Annotated[bool, typer.Option("--allow-unk", help="Allow <unk> (banned by default).")] = False,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples per prompt.")] = 1,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at <eod>.")] = False,
-    truncate: Annotated[
-        bool, typer.Option("--truncate", help="Keep the last tokens of prompts that are too long.")
-    ] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
+    prompt: PromptOpt = None,
+    title: TitleOpt = None,
+    context: ContextOpt = "",
+    input_file: InputOpt = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    batch_size: BatchSizeOpt = 8,
+    gen: GenOptions = None,  # type: ignore[assignment]  # replaced by the generation options
+    truncate: TruncateOpt = False,
+    stream: StreamOpt = False,
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
@@ -87,153 +57,141 @@ def generate(
     """Generate text with a CPM model (checkpoint or exported artifact)."""
     from cpm_infer.backends import load_backend
     from cpm_infer.cli._common import resolve_model
-    from cpm_infer.config import GenerationConfig
-    from cpm_infer.engine.generate import truncate_prompt
-    from cpm_infer.jobs import ResultsFile, pending_runs, read_requests
-    from cpm_infer.prompts import essay_prompt, plain_prompt
-    from cpm_infer.text import clean
 
-    sources = sum(x is not None for x in (prompt, title, input_file))
-    if sources != 1:
+    job = _parse(prompt, title, context, input_file, output, resume, stream, gen)
+    runtime, tok = load_backend(backend, resolve_model(model), device=device, tokenizer_file=tokenizer, threads=threads)
+    try:
+        prompts = _prepare(job, runtime, tok, truncate)
+        _run(job, runtime, tok, prompts, batch_size)
+    finally:
+        runtime.close()  # free the runtime's memory now (GPU buffers), not at garbage collection
+
+
+@dataclass
+class _Job:
+    requests: list[dict]
+    config: Any  # GenerationConfig
+    output: Path | None
+    resume: bool
+    stream: bool
+
+    @property
+    def per_prompt(self) -> int:
+        return self.config.num_samples * self.config.num_return_sequences
+
+
+def _parse(
+    prompt: str | None,
+    title: str | None,
+    context: str,
+    input_file: Path | None,
+    output: Path | None,
+    resume: bool,
+    stream: bool,
+    gen: GenOptions,
+) -> _Job:
+    """The requests and the config, or a one-line error for a combination that cannot run."""
+    from cpm_infer.jobs import read_requests
+
+    if sum(x is not None for x in (prompt, title, input_file)) != 1:
         raise CpmError("give exactly one of --prompt, --title (with --context) or --input")
     if resume and output is None:
         raise CpmError("--resume continues an --output file; give --output")
-    if num_beams > 1:
-        sampling_flags = [
-            flag
-            for flag, value in (("--temperature", temperature), ("--top-k", top_k), ("--top-p", top_p))
-            if value is not None and not (flag == "--temperature" and value == 0)
-        ]
-        if sampling_flags:
-            raise CpmError(
-                f"--num-beams {num_beams} is deterministic beam search: it cannot combine with "
-                f"{', '.join(sampling_flags)} (sampling)"
-            )
-        if stream:
-            raise CpmError("--stream cannot show beam search (beams change until the end); drop --stream")
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        temperature=(0.0 if num_beams > 1 else 1.0) if temperature is None else temperature,
-        top_k=0 if top_k is None else top_k,
-        top_p=(1.0 if num_beams > 1 else 0.9) if top_p is None else top_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        ban_unk=not allow_unk,
-        banned_ids=tuple(ban_id or ()),
-        stop_strings=tuple(stop or ()),
-        seed=seed,
-        num_samples=num_samples,
-        ignore_eos=ignore_eos,
-        logprobs=logprobs,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        early_stopping=early_stopping,
-        num_return_sequences=num_return_sequences,
-    )
-    requests = (
-        read_requests(input_file)
-        if input_file
-        else [
-            {"prompt": clean(prompt, "--prompt")}
-            if prompt is not None
-            else {"title": clean(title, "--title"), "context": clean(context, "--context")}
-        ]
-    )
+    config = gen.config()
+    if config.beam_search and stream:
+        raise CpmError("--stream cannot show beam search (beams change until the end); drop --stream")
+    if input_file is not None:
+        requests = read_requests(input_file)
+    elif prompt is not None:
+        requests = [{"prompt": prompt}]
+    else:
+        requests = [{"title": title, "context": context}]
+    return _Job(requests, config, output, resume, stream)
 
-    model_path = resolve_model(model)
-    runtime, tok = load_backend(backend, model_path, device=device, tokenizer_file=tokenizer, threads=threads)
-    n_positions = runtime.spec.n_positions
 
-    def encode(req: dict) -> list[int]:
-        ids = (
-            essay_prompt(tok, req["title"], req.get("context", ""))
-            if "title" in req
-            else plain_prompt(tok, req["prompt"])
-        )
-        return truncate_prompt(ids, n_positions, max_new_tokens) if truncate else ids
+def _prepare(job: _Job, runtime: Any, tok: Any, truncate: bool) -> list[list[int]]:
+    """Every prompt's ids, fitted to what this backend prefills (``cpm_infer.prompts``)."""
+    from cpm_infer.prompts import PromptLimits, prepare
 
-    per_prompt = config.num_samples * config.num_return_sequences
-    out_handle, already = ResultsFile.open(output, requests, per_prompt, resume) if output else (None, set())
+    limits, many = PromptLimits.of(runtime), len(job.requests) > 1
+    where = {"prompt": "--prompt", "title": "--title"}
+    return [
+        prepare(
+            tok,
+            request,
+            limits,
+            max_new_tokens=job.config.max_new_tokens,
+            truncate=truncate,
+            which=f"prompt {i}" if many else where["title" if "title" in request else "prompt"],
+        ).ids
+        for i, request in enumerate(job.requests)
+    ]
+
+
+def _run(job: _Job, runtime: Any, tok: Any, prompts: list[list[int]], batch_size: int) -> None:
+    """Generate every prompt not yet in the output (``--resume``) and write each as soon as it is done."""
+    from cpm_infer.errors import Interrupted
+    from cpm_infer.jobs import ResultsFile, pending_runs
+
+    out, already = (None, set())
+    if job.output:
+        out, already = ResultsFile.open(job.output, job.requests, job.per_prompt, job.resume)
     if already:
-        print(f"resuming: {len(already)} of {len(requests)} prompts already in {output}", file=sys.stderr)
+        print(f"resuming: {len(already)} of {len(job.requests)} prompts already in {job.output}", file=sys.stderr)
     done = len(already)
     try:
         # Rows are seeded by prompt index and do not depend on their batch: every run of consecutive
         # pending prompts goes through the engine at once, up to --batch-size prompts running together.
-        for run in pending_runs(len(requests), len(requests), already):
-            prompts = [encode(r) for r in requests[run.start : run.start + run.count]]
-            for results, callback in _result_groups(runtime, prompts, config, tok, batch_size, stream, run.start):
-                records = [result_record(requests[result.prompt_index], result) for result in results]
-                if out_handle:
-                    out_handle.write(records)  # one write per prompt: a kill never leaves half its samples
-                for record in records:
-                    if not out_handle and logprobs is not None:
-                        print(json.dumps(record, ensure_ascii=False))
-                    elif not out_handle and not stream:
-                        _print_result(record, len(requests) > 1 or per_prompt > 1)
-                if callback is not None:
-                    callback.close()
+        for run in pending_runs(len(job.requests), len(job.requests), already):
+            chunk = prompts[run.start : run.start + run.count]
+            for results, printer in _result_groups(runtime, chunk, job, tok, batch_size, run.start):
+                _write(job, out, results, printer)
                 done += 1
     except KeyboardInterrupt as exc:
-        from cpm_infer.errors import Interrupted
-
-        kept = f"; {done} of {len(requests)} prompts written to {output} (finish with --resume)" if output else ""
-        raise Interrupted(f"interrupted{kept}") from exc
+        kept = f"; {done} of {len(job.requests)} prompts written to {job.output} (finish with --resume)"
+        raise Interrupted(f"interrupted{kept if job.output else ''}") from exc
     finally:
-        if out_handle:
-            out_handle.close()
-        runtime.close()  # free the runtime's memory now (GPU buffers), not at garbage collection
-    if output:
-        print(f"wrote {done} prompt(s) x {per_prompt} sample(s) to {output}", file=sys.stderr)
+        if out:
+            out.close()
+    if job.output:
+        print(f"wrote {done} prompt(s) x {job.per_prompt} sample(s) to {job.output}", file=sys.stderr)
+
+
+def _write(job: _Job, out: Any, results: list, printer: _StreamPrinter | None) -> None:
+    """One prompt's results: to the output file (one write: a kill never leaves half its samples), as JSON
+    lines (with logprobs), or as text."""
+    from cpm_infer.jobs import result_record
+
+    records = [result_record(job.requests[r.prompt_index], r) for r in results]
+    if out:
+        out.write(records)
+    elif job.config.logprobs is not None:
+        for record in records:
+            print(json.dumps(record, ensure_ascii=False))
+    elif not job.stream:
+        for record in records:
+            _print_result(record, len(job.requests) > 1 or job.per_prompt > 1)
+    if printer is not None:
+        printer.close()
 
 
 def _result_groups(
-    runtime, prompts: list[list[int]], config, tok, batch_size: int, stream: bool, offset: int
-) -> Iterator[tuple]:
+    runtime: Any, prompts: list[list[int]], job: _Job, tok: Any, batch_size: int, offset: int
+) -> Iterator[tuple[list, _StreamPrinter | None]]:
     """(results of one prompt, its stream printer or None), in prompt order; ``offset`` numbers the first
     prompt (it seeds the rows). Up to ``batch_size`` prompts run at once in the engine, later ones joining
     as earlier ones finish; with ``stream`` one prompt at a time, so streamed text never interleaves."""
     from cpm_infer.engine.generate import generate_iter
 
-    if not stream:
-        rows = batch_size * config.num_samples
-        for results in generate_iter(runtime, prompts, config, tok, max_rows=rows, index_offset=offset):
+    if not job.stream:
+        rows = batch_size * job.config.num_samples
+        for results in generate_iter(runtime, prompts, job.config, tok, max_rows=rows, index_offset=offset):
             yield results, None
         return
     for index, prompt in enumerate(prompts):
         printer = _StreamPrinter()
-        (results,) = generate_iter(runtime, [prompt], config, tok, callback=printer, index_offset=offset + index)
+        (results,) = generate_iter(runtime, [prompt], job.config, tok, callback=printer, index_offset=offset + index)
         yield results, printer
-
-
-def result_record(request: dict, result) -> dict:
-    """One JSONL output record: the prompt's index and fields, the text and how it ended (+ logprobs when
-    asked, the score of a beam)."""
-    record = {
-        "index": result.prompt_index,
-        **request,
-        "sample": result.sample_index,
-        "text": result.text,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "new_tokens": len(result.token_ids),
-    }
-    if result.score is not None:
-        record["score"] = result.score
-    if result.logprobs is not None:
-        record["logprobs"] = [
-            {
-                "token_id": step.token_id,
-                "text": step.token_text,
-                "logprob": step.logprob,
-                "top": [{"token_id": i, "text": t, "logprob": v} for i, t, v in step.top],
-            }
-            for step in result.logprobs
-        ]
-    return record
 
 
 def _print_result(record: dict, label: bool) -> None:

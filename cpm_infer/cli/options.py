@@ -28,3 +28,6 @@ RayAddressOpt = Annotated[
         help="Ray cluster to join (host:port of its head, or 'auto'); default: start one on this machine.",
     ),
 ]
+TruncateOpt = Annotated[
+    bool, typer.Option("--truncate", help="Keep the last tokens of prompts that are too long (for the backend).")
+]
