@@ -18,14 +18,7 @@ from trainer.config import TrainConfig
 from trainer.errors import TrainError
 from trainer.finetune import lm_loss_sum
 from trainer.loop import Callbacks, RunResult, run
-from trainer.prepare import (
-    check_vocab,
-    file_sha256,
-    load_data_main_first,
-    make_accelerator,
-    resume_source,
-    seed_everything,
-)
+from trainer.prepare import RunSetup, check_vocab
 from trainer.windows import Progress
 
 log = logging.getLogger(__name__)
@@ -40,6 +33,19 @@ def pick_layers(teacher_layers: int, student_layers: int) -> list[int]:
     if student_layers == 1:
         return [teacher_layers - 1]
     return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
+
+
+def student_layer_map(teacher_layers: int, student_layers: int | None, layer_map: Sequence[int] | None) -> list[int]:
+    """The teacher layers the student starts from: ``layer_map`` as given (checked), else ``student_layers``
+    (default: half the teacher's) picked evenly."""
+    if not layer_map:
+        return pick_layers(teacher_layers, student_layers or max(1, teacher_layers // 2))
+    layers = list(layer_map)
+    if sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= teacher_layers:
+        raise TrainError(
+            f"layer map must be increasing teacher layer indices in [0, {teacher_layers - 1}], got {layers}"
+        )
+    return layers
 
 
 def student_from_teacher(teacher, layers: Sequence[int]):
@@ -109,53 +115,26 @@ def distill(
         raise TrainError(f"temperature must be > 0, got {temperature}")
     if not 0 <= alpha <= 1:
         raise TrainError(f"alpha (the KD weight) must be in [0, 1], got {alpha}")
-    accelerator = make_accelerator(cfg)
-    resume = resume_source(cfg)
+    setup = RunSetup(cfg, callbacks, progress)
     ckpt = open_checkpoint(teacher_dir)
     teacher, tokenizer = load_model(ckpt)
     check_vocab(tokenizer, ckpt.spec, teacher_dir)
-    if layer_map:
-        layers = list(layer_map)
-        if sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= ckpt.spec.n_layer:
-            raise TrainError(
-                f"layer map must be increasing teacher layer indices in [0, {ckpt.spec.n_layer - 1}], got {layers}"
-            )
-    else:
-        layers = pick_layers(ckpt.spec.n_layer, student_layers or max(1, ckpt.spec.n_layer // 2))
-    max_len, stride = cfg.resolve_lengths(ckpt.spec.n_positions)
-    data, data_fp = load_data_main_first(accelerator, cfg, tokenizer, max_len, stride, progress, callbacks)
-    if resume is not None:
-        student, _ = load_model(resume)
+    layers = student_layer_map(ckpt.spec.n_layer, student_layers, layer_map)
+    data = setup.load_data(tokenizer, ckpt.spec.n_positions)
+    if setup.resume is not None:
+        student, _ = load_model(setup.resume)
         if student.config.n_layer != len(layers):
-            raise TrainError(f"{resume} has {student.config.n_layer} layers, not the {len(layers)} asked for")
+            raise TrainError(f"{setup.resume} has {student.config.n_layer} layers, not the {len(layers)} asked for")
     else:
         student = student_from_teacher(teacher, layers)
-    teacher.to(accelerator.device).eval().requires_grad_(False)
-    seed_everything(cfg.seed + accelerator.process_index)
-    spec = ModelSpec.from_dict({**ckpt.spec.to_dict(), "n_layer": len(layers)})
-    fingerprint = {
-        **cfg.trajectory(),
-        "max_len": max_len,
-        "stride": stride,
-        **data_fp,
-        "spec": spec.to_dict(),
-        "tokenizer": file_sha256(tokenizer.path),
-        "objective": "distill",
-        "teacher": ckpt.weights_sha256(),
-        "layers": layers,
-        "temperature": temperature,
-        "alpha": alpha,
-    }
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    log.info("distilling teacher layers %s of %d into a %d-layer student", layers, ckpt.spec.n_layer, len(layers))
-    return run(
-        student,
-        Distillation(teacher, temperature, alpha),
-        data,
-        cfg,
-        tokenizer_file=tokenizer.path,
-        fingerprint=fingerprint,
-        accelerator=accelerator,
-        callbacks=callbacks,
-        resume_dir=resume,
+    teacher.to(setup.accelerator.device).eval().requires_grad_(False)
+    arguments = setup.loop_arguments(
+        ModelSpec.from_dict({**ckpt.spec.to_dict(), "n_layer": len(layers)}),
+        "distill",
+        teacher=ckpt.weights_sha256(),
+        layers=layers,
+        temperature=temperature,
+        alpha=alpha,
     )
+    log.info("distilling teacher layers %s of %d into a %d-layer student", layers, ckpt.spec.n_layer, len(layers))
+    return run(student, Distillation(teacher, temperature, alpha), data, cfg, **arguments)

@@ -13,14 +13,7 @@ from trainer.batches import IGNORE
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
 from trainer.loop import Callbacks, RunResult, run
-from trainer.prepare import (
-    check_vocab,
-    file_sha256,
-    load_data_main_first,
-    make_accelerator,
-    resume_source,
-    seed_everything,
-)
+from trainer.prepare import RunSetup, check_vocab
 from trainer.windows import Progress
 
 log = logging.getLogger(__name__)
@@ -66,8 +59,7 @@ def finetune(
 
     if (model_dir is None) == (new_spec is None):
         raise TrainError("give either a model to fine-tune or the shape of a new model (with a tokenizer)")
-    accelerator = make_accelerator(cfg)
-    resume = resume_source(cfg)
+    setup = RunSetup(cfg, callbacks, progress)
     if model_dir is not None:
         ckpt = open_checkpoint(model_dir, tokenizer_file)
         spec, tok_path = ckpt.spec, ckpt.tokenizer_file
@@ -80,39 +72,19 @@ def finetune(
         init = {"init": "random", "init_seed": cfg.seed, "init_config": dict(sorted((new_config or {}).items()))}
     tokenizer = CpmTokenizer(tok_path)
     check_vocab(tokenizer, spec, model_dir or tok_path)
-    max_len, stride = cfg.resolve_lengths(spec.n_positions)
-    data, data_fp = load_data_main_first(accelerator, cfg, tokenizer, max_len, stride, progress, callbacks)
+    data = setup.load_data(tokenizer, spec.n_positions)
 
-    if resume is not None:
-        model, _ = load_model(resume)
+    if setup.resume is not None:
+        model, _ = load_model(setup.resume)
     elif model_dir is not None:
         model, _ = load_model(ckpt)
     else:
         model = new_model(spec, tokenizer, cfg.seed, new_config)
-    seed_everything(cfg.seed + accelerator.process_index)
-    fingerprint = {
-        **cfg.trajectory(),
-        "max_len": max_len,
-        "stride": stride,
-        **data_fp,
-        **init,
-        "spec": spec.to_dict(),
-        "tokenizer": file_sha256(tokenizer.path),
-        "objective": "lm",
-    }
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    log.info("training %s parameters on %s", f"{sum(p.numel() for p in model.parameters()):,}", accelerator.device)
-    return run(
-        model,
-        LanguageModeling(),
-        data,
-        cfg,
-        tokenizer_file=tokenizer.path,
-        fingerprint=fingerprint,
-        accelerator=accelerator,
-        callbacks=callbacks,
-        resume_dir=resume,
+    arguments = setup.loop_arguments(spec, "lm", **init)
+    log.info(
+        "training %s parameters on %s", f"{sum(p.numel() for p in model.parameters()):,}", setup.accelerator.device
     )
+    return run(model, LanguageModeling(), data, cfg, **arguments)
 
 
 def new_model(spec: ModelSpec, tokenizer: CpmTokenizer, seed: int, overrides: dict | None = None):

@@ -19,11 +19,50 @@ from trainer.batches import eval_windows, split_documents, train_windows
 from trainer.config import TrainConfig
 from trainer.errors import ResumeError, TrainError
 from trainer.formats import ReadSummary
-from trainer.loop import Data
+from trainer.loop import Callbacks, Data
 from trainer.state import find_resumable
 from trainer.windows import Progress, load_windows
 
 log = logging.getLogger(__name__)
+
+
+class RunSetup:
+    """What fine-tuning and distillation do around their own model loading, in this order: make the
+    accelerator and find the checkpoint to resume from (refusing to overwrite a run without --resume,
+    before anything slow), :meth:`load_data`, then :meth:`loop_arguments` just before the loop."""
+
+    def __init__(self, cfg: TrainConfig, callbacks: Callbacks | None = None, progress: Progress | None = None) -> None:
+        self.cfg, self.callbacks, self.progress = cfg, callbacks, progress
+        self.accelerator = make_accelerator(cfg)
+        self.resume = resume_source(cfg)
+        self.data: Data | None = None
+        self.tokenizer_file: Path | None = None
+        self.fingerprint: dict[str, Any] = {}  # what a resume must match
+
+    def load_data(self, tokenizer: CpmTokenizer, n_positions: int) -> Data:
+        """The run's windows for a model of ``n_positions`` (rank 0 builds the cache first)."""
+        cfg = self.cfg
+        max_len, stride = cfg.resolve_lengths(n_positions)
+        self.data, data_fp = load_data_main_first(
+            self.accelerator, cfg, tokenizer, max_len, stride, self.progress, self.callbacks
+        )
+        self.tokenizer_file = tokenizer.path
+        self.fingerprint = {**cfg.trajectory(), "max_len": max_len, "stride": stride, **data_fp}
+        self.fingerprint["tokenizer"] = file_sha256(tokenizer.path)
+        return self.data
+
+    def loop_arguments(self, spec: ModelSpec, objective: str, **fingerprint: Any) -> dict[str, Any]:
+        """Seed this process, create the output directory and return the keyword arguments of
+        :func:`trainer.loop.run`; ``fingerprint``: what else a resume must match (the model's origin)."""
+        seed_everything(self.cfg.seed + self.accelerator.process_index)
+        self.cfg.output.mkdir(parents=True, exist_ok=True)
+        return {
+            "tokenizer_file": self.tokenizer_file,
+            "fingerprint": {**self.fingerprint, "spec": spec.to_dict(), "objective": objective, **fingerprint},
+            "accelerator": self.accelerator,
+            "callbacks": self.callbacks,
+            "resume_dir": self.resume,
+        }
 
 
 def make_accelerator(cfg: TrainConfig):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from trainer.errors import DataError, TrainError
-from trainer.formats import read_documents
+from trainer.formats import Document, read_documents
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,7 @@ def train_tokenizer(
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cpm-spm-") as tmp:
-        corpus = Path(tmp) / "segments.txt"
-        with corpus.open("w", encoding="utf-8") as handle:
-            for i, doc in enumerate(docs):
-                for line in corpus_lines([doc.title or "", doc.content]):
-                    handle.write(line + "\n")
-                if progress is not None:
-                    progress(i + 1, len(docs))
-        if corpus.stat().st_size == 0:
-            raise DataError("the data holds no text to train a tokenizer on")
+        corpus = _write_corpus(docs, Path(tmp) / "segments.txt", progress)
         prefix = Path(tmp) / "spm"
         try:
             spm.SentencePieceTrainer.Train(
@@ -107,3 +99,16 @@ def train_tokenizer(
         os.replace(tmp_out, out)
     log.info("wrote a %d-piece CPM-style SentencePiece model to %s", vocab_size, out)
     return out
+
+
+def _write_corpus(docs: list[Document], corpus: Path, progress: Callable[[int, int], None] | None) -> Path:
+    """SentencePiece's input: the documents' titles and bodies, one pre-tokenized line a sentence."""
+    with corpus.open("w", encoding="utf-8") as handle:
+        for i, doc in enumerate(docs):
+            for line in corpus_lines([doc.title or "", doc.content]):
+                handle.write(line + "\n")
+            if progress is not None:
+                progress(i + 1, len(docs))
+    if corpus.stat().st_size == 0:
+        raise DataError("the data holds no text to train a tokenizer on")
+    return corpus
