@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +80,57 @@ def common(seed_dir: Path, out: Path, cache: Path, *extra: str) -> list[str]:
         "7",
         *extra,
     ]
+
+
+def _options(command: str) -> list[tuple[str, dict]]:
+    """What ``cpm train <command>`` takes: each parameter's name and what --help and parsing make of it."""
+    import typer
+
+    from cpm_infer.cli.train import app
+
+    click_command = typer.main.get_command(app).commands[command]
+    seen = ("opts", "secondary_opts", "required", "nargs", "multiple", "default", "min", "max", "help", "is_flag")
+    return [
+        (p.name, {key: getattr(p, key, None) for key in seen} | {"type": p.type_descriptor.annotation})
+        for p in click_command.params
+    ]
+
+
+def test_finetune_and_distill_share_the_run_options() -> None:
+    from cpm_infer.cli.train import _run_options
+    from trainer.config import TrainConfig
+
+    shared = list(inspect.signature(_run_options).parameters)
+    finetune, distill = _options("finetune"), _options("distill")
+    assert [o for o in finetune if o[0] in shared] == [o for o in distill if o[0] in shared]
+    assert [o[0] for o in finetune if o[0] in shared] == shared
+    # data and --output lead, each command's own options follow, the shared rest close the list
+    assert [o[0] for o in finetune[:3]] == ["data", "output", "model"]
+    assert [o[0] for o in distill[:3]] == ["data", "output", "teacher"]
+    assert [o[0] for o in finetune[-len(shared) + 2 :]] == shared[2:]
+    assert [o[0] for o in distill[-len(shared) + 2 :]] == shared[2:]
+    # every run setting has its option, named after it
+    assert sorted(shared) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    defaults = {name: info["default"] for name, info in finetune}
+    assert (defaults["batch_size"], defaults["lr"], defaults["log_every"], defaults["data_format"]) == (
+        8,
+        1e-4,
+        10,
+        "auto",
+    )
+
+
+def test_train_help_is_instant() -> None:
+    code = (
+        "import sys\n"
+        "from cpm_infer.cli.app import app\n"
+        "for command in ('finetune', 'distill'):\n"
+        "    try:\n        app(['train', command, '--help'], prog_name='cpm')\n"
+        "    except SystemExit: pass\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'accelerate', 'trainer') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out and "--teacher" in out and "--grad-checkpointing" in out
 
 
 def train_losses(run: Path) -> dict[int, float]:

@@ -1,15 +1,25 @@
-"""``cpm train finetune`` / ``cpm train distill``: thin adapters over ``trainer`` with a progress bar."""
+"""``cpm train finetune`` / ``cpm train distill``: thin adapters over ``trainer`` with a progress bar.
+
+Both commands take the same run options (data, output, batch geometry, schedule, cadence, precision,
+resume...). They are declared once, as the signature of :func:`_run_options`; :func:`_takes_run_options`
+adds them to each command's signature, where Typer reads them, and the command collects them in ``**run``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cpm_infer.errors import CpmError
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 app = typer.Typer(help="Fine-tune or distil CPM models (HF checkpoints out; resumable).", no_args_is_help=True)
 
@@ -79,19 +89,9 @@ EncodingOpt = Annotated[
 ]
 
 
-@app.command("finetune")
-def finetune(
+def _run_options(
     data: DataArg,
     output: OutputOpt,
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Checkpoint to fine-tune.")] = None,
-    tokenizer: Annotated[
-        Path | None, typer.Option("--tokenizer", help="Tokenizer file (required for a new model).")
-    ] = None,
-    layers: Annotated[int, typer.Option("--layers", min=1, help="New model (no --model): layers.")] = 4,
-    heads: Annotated[int, typer.Option("--heads", min=1, help="New model: attention heads.")] = 4,
-    hidden: Annotated[int, typer.Option("--hidden", min=1, help="New model: hidden size.")] = 256,
-    context: Annotated[int, typer.Option("--context", min=2, help="New model: positions.")] = 512,
-    dropout: Annotated[float, typer.Option("--dropout", help="New model: dropout.")] = 0.1,
     val_data: ValDataOpt = None,
     data_format: FormatOpt = "auto",
     val_fraction: ValFractionOpt = 0.05,
@@ -121,12 +121,55 @@ def finetune(
     cpu: CpuOpt = False,
     strict: StrictOpt = False,
     encoding: EncodingOpt = None,
+) -> dict[str, Any]:
+    """The options every training command takes, declared once, as ``TrainConfig`` keyword arguments
+    (each option is named after the field it sets)."""
+    options = dict(locals())
+    options["val_data"] = val_data or []
+    return options
+
+
+def _takes_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add the shared run options to the signature Typer reads from ``command`` (which collects them
+    in ``**run``): the data argument and --output first, the command's own options next, the rest
+    after (the order --help lists them in)."""
+    shared = _keyword_parameters(_run_options)
+    command.__signature__ = inspect.Signature([*shared[:2], *_keyword_parameters(command), *shared[2:]])
+    return command
+
+
+def _keyword_parameters(function: Callable[..., Any]) -> list[inspect.Parameter]:
+    """``function``'s named parameters, keyword-only (Typer passes all by name, so a required option
+    may follow optional ones) and with their annotations evaluated (this module defers them)."""
+    parameters = inspect.signature(function, eval_str=True).parameters.values()
+    return [p.replace(kind=p.KEYWORD_ONLY) for p in parameters if p.kind is not p.VAR_KEYWORD]
+
+
+def _train_config(run: dict[str, Any]) -> TrainConfig:
+    from trainer.config import TrainConfig
+
+    return TrainConfig(**_run_options(**run))
+
+
+@app.command("finetune")
+@_takes_run_options
+def finetune(
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Checkpoint to fine-tune.")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="Tokenizer file (required for a new model).")
+    ] = None,
+    layers: Annotated[int, typer.Option("--layers", min=1, help="New model (no --model): layers.")] = 4,
+    heads: Annotated[int, typer.Option("--heads", min=1, help="New model: attention heads.")] = 4,
+    hidden: Annotated[int, typer.Option("--hidden", min=1, help="New model: hidden size.")] = 256,
+    context: Annotated[int, typer.Option("--context", min=2, help="New model: positions.")] = 512,
+    dropout: Annotated[float, typer.Option("--dropout", help="New model: dropout.")] = 0.1,
+    **run: Any,
 ) -> None:
     """Fine-tune a checkpoint (--model) or train a new model (--tokenizer + shape) on your text."""
     from cpm_infer.config import ModelSpec
     from trainer.finetune import finetune as run_finetune
 
-    cfg = _config(locals())
+    cfg = _train_config(run)
     new_spec = new_config = None
     if model is None:
         if tokenizer is None:
@@ -141,25 +184,12 @@ def finetune(
             n_positions=context,
         )
         new_config = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
-    with _Display() as display:
-        result = _interruptible(
-            lambda: run_finetune(
-                cfg,
-                model_dir=model,
-                new_spec=new_spec,
-                tokenizer_file=tokenizer,
-                new_config=new_config,
-                callbacks=display.callbacks(),
-                progress=display.data_progress,
-            )
-        )
-    _report(result)
+    _train(run_finetune, cfg, model_dir=model, new_spec=new_spec, tokenizer_file=tokenizer, new_config=new_config)
 
 
 @app.command("distill")
+@_takes_run_options
 def distill(
-    data: DataArg,
-    output: OutputOpt,
     teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint.")],
     student_layers: Annotated[
         int | None, typer.Option("--student-layers", min=1, help="Student depth (default: half the teacher's).")
@@ -169,108 +199,41 @@ def distill(
     ] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="KD softmax temperature.")] = 2.0,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of the KD loss (the LM loss gets 1 - alpha).")] = 0.5,
-    val_data: ValDataOpt = None,
-    data_format: FormatOpt = "auto",
-    val_fraction: ValFractionOpt = 0.05,
-    max_len: MaxLenOpt = None,
-    stride: StrideOpt = None,
-    batch_size: BatchOpt = 8,
-    eval_batch_size: EvalBatchOpt = None,
-    grad_accum: AccumOpt = 1,
-    lr: LrOpt = 1e-4,
-    weight_decay: WdOpt = 0.01,
-    warmup_steps: WarmupOpt = 100,
-    schedule: ScheduleOpt = "linear",
-    min_lr_ratio: MinLrOpt = 0.0,
-    max_grad_norm: ClipOpt = 1.0,
-    epochs: EpochsOpt = 1,
-    max_steps: StepsOpt = 0,
-    eval_every: EvalEveryOpt = 0,
-    save_every: SaveEveryOpt = 0,
-    log_every: LogEveryOpt = 10,
-    patience: PatienceOpt = 0,
-    precision: PrecisionOpt = "auto",
-    grad_checkpointing: CkptOpt = False,
-    seed: SeedOpt = 42,
-    cache_dir: CacheOpt = None,
-    resume: ResumeOpt = False,
-    stop_after_steps: StopAfterOpt = 0,
-    cpu: CpuOpt = False,
-    strict: StrictOpt = False,
-    encoding: EncodingOpt = None,
+    **run: Any,
 ) -> None:
     """Distil a teacher into a shallower student initialised from teacher layers (KD + LM loss)."""
     from trainer.distill import distill as run_distill
 
-    cfg = _config(locals())
+    cfg = _train_config(run)
     mapping = None
     if layer_map:
         try:
             mapping = [int(x) for x in layer_map.split(",")]
         except ValueError as exc:
             raise CpmError(f"--layer-map takes comma-separated layer numbers, got {layer_map!r}") from exc
-    with _Display() as display:
-        result = _interruptible(
-            lambda: run_distill(
-                cfg,
-                teacher_dir=teacher,
-                student_layers=student_layers,
-                layer_map=mapping,
-                temperature=temperature,
-                alpha=alpha,
-                callbacks=display.callbacks(),
-                progress=display.data_progress,
-            )
-        )
-    _report(result)
-
-
-def _config(values: dict):
-    from trainer.config import TrainConfig
-
-    names = (
-        "data",
-        "output",
-        "data_format",
-        "val_fraction",
-        "max_len",
-        "stride",
-        "batch_size",
-        "eval_batch_size",
-        "grad_accum",
-        "lr",
-        "weight_decay",
-        "warmup_steps",
-        "schedule",
-        "min_lr_ratio",
-        "max_grad_norm",
-        "epochs",
-        "max_steps",
-        "eval_every",
-        "save_every",
-        "log_every",
-        "patience",
-        "precision",
-        "grad_checkpointing",
-        "seed",
-        "cache_dir",
-        "resume",
-        "stop_after_steps",
-        "cpu",
-        "strict",
-        "encoding",
+    _train(
+        run_distill,
+        cfg,
+        teacher_dir=teacher,
+        student_layers=student_layers,
+        layer_map=mapping,
+        temperature=temperature,
+        alpha=alpha,
     )
-    return TrainConfig(val_data=values["val_data"] or [], **{n: values[n] for n in names})
 
 
-def _interruptible(fn):
+def _train(train: Callable[..., Any], cfg: TrainConfig, **options: Any) -> None:
+    """``train(cfg, **options)`` (a ``trainer`` entry point) with the progress display, then its outcome
+    printed; an interrupted run becomes the CLI's ``Interrupted`` (exit code 130)."""
     from cpm_infer.errors import Interrupted
     from trainer.errors import TrainingInterrupted
 
-    try:
-        return fn()
-    except TrainingInterrupted as exc:
-        raise Interrupted(str(exc)) from exc
+    with _Display() as display:
+        try:
+            result = train(cfg, callbacks=display.callbacks(), progress=display.data_progress, **options)
+        except TrainingInterrupted as exc:
+            raise Interrupted(str(exc)) from exc
+    _report(result)
 
 
 def _report(result) -> None:
