@@ -21,17 +21,19 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cpm_infer import kv
+from cpm_infer import kv, torch_model
 from cpm_infer.artifact import Manifest, tool_versions, write_manifest
 from cpm_infer.atomic import staged_dir
-from cpm_infer.config import GenerationConfig
+from cpm_infer.checkpoint import Checkpoint, open_checkpoint
+from cpm_infer.config import GenerationConfig, ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.devices import AUTO, resolve_for_all
-from cpm_infer.errors import CpmError
+from cpm_infer.tokenizer import CpmTokenizer
+from export.onnx_artifact import PROTOBUF_LIMIT, TOOLS, ExportError, ExportResult, Progress
 from export.onnx_weights import (
     ExternalDataWriter,
     finish_layout,
@@ -40,8 +42,10 @@ from export.onnx_weights import (
     save_graph,
     weight_bytes,
 )
-from export.quantize import QuantizeOptions
-from export.reference import record_eager
+from export.optimize import optimize_graph
+from export.quantize import QuantizeOptions, apply_quantization, check_request
+from export.quantize_artifact import quantize_artifact
+from export.reference import Reference, record_eager
 from export.validate import (
     ValidationReport,
     failed_report_path,
@@ -50,6 +54,9 @@ from export.validate import (
     write_report,
 )
 
+if TYPE_CHECKING:
+    from export.gpt2 import ExportGPT2
+
 log = logging.getLogger(__name__)
 
 GRAPH = "model.onnx"
@@ -57,21 +64,6 @@ OPTIMIZED_GRAPH = "model_optimized.onnx"
 TOKENIZER = "spiece.model"
 REPORT = "validation.json"
 DEFAULT_OPSET = 17
-PROTOBUF_LIMIT = 2 * 1024**3  # a single ONNX protobuf cannot exceed 2 GB
-TOOLS = ("cpm-infer", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")
-
-Progress = Callable[[str], None]
-
-
-class ExportError(CpmError):
-    """The export cannot start or cannot finish (nothing is written)."""
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    manifest: Manifest
-    reports: list[ValidationReport]
 
 
 def export_onnx(
@@ -93,38 +85,18 @@ def export_onnx(
     atomically write the artifact. ``quantize`` on a float32 ONNX artifact quantizes that instead."""
     say = progress or (lambda message: log.info("%s", message))
     if quantize is not None:
-        from export.quantize import check_request
-
         if device == AUTO:
             device = "cpu"  # the int8/int4 kernels are the CPU provider's
         check_request(model_dir, quantize, fp16=fp16, device=device)
         if (Path(model_dir) / "manifest.json").is_file():
-            from export.quantize_artifact import quantize_artifact
-
             return quantize_artifact(model_dir, out_dir, quantize, force=force, threads=threads, progress=say)
-    torch = require("torch", "export")
-    require("onnx", "export")
-    require("onnxruntime", "export")
-    from cpm_infer.checkpoint import open_checkpoint
-    from cpm_infer.torch_model import load_model
-    from export.gpt2 import ExportGPT2
-
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ExportError(f"{out} exists; pass --force to replace it")
-    if opset < 14:
-        raise ExportError(f"opset {opset} is too old; use 14 or newer (default {DEFAULT_OPSET})")
+    _check_request(out, force=force, opset=opset)
     device = str(resolve_for_all(device, ("torch", "ort")))  # export on torch, validate on onnxruntime
     dtype = "float16" if fp16 else "float32"
 
     ckpt = open_checkpoint(model_dir, tokenizer_file)  # bad input fails here, before any progress output
-    say(f"loading {ckpt.spec.n_layer}-layer model from {ckpt.directory}")
-    model, tokenizer = load_model(ckpt, device=device)
-    say(f"recording the eager PyTorch reference on {device}")
-    reference = record_eager(model, ckpt.spec)
-    # The export module takes the weights over (float32: the same tensors; float16: converted one by one).
-    module = ExportGPT2.from_hf(model, torch.float16 if fp16 else torch.float32, take=True)
-    del model
+    module, tokenizer, reference = _load(ckpt, fp16, device, say)
     source_sha256 = ckpt.weights_sha256()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,36 +107,11 @@ def export_onnx(
         del module
         release_memory()  # the torch weights are gone before ONNX Runtime maps the graph's
 
-        reports = []
-        say(f"validating {GRAPH} against eager PyTorch on {device}")
-        reports.append(validate_onnx_graph(tmp / GRAPH, reference, ckpt.spec, dtype, device=device, threads=threads))
-        raise_for_failures(reports, out)
-        fusions: dict[str, int] = {}
-        if optimize:
-            from export.optimize import optimize_graph
-
-            say("applying onnxruntime transformer fusions")
-            fusions = optimize_graph(
-                tmp / GRAPH, tmp / OPTIMIZED_GRAPH, ckpt.spec, use_gpu=device.startswith("cuda"), dtype=dtype
-            )
-            say(f"validating {OPTIMIZED_GRAPH} against eager PyTorch on {device}")
-            reports.append(
-                validate_onnx_graph(
-                    tmp / OPTIMIZED_GRAPH,
-                    reference,
-                    ckpt.spec,
-                    dtype,
-                    kv_shared=bool(fusions.get("GroupQueryAttention")),
-                    device=device,
-                    threads=threads,
-                )
-            )
-            raise_for_failures(reports, out)
-            graph_files.update(model=OPTIMIZED_GRAPH, portable=GRAPH)
+        checks = _Validation(tmp, out, reference, ckpt.spec, dtype, device, threads, say)
+        checks.run(GRAPH)
+        fusions = _optimize(checks, graph_files) if optimize else {}
         quantization = None
         if quantize is not None:
-            from export.quantize import apply_quantization
-
             graph_files, quantization = apply_quantization(
                 tmp, graph_files, ckpt.spec, tokenizer, quantize, threads=threads, say=say
             )
@@ -172,37 +119,127 @@ def export_onnx(
 
         say("writing artifact")
         shutil.copyfile(ckpt.tokenizer_file, tmp / TOKENIZER)
-        write_report(reports, tmp / REPORT)
-        manifest = Manifest(
-            format="onnx",
-            spec=ckpt.spec,
-            dtype=dtype,
-            graph_files=graph_files,
-            tokenizer_file=TOKENIZER,
-            source_sha256=source_sha256,
-            tools=tool_versions(TOOLS),
-            generation=GenerationConfig().to_dict(),
-            validation_report=REPORT,
-            details={
-                "opset": opset,
-                "exporter": "torch.onnx TorchScript (dynamo=False), module export.gpt2.ExportGPT2",
-                "source": str(ckpt.directory.resolve()),
-                "special_ids": {
-                    "eod": tokenizer.eod_id,
-                    "pad": tokenizer.pad_id,
-                    "sep": tokenizer.sep_id,
-                    "unk": tokenizer.unk_id,
-                },
-                "validation": {r.graph: r.status for r in reports},
-                "fusions": fusions,
-                "mask_value": "finite -1e4 via where(); LayerNorm and softmax in float32",
-                **({"kv_cache": "shared"} if fusions.get("GroupQueryAttention") else {}),  # see export.kv_share
-                **({"quantization": quantization} if quantization else {}),
-            },
-        )
+        write_report(checks.reports, tmp / REPORT)
+        details = _details(ckpt, tokenizer, opset, checks.reports, fusions, quantization)
+        manifest = _manifest(ckpt, dtype, graph_files, source_sha256, details)
         write_manifest(tmp, manifest)
     failed_report_path(out).unlink(missing_ok=True)  # a report of an earlier failed export of OUT_DIR
-    return ExportResult(out, manifest, reports)
+    return ExportResult(out, manifest, checks.reports)
+
+
+def _check_request(out: Path, *, force: bool, opset: int) -> None:
+    """What can be refused before the checkpoint is read: a missing runtime, OUT_DIR, the opset."""
+    for module in ("torch", "onnx", "onnxruntime"):
+        require(module, "export")
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    if opset < 14:
+        raise ExportError(f"opset {opset} is too old; use 14 or newer (default {DEFAULT_OPSET})")
+
+
+def _load(ckpt: Checkpoint, fp16: bool, device: str, say: Progress) -> tuple[ExportGPT2, CpmTokenizer, Reference]:
+    """The export module (holding the weights), the tokenizer and the eager reference.
+
+    The transformers model is gone when this returns: the export module took its weights over (float32:
+    the same tensors; float16: converted one by one)."""
+    import torch
+
+    from export.gpt2 import ExportGPT2
+
+    say(f"loading {ckpt.spec.n_layer}-layer model from {ckpt.directory}")
+    model, tokenizer = torch_model.load_model(ckpt, device=device)
+    say(f"recording the eager PyTorch reference on {device}")
+    reference = record_eager(model, ckpt.spec)
+    module = ExportGPT2.from_hf(model, torch.float16 if fp16 else torch.float32, take=True)
+    return module, tokenizer, reference
+
+
+@dataclass
+class _Validation:
+    """Validates the graphs of the export in progress in ``tmp`` against the eager reference, keeping the
+    reports; the first failure raises (its report kept next to ``out``)."""
+
+    tmp: Path
+    out: Path
+    reference: Reference
+    spec: ModelSpec
+    dtype: str
+    device: str
+    threads: int | None
+    say: Progress
+    reports: list[ValidationReport] = field(default_factory=list)
+
+    def run(self, graph: str, *, kv_shared: bool = False) -> None:
+        self.say(f"validating {graph} against eager PyTorch on {self.device}")
+        report = validate_onnx_graph(
+            self.tmp / graph,
+            self.reference,
+            self.spec,
+            self.dtype,
+            kv_shared=kv_shared,
+            device=self.device,
+            threads=self.threads,
+        )
+        self.reports.append(report)
+        raise_for_failures(self.reports, self.out)
+
+
+def _optimize(checks: _Validation, graph_files: dict[str, str]) -> dict[str, int]:
+    """ORT's transformer fusions into ``OPTIMIZED_GRAPH``, validated; it becomes the model, the plain graph
+    the portable one. Returns the fusions applied."""
+    checks.say("applying onnxruntime transformer fusions")
+    fusions = optimize_graph(
+        checks.tmp / GRAPH,
+        checks.tmp / OPTIMIZED_GRAPH,
+        checks.spec,
+        use_gpu=checks.device.startswith("cuda"),
+        dtype=checks.dtype,
+    )
+    checks.run(OPTIMIZED_GRAPH, kv_shared=bool(fusions.get("GroupQueryAttention")))
+    graph_files.update(model=OPTIMIZED_GRAPH, portable=GRAPH)
+    return fusions
+
+
+def _details(
+    ckpt: Checkpoint,
+    tokenizer: CpmTokenizer,
+    opset: int,
+    reports: list[ValidationReport],
+    fusions: dict[str, int],
+    quantization: dict | None,
+) -> dict:
+    """The manifest's ``details`` of an ONNX artifact."""
+    return {
+        "opset": opset,
+        "exporter": "torch.onnx TorchScript (dynamo=False), module export.gpt2.ExportGPT2",
+        "source": str(ckpt.directory.resolve()),
+        "special_ids": {
+            "eod": tokenizer.eod_id,
+            "pad": tokenizer.pad_id,
+            "sep": tokenizer.sep_id,
+            "unk": tokenizer.unk_id,
+        },
+        "validation": {r.graph: r.status for r in reports},
+        "fusions": fusions,
+        "mask_value": "finite -1e4 via where(); LayerNorm and softmax in float32",
+        **({"kv_cache": "shared"} if fusions.get("GroupQueryAttention") else {}),  # see export.kv_share
+        **({"quantization": quantization} if quantization else {}),
+    }
+
+
+def _manifest(ckpt: Checkpoint, dtype: str, graph_files: dict[str, str], source_sha256: str, details: dict) -> Manifest:
+    return Manifest(
+        format="onnx",
+        spec=ckpt.spec,
+        dtype=dtype,
+        graph_files=graph_files,
+        tokenizer_file=TOKENIZER,
+        source_sha256=source_sha256,
+        tools=tool_versions(TOOLS),
+        generation=GenerationConfig().to_dict(),
+        validation_report=REPORT,
+        details=details,
+    )
 
 
 def _export_graph(module, tmp: Path, opset: int, device: str) -> None:

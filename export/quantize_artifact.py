@@ -14,7 +14,7 @@ from pathlib import Path
 from cpm_infer.artifact import read_manifest, tool_versions, write_manifest
 from cpm_infer.atomic import staged_dir
 from cpm_infer.tokenizer import CpmTokenizer
-from export.onnx_export import PROTOBUF_LIMIT, TOOLS, ExportError, ExportResult
+from export.onnx_artifact import PROTOBUF_LIMIT, TOOLS, ExportError, ExportResult
 from export.onnx_weights import finish_layout
 from export.quantize import QuantizeError, QuantizeOptions, apply_quantization, quantized_scheme
 
