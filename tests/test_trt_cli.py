@@ -42,6 +42,13 @@ def onnx_dir(tiny_checkpoint, tmp_path_factory):
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny").path
 
 
+def export_trt(monkeypatch, capsys, source, out, *extra: str) -> tuple[int, str, str]:
+    """``cpm export trt SOURCE OUT`` for small engine limits (prompts of 16 tokens, 64 in all), then ``extra``."""
+    return run(
+        monkeypatch, capsys, "export", "trt", str(source), str(out), "--max-input", "16", "--max-total", "64", *extra
+    )
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -52,19 +59,7 @@ def onnx_dir(tiny_checkpoint, tmp_path_factory):
     ],
 )
 def test_argument_errors_are_one_line(monkeypatch, capsys, onnx_dir, tmp_path, extra, message):
-    code, _, err = run(
-        monkeypatch,
-        capsys,
-        "export",
-        "trt",
-        str(onnx_dir),
-        str(tmp_path / "engine"),
-        "--max-input",
-        "16",
-        "--max-total",
-        "64",
-        *extra,
-    )
+    code, _, err = export_trt(monkeypatch, capsys, onnx_dir, tmp_path / "engine", *extra)
     assert code == 1
     assert err.strip().splitlines()[-1] == message or err.strip().splitlines()[-1].startswith(message)
     assert not (tmp_path / "engine").exists()
@@ -72,18 +67,7 @@ def test_argument_errors_are_one_line(monkeypatch, capsys, onnx_dir, tmp_path, e
 
 def test_existing_out_dir_and_missing_source(monkeypatch, capsys, onnx_dir, tmp_path):
     (tmp_path / "taken").mkdir()
-    code, _, err = run(
-        monkeypatch,
-        capsys,
-        "export",
-        "trt",
-        str(onnx_dir),
-        str(tmp_path / "taken"),
-        "--max-input",
-        "16",
-        "--max-total",
-        "64",
-    )
+    code, _, err = export_trt(monkeypatch, capsys, onnx_dir, tmp_path / "taken")
     assert code == 1 and "exists; pass --force to replace it" in err
     code, _, err = run(monkeypatch, capsys, "export", "trt", str(tmp_path / "nothing"), str(tmp_path / "e"))
     assert code == 1 and "is not an exported artifact" in err
@@ -96,18 +80,7 @@ def test_typer_range_checks(monkeypatch, capsys, onnx_dir, tmp_path):
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message shown when TensorRT is missing")
 def test_valid_request_without_tensorrt_names_the_extra(monkeypatch, capsys, onnx_dir, tmp_path):
-    code, _, err = run(
-        monkeypatch,
-        capsys,
-        "export",
-        "trt",
-        str(onnx_dir),
-        str(tmp_path / "engine"),
-        "--max-input",
-        "16",
-        "--max-total",
-        "64",
-    )
+    code, _, err = export_trt(monkeypatch, capsys, onnx_dir, tmp_path / "engine")
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: tensorrt is not available") and "pip install 'cpm-infer[tensorrt]'" in last

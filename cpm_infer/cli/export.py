@@ -4,79 +4,92 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cpm_infer.cli import export_trt
+from cpm_infer.cli.export_trt import ForceOpt, progress_spinner
 from cpm_infer.cli.options import DeviceOpt, ThreadsOpt, TokenizerOpt
+
+if TYPE_CHECKING:
+    from export.quantize import QuantizeOptions
 
 app = typer.Typer(help="Export models to ONNX / TensorRT artifacts.", no_args_is_help=True)
 app.command("trt")(export_trt.trt)
 
+ModelDirArg = Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + weights + tokenizer).")]
+OutDirArg = Annotated[Path, typer.Argument(help="Artifact directory to write (refused if it exists, unless --force).")]
+Fp16Opt = Annotated[
+    bool, typer.Option("--fp16", help="Half-precision graph for GPUs (LayerNorm/softmax stay float32).")
+]
+OptimizeOpt = Annotated[bool, typer.Option("--optimize", help="Apply onnxruntime transformer fusions (re-validated).")]
+OpsetOpt = Annotated[int, typer.Option("--opset", min=14, help="ONNX opset.")]
+
+# --quantize and the options that refine it (collected into export.quantize.QuantizeOptions).
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="int8 (dynamic, per-channel) or int4 (MatMulNBits) weights, CPU; MODEL_DIR may be a float32 artifact.",
+    ),
+]
+GateFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--gate-file", help="Held-out text for the quality gate (default: the demo model's held-out chapter)."
+    ),
+]
+GateThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gate-threshold", min=0, help="Allowed relative perplexity increase (default int8 0.02, int4 0.10)."
+    ),
+]
+ForceQualityOpt = Annotated[
+    bool, typer.Option("--force-quality", help="Write the quantized artifact even when it fails the quality gate.")
+]
+BlockSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--block-size",
+        help="Weights per scale, a power of two >= 16 (int8 default 32, as llama.cpp's q8_0; int4 default 128, "
+        "32 is closer to float32 and larger).",
+    ),
+]
+PerChannelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--per-channel",
+        help="int8: one scale per output column, activations quantized per tensor (MatMulInteger): faster "
+        "decoding, further from float32 than blocks.",
+    ),
+]
+LmHeadOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lm-head",
+        help="float32 keeps the LM head unquantized (closer to float32, more bytes per token); int8 (with "
+        "int4) gives it 8-bit blocks of 32; quantized (default) quantizes it like the rest.",
+    ),
+]
+
 
 @app.command("onnx")
 def onnx(
-    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + weights + tokenizer).")],
-    out_dir: Annotated[
-        Path, typer.Argument(help="Artifact directory to write (refused if it exists, unless --force).")
-    ],
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing OUT_DIR (only once the new one is complete).")
-    ] = False,
-    fp16: Annotated[
-        bool, typer.Option("--fp16", help="Half-precision graph for GPUs (LayerNorm/softmax stay float32).")
-    ] = False,
-    optimize: Annotated[
-        bool, typer.Option("--optimize", help="Apply onnxruntime transformer fusions (re-validated).")
-    ] = False,
-    opset: Annotated[int, typer.Option("--opset", min=14, help="ONNX opset.")] = 17,
-    quantize: Annotated[
-        str | None,
-        typer.Option(
-            "--quantize",
-            help="int8 (dynamic, per-channel) or int4 (MatMulNBits) weights, CPU; MODEL_DIR may be a float32 artifact.",
-        ),
-    ] = None,
-    gate_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--gate-file", help="Held-out text for the quality gate (default: the demo model's held-out chapter)."
-        ),
-    ] = None,
-    gate_threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--gate-threshold", min=0, help="Allowed relative perplexity increase (default int8 0.02, int4 0.10)."
-        ),
-    ] = None,
-    force_quality: Annotated[
-        bool, typer.Option("--force-quality", help="Write the quantized artifact even when it fails the quality gate.")
-    ] = False,
-    block_size: Annotated[
-        int | None,
-        typer.Option(
-            "--block-size",
-            help="Weights per scale, a power of two >= 16 (int8 default 32, as llama.cpp's q8_0; int4 default 128, "
-            "32 is closer to float32 and larger).",
-        ),
-    ] = None,
-    per_channel: Annotated[
-        bool,
-        typer.Option(
-            "--per-channel",
-            help="int8: one scale per output column, activations quantized per tensor (MatMulInteger): faster "
-            "decoding, further from float32 than blocks.",
-        ),
-    ] = False,
-    lm_head: Annotated[
-        str | None,
-        typer.Option(
-            "--lm-head",
-            help="float32 keeps the LM head unquantized (closer to float32, more bytes per token); int8 (with "
-            "int4) gives it 8-bit blocks of 32; quantized (default) quantizes it like the rest.",
-        ),
-    ] = None,
+    model_dir: ModelDirArg,
+    out_dir: OutDirArg,
+    force: ForceOpt = False,
+    fp16: Fp16Opt = False,
+    optimize: OptimizeOpt = False,
+    opset: OpsetOpt = 17,
+    quantize: QuantizeOpt = None,
+    gate_file: GateFileOpt = None,
+    gate_threshold: GateThresholdOpt = None,
+    force_quality: ForceQualityOpt = False,
+    block_size: BlockSizeOpt = None,
+    per_channel: PerChannelOpt = False,
+    lm_head: LmHeadOpt = None,
     device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
@@ -85,17 +98,9 @@ def onnx(
     from rich.console import Console
 
     from export.onnx_export import export_onnx
-    from export.quantize import QuantizeError, QuantizeOptions
 
-    if (block_size is not None or lm_head is not None or per_channel) and not quantize:
-        raise QuantizeError("--block-size, --lm-head and --per-channel apply with --quantize")
-    console = Console(stderr=True)
-    with console.status("exporting", spinner="dots") as status:
-
-        def progress(message: str) -> None:
-            status.update(f"{message}…")
-            console.log(message)
-
+    options = quantize_options(quantize, gate_file, gate_threshold, force_quality, block_size, lm_head, per_channel)
+    with progress_spinner("exporting") as progress:
         result = export_onnx(
             model_dir,
             out_dir,
@@ -107,8 +112,7 @@ def onnx(
             tokenizer_file=tokenizer,
             threads=threads,
             progress=progress,
-            quantize=quantize
-            and QuantizeOptions(quantize, gate_file, gate_threshold, force_quality, block_size, lm_head, per_channel),
+            quantize=options,
         )
     print_reports(result.reports, Console())
     if "quantization" in result.manifest.details:
@@ -116,6 +120,25 @@ def onnx(
     files = ", ".join(f"{role}: {name}" for role, name in result.manifest.graph_files.items())
     size = sum(p.stat().st_size for p in result.path.iterdir() if p.is_file()) / 2**20
     print(f"wrote {result.path} ({files}; {size:.1f} MiB)", file=sys.stderr)
+
+
+def quantize_options(
+    scheme: str | None,
+    gate_file: Path | None,
+    gate_threshold: float | None,
+    force_quality: bool,
+    block_size: int | None,
+    lm_head: str | None,
+    per_channel: bool,
+) -> QuantizeOptions | None:
+    """The ``--quantize`` request (None without it); its refining options alone are refused."""
+    from export.quantize import QuantizeError, QuantizeOptions
+
+    if (block_size is not None or lm_head is not None or per_channel) and not scheme:
+        raise QuantizeError("--block-size, --lm-head and --per-channel apply with --quantize")
+    if scheme is None:
+        return None
+    return QuantizeOptions(scheme, gate_file, gate_threshold, force_quality, block_size, lm_head, per_channel)
 
 
 def print_quantization(details: dict, console) -> None:

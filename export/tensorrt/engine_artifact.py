@@ -134,6 +134,56 @@ def export_trt(
     profiles = make_profiles(spec, limits)
 
     trt = require("tensorrt", "tensorrt")
+    here, plan, reason = _select_build(trt, source, precision, device, say)
+    target = _Target(here, plan, reason, limits, profiles, workspace_bytes=int(workspace_gb * 2**30))
+    graph, graph_files = source_graph(src, source)
+    with staged_dir(out) as tmp:
+        say(f"building the {plan.precision} engine ({plan.mode}{': ' + plan.note if plan.note else ''}); takes minutes")
+        engine, report = build_engine(
+            trt,
+            graph,
+            spec=spec,
+            plan=plan,
+            profiles=profiles,
+            workspace_bytes=target.workspace_bytes,
+            timing_cache=Path(timing_cache) if timing_cache else None,
+        )
+        (tmp / ENGINE).write_bytes(engine)
+        tokenizer = src / source.tokenizer_file
+        shutil.copyfile(tokenizer, tmp / source.tokenizer_file)
+        details = engine_details(
+            **vars(target),
+            onnx_sha256=sha256_files(graph_files),
+            tokenizer_sha256=sha256_files([tokenizer]),
+            source=source,
+            fp32_layers=len(report.fp32_layers),
+        )
+        manifest = _engine_manifest(source, target, details)
+        write_manifest(tmp, manifest)
+        checked = _validate(tmp, src, plan.precision, spec, limits, device, validate, say)
+        validation = _write_report(checked, tmp, out)
+    failed_report_path(out).unlink(missing_ok=True)
+    return TrtExportResult(out, manifest, reason, validation)
+
+
+@dataclass
+class _Target:
+    """What an engine is built for and with: this TensorRT and GPU (``here``), the precision plan and why,
+    the limits, profiles and workspace. The fields are ``engine_details``' parameters."""
+
+    here: RuntimeInfo
+    plan: BuildPlan
+    reason: str
+    limits: EngineLimits
+    profiles: list
+    workspace_bytes: int
+
+
+def _select_build(
+    trt: Any, source: Manifest, precision: str, device: int, say: Progress
+) -> tuple[RuntimeInfo, BuildPlan, str]:
+    """Select GPU ``device``, check that this TensorRT builds for it and reads the source graph, and plan
+    the precision."""
     trt_version = parse_version(trt.__version__)
     gpu = cuda.gpu_info(device)
     call = cuda.runtime()
@@ -147,60 +197,37 @@ def export_trt(
             f"{MAX_PARSER_OPSET_BEFORE_10}; re-export it with --opset 17"
         )
     say(f"{gpu.name} (sm_{gpu.compute_capability[0]}{gpu.compute_capability[1]}), TensorRT {trt.__version__}: {reason}")
+    return RuntimeInfo(trt.__version__, gpu.name, cc_string(gpu.compute_capability)), plan, reason
 
-    graph, graph_files = source_graph(src, source)
-    with staged_dir(out) as tmp:
-        say(f"building the {plan.precision} engine ({plan.mode}{': ' + plan.note if plan.note else ''}); takes minutes")
-        workspace = int(workspace_gb * 2**30)
-        engine, report = build_engine(
-            trt,
-            graph,
-            spec=spec,
-            plan=plan,
-            profiles=profiles,
-            workspace_bytes=workspace,
-            timing_cache=Path(timing_cache) if timing_cache else None,
-        )
-        (tmp / ENGINE).write_bytes(engine)
-        tokenizer = src / source.tokenizer_file
-        shutil.copyfile(tokenizer, tmp / source.tokenizer_file)
-        here = RuntimeInfo(trt.__version__, gpu.name, cc_string(gpu.compute_capability))
-        manifest = Manifest(
-            format="tensorrt",
-            spec=spec,
-            dtype=plan.kv_dtype,
-            graph_files={"model": ENGINE},
-            tokenizer_file=source.tokenizer_file,
-            source_sha256=source.source_sha256,
-            tools={
-                **tool_versions(("cpm-infer", "tensorrt", "cuda-python", "cuda-bindings")),
-                "tensorrt": trt.__version__,
-            },
-            generation=dict(source.generation),
-            validation_report=REPORT,
-            details=engine_details(
-                here=here,
-                plan=plan,
-                reason=reason,
-                limits=limits,
-                profiles=profiles,
-                onnx_sha256=sha256_files(graph_files),
-                tokenizer_sha256=sha256_files([tokenizer]),
-                source=source,
-                workspace_bytes=workspace,
-                fp32_layers=len(report.fp32_layers),
-            ),
-        )
-        write_manifest(tmp, manifest)
-        report = _validate(tmp, src, plan.precision, spec, limits, device, validate, say)
-        validation = report.to_dict()
-        (tmp / REPORT).write_text(json.dumps(validation, indent=2) + "\n", encoding="utf-8")
-        if report.status == "failed":  # the report is kept next to OUT_DIR, the error names it
-            path = failed_report_path(out)
-            path.write_text(json.dumps(validation, indent=2) + "\n", encoding="utf-8")
-            report.raise_for_failure(path)
-    failed_report_path(out).unlink(missing_ok=True)
-    return TrtExportResult(out, manifest, reason, validation)
+
+def _engine_manifest(source: Manifest, target: _Target, details: dict[str, Any]) -> Manifest:
+    """The engine artifact's manifest: the source's model, tokenizer and generation settings."""
+    tools = tool_versions(("cpm-infer", "tensorrt", "cuda-python", "cuda-bindings"))
+    return Manifest(
+        format="tensorrt",
+        spec=source.spec,
+        dtype=target.plan.kv_dtype,
+        graph_files={"model": ENGINE},
+        tokenizer_file=source.tokenizer_file,
+        source_sha256=source.source_sha256,
+        tools={**tools, "tensorrt": target.here.trt_version},
+        generation=dict(source.generation),
+        validation_report=REPORT,
+        details=details,
+    )
+
+
+def _write_report(report: ValidationReport, tmp: Path, out: Path) -> dict[str, Any]:
+    """``validation.json`` into the staged artifact; a failed validation's report is also kept next to
+    OUT_DIR (the error raised names it). Returns the report's dict."""
+    validation = report.to_dict()
+    text = json.dumps(validation, indent=2) + "\n"
+    (tmp / REPORT).write_text(text, encoding="utf-8")
+    if report.status == "failed":
+        path = failed_report_path(out)
+        path.write_text(text, encoding="utf-8")
+        report.raise_for_failure(path)
+    return validation
 
 
 def _validate(
