@@ -137,11 +137,7 @@ def read_manifest(directory: str | os.PathLike[str], expected_format: str | None
     path = root / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{root} is not an exported artifact: no {MANIFEST}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from exc
-    manifest = Manifest.from_dict(data, str(path))
+    manifest = Manifest.from_dict(read_json(path), str(path))
     try:
         manifest.check()
     except ManifestError as exc:
@@ -185,9 +181,10 @@ def tool_versions(packages: Iterable[str]) -> dict[str, str]:
     return versions
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """A JSON file of an artifact (e.g. its validation report), with a one-line error."""
+def read_json(path: str | os.PathLike[str], error: type[CpmError] = ManifestError) -> Any:
+    """A JSON file of an artifact (e.g. its validation report) or of a checkpoint, with a one-line
+    ``error`` ("cannot read PATH: why")."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from exc
+        raise error(f"cannot read {path}: {exc}") from exc

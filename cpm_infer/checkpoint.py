@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpm_infer.artifact import sha256_files
+from cpm_infer.artifact import read_json, sha256_files
 from cpm_infer.config import ConfigError, ModelSpec
 from cpm_infer.errors import CpmError
 from cpm_infer.tokenizer import TOKENIZER_FILENAMES, find_tokenizer_file
@@ -48,10 +48,7 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a model directory: no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    config = read_json(path, CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return config

@@ -35,16 +35,8 @@ def hf_config(spec: ModelSpec, eod_id: int = 7, pad_id: int = 5, base: dict | No
     values = dict(base or {})
     for key in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):
         values.pop(key, None)
-    values.update(
-        n_layer=spec.n_layer,
-        n_head=spec.n_head,
-        n_embd=spec.n_embd,
-        vocab_size=spec.vocab_size,
-        n_positions=spec.n_positions,
-        bos_token_id=eod_id,
-        eos_token_id=eod_id,
-        pad_token_id=pad_id,
-    )
+    # ModelSpec's fields are GPT2Config's names (n_layer, n_head, n_embd, vocab_size, n_positions).
+    values.update(spec.to_dict(), bos_token_id=eod_id, eos_token_id=eod_id, pad_token_id=pad_id)
     values.pop("n_ctx", None)
     values.pop("model_type", None)
     return transformers.GPT2Config(**values)

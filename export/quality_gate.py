@@ -15,11 +15,14 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cpm_infer.config import ModelSpec
 from cpm_infer.errors import CpmError
 from cpm_infer.tokenizer import CpmTokenizer
+
+if TYPE_CHECKING:
+    from cpm_infer.eval import PerplexityResult
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,16 @@ class GateResult:
     threshold: float
     passed: bool
     forced: bool
+
+    @classmethod
+    def compare(
+        cls, path: Path, base: PerplexityResult, quantized: PerplexityResult, threshold: float, forced: bool
+    ) -> GateResult:
+        """The verdict on the two graphs' perplexities, measured over the same windows of ``path``."""
+        increase = quantized.perplexity / base.perplexity - 1
+        scored = (base.tokens, base.window, base.stride)
+        perplexities = (base.perplexity, quantized.perplexity, increase)
+        return cls(str(path), *scored, *perplexities, threshold, increase <= threshold, forced)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,21 +111,34 @@ def run_gate(
         backend = OrtBackend(create_session(graph, threads=threads), spec)
         results.append(perplexity(backend, tokenizer, documents, min_tokens=min_tokens))
         del backend  # one session at a time: the float32 one is gone before the quantized one loads
-    base, quant = results
-    increase = quant.perplexity / base.perplexity - 1
-    result = GateResult(
-        file=str(path),
-        tokens=base.tokens,
-        window=base.window,
-        stride=base.stride,
-        fp32_perplexity=base.perplexity,
-        quantized_perplexity=quant.perplexity,
-        increase=increase,
-        threshold=limit,
-        passed=increase <= limit,
-        forced=force,
-    )
+    result = GateResult.compare(path, *results, limit, force)
     log.info("%s", result.summary())
     if not result.passed and not force:
         raise QualityGateError(f"{result.summary()}; refusing the export (pass --force-quality to write it anyway)")
     return result
+
+
+class GateOptions(Protocol):
+    """The quality gate's settings of a quantized export (``export.quantize.QuantizeOptions`` has them)."""
+
+    scheme: str
+    gate_file: str | os.PathLike[str] | None
+    gate_threshold: float | None
+    force_quality: bool
+
+
+def run_gate_for(
+    options: GateOptions,
+    fp32_graph: Path,
+    quantized_graph: Path,
+    spec: ModelSpec,
+    tokenizer: CpmTokenizer,
+    *,
+    threads: int | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> GateResult:
+    """``run_gate`` with the settings ``options`` of a quantized export."""
+    settings = {"gate_file": options.gate_file, "threshold": options.gate_threshold, "force": options.force_quality}
+    return run_gate(
+        fp32_graph, quantized_graph, spec, tokenizer, scheme=options.scheme, threads=threads, say=say, **settings
+    )
