@@ -57,7 +57,10 @@ def test_autoscaling():
         ({"target_ongoing_requests": 2.0}, "needs --max-replicas"),
         ({"replicas": 3, "max_replicas": 2}, r"min \(3\) <= replicas \(3\) <= max \(2\)"),
         ({"replicas": 1, "min_replicas": 2, "max_replicas": 4}, "min"),
-        ({"cpus": 0}, "CPUs per replica must be > 0"),
+        ({"cpus": 0}, "CPUs per replica must be >= 0.01, got 0"),
+        ({"gpus": -1}, "GPUs per replica must be >= 0"),
+        ({"min_replicas": -1, "max_replicas": 2}, "min replicas must be >= 0"),
+        ({"max_replicas": 2, "target_ongoing_requests": 0.0}, "target ongoing requests must be >= 0.01"),
     ],
 )
 def test_bad_scaling_is_refused(kwargs, message):
@@ -72,6 +75,27 @@ def test_build_args_with_environment_fallback(tmp_path):
     assert scaling.replicas == 3 and scaling.cpus == 2.0
     config, _ = parse_build_args({"model": "/models/b", "warmup": "false"}, env)  # arguments win
     assert config.model == "/models/b" and config.warmup is False
+    config, scaling = parse_build_args({"max_new_tokens_cap": 50, "replica_gpus": 1, "threads": "3"}, env)
+    assert config.settings.default_max_new_tokens == 50 and scaling.gpus == 1.0 and config.threads == 3
+
+
+def test_build_arguments_and_cli_flags_come_from_the_declarations():
+    """One declaration per field: the flag, the ``serve run`` argument and the dataclass agree."""
+    from dataclasses import fields
+
+    from cpm_infer.serve.fields import arg_names, flag_name
+    from cpm_infer.serve.replicas import Scaling as Declared
+
+    assert Scaling is Declared
+    assert arg_names(Scaling) == {
+        "replicas": "replicas",
+        "min_replicas": "min_replicas",
+        "max_replicas": "max_replicas",
+        "target_ongoing_requests": "target_ongoing_requests",
+        "replica_cpus": "cpus",
+        "replica_gpus": "gpus",
+    }
+    assert [flag_name(f) for f in fields(ServeSettings)][-3:] == ["--timeout", "--max-body-kb", "--shutdown-grace"]
 
 
 @pytest.mark.parametrize(
@@ -82,6 +106,8 @@ def test_build_args_with_environment_fallback(tmp_path):
         ({"model": "m", "max_batch": "many"}, "max_batch: Input should be a valid integer"),
         ({"model": "m", "max_batch": 0}, "max batch must be >= 1"),
         ({"model": "m", "replicas": 2, "max_replicas": 1}, "replicas"),
+        ({"model": "m", "replica_cpus": "lots"}, "replica_cpus: Input should be a valid number"),
+        ({"model": "m", "threads": "many"}, "threads: Input should be a valid integer"),
     ],
 )
 def test_bad_build_args_are_one_line(args, message):
@@ -122,3 +148,7 @@ def test_ray_flags_need_ray(monkeypatch, capsys, tiny_checkpoint):
     assert code == 1 and err.strip() == "error: --replicas only apply with --ray"
     code, _, err = run_cli(monkeypatch, capsys, "serve", "--replica-gpus", "1", "--max-replicas", "3")
     assert code == 1 and "--max-replicas, --replica-gpus only apply with --ray" in err
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--min-replicas", "2")  # before the scaling checks
+    assert code == 1 and err.strip() == "error: --min-replicas only apply with --ray"
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--ray", "--min-replicas", "2")
+    assert code == 1 and err.strip() == "error: --min-replicas needs --max-replicas (autoscaling)"

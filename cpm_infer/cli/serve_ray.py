@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,100 +14,44 @@ import typer
 from cpm_infer.errors import CpmError, first_line
 
 if TYPE_CHECKING:
-    from cpm_infer.serve.settings import ServeSettings
+    from cpm_infer.cli.serve_options import Given
+    from cpm_infer.serve.replicas import ReplicaConfig, Scaling
 
 APP_NAME = "cpm"
 
 RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray Serve: --replicas copies of the model behind one URL.")]
-ReplicasOpt = Annotated[int, typer.Option("--replicas", min=1, help="With --ray: replicas (the initial count).")]
-MinReplicasOpt = Annotated[
-    int | None, typer.Option("--min-replicas", min=0, help="With --ray --max-replicas: fewest replicas.")
-]
-MaxReplicasOpt = Annotated[
-    int | None, typer.Option("--max-replicas", min=1, help="With --ray: autoscale up to this many replicas.")
-]
-TargetOpt = Annotated[
-    float | None,
-    typer.Option("--target-ongoing-requests", min=0.01, help="With autoscaling: requests per replica to aim at."),
-]
-ReplicaCpusOpt = Annotated[float, typer.Option("--replica-cpus", min=0.01, help="With --ray: CPUs per replica.")]
-ReplicaGpusOpt = Annotated[float, typer.Option("--replica-gpus", min=0, help="With --ray: GPUs per replica.")]
 
 
 class RayServeError(CpmError):
     """The application could not be deployed on Ray Serve."""
 
 
-@dataclass(frozen=True)
-class RayFlags:
-    """``cpm serve``'s Ray options, as given."""
-
-    ray_address: str | None = None
-    replicas: int = 1
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    target_ongoing_requests: float | None = None
-    replica_cpus: float = 1.0
-    replica_gpus: float = 0.0
-
-    def check(self, ray: bool) -> None:
-        """Ray-only flags without ``--ray`` are a mistake, not something to ignore silently (the address is not
-        checked: it may come from ``RAY_ADDRESS``, set for every command on a cluster's machines)."""
-        default = RayFlags()
-        given = [
-            f.name
-            for f in fields(self)
-            if f.name != "ray_address" and getattr(self, f.name) != getattr(default, f.name)
-        ]
-        if given and not ray:
-            raise CpmError(f"{', '.join('--' + name.replace('_', '-') for name in given)} only apply with --ray")
+def check_ray_only(scaling: Given[Scaling], ray: bool) -> None:
+    """Ray-only options without ``--ray`` are a mistake, not something to ignore silently (``--ray-address`` is not
+    checked: it may come from ``RAY_ADDRESS``, set for every command on a cluster's machines)."""
+    given = scaling.changed_flags()
+    if given and not ray:
+        raise CpmError(f"{', '.join(given)} only apply with --ray")
 
 
-def serve_on_ray(
-    model: Path,
-    flags: RayFlags,
-    *,
-    backend: str,
-    device: str,
-    tokenizer: Path | None,
-    threads: int | None,
-    settings: ServeSettings,
-    warmup: bool,
-    api_key: str | None,
-    host: str,
-    port: int,
-) -> None:
+def serve_on_ray(config: ReplicaConfig, scaling: Scaling, *, ray_address: str | None, host: str, port: int) -> None:
     """Deploy, print the URL, and wait for Ctrl-C / SIGTERM; then remove the application (replicas get their
     shutdown grace) and, for a cluster started here, stop it."""
     from cpm_infer.cluster import connected, prefer_loopback
     from cpm_infer.deps import require
 
-    prefer_loopback(flags.ray_address)
+    prefer_loopback(ray_address)
     require("ray.serve", "ray")
     from ray import serve
 
-    from cpm_infer.serve.ray_app import ReplicaConfig, Scaling, application
+    from cpm_infer.serve.ray_app import application
+    from cpm_infer.serve.server import url_host
 
-    config = ReplicaConfig(
-        model=str(model.resolve()),  # replicas run elsewhere (other directories, other nodes)
-        backend=backend,
-        device=device,
-        tokenizer=str(tokenizer.resolve()) if tokenizer else None,
-        threads=threads,
-        settings=settings,
-        warmup=warmup,
-        api_key=api_key,
-    )
-    scaling = Scaling(
-        replicas=flags.replicas,
-        min_replicas=flags.min_replicas,
-        max_replicas=flags.max_replicas,
-        target_ongoing_requests=flags.target_ongoing_requests,
-        cpus=flags.replica_cpus,
-        gpus=flags.replica_gpus,
-    )
+    # Replicas run elsewhere (other directories, other nodes): absolute paths.
+    tokenizer = str(Path(config.tokenizer).resolve()) if config.tokenizer else None
+    config = replace(config, model=str(Path(config.model).resolve()), tokenizer=tokenizer)
     port = _free_port(host, port)  # Ray's proxy binds it: fail on a taken port before starting anything
-    with connected(flags.ray_address) as local:
+    with connected(ray_address) as local:
         serve.start(http_options={"host": host, "port": port})
         try:
             serve.run(application(config, scaling), name=APP_NAME, route_prefix="/")
@@ -116,9 +60,8 @@ def serve_on_ray(
         count = f"{scaling.replicas} replica(s)"
         if scaling.max_replicas is not None:
             count += f", autoscaling up to {scaling.max_replicas}"
-        url_host = f"[{host}]" if ":" in host else host
         print(
-            f"serving {config.model} on http://{url_host}:{port} with Ray Serve ({count}, "
+            f"serving {config.model} on http://{url_host(host)}:{port} with Ray Serve ({count}, "
             f"{scaling.cpus:g} CPU / {scaling.gpus:g} GPU each); Ctrl-C to stop",
             file=sys.stderr,
             flush=True,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ErrorDetail(BaseModel):
@@ -55,6 +55,17 @@ class Completion(BaseModel):
     choices: list[Choice]
     usage: Usage | None
     timings: dict[str, float] | None = None
+
+
+class Tokenized(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int = Field(description="The model's context: prompt and new tokens together.")
+    pieces: list[str] | None = Field(None, description="Each token's SentencePiece piece (with `with_pieces`).")
+
+
+class Detokenized(BaseModel):
+    prompt: str
 
 
 _WHY = {

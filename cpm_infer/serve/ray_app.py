@@ -14,76 +14,27 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import fields, replace
+from typing import Any, TypeVar
 
 from prometheus_client import Gauge
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cpm_infer.config import ConfigError
+from cpm_infer.serve.auth import api_key_from_env
+from cpm_infer.serve.fields import arg_names
+from cpm_infer.serve.replicas import ReplicaConfig, Scaling
 from cpm_infer.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "cpm"
 REPLICA_HEADER = "x-cpm-replica"
-
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    """What a replica needs to build its app (sent to every replica; the model path must exist on its node)."""
-
-    model: str
-    backend: str = "auto"
-    device: str = "auto"
-    tokenizer: str | None = None
-    threads: int | None = None  # None: the replica's CPU count (replicas on one machine do not oversubscribe it)
-    settings: ServeSettings = field(default_factory=ServeSettings)
-    warmup: bool = True
-    model_name: str | None = None  # the id clients send as "model" (default: the model directory's name)
-    api_key: str | None = None  # as `cpm serve --api-key` (every route but /health needs it)
-
-    def __repr__(self) -> str:  # Ray logs deployment arguments: never the key
-        return f"ReplicaConfig(model={self.model!r}, backend={self.backend!r}, device={self.device!r}, ...)"
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """How many replicas and what each one reserves. ``max_replicas`` turns on Ray's autoscaler, which keeps
-    about ``target_ongoing_requests`` requests on each replica, between ``min_replicas`` and ``max_replicas``
-    (starting from ``replicas``)."""
-
-    replicas: int = 1
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    target_ongoing_requests: float | None = None  # default: the batch size (a replica whose batch is full)
-    cpus: float = 1.0
-    gpus: float = 0.0
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        check(self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
-        check(self.cpus > 0, f"CPUs per replica must be > 0, got {self.cpus}")
-        check(self.gpus >= 0, f"GPUs per replica must be >= 0, got {self.gpus}")
-        if self.max_replicas is None:
-            check(self.min_replicas is None, "--min-replicas needs --max-replicas (autoscaling)")
-            check(self.target_ongoing_requests is None, "--target-ongoing-requests needs --max-replicas (autoscaling)")
-        else:
-            low = self.replicas if self.min_replicas is None else self.min_replicas
-            check(low >= 0, f"min replicas must be >= 0, got {low}")
-            check(
-                low <= self.replicas <= self.max_replicas,
-                f"replicas must satisfy min ({low}) <= replicas ({self.replicas}) <= max ({self.max_replicas})",
-            )
-            target = self.target_ongoing_requests
-            check(target is None or target > 0, f"target ongoing requests must be > 0, got {target}")
+T = TypeVar("T")
 
 
 def deployment_options(scaling: Scaling, settings: ServeSettings) -> dict[str, Any]:
@@ -138,30 +89,18 @@ class CpmReplica:
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         # Built here, in the replica's process, so the model is loaded once per replica and never pickled.
-        from cpm_infer.backends import load_backend
-        from cpm_infer.serve.app import create_app
+        from cpm_infer.serve.app import load_app
 
-        c = self.config
-        runtime, tok = load_backend(
-            c.backend, c.model, device=c.device, tokenizer_file=c.tokenizer, threads=self.threads
-        )
-        app = create_app(
-            runtime,
-            tok,
-            c.settings,
-            model_name=c.model_name or Path(c.model).resolve().name,
-            model_info={"path": c.model, "replica": self.replica},
-            warmup=c.warmup,
-            # A key in the replica's own environment (a Kubernetes secret) stays out of the deployment's config.
-            api_key=c.api_key or os.environ.get("CPM_API_KEY") or None,
-            owns_backend=True,
-        )
+        # A key in the replica's own environment (a Kubernetes secret) stays out of the deployment's config.
+        config = replace(self.config, api_key=self.config.api_key or api_key_from_env())
+        loaded = load_app(config, threads=self.threads, replica=self.replica)
+        app = loaded.app
         app.add_middleware(ReplicaHeader, replica=self.replica)
         # /metrics says which replica it describes (Ray's router picks the replica that answers a scrape).
         info = Gauge("cpm_replica_info", "The Ray Serve replica these metrics describe", ["replica"], registry=None)
         info.labels(self.replica).set(1)
         app.state.metrics.registry.register(info)
-        log.info("replica %s serves %s (%s, %d threads)", self.replica, c.model, runtime.name, self.threads)
+        log.info("replica %s serves %s (%s, %d threads)", self.replica, config.model, loaded.backend.name, self.threads)
         self.built = app  # (`app` is the wrapper's own attribute)
         return app
 
@@ -182,37 +121,21 @@ def application(config: ReplicaConfig, scaling: Scaling | None = None) -> Applic
     return deployment.bind(config, threads)
 
 
-class BuildArgs(BaseModel):
-    """Arguments of ``build``: ``serve run cpm_infer.serve.ray_app:build model=DIR replicas=2 max_batch=16``
-    (or ``args:`` in a RayService's ``serveConfigV2``). ``ServeSettings`` fields are accepted by name."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str | None = None
-    backend: str = "auto"
-    device: str = "auto"
-    tokenizer: str | None = None
-    threads: int | None = None
-    warmup: bool = True
-    model_name: str | None = None
-    api_key: str | None = None
-    replicas: int = 1
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    target_ongoing_requests: float | None = None
-    replica_cpus: float = 1.0
-    replica_gpus: float = 0.0
-
-
 def build(args: dict[str, Any] | None = None) -> Application:
-    """The importable application for ``serve run`` and KubeRay. Unset arguments fall back to ``CPM_MODEL`` and
-    ``CPM_SERVE_<NAME>`` environment variables (e.g. ``CPM_SERVE_REPLICAS=2``)."""
+    """The importable application for ``serve run`` and KubeRay: ``serve run cpm_infer.serve.ray_app:build
+    model=DIR replicas=2 max_batch=16`` (or ``args:`` in a RayService's ``serveConfigV2``). The arguments are the
+    fields of ``ReplicaConfig``, ``ServeSettings`` and ``Scaling`` (``replica_cpus``, ``replica_gpus``: the names of
+    ``cpm serve``'s flags); unset ones fall back to ``CPM_MODEL`` and ``CPM_SERVE_<NAME>`` environment variables
+    (e.g. ``CPM_SERVE_REPLICAS=2``)."""
     config, scaling = parse_build_args(args or {}, os.environ)
     return application(config, scaling)
 
 
-def parse_build_args(args: dict[str, Any], env: dict[str, str] | os._Environ[str]) -> tuple[ReplicaConfig, Scaling]:
-    names = set(BuildArgs.model_fields) | {f.name for f in fields(ServeSettings)}
+def parse_build_args(args: dict[str, Any], env: Mapping[str, str]) -> tuple[ReplicaConfig, Scaling]:
+    """``build``'s arguments (strings are converted, as pydantic does) -> what to serve and how many replicas."""
+    replica = {f.name: f.name for f in fields(ReplicaConfig) if f.name != "settings"}
+    settings, scaling = arg_names(ServeSettings), arg_names(Scaling)
+    names = {*replica, *settings, *scaling}
     unknown = sorted(set(args) - names)
     if unknown:
         raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
@@ -220,36 +143,23 @@ def parse_build_args(args: dict[str, Any], env: dict[str, str] | os._Environ[str
     if "CPM_MODEL" in env:
         merged["model"] = env["CPM_MODEL"]
     merged.update(args)
-    setting_names = {f.name for f in fields(ServeSettings)}
+    if not merged.get("model"):
+        raise ConfigError("no model: pass model=DIR (or set CPM_MODEL)")
+    merged["settings"] = _validated(ServeSettings, merged, settings)
+    config = _validated(ReplicaConfig, merged, {**replica, "settings": "settings"})
+    return config, _validated(Scaling, merged, scaling)
+
+
+def _validated(cls: type[T], args: dict[str, Any], names: dict[str, str]) -> T:
+    """``cls`` from the arguments naming its fields (``names``: argument -> field), validated by pydantic; a
+    failure is one line that names the argument."""
     try:
-        parsed = BuildArgs(**{k: v for k, v in merged.items() if k not in setting_names})
-        settings = TypeAdapter(ServeSettings).validate_python({k: v for k, v in merged.items() if k in setting_names})
+        return TypeAdapter(cls).validate_python({field: args[arg] for arg, field in names.items() if arg in args})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"]))
+        arg_of = {field: arg for arg, field in names.items()}
+        where = ".".join(str(arg_of.get(part, part)) for part in first["loc"])
         raise ConfigError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from exc
-    if not parsed.model:
-        raise ConfigError("no model: pass model=DIR (or set CPM_MODEL)")
-    config = ReplicaConfig(
-        model=parsed.model,
-        backend=parsed.backend,
-        device=parsed.device,
-        tokenizer=parsed.tokenizer,
-        threads=parsed.threads,
-        settings=settings,
-        warmup=parsed.warmup,
-        model_name=parsed.model_name,
-        api_key=parsed.api_key,
-    )
-    scaling = Scaling(
-        replicas=parsed.replicas,
-        min_replicas=parsed.min_replicas,
-        max_replicas=parsed.max_replicas,
-        target_ongoing_requests=parsed.target_ongoing_requests,
-        cpus=parsed.replica_cpus,
-        gpus=parsed.replica_gpus,
-    )
-    return config, scaling
 
 
 async def asgi_status(app: ASGIApp, path: str) -> int:

@@ -64,6 +64,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL names it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def make_server(app: FastAPI, *, log_level: str = "warning", access_log: bool = False) -> CpmServer:
     grace = app.state.settings.shutdown_grace_s
     config = uvicorn.Config(

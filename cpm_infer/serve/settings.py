@@ -1,10 +1,16 @@
-"""Server limits: one validated object shared by the CLI, the app and the scheduler."""
+"""Server limits: one validated object shared by the CLI, the app, the scheduler and Ray Serve replicas.
+
+Each field is declared once (``cpm_infer.serve.fields``): its default, range and help make the options of
+``cpm serve`` and the arguments of ``serve run cpm_infer.serve.ray_app:build`` too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from cpm_infer.config import ConfigError
+from cpm_infer.serve.fields import check_fields, setting
+
+_BATCHING_HELP = "continuous: requests join the running batch at every step; static: a batch runs to its end."
 
 
 @dataclass(frozen=True)
@@ -14,45 +20,43 @@ class ServeSettings:
     ``max_batch`` counts rows (a request with p prompts and n choices takes p x n); a request larger than it
     still runs. ``queue_size`` bounds the requests waiting to join the batch: one more gets 503 at once.
     ``timeout_s`` bounds a request from arrival to its last token (504 after it). ``batch_wait_ms`` is how long
-    static batching waits for batch-mates (continuous batching admits at every step).
+    static batching waits for batch-mates (continuous batching admits at every step). A default
+    ``max_new_tokens`` over the cap is the cap.
     """
 
-    max_batch: int = 8
-    batching: str = "continuous"  # or "static" (a batch runs to its end before the next one forms)
-    batch_wait_ms: float = 10.0
-    queue_size: int = 64
-    max_new_tokens_cap: int = 512
-    default_max_new_tokens: int = 100
-    max_samples: int = 16
-    timeout_s: float = 60.0
-    max_body_bytes: int = 64 * 1024
-    shutdown_grace_s: float = 10.0
+    max_batch: int = setting(8, "Rows in the running batch (1 = one at a time).", ge=1, label="max batch")
+    batching: str = setting("continuous", _BATCHING_HELP, choices=("continuous", "static"))
+    batch_wait_ms: float = setting(10.0, "Static batching: wait for batch-mates.", ge=0, label="batch wait", unit="ms")
+    queue_size: int = setting(64, "Requests waiting to join; more get 503.", ge=1)
+    max_new_tokens_cap: int = setting(
+        512, "Largest max_new_tokens a request may ask.", ge=1, label="max_new_tokens cap"
+    )
+    default_max_new_tokens: int = setting(100, "When a request gives none.", ge=1, label="default max_new_tokens")
+    max_samples: int = setting(16, "Most choices (prompts x n) per request.", ge=1)
+    timeout_s: float = setting(
+        60.0, "Seconds a request may take (504 after).", ge=0.001, label="timeout", unit="s", flag="--timeout"
+    )
+    max_body_bytes: int = setting(
+        64 * 1024,
+        "Largest request body in KiB (413 above).",
+        ge=256,
+        label="max body size",
+        unit="bytes",
+        flag="--max-body-kb",
+        scale=1024,
+    )
+    shutdown_grace_s: float = setting(
+        10.0, "Seconds in-flight requests get on stop.", ge=0, label="shutdown grace", unit="s", flag="--shutdown-grace"
+    )
 
     def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        check(self.max_batch >= 1, f"max batch must be >= 1, got {self.max_batch}")
-        check(
-            self.batching in ("continuous", "static"),
-            f"batching must be 'continuous' or 'static', got {self.batching!r}",
-        )
-        check(self.batch_wait_ms >= 0, f"batch wait must be >= 0 ms, got {self.batch_wait_ms}")
-        check(self.queue_size >= 1, f"queue size must be >= 1, got {self.queue_size}")
-        check(self.max_new_tokens_cap >= 1, f"max_new_tokens cap must be >= 1, got {self.max_new_tokens_cap}")
-        check(
-            self.default_max_new_tokens >= 1,
-            f"default max_new_tokens must be >= 1, got {self.default_max_new_tokens}",
-        )
-        check(self.max_samples >= 1, f"max samples must be >= 1, got {self.max_samples}")
-        check(self.timeout_s > 0, f"timeout must be > 0 s, got {self.timeout_s}")
-        check(self.max_body_bytes >= 256, f"max body size must be >= 256 bytes, got {self.max_body_bytes}")
-        check(self.shutdown_grace_s >= 0, f"shutdown grace must be >= 0 s, got {self.shutdown_grace_s}")
+        check_fields(self)
+        if self.default_max_new_tokens > self.max_new_tokens_cap:
+            object.__setattr__(self, "default_max_new_tokens", self.max_new_tokens_cap)  # (frozen)
 
     @property
     def batch_wait_s(self) -> float:
         return self.batch_wait_ms / 1000
 
     def to_dict(self) -> dict[str, float | int]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
