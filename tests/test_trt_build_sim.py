@@ -39,6 +39,52 @@ class Flags(SimpleNamespace):
         raise AttributeError(f"this TensorRT has no {name}")
 
 
+class Network:
+    """The network the fake parser fills: its inputs and outputs, and the parsed model."""
+
+    def __init__(self, flags):
+        self.flags, self.inputs, self.outputs, self.num_layers = flags, [], [], 0
+
+    num_inputs = property(lambda self: len(self.inputs))
+    num_outputs = property(lambda self: len(self.outputs))
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+    def get_output(self, i):
+        return self.outputs[i]
+
+
+class OptimizationProfile:
+    """Records the shapes the builder declares."""
+
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name, lo, opt, hi):
+        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+
+class Config:
+    """Records the flags, profiles and workspace the builder sets."""
+
+    def __init__(self):
+        self.flags, self.profiles, self.workspace = set(), [], None
+
+    def set_memory_pool_limit(self, pool, size):
+        self.workspace = size
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
+
+
 def add_builder(trt, engines, spec, cuda_rt, version):
     """The builder half of the Python API (what export/tensorrt/builder.py calls), on top of ``trt``."""
     major = int(version.split(".")[0])
@@ -50,19 +96,6 @@ def add_builder(trt, engines, spec, cuda_rt, version):
     trt.MemoryPoolType = SimpleNamespace(WORKSPACE=0)
     trt.float32, trt.float16 = "float32", "float16"
     trt.loggers = []  # every ILogger handed to the builder, parser or runtime
-
-    class Network:
-        def __init__(self, flags):
-            self.flags, self.inputs, self.outputs, self.num_layers = flags, [], [], 0
-
-        num_inputs = property(lambda self: len(self.inputs))
-        num_outputs = property(lambda self: len(self.outputs))
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_output(self, i):
-            return self.outputs[i]
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -86,30 +119,6 @@ def add_builder(trt, engines, spec, cuda_rt, version):
 
         def get_error(self, i):
             return self.errors[i]
-
-    class OptimizationProfile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, lo, opt, hi):
-            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-    class Config:
-        def __init__(self):
-            self.flags, self.profiles, self.workspace = set(), [], None
-
-        def set_memory_pool_limit(self, pool, size):
-            self.workspace = size
-
-        def add_optimization_profile(self, profile):
-            self.profiles.append(profile)
-            return len(self.profiles) - 1
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def clear_flag(self, flag):
-            self.flags.discard(flag)
 
     class Builder:
         def __init__(self, logger):
