@@ -18,6 +18,7 @@ from typing import Any
 
 DOORS = frozenset({"generate", "batch", "serve", "bench"})
 CLI = frozenset({"generate", "batch"})
+REQUEST = CLI | {"serve"}  # most settings: the bench's --sampling takes only what changes the choice of tokens
 MAX_LOGPROBS = 20  # alternatives per step (OpenAI's limit)
 MAX_BIAS = 100.0  # OpenAI's logit_bias range; -100 bans the token
 
@@ -75,13 +76,14 @@ class Setting:
     off: str = ""  # what the neutral value means, e.g. "0 = off"
     beams: str = "yes"
     beam_value: Any = _SAME
-    doors: frozenset[str] = DOORS
+    doors: frozenset[str] = REQUEST
     flag: str | None = None
     short: str | None = None
     api: str | None = None
     api_range: Range | None = None
     api_default: Any = _SAME
     api_nullable: bool = False  # null in a request means the default (OpenAI's sampling fields)
+    api_note: str = ""  # what the request's default means, where it is not the CLI's
     max_items: int = 1024  # ids, strings, bias: the longest list a request may send
     metavar: str | None = None
 
@@ -123,6 +125,7 @@ class Setting:
         if self.kind == "strings":
             return None if all(isinstance(s, str) and s for s in value) else f"{self.name} must be non-empty strings"
         if self.kind == "bias":
+            value = list(value.items()) if isinstance(value, dict) else value
             ok = all(_is_int(i) and i >= 0 and _is_num(b) and -MAX_BIAS <= b <= MAX_BIAS for i, b in value)
             return None if ok else f"{self.name} must map token ids to biases between -100 and 100, got {value!r}"
         typed = _is_int(value) if self.kind == "int" else _is_num(value)
@@ -148,7 +151,17 @@ class Setting:
 
 S = Setting
 SETTINGS: tuple[Setting, ...] = (
-    S("max_new_tokens", "int", 100, "New tokens per sample.", Range(ge=1), short="-n", api="max_tokens"),
+    S(
+        "max_new_tokens",
+        "int",
+        100,
+        "New tokens per sample.",
+        Range(ge=1),
+        short="-n",
+        api="max_tokens",
+        api_default=None,
+        api_note="omitted = the server's --default-max-new-tokens",
+    ),
     S(
         "min_new_tokens",
         "int",
@@ -169,8 +182,18 @@ SETTINGS: tuple[Setting, ...] = (
         beam_value=0.0,
         api_range=Range(ge=0, le=2),
         api_nullable=True,
+        doors=DOORS,
     ),
-    S("top_k", "int", 0, "Sample among the k most likely tokens.", Range(ge=0), off="0 = off", beams="ignored"),
+    S(
+        "top_k",
+        "int",
+        0,
+        "Sample among the k most likely tokens.",
+        Range(ge=0),
+        off="0 = off",
+        beams="ignored",
+        doors=DOORS,
+    ),
     S(
         "top_p",
         "float",
@@ -181,6 +204,7 @@ SETTINGS: tuple[Setting, ...] = (
         beams="ignored",
         beam_value=1.0,
         api_nullable=True,
+        doors=DOORS,
     ),
     S(
         "min_p",
@@ -190,6 +214,7 @@ SETTINGS: tuple[Setting, ...] = (
         Range(ge=0, le=1),
         off="0 = off",
         beams="ignored",
+        doors=DOORS,
     ),
     S(
         "repetition_penalty",
@@ -199,6 +224,7 @@ SETTINGS: tuple[Setting, ...] = (
         Range(gt=0),
         off="1 = off",
         api_range=Range(gt=0, le=100),
+        doors=DOORS,
     ),
     S(
         "presence_penalty",
@@ -208,6 +234,7 @@ SETTINGS: tuple[Setting, ...] = (
         Range(ge=-2, le=2),
         off="0 = off",
         api_nullable=True,
+        doors=DOORS,
     ),
     S(
         "frequency_penalty",
@@ -217,6 +244,7 @@ SETTINGS: tuple[Setting, ...] = (
         Range(ge=-2, le=2),
         off="0 = off",
         api_nullable=True,
+        doors=DOORS,
     ),
     S(
         "no_repeat_ngram_size",
@@ -226,6 +254,7 @@ SETTINGS: tuple[Setting, ...] = (
         Range(ge=0),
         off="0 = off",
         api_range=Range(ge=0, le=64),
+        doors=DOORS,
     ),
     S(
         "logit_bias",
@@ -234,11 +263,22 @@ SETTINGS: tuple[Setting, ...] = (
         "Added to a token's logit before sampling, as ID=BIAS (repeatable); -100 bans the token.",
         flag="--logit-bias",
         metavar="ID=BIAS",
-        max_items=300,
+        max_items=300,  # OpenAI's limit
+        api_default=None,
     ),
     S("ban_unk", "bool", True, "Never generate <unk> (as CPM's own generate script).", flag="--ban-unk/--allow-unk"),
     S("banned_ids", "ids", (), "Token id never to generate (repeatable).", flag="--ban-id"),
-    S("stop_strings", "strings", (), "Stop at this string (repeatable).", flag="--stop", api="stop", beams="no"),
+    S(
+        "stop_strings",
+        "strings",
+        (),
+        "Stop at this string (repeatable).",
+        flag="--stop",
+        api="stop",
+        beams="no",
+        max_items=4,  # OpenAI's limit
+        api_default=None,
+    ),
     S(
         "seed",
         "int",
@@ -248,8 +288,9 @@ SETTINGS: tuple[Setting, ...] = (
         optional=True,
         api_default=None,
         api_range=Range(ge=0, le=2**63 - 1),
+        api_note="omitted = a fresh random seed",
     ),
-    S("num_samples", "int", 1, "Samples per prompt.", Range(ge=1), api="n", beams="no"),
+    S("num_samples", "int", 1, "Samples per prompt.", Range(ge=1), api="n", beams="no", api_nullable=True),
     S("ignore_eos", "bool", False, "Do not stop at <eod>."),
     S(
         "logprobs",
@@ -259,7 +300,6 @@ SETTINGS: tuple[Setting, ...] = (
         Range(ge=0, le=MAX_LOGPROBS),
         optional=True,
         beams="no",
-        doors=DOORS - {"bench"},
     ),
     S("num_beams", "int", 1, "Beam search with this many beams.", Range(ge=1), off="1 = off", doors=CLI),
     S(

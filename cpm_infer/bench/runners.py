@@ -18,18 +18,12 @@ from cpm_infer.backends.base import Backend
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.generate import GenerationStats, TokenizerLike, generate
 from cpm_infer.errors import CpmError
+from cpm_infer.settings import for_door
 
-# Settings a --sampling mode may set (the rest of the benchmark's config is fixed: EOS ignored, no bans).
-SAMPLING_KEYS = {
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "repetition_penalty": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "no_repeat_ngram_size": int,
-}
-CLI_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 0.9}  # what `cpm generate` samples with
+# Settings a --sampling mode may set (cpm_infer.settings; the rest of the benchmark's config is fixed: EOS
+# ignored, no bans), and what `cpm generate` samples with by default.
+SAMPLING_KEYS = {s.name: int if s.kind == "int" else float for s in for_door("bench")}
+CLI_DEFAULTS = {s.name: s.default for s in for_door("bench") if s.beams != "yes"}
 
 
 @dataclass(frozen=True)
@@ -164,6 +158,8 @@ class HFGenerateRunner:
             return {"do_sample": False}
         settings = {**CLI_DEFAULTS, **dict(self.sampling.settings)}
         kwargs = {"do_sample": True, **{k: settings[k] for k in ("temperature", "top_k", "top_p")}}
+        if settings.get("min_p"):
+            kwargs["min_p"] = settings["min_p"]
         for key in ("repetition_penalty", "no_repeat_ngram_size"):
             if key in settings:
                 kwargs[key] = settings[key]

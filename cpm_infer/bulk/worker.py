@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from cpm_infer.bulk.job import BulkError, BulkJob, contiguous_runs, part_name
-from cpm_infer.engine.generate import GenerationResult, generate, truncate_prompt
-from cpm_infer.prompts import essay_prompt, plain_prompt
+from cpm_infer.engine.core import PromptTooLongError
+from cpm_infer.engine.generate import GenerationResult, generate
+from cpm_infer.jobs import result_record
+from cpm_infer.prompts import PromptLimits, prepare
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class PartWriter:
         self.backend, self.tokenizer = load_backend(
             job.backend, job.model, device=job.device, tokenizer_file=job.tokenizer, threads=job.threads
         )
-        self.n_positions = self.backend.spec.n_positions
+        self.limits = PromptLimits.of(self.backend)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         log.info("bulk worker %d: %s (%s)", os.getpid(), job.model, self.backend.name)
 
@@ -82,19 +84,19 @@ class PartWriter:
         return records
 
     def encode(self, index: int, request: dict[str, str]) -> list[int]:
-        tok = self.tokenizer
-        if "title" in request:
-            ids = essay_prompt(tok, request["title"], request.get("context", ""))
-        else:
-            ids = plain_prompt(tok, request["prompt"])
-        if self.job.truncate:
-            return truncate_prompt(ids, self.n_positions, self.job.config.max_new_tokens)
-        if len(ids) >= self.n_positions:
-            raise BulkError(
-                f"prompt {index} has {len(ids)} tokens but the model's context is {self.n_positions}: "
-                "shorten it, or truncate it to its last tokens (--truncate)"
+        config = self.job.config
+        try:
+            prompt = prepare(
+                self.tokenizer,
+                request,
+                self.limits,
+                max_new_tokens=config.max_new_tokens,
+                truncate=self.job.truncate,
+                which=f"prompt {index}",
             )
-        return ids
+        except PromptTooLongError as exc:
+            raise BulkError(str(exc)) from exc
+        return prompt.ids
 
     def write(self, start: int, end: int, records: list[dict[str, Any]]) -> None:
         """The part file, atomically: a retried or resumed run never sees half of one."""
@@ -123,16 +125,7 @@ def _request(prompt: object, title: object, context: object) -> dict[str, str]:
 
 def _record(request: dict[str, str], result: GenerationResult, seed: int | None) -> dict[str, Any]:
     """``cpm generate --output``'s record (with the prompt's ``index``) plus the seed."""
-    return {
-        "index": result.prompt_index,
-        **request,
-        "sample": result.sample_index,
-        "seed": seed,
-        "text": result.text,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "new_tokens": len(result.token_ids),
-    }
+    return result_record(request, result, seed=seed)
 
 
 def _parquet_schema() -> Any:
@@ -152,8 +145,15 @@ def _parquet_schema() -> Any:
             ("finish_reason", pa.string()),
             ("prompt_tokens", pa.int64()),
             ("new_tokens", pa.int64()),
+            ("score", pa.float64()),  # beam search
+            ("logprobs", pa.list_(_logprob(pa, pa.list_(_logprob(pa))))),  # --logprobs
         ]
     )
+
+
+def _logprob(pa: Any, top: Any = None) -> Any:
+    fields = [("token_id", pa.int64()), ("text", pa.string()), ("logprob", pa.float64())]
+    return pa.struct(fields + ([("top", top)] if top is not None else []))
 
 
 PARQUET_SCHEMA = _parquet_schema()

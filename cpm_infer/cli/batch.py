@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 
-from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, RayAddressOpt, ThreadsOpt, TokenizerOpt
+from cpm_infer.cli.gen_options import GenOptions, generation_options
+from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, RayAddressOpt, ThreadsOpt, TokenizerOpt, TruncateOpt
 
 
+@generation_options("batch")
 def batch(
     inputs: Annotated[
         list[Path],
@@ -27,23 +29,8 @@ def batch(
     ] = 256,
     ray_address: RayAddressOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 100,
-    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 0,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="1 = off.")] = 0.9,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 = off.")] = 1.0,
-    ban_id: Annotated[
-        list[int] | None, typer.Option("--ban-id", help="Token id never to generate (repeatable).")
-    ] = None,
-    allow_unk: Annotated[bool, typer.Option("--allow-unk", help="Allow <unk> (banned by default).")] = False,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Prompt i, sample s is seeded by (seed, i, s).")] = 0,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples per prompt.")] = 1,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at <eod>.")] = False,
-    truncate: Annotated[
-        bool, typer.Option("--truncate", help="Keep the last tokens of prompts that are too long.")
-    ] = False,
+    gen: GenOptions = None,  # type: ignore[assignment]  # replaced by the generation options
+    truncate: TruncateOpt = False,
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
@@ -54,7 +41,6 @@ def batch(
     from cpm_infer.backends import detect_backend
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.cluster import connected, prefer_loopback
-    from cpm_infer.config import GenerationConfig
     from cpm_infer.deps import require
 
     prefer_loopback(ray_address)
@@ -62,20 +48,7 @@ def batch(
     from cpm_infer.bulk.job import BulkJob, describe_inputs, open_output
     from cpm_infer.bulk.pipeline import Pool, Progress, run
 
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        ban_unk=not allow_unk,
-        banned_ids=tuple(ban_id or ()),
-        stop_strings=tuple(stop or ()),
-        seed=seed,
-        num_samples=num_samples,
-        ignore_eos=ignore_eos,
-    )
+    config = gen.config()
     model_path = resolve_model(model)
     job = BulkJob(
         model=str(model_path),
@@ -97,8 +70,9 @@ def batch(
         result: Progress = run(job, inputs, pool, on_progress=bar.update)
     skipped = f"; {result.skipped} finished earlier" if result.skipped else ""
     rate = f", {result.done / result.elapsed_s:.2f} prompts/s" if result.elapsed_s > 0 else ""
+    samples = config.num_samples * config.num_return_sequences
     print(
-        f"wrote {result.done} prompt(s) x {num_samples} sample(s) to {output} in {result.parts} part(s) by "
+        f"wrote {result.done} prompt(s) x {samples} sample(s) to {output} in {result.parts} part(s) by "
         f"{len(result.workers)} actor(s){rate}{skipped}; {result.total} in all",
         file=sys.stderr,
     )

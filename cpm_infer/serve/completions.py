@@ -13,23 +13,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cpm_infer.config import ConfigError, GenerationConfig
-from cpm_infer.engine.generate import GenerationResult, PromptTooLongError, truncate_prompt
-from cpm_infer.prompts import essay_prompt, plain_prompt
+from cpm_infer.engine.generate import GenerationResult
+from cpm_infer.prompts import Prompt, PromptLimits, prepare
 from cpm_infer.serve.errors import InvalidRequestError, RequestTimeoutError, ServeError
 from cpm_infer.serve.jobs import TIMEOUT, ChoiceDone, ErrorEvent, Job, TokenEvent
 from cpm_infer.serve.schemas import CompletionRequest
 from cpm_infer.serve.settings import ServeSettings
 from cpm_infer.serve.web import sse
+from cpm_infer.settings import Setting, for_door
 from cpm_infer.tokenizer import CpmTokenizer
 
-API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_samples": "n", "stop_strings": "stop"}
 KEEPALIVE_S = 15.0  # an SSE comment this often while a streamed request waits (keeps proxies from timing out)
 
 
 def request_config(req: CompletionRequest, settings: ServeSettings) -> GenerationConfig:
     """The request's GenerationConfig (ConfigError -> 400); null means the default, as in OpenAI's API."""
-    defaults = GenerationConfig()
-    max_new = req.max_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
     n = req.n or 1
     if len(req.prompts() or [0]) * n > settings.max_samples:
         raise InvalidRequestError(
@@ -38,38 +36,29 @@ def request_config(req: CompletionRequest, settings: ServeSettings) -> Generatio
         )
     if req.echo and req.logprobs is not None:
         raise InvalidRequestError("echo with logprobs (log-probabilities of the prompt) is not supported", param="echo")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    values: dict[str, Any] = {
-        "max_new_tokens": max_new,
-        "min_new_tokens": req.min_tokens,
-        "temperature": defaults.temperature if req.temperature is None else req.temperature,
-        "top_k": req.top_k,
-        "top_p": defaults.top_p if req.top_p is None else req.top_p,
-        "repetition_penalty": req.repetition_penalty,
-        "ban_unk": req.ban_unk,
-        "banned_ids": tuple(req.banned_ids),
-        "stop_strings": stop,
-        "seed": req.seed,
-        "num_samples": n,
-        "ignore_eos": req.ignore_eos,
-        "presence_penalty": req.presence_penalty or 0.0,
-        "frequency_penalty": req.frequency_penalty or 0.0,
-        "no_repeat_ngram_size": req.no_repeat_ngram_size,
-        "logprobs": req.logprobs,
-    }
+    values = {s.name: _config_value(s, getattr(req, s.api_name)) for s in for_door("serve")}
+    values["max_new_tokens"] = req.max_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
     try:
         return GenerationConfig(**values)
     except ConfigError as exc:  # name the request's fields, not the library's
         message = str(exc)
-        for library, api in API_NAMES.items():
-            message = message.replace(library, api)
+        for setting in for_door("serve"):
+            message = message.replace(setting.name, setting.api_name)
         raise InvalidRequestError(message, param=message.split()[0]) from exc
 
 
-@dataclass
-class Prompt:
-    ids: list[int]
-    text: str  # what ``echo`` puts before the completion
+def _config_value(setting: Setting, value: Any) -> Any:
+    """A request field's value as the config takes it (null: the declared default)."""
+    if value is None:
+        return None if setting.optional else setting.default
+    if setting.kind == "strings" and isinstance(value, str):
+        return (value,)
+    if setting.kind == "bias":
+        return tuple((int(token), bias) for token, bias in value.items())
+    return value
+
+
+SERVE_HINT = 'send "truncate": true'
 
 
 def encode_prompts(
@@ -79,33 +68,23 @@ def encode_prompts(
     max_new_tokens: int,
     max_prompt: int | None = None,
 ) -> list[Prompt]:
-    """Token ids of each prompt, refused (400) or truncated (``truncate``) when it leaves no room to generate
-    or is longer than the backend prefills (``max_prompt``: a TensorRT engine's --max-input)."""
-    if req.title is not None:
-        ids = essay_prompt(tokenizer, req.title, req.context or "")
-        prompts = [Prompt(ids, tokenizer.decode(ids))]
-    else:
-        prompts = [
-            Prompt(plain_prompt(tokenizer, p), p) if isinstance(p, str) else Prompt(p, tokenizer.decode(p))
-            for p in req.prompts()
-        ]
-    for i, prompt in enumerate(prompts):
-        if req.truncate:
-            prompt.ids = truncate_prompt(prompt.ids, n_positions, max_new_tokens)
-            if max_prompt:
-                prompt.ids = prompt.ids[-max_prompt:]
-        which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-        if len(prompt.ids) >= n_positions:
-            raise PromptTooLongError(
-                f"{which} has {len(prompt.ids)} tokens but the model's context is {n_positions}; "
-                f'shorten it or send "truncate": true'
-            )
-        if max_prompt and len(prompt.ids) > max_prompt:
-            raise PromptTooLongError(
-                f"{which} has {len(prompt.ids)} tokens but this engine takes prompts of at most {max_prompt}; "
-                f'shorten it or send "truncate": true'
-            )
-    return prompts
+    """Token ids of each prompt (``cpm_infer.prompts``), refused (400) or truncated (``truncate``) when it
+    leaves no room to generate or is longer than the backend prefills (``max_prompt``: a TensorRT engine's
+    --max-input)."""
+    limits = PromptLimits(n_positions, min(n_positions - 1, max_prompt or n_positions))
+    requests: list[Any] = [{"title": req.title, "context": req.context}] if req.title is not None else req.prompts()
+    return [
+        prepare(
+            tokenizer,
+            request,
+            limits,
+            max_new_tokens=max_new_tokens,
+            truncate=req.truncate,
+            which=f"prompt {i}" if len(requests) > 1 else "the prompt",
+            hint=SERVE_HINT,
+        )
+        for i, request in enumerate(requests)
+    ]
 
 
 def finish_reason(reason: str) -> str:

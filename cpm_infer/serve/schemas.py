@@ -11,20 +11,19 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.generate import PromptTooLongError
 from cpm_infer.prompts import essay_prompt
 from cpm_infer.serve.settings import ServeSettings
+from cpm_infer.settings import MAX_BIAS, Setting, for_door
 from cpm_infer.text import clean_field as policy_clean_field
 from cpm_infer.tokenizer import CpmTokenizer
 
 log = logging.getLogger(__name__)
 
-_DEFAULT = GenerationConfig()
-MAX_STOP, MAX_STOP_CHARS, MAX_ID_CHARS = 4, 256, 256
-MAX_SEED = 2**63 - 1
+MAX_STOP_CHARS, MAX_ID_CHARS = 256, 256
 
 # The seed service's (yangjianxin1/CPM http_service.py) sampling defaults for /zuowen.
 ESSAY_TEMPERATURE, ESSAY_TOP_K, ESSAY_TOP_P, ESSAY_MAX_LEN = 1.0, 0, 0.85, 200
@@ -35,6 +34,8 @@ RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_
 _PROMPT_DOC = "Text, texts, token ids or lists of token ids; each prompt gets n choices."
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
 
 # One of ``prompt`` or ``title`` (``context`` goes with ``title``), and no ``echo`` with ``logprobs``: stated in
 # the schema, checked in the model and in completions.request_config.
@@ -62,8 +63,45 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. OpenAI's fields, then CPM's extras (defaults: the server's sampling defaults)."""
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_SCALARS = {"int": int, "float": float, "bool": bool}
+
+
+def _api_field(setting: Setting) -> tuple[Any, Any]:
+    """A generation setting as a request field: its type with the API's range, its default, its help."""
+    note = "; ".join(filter(None, [setting.off, setting.api_note]))
+    description = setting.help + (f" ({note})" if note else "")
+    default = setting.request_default
+    if setting.kind in _SCALARS:
+        bounds = (setting.api_range or setting.range).pydantic()
+        kind: Any = Annotated[_SCALARS[setting.kind], Field(**bounds)] if bounds else _SCALARS[setting.kind]
+        if setting.api_nullable or setting.optional or default is None:
+            kind = kind | None
+        return kind, Field(default, description=description)
+    if setting.kind == "ids":  # the vocabulary's range: completion_request_model()
+        return Annotated[list[int], Field(max_length=setting.max_items)], Field(
+            default_factory=list, description=description
+        )
+    if setting.kind == "strings":
+        return Stop | Annotated[list[Stop], Field(max_length=setting.max_items)] | None, Field(
+            None, description=description
+        )
+    bias = Annotated[dict[TokenKey, Bias], Field(max_length=setting.max_items)]
+    return bias | None, Field(None, description=description + " Keys are token ids (strings), as OpenAI's.")
+
+
+# The generation settings the server takes (cpm_infer.settings), under their API names.
+_GenerationFields: type[BaseModel] = create_model(
+    "GenerationFields",
+    __config__=_STRICT,
+    __module__=__name__,
+    **{s.api_name: _api_field(s) for s in for_door("serve")},
+)
+
+
+class CompletionRequest(_GenerationFields):
+    """POST /v1/completions: OpenAI's fields and CPM's extras. The generation settings come from
+    ``cpm_infer.settings`` (defaults: the server's sampling defaults); these are the request's own."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=_RULES)
 
@@ -72,38 +110,15 @@ class CompletionRequest(BaseModel):
     )
     # Overridden by completion_request_model() with the vocabulary's range for token ids.
     prompt: str | list[str] | list[int] | list[list[int]] = Field(None, description=_PROMPT_DOC)
-    max_tokens: int | None = None  # overridden: 1..the server's cap
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(_DEFAULT.temperature, description="0 = greedy.")
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = _DEFAULT.top_p
-    n: int | None = 1  # overridden: 1..the server's cap
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
-        None, description="Same seed, prompt and settings = same text; omitted = a fresh random seed."
-    )
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
-        None, description="Log-probabilities of the chosen tokens and of the `logprobs` most likely ones."
-    )
     echo: bool | None = False
     user: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = Field(None, description="Only null or equal to n (no reranking).")
     suffix: None = Field(None, description="Not supported: null only.")
-    logit_bias: Annotated[dict[str, int], Field(max_length=0)] | None = Field(None, description="Empty or null only.")
     # CPM extras
     title: str = Field(None, description="Essay prompt `title <sep> context` (instead of `prompt`).")
     context: str = Field(None, description="The essay's beginning (with `title`).")
-    top_k: Annotated[int, Field(ge=0)] = Field(_DEFAULT.top_k, description="0 = off.")
-    repetition_penalty: Annotated[float, Field(gt=0, le=100)] = Field(
-        _DEFAULT.repetition_penalty, description="CTRL-style, over prompt and generated tokens; 1 = off."
-    )
-    min_tokens: Annotated[int, Field(ge=0)] = Field(_DEFAULT.min_new_tokens, description="At most max_tokens.")
-    no_repeat_ngram_size: Annotated[int, Field(ge=0, le=64)] = 0
-    ignore_eos: bool = _DEFAULT.ignore_eos
-    ban_unk: bool = _DEFAULT.ban_unk
-    banned_ids: list[int] = Field(default_factory=list, max_length=1024)  # overridden: within the vocabulary
     truncate: bool = Field(False, description="Keep a too-long prompt's last tokens instead of answering 400.")
 
     @model_validator(mode="before")
@@ -171,7 +186,21 @@ def completion_request_model(settings: ServeSettings, vocab_size: int) -> type[C
             Field(1, description=f"Choices per prompt; prompts x n is at most {samples}."),
         ),
         banned_ids=(Annotated[list[token], Field(max_length=1024)], Field(default_factory=list)),
+        logit_bias=(
+            Annotated[dict[TokenKey, Bias], Field(max_length=300), AfterValidator(_in_vocabulary(vocab_size))] | None,
+            Field(None, description=CompletionRequest.model_fields["logit_bias"].description),
+        ),
     )
+
+
+def _in_vocabulary(vocab_size: int) -> Any:
+    def check(bias: dict[str, float]) -> dict[str, float]:
+        outside = [key for key in bias if int(key) >= vocab_size]
+        if outside:
+            raise ValueError(f"token id(s) {', '.join(outside[:5])} outside the vocabulary (0..{vocab_size - 1})")
+        return bias
+
+    return check
 
 
 class EssayRequest(BaseModel):
