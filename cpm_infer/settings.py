@@ -217,6 +217,16 @@ SETTINGS: tuple[Setting, ...] = (
         doors=DOORS,
     ),
     S(
+        "typical_p",
+        "float",
+        1.0,
+        "Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to this mass.",
+        Range(gt=0, le=1),
+        off="1 = off",
+        beams="ignored",
+        doors=DOORS,
+    ),
+    S(
         "repetition_penalty",
         "float",
         1.0,

@@ -170,3 +170,18 @@ def test_logit_bias_from_the_cli_changes_greedy_output(monkeypatch, capsys, tiny
     assert first not in banned
     code, _, err = run_cli(monkeypatch, capsys, "generate", "-m", str(tiny_checkpoint), "-p", "x", "--logit-bias", "3")
     assert code == 1 and "--logit-bias takes ID=BIAS" in err
+
+
+def test_typical_p_keeps_what_transformers_keeps():
+    import torch
+    from transformers import TypicalLogitsWarper
+
+    rng = np.random.default_rng(0)
+    for mass in (0.2, 0.5, 0.9, 0.99):
+        for _ in range(20):
+            row = (rng.standard_normal(300) * 3).astype(np.float32)
+            (ours,) = processors.build_warpers(GenerationConfig(typical_p=mass))
+            got = row.copy()
+            ours(got)
+            want = TypicalLogitsWarper(mass)(None, torch.from_numpy(row[None].copy()))[0].numpy()
+            assert (np.isfinite(got) == np.isfinite(want)).all(), mass

@@ -8,7 +8,7 @@ Order (transformers' order for the processors it shares), on the raw logits (bea
     repetition penalty -> presence/frequency -> no-repeat n-grams -> logit bias
     -> bans (<unk>, banned_ids, ids the tokenizer cannot decode) -> <eod> before min_new_tokens
 
-then, when sampling, the warpers: temperature -> min_p, before top-k -> top-p -> draw (``chooser``).
+then, when sampling, the warpers: temperature -> min_p -> typical_p, before top-k -> top-p -> draw (``chooser``).
 A new setting that changes the logits adds its class to ``PROCESSORS`` (or ``WARPERS``).
 """
 
@@ -237,8 +237,31 @@ class MinP:
         logits[logits < logits.max() + self.log_min_p] = -np.inf
 
 
+class TypicalP:
+    """Locally typical sampling (Meister et al. 2022; transformers' ``TypicalLogitsWarper``): keep the tokens
+    whose surprise ``-log p`` is closest to the entropy, fewest first, until their mass reaches ``typical_p``."""
+
+    def __init__(self, mass: float) -> None:
+        self.mass = mass
+
+    @classmethod
+    def build(cls, c: GenerationConfig) -> TypicalP | None:
+        return cls(c.typical_p) if c.typical_p < 1.0 else None
+
+    def __call__(self, logits: np.ndarray) -> None:
+        logp = sampling.log_softmax(logits)
+        p = np.exp(logp)
+        entropy = -np.nansum(logp * p)
+        shifted = np.abs(-logp - entropy)
+        order = np.argsort(shifted, kind="stable")
+        last = min(int((np.cumsum(p[order], dtype=np.float64) < self.mass).sum()), len(order) - 1)
+        drop = shifted > shifted[order[last]]
+        drop[order[0]] = False  # at least one token
+        logits[drop] = -np.inf
+
+
 PROCESSORS = (RepetitionPenalty, PresenceFrequency, NgramBans, LogitBias, StaticBans, MinTokens)
-WARPERS = (Temperature, MinP)
+WARPERS = (Temperature, MinP, TypicalP)
 
 
 def build(
