@@ -16,7 +16,7 @@ from cpm_infer.errors import CpmError
 def test_sampling_modes_parse_and_validate():
     assert parse_sampling("greedy") is GREEDY and GREEDY.greedy
     default = parse_sampling("default")
-    assert dict(default.settings) == {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "min_p": 0.0}
+    assert dict(default.settings) == {"temperature": 1.0, "top_p": 0.9}
     assert "the CLI defaults" in default.describe()
     custom = parse_sampling("temperature=0.7, top_k=50,presence_penalty=0.5")
     assert custom.label == "temperature=0.7,top_k=50,presence_penalty=0.5"
@@ -86,7 +86,7 @@ def test_cli_measures_each_sampling_mode_and_says_which(monkeypatch, capsys, tmp
     assert got == {("hf-generate", "greedy"), ("hf-generate", "default"), ("torch", "greedy"), ("torch", "default"),
                    ("torch", custom)}  # fmt: skip
     assert f"hf-generate ({custom})" in data["skipped"]  # transformers has no presence penalty
-    assert data["environment"]["sampling"]["default"] == "temperature 1.0, top_k 0, top_p 0.9, min_p 0.0 (the CLI defaults)"
+    assert data["environment"]["sampling"]["default"] == "temperature 1.0, top_p 0.9 (the CLI defaults)"
     md = (out / "bench.md").read_text()
-    assert "`default` = temperature 1.0, top_k 0, top_p 0.9, min_p 0.0 (the CLI defaults)" in md and "x greedy" in md
+    assert "`default` = temperature 1.0, top_p 0.9 (the CLI defaults)" in md and "x greedy" in md
     assert "x greedy" in stdout and "…" not in stdout

@@ -23,7 +23,7 @@ from cpm_infer.settings import for_door
 # Settings a --sampling mode may set (cpm_infer.settings; the rest of the benchmark's config is fixed: EOS
 # ignored, no bans), and what `cpm generate` samples with by default.
 SAMPLING_KEYS = {s.name: int if s.kind == "int" else float for s in for_door("bench")}
-CLI_DEFAULTS = {s.name: s.default for s in for_door("bench") if s.beams != "yes"}
+CLI_DEFAULTS = {s.name: s.default for s in for_door("bench") if s.beam_default != s.default}  # the ones on
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,11 @@ class HFGenerateRunner:
         if self.sampling.greedy:
             return {"do_sample": False}
         settings = {**CLI_DEFAULTS, **dict(self.sampling.settings)}
-        kwargs = {"do_sample": True, **{k: settings[k] for k in ("temperature", "top_k", "top_p")}}
-        if settings.get("min_p"):
-            kwargs["min_p"] = settings["min_p"]
+        # top_k always: transformers' own default is 50, ours is off
+        kwargs = {"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"], "top_k": 0}
+        for key in ("top_k", "min_p", "typical_p"):  # transformers' names
+            if key in settings:
+                kwargs[key] = settings[key]
         for key in ("repetition_penalty", "no_repeat_ngram_size"):
             if key in settings:
                 kwargs[key] = settings[key]
