@@ -100,11 +100,9 @@ def prepare(
     request: Mapping[str, Any] | str | Sequence[int],
     limits: PromptLimits,
     *,
-    max_new_tokens: int,
-    truncate: bool,
     which: str = "the prompt",
-    hint: str = CLI_HINT,
+    **fitting: Any,
 ) -> Prompt:
-    """``encode`` then ``fit``: the prompt every front door generates from."""
-    prompt = encode(tokenizer, request, which)
-    return fit(prompt, limits, max_new_tokens=max_new_tokens, truncate=truncate, which=which, hint=hint)
+    """``encode`` then ``fit`` (``fitting``: its ``max_new_tokens``, ``truncate``, ``hint``): the prompt every
+    front door generates from."""
+    return fit(encode(tokenizer, request, which), limits, which=which, **fitting)

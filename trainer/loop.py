@@ -96,28 +96,11 @@ class RunResult:
 
 
 def run(
-    model,
-    objective: Objective,
-    data: Data,
-    cfg: TrainConfig,
-    *,
-    tokenizer_file: Path,
-    fingerprint: dict,
-    accelerator,
-    callbacks: Callbacks | None = None,
-    resume_dir: Path | None = None,
+    model, objective: Objective, data: Data, cfg: TrainConfig, *, resume_dir: Path | None = None, **session
 ) -> RunResult:
-    """Train ``model`` (already on CPU, not yet prepared) and return where its checkpoints are."""
-    training = TrainingRun(
-        model,
-        objective,
-        data,
-        cfg,
-        tokenizer_file=tokenizer_file,
-        fingerprint=fingerprint,
-        accelerator=accelerator,
-        callbacks=callbacks,
-    )
+    """Train ``model`` (already on CPU, not yet prepared) and return where its checkpoints are. ``session``:
+    :class:`TrainingRun`'s keyword arguments (tokenizer_file, fingerprint, accelerator, callbacks)."""
+    training = TrainingRun(model, objective, data, cfg, **session)
     if resume_dir is not None:
         training.resume(resume_dir)
     return training.train()

@@ -35,7 +35,6 @@ __all__ = [
     "generate_iter",
     "left_pad",
     "position_ids_from_mask",
-    "truncate_prompt",
 ]
 
 # (sequence index in the request, newly final text). Called as text becomes final.
@@ -63,12 +62,6 @@ class GenerationStats:
 def check_prompt_lengths(prompts: Sequence[Sequence[int]], n_positions: int, max_prompt: int | None = None) -> None:
     for index, prompt in enumerate(prompts):
         check_prompt_length(index, prompt, n_positions, max_prompt)
-
-
-def truncate_prompt(ids: Sequence[int], n_positions: int, max_new_tokens: int) -> list[int]:
-    """Keep the last tokens of a prompt so that ``max_new_tokens`` still fit in the context."""
-    keep = max(1, n_positions - max_new_tokens)
-    return list(ids[-keep:])
 
 
 def generate(
