@@ -290,6 +290,15 @@ SETTINGS: tuple[Setting, ...] = (
         api_default=None,
     ),
     S(
+        "stop_token_ids",
+        "ids",
+        (),
+        "Stop once this token id is generated, keeping it (repeatable; vLLM's stop_token_ids).",
+        flag="--stop-token-id",
+        beams="no",
+        max_items=64,
+    ),
+    S(
         "seed",
         "int",
         0,

@@ -185,3 +185,18 @@ def test_typical_p_keeps_what_transformers_keeps():
             ours(got)
             want = TypicalLogitsWarper(mass)(None, torch.from_numpy(row[None].copy()))[0].numpy()
             assert (np.isfinite(got) == np.isfinite(want)).all(), mass
+
+
+def test_stop_token_ids_end_a_row_after_the_token():
+    from test_engine import HashBackend, HashTok
+
+    from cpm_infer.engine.generate import generate
+
+    config = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    (free,) = generate(HashBackend(), [[1, 2, 3]], config, HashTok())
+    stop_at = free.token_ids[3]
+    (stopped,) = generate(HashBackend(), [[1, 2, 3]], config.replace(stop_token_ids=(stop_at,)), HashTok())
+    first = free.token_ids.index(stop_at)
+    assert stopped.token_ids == free.token_ids[: first + 1] and stopped.finish_reason == "stop"
+    with pytest.raises(ConfigError, match="stop_token_ids is not supported with beams"):
+        GenerationConfig(num_beams=2, temperature=0, stop_token_ids=(3,))

@@ -273,7 +273,7 @@ class Engine:
             row.logprobs.append(info)
         text, stopped = row.text.add(token)
         events.append(TokenEvent(row.id, row.tag, token, text, info))
-        if stopped:
+        if stopped or token in config.stop_token_ids:
             row.finish_reason = "stop"
         elif len(row.ids) >= config.max_new_tokens:
             row.finish_reason = "length"
