@@ -23,6 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from cpm_infer.backends import load_backend
+from cpm_infer.cli.serve_options import Given, declared_options
 from cpm_infer.config import GenerationConfig
 from cpm_infer.engine.generate import generate
 from cpm_infer.prompts import essay_prompt
@@ -102,10 +103,15 @@ def reference(tiny_checkpoint):
     return load_backend("torch", tiny_checkpoint)
 
 
+def serve_checkpoint(checkpoint, settings: ServeSettings, **app_options) -> BackgroundServer:
+    """A server (not started yet) over its own copy of the checkpoint."""
+    backend, tok = load_backend("torch", checkpoint)
+    return BackgroundServer(create_app(backend, tok, settings, **app_options))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    backend, tok = load_backend("torch", tiny_checkpoint)
-    with BackgroundServer(create_app(backend, tok, SETTINGS, model_name="tiny")) as srv:
+    with serve_checkpoint(tiny_checkpoint, SETTINGS, model_name="tiny") as srv:
         yield srv
 
 
@@ -123,9 +129,8 @@ def long_checkpoint(tmp_path_factory, tiny_vocab):
 
 
 def long_server(checkpoint, **settings) -> BackgroundServer:
-    backend, tok = load_backend("torch", checkpoint)
     base = {"max_batch": 1, "batch_wait_ms": 0, "queue_size": 1, "max_new_tokens_cap": 1000, "timeout_s": 30}
-    return BackgroundServer(create_app(backend, tok, ServeSettings(**{**base, **settings}), warmup=False))
+    return serve_checkpoint(checkpoint, ServeSettings(**{**base, **settings}), warmup=False)
 
 
 LONG = {"prompt": "话说", "max_tokens": 1000, "ignore_eos": True}
@@ -398,3 +403,26 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(long_checkpoint):
             proc.wait(10)
     err = "".join(iter(lambda: lines.get(timeout=5) if not lines.empty() else "", ""))
     assert "server stopped" in err
+
+
+def test_cli_options_are_generated_from_the_declarations():
+    """``cpm serve``'s limit options come from ``ServeSettings``: flag names, units (KiB -> bytes), ranges."""
+    import typer
+    from typer.testing import CliRunner
+
+    got = {}
+
+    @declared_options(settings=ServeSettings)
+    def command(*, settings: Given[ServeSettings], verbose: bool = False) -> None:
+        got["settings"], got["verbose"] = settings.build(), verbose
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)  # (a Typer app with two commands keeps the command's name)
+    runner = CliRunner()
+    args = ["command", "--max-body-kb", "2", "--timeout", "5", "--batching", "static", "--verbose"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert got["settings"] == ServeSettings(max_body_bytes=2048, timeout_s=5.0, batching="static") and got["verbose"]
+    assert runner.invoke(app, ["command"]).exit_code == 0 and got["settings"] == ServeSettings()
+    result = runner.invoke(app, ["command", "--max-batch", "0"])
+    assert result.exit_code == 2 and "--max-batch" in result.output  # the declared range, checked by the CLI
