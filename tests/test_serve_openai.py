@@ -155,6 +155,36 @@ def test_logprobs_in_openais_shape(client, reference):
     assert streamed == lp.tokens
 
 
+def test_echo_with_logprobs_and_max_tokens_0_scores_the_prompt_as_transformers(client, tiny_checkpoint):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from cpm_infer.tokenizer import CpmTokenizer
+
+    tok = CpmTokenizer(tiny_checkpoint / "spiece.model")
+    ids = tok.encode("却说曹操引兵")
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    got = client.completions.create(model=MODEL, prompt="却说曹操引兵", echo=True, logprobs=2, max_tokens=0)
+    (choice,) = got.choices
+    lp = choice.logprobs
+    assert choice.text == "却说曹操引兵" and got.usage.completion_tokens == 0 and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    expected = [float(want[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) >= 2 for top in lp.top_logprobs[1:])
+    # with generation: the prompt's entries, then exactly the generated tokens' entries of the same request
+    plain = client.completions.create(model=MODEL, prompt="却说曹操引兵", logprobs=2, seed=3, **SAMPLING)
+    both = client.completions.create(model=MODEL, prompt="却说曹操引兵", echo=True, logprobs=2, seed=3, **SAMPLING)
+    assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs + plain.choices[0].logprobs.token_logprobs
+    streamed = list(
+        client.completions.create(model=MODEL, prompt="却说曹操引兵", echo=True, logprobs=2, max_tokens=0, stream=True)
+    )
+    assert streamed[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
 def test_penalties_change_the_text_as_generating_alone_does(client, reference):
     backend, tok = reference
     base = {"model": MODEL, "prompt": "话说天下", "seed": 4, "temperature": 0, "max_tokens": 24}
@@ -190,7 +220,7 @@ def test_models_and_a_wrong_model_id(client):
         ({"n": 0}, "n"),
         ({"n": 9, "prompt": ["a", "b"]}, "n"),
         ({"logprobs": 21}, "logprobs"),
-        ({"logprobs": 2, "echo": True}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"seed": -1}, "seed"),
         ({"prompt": []}, "prompt"),
@@ -242,7 +272,7 @@ def test_the_openapi_schema_states_the_limits(server):
     schema = json.loads(body)
     request = schema["components"]["schemas"]["CompletionRequest"]
     props = request["properties"]
-    assert {"maximum": 64, "minimum": 1, "type": "integer"} in props["max_tokens"]["anyOf"]
+    assert {"maximum": 64, "minimum": 0, "type": "integer"} in props["max_tokens"]["anyOf"]  # 0: scoring
     assert {"maximum": 2, "minimum": 0, "type": "number"} in props["temperature"]["anyOf"]
     assert request["additionalProperties"] is False and len(request["oneOf"]) == 2
     responses = schema["paths"]["/v1/completions"]["post"]["responses"]

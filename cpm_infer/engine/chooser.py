@@ -23,11 +23,11 @@ from cpm_infer.engine import processors, sampling
 @dataclass
 class TokenLogprob:
     """The chosen token's log-probability and the ``N`` most likely alternatives (the model's
-    distribution: before penalties and temperature)."""
+    distribution: before penalties and temperature). None: nothing predicted it (a prompt's first token)."""
 
     token_id: int
     token_text: str
-    logprob: float
+    logprob: float | None
     top: list[tuple[int, str, float]] = field(default_factory=list)
 
 

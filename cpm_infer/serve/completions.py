@@ -12,8 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from cpm_infer.backends.base import Scorer
 from cpm_infer.config import ConfigError, GenerationConfig
+from cpm_infer.engine.chooser import TokenLogprob, raw_logprobs
 from cpm_infer.engine.generate import GenerationResult
+from cpm_infer.eval.logprobs import all_logits
 from cpm_infer.prompts import Prompt, PromptLimits, prepare
 from cpm_infer.serve.errors import InvalidRequestError, RequestTimeoutError, ServeError
 from cpm_infer.serve.jobs import TIMEOUT, ChoiceDone, ErrorEvent, Job, TokenEvent
@@ -34,8 +39,10 @@ def request_config(req: CompletionRequest, settings: ServeSettings) -> Generatio
             f"{len(req.prompts())} prompts x n={n} choices is over this server's cap of {settings.max_samples}",
             param="n",
         )
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequestError("echo with logprobs (log-probabilities of the prompt) is not supported", param="echo")
+    if req.max_tokens == 0 and not req.echo:
+        raise InvalidRequestError(
+            "max_tokens 0 generates nothing: send echo (with logprobs to score the prompt)", param="max_tokens"
+        )
     values = {s.name: _config_value(s, getattr(req, s.api_name)) for s in for_door("serve")}
     values["max_new_tokens"] = req.max_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
     try:
@@ -103,13 +110,47 @@ def logprobs_block(steps: list[Any], start_offset: int) -> dict[str, list[Any]]:
     offset = start_offset
     for step in steps:
         block["tokens"].append(step.token_text)
+        block["text_offset"].append(offset)
+        offset += len(step.token_text)
+        if step.logprob is None:  # a prompt's first token: nothing before it to predict it (as OpenAI's)
+            block["token_logprobs"].append(None)
+            block["top_logprobs"].append(None)
+            continue
         block["token_logprobs"].append(float(step.logprob))
         top = {text: float(lp) for _, text, lp in step.top}
         top.setdefault(step.token_text, float(step.logprob))  # the chosen token is always in (as OpenAI's)
         block["top_logprobs"].append(top)
-        block["text_offset"].append(offset)
-        offset += len(step.token_text)
     return block
+
+
+def joined(first: dict[str, list[Any]], second: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {key: first[key] + second[key] for key in first}
+
+
+def score_prompts(backend: Any, tokenizer: CpmTokenizer, prompts: list[Prompt], n: int) -> list[list[TokenLogprob]]:
+    """Each prompt's tokens with their log-probability given the tokens before them and the ``n`` most likely
+    alternatives (the first token has none): OpenAI's ``echo`` with ``logprobs``. One pass over the prompt on a
+    backend that scores (``Scorer``: stateless, so it runs beside the generation thread)."""
+    if not isinstance(backend, Scorer):
+        raise InvalidRequestError(
+            f"echo with logprobs needs a backend that scores a prompt in one pass (torch, ort), not {backend.name}",
+            param="echo",
+        )
+    decode = tokenizer.decode
+    scored = []
+    for prompt in prompts:
+        if not prompt.ids:
+            scored.append([])
+            continue
+        ids = np.asarray([prompt.ids], dtype=np.int64)
+        logits = all_logits(backend, ids, np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None])[0]
+        steps = [TokenLogprob(prompt.ids[0], decode(prompt.ids[:1]), None)]
+        for t in range(1, len(prompt.ids)):
+            logprob, top = raw_logprobs(logits[t - 1], prompt.ids[t], n)
+            alternatives = [(i, decode([i]), v) for i, v in top]
+            steps.append(TokenLogprob(prompt.ids[t], decode(prompt.ids[t : t + 1]), logprob, alternatives))
+        scored.append(steps)
+    return scored
 
 
 @dataclass
@@ -123,6 +164,7 @@ class Answer:
     echo: bool
     logprobs: bool
     arrived: float
+    scored: list[list[TokenLogprob]] | None = None  # each prompt's tokens with logprobs (echo with logprobs)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def meta(self) -> dict[str, Any]:
@@ -131,15 +173,44 @@ class Answer:
     def echoed(self, choice: int) -> str:
         return self.prompts[choice // self.n].text if self.echo else ""
 
+    def echoed_logprobs(self, choice: int) -> dict[str, list[Any]]:
+        """The logprobs block of the echoed prompt (empty without echo)."""
+        return logprobs_block(self.scored[choice // self.n] if self.echo and self.scored else [], 0)
+
     def choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
         prefix = self.echoed(index)
         steps = getattr(result, "logprobs", None) or []
+        logprobs = joined(self.echoed_logprobs(index), logprobs_block(steps, len(prefix))) if self.logprobs else None
         return {
             "index": index,
             "text": prefix + result.text,
-            "logprobs": logprobs_block(steps, len(prefix)) if self.logprobs else None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason(result.finish_reason),
         }
+
+    def prompt_only(self) -> dict[str, Any]:
+        """``max_tokens`` 0 with ``echo``: each choice is its prompt (scored when ``logprobs`` asked for)."""
+        choices = [
+            {
+                "index": c,
+                "text": self.echoed(c),
+                "logprobs": self.echoed_logprobs(c) if self.logprobs else None,
+                "finish_reason": "length",
+            }
+            for c in range(len(self.prompts) * self.n)
+        ]
+        prompt_tokens = sum(len(p.ids) for p in self.prompts)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+        return {**self.meta(), "choices": choices, "usage": usage}
+
+    async def prompt_only_stream(self) -> AsyncIterator[str]:
+        body = self.prompt_only()
+        for choice in body["choices"]:
+            yield sse({**self.meta(), "choices": [{**choice, "finish_reason": None}]})
+        for choice in body["choices"]:
+            done = {"index": choice["index"], "text": "", "logprobs": None, "finish_reason": "length"}
+            yield sse({**self.meta(), "choices": [done], "usage": body["usage"]})
+        yield sse("[DONE]")
 
     def body(self, job: Job, results: list[GenerationResult]) -> dict[str, Any]:
         return {
@@ -195,7 +266,8 @@ async def stream(
 
     if answer.echo:
         for c in range(job.rows):
-            choice = {"index": c, "text": answer.echoed(c), "logprobs": None, "finish_reason": None}
+            logprobs = answer.echoed_logprobs(c) if answer.logprobs else None
+            choice = {"index": c, "text": answer.echoed(c), "logprobs": logprobs, "finish_reason": None}
             yield sse({**meta, "choices": [choice], **extra})
     results: dict[int, GenerationResult] = {}
     while len(results) < job.rows:

@@ -27,6 +27,9 @@ MAX_STOP_CHARS, MAX_ID_CHARS = 256, 256
 
 # The seed service's (yangjianxin1/CPM http_service.py) sampling defaults for /zuowen.
 ESSAY_TEMPERATURE, ESSAY_TOP_K, ESSAY_TOP_P, ESSAY_MAX_LEN = 1.0, 0, 0.85, 200
+# The largest max_len and seed: the integers every JSON client reads exactly (I-JSON, RFC 7493), so a schema's bound
+# means the same to every client.
+ESSAY_MAX_INT = 2**53 - 1
 
 # Field names of the server's first API, and what they are called now (refused with this message).
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_samples": "n", "stop_strings": "stop"}
@@ -37,17 +40,12 @@ Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
 Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
 
-# One of ``prompt`` or ``title`` (``context`` goes with ``title``), and no ``echo`` with ``logprobs``: stated in
-# the schema, checked in the model and in completions.request_config.
+# One of ``prompt`` or ``title`` (``context`` goes with ``title``): stated in the schema, checked in the model.
 _RULES = {
     "oneOf": [
         {"required": ["prompt"], "not": {"anyOf": [{"required": ["title"]}, {"required": ["context"]}]}},
         {"required": ["title"], "not": {"required": ["prompt"]}},
     ],
-    "not": {
-        "required": ["echo", "logprobs"],
-        "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
-    },
 }
 
 
@@ -70,7 +68,7 @@ _SCALARS = {"int": int, "float": float, "bool": bool}
 def _api_field(setting: Setting) -> tuple[Any, Any]:
     """A generation setting as a request field: its type with the API's range, its default, its help."""
     note = "; ".join(filter(None, [setting.off, setting.api_note]))
-    description = setting.help + (f" ({note})" if note else "")
+    description = setting.help.rstrip(".") + (f" ({note})." if note else ".")
     default = setting.request_default
     if setting.kind in _SCALARS:
         bounds = (setting.api_range or setting.range).pydantic()
@@ -178,8 +176,11 @@ def completion_request_model(settings: ServeSettings, vocab_size: int) -> type[C
         __module__=__name__,
         prompt=(str | texts | ids | ids_lists, Field(None, description=_PROMPT_DOC)),
         max_tokens=(
-            Annotated[int, Field(ge=1, le=cap)] | None,
-            Field(None, description=f"New tokens per choice; omitted = {max_default}."),
+            Annotated[int, Field(ge=0, le=cap)] | None,
+            Field(
+                None,
+                description=f"New tokens per choice; omitted = {max_default}; 0 (with echo) only scores the prompt.",
+            ),
         ),
         n=(
             Annotated[int, Field(ge=1, le=samples)] | None,
@@ -204,19 +205,31 @@ def _in_vocabulary(vocab_size: int) -> Any:
 
 
 class EssayRequest(BaseModel):
-    """POST /zuowen, as the seed service took it (lenient types, extra keys ignored)."""
+    """POST /zuowen, as the seed service took it: extra keys ignored, numbers as JSON has them (``30.0`` is the
+    integer 30, as JSON Schema says), never as strings or booleans (``false`` is no seed)."""
 
     model_config = ConfigDict(extra="ignore")
 
     title: str
     context: str = ""
-    max_len: int = ESSAY_MAX_LEN
-    seed: int | None = None
+    max_len: int = Field(
+        ESSAY_MAX_LEN, ge=1, le=ESSAY_MAX_INT, description="Title + context + new tokens (new ones are capped)."
+    )
+    seed: Annotated[int, Field(ge=0, le=ESSAY_MAX_INT)] | None = Field(
+        None, description="Same seed, title and context = same essay; omitted = a fresh random seed."
+    )
 
     @field_validator("title", "context")
     @classmethod
     def _clean_text(cls, value: str, info: Any) -> str:
         return clean_field(value, info.field_name)
+
+    @field_validator("max_len", "seed", mode="before")
+    @classmethod
+    def _json_number(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, bool | str):
+            raise ValueError(f"{info.field_name} must be a JSON integer, got {value!r}")
+        return value
 
 
 def essay_ids(tokenizer: CpmTokenizer, title: str, context: str, n_positions: int) -> list[int]:

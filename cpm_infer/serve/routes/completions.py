@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from cpm_infer.serve import docs, schemas
-from cpm_infer.serve.completions import Answer, encode_prompts, request_config, stream
+from cpm_infer.serve.completions import Answer, encode_prompts, request_config, score_prompts, stream
 from cpm_infer.serve.jobs import DISCONNECTED
 from cpm_infer.serve.routes import Served
 from cpm_infer.serve.web import EventStreamResponse
@@ -29,8 +29,6 @@ def add_routes(router: APIRouter, served: Served) -> None:
         prompts = await run_in_threadpool(
             encode_prompts, served.tokenizer, body, served.n_positions, config.max_new_tokens, served.max_prompt
         )
-        job = scheduler.submit([p.ids for p in prompts], config, stream=bool(body.stream))
-        served.metrics.prompt(job.prompt_tokens)
         answer = Answer(
             id=f"cmpl-{uuid.uuid4().hex[:24]}",
             model=served.model_name,
@@ -40,6 +38,16 @@ def add_routes(router: APIRouter, served: Served) -> None:
             logprobs=body.logprobs is not None,
             arrived=arrived,
         )
+        if body.echo and body.logprobs is not None:  # the prompt's own logprobs (scoring)
+            answer.scored = await run_in_threadpool(
+                score_prompts, served.backend, served.tokenizer, prompts, body.logprobs
+            )
+        if body.max_tokens == 0:
+            if body.stream:
+                return EventStreamResponse(answer.prompt_only_stream(), on_close=lambda: None)
+            return JSONResponse(answer.prompt_only())
+        job = scheduler.submit([p.ids for p in prompts], config, stream=bool(body.stream))
+        served.metrics.prompt(job.prompt_tokens)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = stream(job, answer, include_usage, scheduler.cancel)
