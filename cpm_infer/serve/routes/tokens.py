@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from cpm_infer.prompts import essay_prompt
+from cpm_infer.prompts import encode
 from cpm_infer.serve import docs, schemas
 from cpm_infer.serve.routes import Served
 
@@ -81,10 +81,8 @@ def add_routes(router: APIRouter, served: Served) -> None:
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         """The token ids a completion's prompt (or essay prompt) becomes, and the model's context length."""
         served.check_model(body.model)
-        if body.title is not None:
-            ids = await run_in_threadpool(essay_prompt, tokenizer, body.title, body.context or "")
-        else:
-            ids = await run_in_threadpool(tokenizer.encode, body.prompt)
+        request = {"prompt": body.prompt, "title": body.title, "context": body.context}
+        ids = (await run_in_threadpool(encode, tokenizer, request)).ids  # as a completion's prompt is encoded
         answer: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": served.n_positions}
         if body.with_pieces:
             answer["pieces"] = [tokenizer.id_to_piece(i) for i in ids]
