@@ -148,6 +148,21 @@ def test_padding_that_no_row_needs_is_cut_when_rows_leave():
     assert backend.starts == [29] and engine._batch.width == 2  # its prompt + its first token
 
 
+def test_rows_with_one_prompt_prefill_it_once_and_sample_as_if_alone():
+    backend = HashBackend()
+    config = GenerationConfig(temperature=0.9, max_new_tokens=6, num_samples=4, seed=3, ignore_eos=True)
+    results = generate(backend, [[1, 2, 3], [4, 5], [1, 2, 3]], config, HashTok())
+    assert [c for c in backend.calls if c[0] == "prefill"] == [("prefill", 2)]  # 12 rows, 2 distinct prompts
+    assert ("select", 12) in backend.calls  # the cache forked into one row per sample
+    for result in results:
+        prompt = [[1, 2, 3], [4, 5], [1, 2, 3]][result.prompt_index]
+        engine = Engine(HashBackend(), HashTok())
+        engine.add(prompt, config, seed=3, prompt_index=result.prompt_index, sample_index=result.sample_index)
+        (alone,) = run(engine)[0].values()
+        assert alone.result.token_ids == result.token_ids
+    assert len({tuple(r.token_ids) for r in results}) > 3  # the samples differ
+
+
 def test_beam_configs_are_refused_by_the_engine():
     engine = Engine(HashBackend(), HashTok())
     with pytest.raises(ConfigError, match="beam"):

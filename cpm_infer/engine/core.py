@@ -147,6 +147,7 @@ class Engine:
         self.max_prompt = max_prompt_tokens(backend)
         self.vocab = backend.spec.vocab_size
         self.tokens_last_step = 0  # rows that produced a token in the last step (incl. <eod>)
+        self.prefilled_rows = 0  # prompts prefilled so far (rows that share a prompt prefill it once)
         self._next_id = 0
         self._pending: list[_Row] = []
         self._rows: list[_Row] = []  # the running batch's rows, in batch order
@@ -246,7 +247,15 @@ class Engine:
         self._keep_unfinished(events)
 
     def _prefill_newcomers(self, rows: list[_Row], events: list[Event]) -> None:
-        logits, batch = DecodeBatch.prefill(self.backend, [row.prompt for row in rows], self.tokenizer.pad_id)
+        # Rows with the same prompt (n samples, a list of identical prompts) prefill it once; the cache is then
+        # forked into one row each (``select`` with repeats), so n samples cost one prefill.
+        unique: dict[tuple[int, ...], int] = {}
+        order = [unique.setdefault(tuple(row.prompt), len(unique)) for row in rows]
+        logits, batch = DecodeBatch.prefill(self.backend, [list(p) for p in unique], self.tokenizer.pad_id)
+        if len(unique) < len(rows):
+            batch.select(self.backend, order)
+            logits = logits[order]
+        self.prefilled_rows += len(unique)
         self._choose(logits, rows, events)
         if self._batch is None:
             self._batch, self._rows = batch, rows
