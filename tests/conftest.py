@@ -23,7 +23,20 @@ Hello world 123 abc, the quick brown fox.
 """
 
 
+def _hypothesis_profile() -> None:
+    """No per-example deadline (hypothesis' default 200 ms fails examples that run real models on a busy
+    machine) and no too-slow health check (generating examples is slow there too); everything else as hypothesis
+    has it, and a test's own @settings still wins."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # only the property tests need it
+        return
+    settings.register_profile("cpm", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("cpm")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _hypothesis_profile()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ray clusters the tests start stay on loopback (Ray reads this once, on import; their processes inherit it).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
