@@ -82,7 +82,7 @@ class EventStream:
         self.conn.close()  # mid-stream: the client disconnects
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):  # generous: it waits on state
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -223,12 +223,11 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, ref
     jobs.append(
         ({"prompt": "白发渔樵", "seed": 3, **SAMPLING, "temperature": 0.5}, {"temperature": 0.5})
     )  # other settings
-    start = threading.Barrier(len(jobs) + 1)
     streamed = {1}  # one client streams; it is batched like the others
 
-    def call(i):
+    def call(i, start):
         body = jobs[i][0]
-        start.wait(10)
+        start.wait(120)
         if i in streamed:
             events = EventStream(server, body).all()
             return "".join(e["choices"][0]["text"] for e in events[:-2]), None
@@ -236,13 +235,19 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, ref
         assert status == 200, out
         return out["choices"][0]["text"], out["timings"]["batch_rows"]
 
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(call, i) for i in range(len(jobs))]
-        start.wait(10)
-        answers = [f.result(timeout=60) for f in futures]
-    for (body, extra), (text, _) in zip(jobs, answers, strict=False):
-        assert text == expected(reference, tok.encode(body["prompt"]), body["seed"], **extra).text
-    sizes = [size for _, size in answers if size is not None]
+    # Clients released together arrive within the batch wait (250 ms) unless the machine stalls one of them that
+    # long; then the round is repeated (every round's answers are checked).
+    for _ in range(5):
+        start = threading.Barrier(len(jobs) + 1)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(call, i, start) for i in range(len(jobs))]
+            start.wait(120)
+            answers = [f.result(timeout=180) for f in futures]
+        for (body, extra), (text, _) in zip(jobs, answers, strict=False):
+            assert text == expected(reference, tok.encode(body["prompt"]), body["seed"], **extra).text
+        sizes = [size for _, size in answers if size is not None]
+        if max(sizes) > 1:
+            break
     assert max(sizes) > 1 and max(sizes) <= SETTINGS.max_batch  # requests shared the batch, whatever their settings
 
 
@@ -294,11 +299,12 @@ def test_full_queue_answers_503_at_once_and_a_disconnect_frees_the_slot(long_che
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(request, srv, "POST", "/v1/completions", {"prompt": "天下", "max_tokens": 8})
             wait_until(lambda: health(srv)["queued"] == 1, what="the second request to queue")
-            began = time.monotonic()
             status, answer = request(srv, "POST", "/v1/completions", {"prompt": "三国"})
-            assert status == 503 and answer["error"]["code"] == "queue_full" and time.monotonic() - began < 2
+            assert status == 503 and answer["error"]["code"] == "queue_full"
+            # at once: answered while the queue is still full, not after waiting for room in it
+            assert not queued.done() and health(srv)["queued"] == 1
             running.close()  # the streaming client goes away mid-stream
-            assert queued.result(timeout=20)[0] == 200  # its slot went to the queued request
+            assert queued.result(timeout=120)[0] == 200  # its slot went to the queued request
         state = health(srv)
         assert state["counters"]["cancelled_disconnected"] == 1
         assert state["counters"].get("generated_tokens", 0) < 1000  # the abandoned stream stopped early
@@ -335,25 +341,26 @@ def test_a_non_streaming_client_that_leaves_is_cancelled_too(long_checkpoint):
 
 def test_a_request_over_the_timeout_gets_504_and_stops(long_checkpoint):
     with long_server(long_checkpoint, timeout_s=0.5, queue_size=4) as srv:
-        began = time.monotonic()
         status, answer = request(srv, "POST", "/v1/completions", LONG)
-        assert status == 504 and answer["error"]["code"] == "timeout" and time.monotonic() - began < 5
+        assert status == 504 and answer["error"]["code"] == "timeout"
         events = EventStream(srv, LONG).all()  # streaming: the timeout arrives as an error event
         assert events[-1]["error"]["code"] == "timeout"
         wait_until(lambda: health(srv)["running"] == 0, what="the timed-out rows to stop")
-        assert health(srv)["counters"]["cancelled_timeout"] == 2
+        counters = health(srv)["counters"]
+        # both stopped at the timeout, long before their 1000 tokens
+        assert counters["cancelled_timeout"] == 2 and counters.get("generated_tokens", 0) < 2 * 1000
         assert request(srv, "POST", "/v1/completions", {"prompt": "三国", "max_tokens": 4})[0] == 200
 
 
 def test_graceful_shutdown_lets_in_flight_requests_finish(long_checkpoint):
-    srv = long_server(long_checkpoint, shutdown_grace_s=20).start()
+    srv = long_server(long_checkpoint, shutdown_grace_s=120).start()  # 150 tokens finish well within it
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(request, srv, "POST", "/v1/completions", {**LONG, "max_tokens": 150})
         wait_until(lambda: health(srv)["running"] == 1, what="the request to start")
         stopper = threading.Thread(target=srv.stop)
         stopper.start()
-        status, answer = in_flight.result(timeout=30)
-        stopper.join(30)
+        status, answer = in_flight.result(timeout=180)
+        stopper.join(180)
     assert status == 200 and answer["usage"]["completion_tokens"] == 150 and not stopper.is_alive()
     with pytest.raises(OSError):  # stopped: no longer listening
         request(srv, "GET", "/health", timeout=2)
@@ -381,22 +388,22 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(long_checkpoint):
     try:
         first = ""
         while "on http://127.0.0.1:" not in first:  # skip any warnings printed while the model loads
-            first = lines.get(timeout=60)
+            first = lines.get(timeout=300)  # the CLI imports torch and loads the model first
         srv = SimpleNamespace(host="127.0.0.1", port=int(first.split("on http://127.0.0.1:")[1].split()[0]))
 
         def up():
             try:
-                return request(srv, "GET", "/health", timeout=2)[0] == 200
+                return request(srv, "GET", "/health", timeout=30)[0] == 200
             except OSError:
                 return False
 
-        wait_until(up, timeout=60, what="the CLI server to answer")
+        wait_until(up, what="the CLI server to answer")
         stream = EventStream(srv, LONG)
         assert stream.next()["choices"][0]["finish_reason"] is None
         proc.send_signal(signal.SIGTERM)
         rest = stream.all()
         assert rest[-1]["error"]["code"] == "shutting_down"  # cancelled after the grace, with an answer
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
