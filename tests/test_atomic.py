@@ -52,11 +52,14 @@ def test_writer_killed_at_random_moments_leaves_absent_old_or_complete(tmp_path:
     """The atomic writer of every artifact (the TensorRT engine writer included: it cannot be built here)."""
     dest = tmp_path / "out"
     kills = stale_removed = 0
-    for seed in range(30):
+    # Seeds until enough kills landed (how many do depends on the machine's speed, so no fixed count of runs).
+    for seed in range(200):
+        if kills >= 10 and stale_removed >= 5:
+            break
         rng = random.Random(seed)
         before = version_of(dest)
         proc = writer(dest, f"v{seed}")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while proc.poll() is None and not any(p.is_dir() for p in dest.parent.glob(".out.tmp-*")):
             assert time.monotonic() < deadline
             time.sleep(0.002)
@@ -75,12 +78,12 @@ def test_writer_killed_at_random_moments_leaves_absent_old_or_complete(tmp_path:
         assert len(stale) <= 1
         if stale:
             done = writer(dest, "next")
-            _, err = done.communicate(timeout=60)
+            _, err = done.communicate(timeout=120)
             assert done.returncode == 0, err
             assert b"which is gone" in err
             stale_removed += 1
             assert version_of(dest) == "next" and leftovers(dest) == []
-    print(f"atomic writer: {kills} SIGKILLs in 30 runs, {stale_removed} stale staging dirs removed by the next writer")
+    print(f"atomic writer: {kills} SIGKILLs, {stale_removed} stale staging dirs removed by the next writer")
     assert kills >= 10 and stale_removed >= 5, (kills, stale_removed)
 
 
@@ -114,7 +117,7 @@ def test_live_writer_is_not_disturbed_and_a_reused_pid_is_not_mistaken(tmp_path:
         [sys.executable, "-c", WRITER.replace("0.02", "5"), str(dest), "live"], env=ENV, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not any(p.is_dir() for p in tmp_path.glob(".out.tmp-*")):
             assert time.monotonic() < deadline and slow.poll() is None
             time.sleep(0.01)
