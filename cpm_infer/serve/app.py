@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI's Completions API (``/v1/completions``, ``/v1/models``), the seed's ``/zuowen`` essay
-route, ``/tokenize`` and ``/detokenize``, ``/health``, ``/info`` and Prometheus ``/metrics`` (the route groups are
-in ``cpm_infer.serve.routes``).
+route, ``/tokenize`` and ``/detokenize``, ``/health``, ``/info``, Prometheus ``/metrics`` and a page to try the
+model at ``/`` (the route groups are in ``cpm_infer.serve.routes``).
 
 ``create_app`` holds no global state: each app has its own scheduler, metrics registry and limits, so several
 apps (replicas) can live in one process or be built in another one."""
@@ -23,7 +23,7 @@ from cpm_infer.serve import docs
 from cpm_infer.serve.auth import require_api_key
 from cpm_infer.serve.metrics import RequestCounter, ServeMetrics
 from cpm_infer.serve.replicas import ReplicaConfig
-from cpm_infer.serve.routes import Served, completions, essay, models, ops, tokens
+from cpm_infer.serve.routes import Served, completions, essay, models, ops, page, tokens
 from cpm_infer.serve.scheduler import Scheduler
 from cpm_infer.serve.settings import ServeSettings
 from cpm_infer.serve.web import BodyLimitMiddleware, install_error_handlers
@@ -43,7 +43,8 @@ def create_app(
 ) -> FastAPI:
     """An app serving ``backend``; its generation thread lives as long as the app's lifespan.
 
-    ``api_key``: every route but ``/health`` (and the schema pages) then needs ``Authorization: Bearer KEY``.
+    ``api_key``: every route but ``/health``, the page at ``/`` (and the schema pages) then needs
+    ``Authorization: Bearer KEY``.
     ``owns_backend``: the shutdown also closes the backend (``Backend.close``) once generation has stopped.
     """
     settings = settings or ServeSettings()
@@ -59,6 +60,7 @@ def create_app(
     app.state.metrics = metrics
     router = APIRouter(dependencies=[Depends(require_api_key(api_key))] if api_key else [])
     ops.add_health(app, served)
+    page.add_page(app, served, key_required=bool(api_key))  # public too: its API calls carry the key
     ops.add_info(router, served)
     for group in (models, completions, essay):
         group.add_routes(router, served)
