@@ -4,6 +4,7 @@ bound and cancellation; and generate's per-request seeds and per-row stops."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -82,12 +83,24 @@ SHORT = SAMPLED.replace(max_new_tokens=3, seed=5)  # other settings than the lon
 def test_a_short_request_joins_the_running_batch_and_leaves_first(model, batching):
     backend, tok = model
     scheduler = Scheduler(backend, tok, ServeSettings(max_batch=4, batch_wait_ms=0, batching=batching))
+    # The engine's steps after the first wait until the short request is submitted: however slow this thread is,
+    # the long request is still running when the short one arrives.
+    submitted, step, steps = threading.Event(), scheduler.engine.step, []
+
+    def gated_step():
+        steps.append(1)
+        if len(steps) > 1:
+            assert submitted.wait(300)
+        return step()
+
+    scheduler.engine.step = gated_step
 
     async def scenario():
         scheduler.start()
         long = scheduler.submit([tok.encode("话说")], LONG, stream=True)
         assert isinstance(await long.next_event(), TokenEvent)  # the long request is generating
         short = scheduler.submit([tok.encode("天下")], SHORT)
+        submitted.set()
         result = (await _results(short))[0]
         while not isinstance(await long.next_event(), ChoiceDone):
             pass
