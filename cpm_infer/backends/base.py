@@ -19,6 +19,16 @@ The ONNX / TensorRT graphs follow the same contract with per-layer
 ``past_key_values.{i}.key|value`` inputs and ``present.{i}.key|value`` outputs of shape
 (B, n_head, seq, head_dim), see ``cpm_infer.kv``.
 
+Prefix caching and chunked prefill need three more operations, the optional :class:`KvCacheOps` (torch and
+onnxruntime have them; TensorRT's engines prefill from an empty past and decode one token, so they do not, and
+the engine falls back to whole prefills there, see :func:`supports_kv_ops`):
+
+- ``extend``: like ``decode`` with T >= 1 new tokens per row (a prompt's next chunk, or its tail after a
+  cached prefix); causal within the new tokens, so extending chunk by chunk equals one prefill.
+- ``crop``: keep the first ``length`` cache positions (a rollback: a cached prefix, speculative decoding).
+- ``copy_rows``: an independent state holding copies of some rows (a snapshot for the prefix cache);
+  whatever later happens to either state never touches the other.
+
 Three more pieces make the contract explicit: ``close()`` on every backend (the server calls it at
 shutdown), :class:`Scorer` for backends that return the logits of every position in one pass
 (``cpm_infer.eval``), and :class:`Loader`, what each entry of ``cpm_infer.backends.LOADERS`` names.
@@ -78,6 +88,44 @@ class Backend(Protocol):
         """Release the runtime's memory (model, session, engine, GPU buffers) now rather than at garbage
         collection. Idempotent; any later call raises :class:`BackendClosedError`."""
         ...
+
+
+@runtime_checkable
+class KvCacheOps(Protocol):
+    """What prefix caching and chunked prefill need besides :class:`Backend` (optional: see ``supports_kv_ops``).
+
+    Like ``select`` and ``merge``, ``extend`` and ``crop`` may reuse or mutate ``state`` and return it; only
+    ``copy_rows`` leaves its argument alone and gives a state that shares nothing with it."""
+
+    def extend(
+        self, state: State, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, State]:
+        """Append T >= 1 tokens to every row: ``input_ids`` (B, T), ``attention_mask`` (B, P + T),
+        ``position_ids`` (B, T). Each new token attends to the past and to the new tokens before it (causal),
+        so prefill(a + b) and extend(prefill(a), b) give the same cache and last logits (within float
+        tolerance). Returns the last position's logits (B, V) and the state."""
+        ...
+
+    def crop(self, state: State, length: int) -> State:
+        """Keep the first ``length`` cache positions of every row (0 < length <= the cache's length)."""
+        ...
+
+    def copy_rows(
+        self, state: State, rows: np.ndarray, *, start: int = 0, stop: int | None = None, room: int = 0
+    ) -> State:
+        """A new state holding copies of ``rows`` (in that order), cache positions ``start:stop``; ``state`` is
+        unchanged. ``room``: positions the copy will soon grow by (a backend with preallocated buffers reserves
+        them, so the next ``extend`` does not move the copy again)."""
+        ...
+
+    def nbytes(self, state: State) -> int:
+        """Bytes the state holds (its buffers as allocated, not only the filled positions)."""
+        ...
+
+
+def supports_kv_ops(backend: object) -> bool:
+    """Whether ``backend`` offers :class:`KvCacheOps` (a backend may also say no with ``kv_ops = False``)."""
+    return isinstance(backend, KvCacheOps) and bool(getattr(backend, "kv_ops", True))
 
 
 @runtime_checkable

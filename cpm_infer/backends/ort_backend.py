@@ -151,6 +151,7 @@ class OrtBackend:
         self.device_kind, self.device_id = target.kind, target.index
         self.io_binding = io_binding
         # In-place KV writes need the graph's support (manifest) and host buffers (the CPU provider).
+        self.gqa = kv_shared  # the graph's attention is GroupQueryAttention (export.kv_share)
         self.kv_shared = kv_shared and io_binding and self.device_kind == "cpu"
         # KV buffers: numpy arrays on the CPU provider, OrtValues on the session's device otherwise.
         self._device_buffers = self.device_kind != "cpu"
@@ -173,26 +174,88 @@ class OrtBackend:
     def prefill(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
     ) -> tuple[np.ndarray, OrtState]:
-        state = OrtState(batch=input_ids.shape[0], past=0)
-        if self.io_binding:
-            state.binding = self.session.io_binding()
-            state.buffers = [[None, None] for _ in self.past_names]
-            state.sizes = [[0, 0] for _ in self.past_names]
-        else:
-            empty = np.zeros(kv.kv_shape(self.spec, state.batch, 0), dtype=self.np_dtype)
-            state.arrays = [empty] * len(self.past_names)
-        return self._step(state, input_ids, attention_mask, position_ids)
+        return self._step(self._new_state(input_ids.shape[0]), input_ids, attention_mask, position_ids)
 
     def decode(
         self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
     ) -> tuple[np.ndarray, OrtState]:
         return self._step(state, input_ids, attention_mask, position_ids)
 
+    def extend(
+        self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, OrtState]:
+        """T new tokens per row through the same graph as decode. Every artifact kind is causal with the past's
+        offset (query i at slot P + i): ``ExportGPT2``'s mask (plain), MultiHeadAttention's ``unidirectional``
+        and GroupQueryAttention's own masking (``--optimize`` and the int8/int4 artifacts made from it).
+        GroupQueryAttention takes several new tokens after a past for one row only: a batch of rows is fed
+        one token at a time there (the engine extends single rows)."""
+        seq = input_ids.shape[1]
+        if not (self.gqa and state.batch > 1 and state.past > 0 and seq > 1):
+            return self._step(state, input_ids, attention_mask, position_ids)
+        logits, past = None, attention_mask.shape[1] - seq
+        for t in range(seq):
+            mask = attention_mask[:, : past + t + 1]
+            logits, state = self._step(state, input_ids[:, t : t + 1], mask, position_ids[:, t : t + 1])
+        return logits, state
+
+    def crop(self, state: OrtState, length: int) -> OrtState:
+        """The first ``length`` positions: free in the shared buffer (the next step overwrites the slots after
+        them); elsewhere one copy of what is kept (into the other buffer of the pair, or new host arrays)."""
+        self.session  # noqa: B018 - raises BackendClosedError once closed
+        if not 0 < length <= state.past:
+            raise ValueError(f"crop: length {length} is outside a cache of {state.past} positions")
+        if length == state.past:
+            return state
+        if self.kv_shared:
+            state.past = length
+            return state
+        if self.io_binding and self._device_buffers:
+            return self._select_on_device(state, np.arange(state.batch), 0, length)
+        return self._store(state, [view[:, :, :length] for view in self._kv_views(state)], state.batch, length)
+
+    def copy_rows(
+        self, state: OrtState, rows: np.ndarray, *, start: int = 0, stop: int | None = None, room: int = 0
+    ) -> OrtState:
+        """New buffers holding ``rows``, positions ``start:stop``: one copy, where the cache lives."""
+        self.session  # noqa: B018 - raises BackendClosedError once closed
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        stop = state.past if stop is None else stop
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= state.batch or not 0 <= start < stop <= state.past:
+            raise ValueError(f"copy_rows: rows {rows.tolist()} / {start}:{stop} outside {state.batch} x {state.past}")
+        new, length = self._new_state(len(rows)), stop - start
+        if self.io_binding and self._device_buffers:
+            self._copy_on_device(state, rows, start, stop, new, 0)
+        else:
+            sources = [view[:, :, start:stop] for view in self._kv_views(state)]
+            new_shape = kv.kv_shape(self.spec, len(rows), length)
+            if not self.io_binding:
+                new.arrays = [_take_rows(np.empty(new_shape, self.np_dtype), source, rows) for source in sources]
+            elif self.kv_shared:
+                new.capacity = min(length + max(room, 0), max(length, self.spec.n_positions))
+                shape = kv.kv_shape(self.spec, len(rows), new.capacity)
+                new.buffers = [[np.empty(shape, self.np_dtype), None] for _ in sources]
+                for pair, source in zip(new.buffers, sources, strict=True):
+                    _take_rows(pair[0][:, :, :length], source, rows)
+            else:
+                for i, source in enumerate(sources):
+                    flat = self._ensure(new, i, 0, max(1, int(np.prod(new_shape))), len(rows))
+                    _take_rows(flat[: int(np.prod(new_shape))].reshape(new_shape), source, rows)
+        new.past = length
+        return new
+
+    def nbytes(self, state: OrtState) -> int:
+        """Bytes of the state's KV buffers as allocated (both of a ping-pong pair; a shared buffer's capacity)."""
+        if not self.io_binding:
+            return sum({id(a): a.nbytes for a in state.arrays}.values())
+        if self.kv_shared:
+            return sum(pair[0].nbytes for pair in state.buffers if pair[0] is not None)
+        return sum(sum(pair) for pair in state.sizes) * np.dtype(self.np_dtype).itemsize
+
     def select(self, state: OrtState, rows: np.ndarray, *, start: int = 0) -> OrtState:
         self.session  # noqa: B018 - raises BackendClosedError once closed
         rows = np.asarray(rows, dtype=np.int64)
         if self.io_binding and self._device_buffers:
-            return self._select_on_device(state, rows, start)
+            return self._select_on_device(state, rows, start, state.past)
         kept = [view[rows, :, start:] for view in self._kv_views(state)]  # advanced indexing: copies
         return self._store(state, kept, len(rows), state.past - start)
 
@@ -224,6 +287,18 @@ class OrtBackend:
         return self._run(lambda: self.session.run([kv.LOGITS], feeds))[0]
 
     # -- internals ------------------------------------------------------------------------
+    def _new_state(self, batch: int) -> OrtState:
+        """An empty cache of ``batch`` rows in this backend's mode."""
+        state = OrtState(batch=batch, past=0)
+        if self.io_binding:
+            state.binding = self.session.io_binding()
+            state.buffers = [[None, None] for _ in self.past_names]
+            state.sizes = [[0, 0] for _ in self.past_names]
+        else:
+            empty = np.zeros(kv.kv_shape(self.spec, batch, 0), dtype=self.np_dtype)
+            state.arrays = [empty] * len(self.past_names)
+        return state
+
     def _step(self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, OrtState]:
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))
         _batch, seq = ids.shape
@@ -338,22 +413,29 @@ class OrtBackend:
         state.batch, state.past = batch, past
         return state
 
-    def _select_on_device(self, state: OrtState, rows: np.ndarray, start: int) -> OrtState:
-        """Rows gathered (and leading padding cut) where the cache lives: no host round trip."""
-        row = self.spec.n_head * state.past * self.spec.head_dim
-        length = state.past - start
+    def _select_on_device(self, state: OrtState, rows: np.ndarray, start: int, stop: int) -> OrtState:
+        """Rows gathered (and leading padding or trailing positions cut) where the cache lives: no host round
+        trip; the result goes to the other buffer of each pair."""
         other = 1 - state.current
-        need = len(rows) * self.spec.n_head * length * self.spec.head_dim
-        targets = [self._ensure(state, i, other, need, len(rows)) for i in range(len(state.buffers))]
+        self._copy_on_device(state, rows, start, stop, state, other)
+        state.current, state.batch, state.past = other, len(rows), stop - start
+        return state
+
+    def _copy_on_device(
+        self, state: OrtState, rows: np.ndarray, start: int, stop: int, into: OrtState, which: int
+    ) -> None:
+        """Rows ``rows``, positions ``start:stop`` of ``state``'s current buffers into buffer ``which`` of
+        ``into``'s pairs (grown to fit)."""
+        need = len(rows) * self.spec.n_head * (stop - start) * self.spec.head_dim
+        targets = [self._ptr(self._ensure(into, i, which, need, len(rows))) for i in range(len(state.buffers))]
         sources = [self._ptr(pair[state.current]) for pair in state.buffers]
-        if start == 0:
-            self._row_gather()(sources, [self._ptr(t) for t in targets], batch=state.batch, row=row, rows=rows)
+        if start == 0 and stop == state.past:
+            row = self.spec.n_head * state.past * self.spec.head_dim
+            self._row_gather()(sources, targets, batch=state.batch, row=row, rows=rows)
         else:
             self._kv_ops().select(
-                sources, [self._ptr(t) for t in targets], batch=state.batch, length=state.past, rows=rows, start=start
+                sources, targets, batch=state.batch, length=state.past, rows=rows, start=start, stop=stop
             )
-        state.current, state.batch, state.past = other, len(rows), length
-        return state
 
     def _merge_on_device(self, state: OrtState, other: OrtState, width: int) -> OrtState:
         batch = state.batch + other.batch
@@ -409,6 +491,13 @@ class OrtBackend:
             raise
         except Exception as exc:  # ORT raises its own exception types; report one line
             raise OrtLoadError(f"onnxruntime failed to run the graph: {first_line(exc)}") from exc
+
+
+def _take_rows(target: np.ndarray, source: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``target[j] = source[rows[j]]`` row by row: one copy, no temporary."""
+    for j, row in enumerate(rows):
+        target[j] = source[row]
+    return target
 
 
 def load(

@@ -1,12 +1,13 @@
 """Rows leaving (with cut padding) and joining a KV cache where it lives: the device path of
 ``OrtBackend.select`` / ``merge``, as two small ONNX graphs run with IO binding (no host round trip).
 
-    select: y_i = Slice(Gather(x_i, rows, axis=0), start.., axis=2)          x_i (B, nh, L, hs)
+    select: y_i = Slice(Gather(x_i, rows, axis=0), start..end, axis=2)       x_i (B, nh, L, hs)
     merge:  y_i = Concat(Pad(a_i, left on axis 2), Pad(b_i, left on axis 2))  zeros in the padding
 
 Each output is bound to the other buffer of its ping-pong pair, so the result is the contiguous cache
-the next step reads. Like ``ort_gather.RowGather`` (the plain row gather), the graphs are built with
-``onnx.helper`` once per backend and run on the backend's provider.
+the next step reads (or to a new state's buffer: ``OrtBackend.copy_rows``, ``crop``). Like
+``ort_gather.RowGather`` (the plain row gather), the graphs are built with ``onnx.helper`` once per backend
+and run on the backend's provider.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import numpy as np
 from cpm_infer.deps import require
 
 IR_VERSION, OPSET = 8, 13  # Gather, Slice, Pad (pads as an input) and Concat as of opset 13
-_END = np.iinfo(np.int64).max
 
 
 def _model(nodes: list, inputs: list, outputs: list, name: str) -> bytes:
@@ -36,12 +36,10 @@ def select_model_bytes(count: int, dtype: np.dtype | type) -> bytes:
     h, i64 = onnx.helper, onnx.TensorProto.INT64
     elem = h.np_dtype_to_tensor_dtype(np.dtype(dtype))
     inputs = [h.make_tensor_value_info(f"x{i}", elem, ["batch", "heads", "past", "dim"]) for i in range(count)]
-    inputs += [h.make_tensor_value_info("rows", i64, ["kept"]), h.make_tensor_value_info("start", i64, [1])]
+    inputs += [h.make_tensor_value_info(name, i64, shape) for name, shape in (("rows", ["kept"]), ("start", [1]))]
+    inputs.append(h.make_tensor_value_info("end", i64, [1]))
     outputs = [h.make_tensor_value_info(f"y{i}", elem, ["kept", "heads", "length", "dim"]) for i in range(count)]
-    nodes = [
-        h.make_node("Constant", [], ["end"], value=h.make_tensor("end_v", i64, [1], [_END])),
-        h.make_node("Constant", [], ["axis"], value=h.make_tensor("axis_v", i64, [1], [2])),
-    ]
+    nodes = [h.make_node("Constant", [], ["axis"], value=h.make_tensor("axis_v", i64, [1], [2]))]
     for i in range(count):
         nodes.append(h.make_node("Gather", [f"x{i}", "rows"], [f"g{i}"], axis=0))
         nodes.append(h.make_node("Slice", [f"g{i}", "start", "end", "axis"], [f"y{i}"]))
@@ -88,20 +86,30 @@ class KvOps:
         return (batch, self.heads, length, self.dim)
 
     def select(
-        self, sources: Sequence[int], targets: Sequence[int], *, batch: int, length: int, rows: np.ndarray, start: int
+        self,
+        sources: Sequence[int],
+        targets: Sequence[int],
+        *,
+        batch: int,
+        length: int,
+        rows: np.ndarray,
+        start: int,
+        stop: int | None = None,
     ) -> None:
-        """Rows ``rows`` (repeats allowed) of each (batch, nh, length, hs) source, positions ``start``.., into
-        the targets as (len(rows), nh, length - start, hs)."""
+        """Rows ``rows`` (repeats allowed) of each (batch, nh, length, hs) source, positions ``start:stop``
+        (``stop`` None: to the end), into the targets as (len(rows), nh, stop - start, hs)."""
         rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size == 0 or rows.min() < 0 or rows.max() >= batch or not 0 <= start < length:
-            raise ValueError(f"rows {rows.tolist()} / start {start} outside a cache of {batch} x {length}")
+        stop = length if stop is None else stop
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= batch or not 0 <= start < stop <= length:
+            raise ValueError(f"rows {rows.tolist()} / positions {start}:{stop} outside a cache of {batch} x {length}")
         io = self._select.io_binding()
         kind, index = self.device
         for i, (src, dst) in enumerate(zip(sources, targets, strict=True)):
             io.bind_input(f"x{i}", kind, index, self.dtype, self._shape(batch, length), src)
-            io.bind_output(f"y{i}", kind, index, self.dtype, self._shape(rows.size, length - start), dst)
+            io.bind_output(f"y{i}", kind, index, self.dtype, self._shape(rows.size, stop - start), dst)
         io.bind_cpu_input("rows", rows)
         io.bind_cpu_input("start", np.array([start], dtype=np.int64))
+        io.bind_cpu_input("end", np.array([stop], dtype=np.int64))
         self._select.run_with_iobinding(io)
 
     def merge(

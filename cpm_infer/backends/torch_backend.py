@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,40 @@ class TorchBackend:
     def decode(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
         return self._forward(state, input_ids, attention_mask, position_ids)
 
+    def extend(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        """T new tokens per row: transformers builds the causal mask from the cache's length (query i at P + i)."""
+        return self._forward(state, input_ids, attention_mask, position_ids)
+
+    def crop(self, state: Any, length: int) -> Any:
+        """Views of the first ``length`` positions (no copy; the next step's concatenation makes new tensors)."""
+        self.model  # noqa: B018 - raises BackendClosedError once closed
+        for layer in state.layers:
+            _check_length(length, layer.keys.shape[2])
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        return state
+
+    def copy_rows(self, state: Any, rows: np.ndarray, *, start: int = 0, stop: int | None = None, room: int = 0) -> Any:
+        """A new DynamicCache with copies (``index_select``) of ``rows``, positions ``start:stop``."""
+        self.model  # noqa: B018 - raises BackendClosedError once closed
+        index = self._torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        new = copy.copy(state)
+        new.layers = []
+        for layer in state.layers:
+            mine = copy.copy(layer)
+            mine.keys = layer.keys[:, :, start:stop].index_select(0, index)
+            mine.values = layer.values[:, :, start:stop].index_select(0, index)
+            new.layers.append(mine)
+        return new
+
+    def nbytes(self, state: Any) -> int:
+        """Bytes of the storages the cache's tensors hold (a cropped view still holds its whole storage)."""
+        storages = {}
+        for layer in state.layers:
+            for tensor in (layer.keys, layer.values):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
     def select(self, state: Any, rows: np.ndarray, *, start: int = 0) -> Any:
         self.model  # noqa: B018 - raises BackendClosedError once closed
         index = self._torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
@@ -100,6 +135,11 @@ class TorchBackend:
                 use_cache=False,
             )
             return out.logits.float().cpu().numpy()
+
+
+def _check_length(length: int, past: int) -> None:
+    if not 0 < length <= past:
+        raise ValueError(f"crop: length {length} is outside a cache of {past} positions")
 
 
 def _pad_left(torch: Any, tensor: Any, length: int) -> Any:
