@@ -21,9 +21,17 @@ def alone(backend, tok, prompt, config, seed):
     return generate(backend, [prompt], config, tok, seeds=[seed])[0].token_ids
 
 
-def run_schedule(backend, tok, schedule, max_rows=8):
+def run_schedule(backend, tok, schedule, max_rows=8, **engine_options):
     """schedule: list of (step to add at, prompt, config, seed). Returns {seed: token ids}."""
-    engine = Engine(backend, tok, max_rows=max_rows)
+    return {
+        seed: result.token_ids
+        for seed, result in run_results(backend, tok, schedule, max_rows, **engine_options).items()
+    }
+
+
+def run_results(backend, tok, schedule, max_rows=8, **engine_options):
+    """As ``run_schedule``, each seed's whole GenerationResult."""
+    engine = Engine(backend, tok, max_rows=max_rows, **engine_options)
     owner, out, step = {}, {}, 0
     while step <= max(s for s, *_ in schedule) or engine.has_work():
         for at, prompt, config, seed in schedule:
@@ -31,7 +39,7 @@ def run_schedule(backend, tok, schedule, max_rows=8):
                 owner[engine.add(prompt, config, seed=seed)] = seed
         for event in engine.step():
             if isinstance(event, FinishEvent):
-                out[owner[event.row_id]] = event.result.token_ids
+                out[owner[event.row_id]] = event.result
         step += 1
     return out
 
@@ -85,7 +93,38 @@ def check_repeated_rows(backend, tok):
     np.testing.assert_allclose(out[0], want[0], atol=1e-4, rtol=1e-4)
 
 
+LONG = "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
+
+
+def check_prefix_cache_and_chunks(backend, tok):
+    """With a prefix cache and chunked prefill (8 tokens a step) rows generate the greedy tokens they generate
+    without, with each token's log-probability within 1e-4: a prompt repeated, one sharing all but its tail,
+    joining while others decode or prefill."""
+    from cpm_infer.engine.prefix_cache import PrefixCache
+
+    base = tok.encode(LONG)  # 77 tokens with the tiny vocabulary
+    config = GREEDY.replace(logprobs=0, max_new_tokens=6)
+    schedule = [
+        (0, base + tok.encode("汉朝自高祖"), config, 1),
+        (1, tok.encode(PROMPTS[2]), config, 2),  # short: prefilled whole while the first is chunked
+        (12, base[:-4] + tok.encode("桓帝禁锢善类"), config, 3),  # reuses 73 tokens
+        (13, base + tok.encode("汉朝自高祖"), config.replace(max_new_tokens=3), 4),  # the whole prompt but its last
+        (13, base[:40], config, 5),  # a prefix of a cached prompt
+    ]
+    cache = PrefixCache(2**30, min_tokens=8)
+    got = run_results(backend, tok, schedule, prefix_cache=cache, prefill_chunk=8)
+    want = run_results(backend, tok, schedule, prefix_cache=None)
+    assert [got[seed].cached_tokens for seed in range(1, 6)] == [0, 0, 73, 84, 39]
+    assert cache.stats.hits == 3
+    for seed, result in want.items():
+        assert got[seed].token_ids == result.token_ids, f"row with seed {seed}"
+        np.testing.assert_allclose(
+            [step.logprob for step in got[seed].logprobs], [step.logprob for step in result.logprobs], atol=1e-4
+        )
+
+
 def check_all(backend, tok):
     check_join_while_running(backend, tok)
     check_cancel_frees_the_row(backend, tok)
     check_repeated_rows(backend, tok)
+    check_prefix_cache_and_chunks(backend, tok)

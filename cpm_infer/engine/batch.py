@@ -1,5 +1,6 @@
 """The running batch on the host side: attention mask and positions, kept in step with the backend's
-KV state through decode, select (rows leave) and merge (rows join).
+KV state through decode, select (rows leave) and merge (rows join); and, for one prompt being prefilled in pieces
+(a cached prefix, chunked prefill), through extend.
 
 Rows of one batch share the cache's sequence axis, each left-padded to its width ``W``. A join pads
 the shorter side on the left once (``Backend.merge``); when rows leave, the columns that are padding
@@ -55,6 +56,11 @@ class DecodeBatch:
         logits, state = backend.prefill(ids, mask, pos)
         return logits, cls(state, mask, pos[:, -1].copy())
 
+    @classmethod
+    def holding(cls, state: Any, length: int) -> DecodeBatch:
+        """One row whose cache ``state`` holds ``length`` tokens, no padding (a prefix taken from the prefix cache)."""
+        return cls(state, np.ones((1, length), dtype=np.int64), np.array([length - 1], dtype=np.int64))
+
     @property
     def size(self) -> int:
         return self.mask.shape[0]
@@ -69,6 +75,15 @@ class DecodeBatch:
         self.mask = np.concatenate([self.mask, np.ones((self.size, 1), dtype=np.int64)], axis=1)
         self.positions = self.positions + 1
         logits, self.state = backend.decode(self.state, ids, self.mask, self.positions[:, None])
+        return logits
+
+    def extend(self, backend: Backend, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Feed T >= 1 tokens to every row (``KvCacheOps.extend``); returns the logits after the last (B, V)."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(self.size, -1)
+        self.mask = np.concatenate([self.mask, np.ones(ids.shape, dtype=np.int64)], axis=1)
+        positions = self.positions[:, None] + np.arange(1, ids.shape[1] + 1, dtype=np.int64)
+        logits, self.state = backend.extend(self.state, ids, self.mask, positions)
+        self.positions = positions[:, -1].copy()
         return logits
 
     def select(self, backend: Backend, rows: Sequence[int]) -> None:

@@ -1,10 +1,21 @@
 """The generation engine: one running batch over any ``Backend``, rows joining and leaving at every step.
 
 Pure Python + numpy; never imports a runtime. Cut like gpt-fast: a step is ``_drop_cancelled`` ->
-``_decode_running`` (one token for each running row) -> ``_prefill_newcomers`` (their first token,
-then ``merge`` into the running batch); ``_advance`` is the per-token bookkeeping (stop checks, text,
-events). Each row has its own settings, seeded generator and penalty state (``cpm_infer.engine.chooser``)
-and reads only its own row of logits, so its tokens do not depend on what it is batched with.
+``_decode_running`` (one token for each running row) -> ``_admit`` (newcomers become prefill jobs, one per
+distinct prompt) -> ``_prefill_step`` (each job feeds its prompt, or its next chunk; finished jobs give their
+rows' first tokens and ``merge`` into the running batch); ``_advance`` is the per-token bookkeeping (stop
+checks, text, events). Each row has its own settings, seeded generator and penalty state
+(``cpm_infer.engine.chooser``) and reads only its own row of logits, so its tokens do not depend on what it is
+batched with.
+
+Where the backend has ``KvCacheOps`` (torch, onnxruntime), two more things happen in ``_prefill_step``:
+
+- prefix cache (``cpm_infer.engine.prefix_cache``): a prompt starts from a copy of the longest cached prefix
+  and extends it with the rest; every prefilled prompt is offered to the cache;
+- chunked prefill (``prefill_chunk``): a prompt longer than a chunk is fed one chunk per step while the
+  running rows keep decoding, and joins them when it is done; shorter prompts prefill together in one call.
+
+Without them (TensorRT) every newcomer is prefilled whole, all in one call, as before.
 
 Single-threaded: one owner calls ``add`` / ``cancel`` / ``step``; a server wraps it with its own lock.
 """
@@ -18,11 +29,12 @@ from typing import Protocol
 
 import numpy as np
 
-from cpm_infer.backends.base import Backend
+from cpm_infer.backends.base import Backend, supports_kv_ops
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.batch import DecodeBatch
 from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose
 from cpm_infer.engine.detok import TextStream
+from cpm_infer.engine.prefix_cache import PrefixCache, shared_cache
 from cpm_infer.engine.processors import static_bans
 from cpm_infer.errors import CpmError
 
@@ -54,6 +66,7 @@ class GenerationResult:
     finish_reason: str  # "eos" | "length" | "stop" | "context" | a cancel reason
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
     score: float | None = None  # beam search: the beam's length-penalised log-probability
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache (not prefilled)
 
 
 @dataclass
@@ -123,6 +136,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    cached_tokens: int = 0
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -133,13 +147,48 @@ class _Row:
             text=self.text.text,
             finish_reason=self.finish_reason or "length",
             logprobs=self.logprobs,
+            cached_tokens=self.cached_tokens,
         )
 
 
+@dataclass
+class _Prefill:
+    """One distinct prompt being prefilled for its rows (the samples that share it), possibly over several steps."""
+
+    prompt: list[int]
+    rows: list[_Row]
+    batch: DecodeBatch | None = None  # its one-row cache so far
+    done: int = 0  # prompt tokens in that cache
+    cached: int = 0  # of which came from the prefix cache
+    looked_up: bool = False
+
+
+_SHARED = object()  # Engine's default prefix cache: the backend's shared one
+
+
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: TokenizerLike, *, max_rows: int = 8) -> None:
+    """``prefix_cache``: a ``PrefixCache`` (shared with whoever else holds it), None for none, by default the backend's
+    shared one (``prefix_cache.shared_cache``). ``prefill_chunk``: longest piece of a prompt fed in one step (0: whole
+    prompts). Both apply only where the backend supports ``KvCacheOps``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: TokenizerLike,
+        *,
+        max_rows: int = 8,
+        prefix_cache: PrefixCache | object | None = _SHARED,
+        prefill_chunk: int = 0,
+    ) -> None:
         if max_rows < 1:
             raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
+        if prefill_chunk < 0:
+            raise ConfigError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
+        ops = supports_kv_ops(backend)
+        if prefix_cache is _SHARED:
+            prefix_cache = shared_cache(backend) if ops else None
+        self.prefix_cache: PrefixCache | None = prefix_cache if ops and prefix_cache is not None else None  # type: ignore[assignment]
+        self.prefill_chunk = prefill_chunk if ops else 0
         self.backend, self.tokenizer = backend, tokenizer
         limit = getattr(backend, "max_batch", None)  # e.g. a TensorRT engine's profile
         self.max_rows = min(max_rows, limit) if limit else max_rows
@@ -151,6 +200,7 @@ class Engine:
         self._next_id = 0
         self._pending: list[_Row] = []
         self._rows: list[_Row] = []  # the running batch's rows, in batch order
+        self._prefilling: list[_Prefill] = []  # admitted, prompt not done yet (FIFO)
         self._batch: DecodeBatch | None = None
         self._cancelled: dict[int, str] = {}
         self._finished: list[FinishEvent] = []  # cancelled pending rows, reported at the next step
@@ -202,22 +252,31 @@ class Engine:
                 row.finish_reason = reason
                 self._finished.append(self._finish_event(row))
                 return
+        for job in self._prefilling:  # its prompt is being prefilled: the job goes when its last row does
+            for row in job.rows:
+                if row.id == row_id:
+                    job.rows.remove(row)
+                    if not job.rows:
+                        self._prefilling.remove(job)
+                    row.finish_reason = reason
+                    self._finished.append(self._finish_event(row))
+                    return
         if any(row.id == row_id for row in self._rows):
             self._cancelled[row_id] = reason
 
     def step(self) -> list[Event]:
-        """Drop cancelled rows, decode one token for every running row, prefill newcomers (their first
-        token) and merge them into the running batch. Returns this step's events."""
+        """Drop cancelled rows, decode one token for every running row, admit newcomers and prefill (prompts or
+        their next chunk; a finished prompt's rows get their first token and join the running batch). Returns
+        this step's events."""
         events: list[Event] = list(self._finished)
         self._finished = []
         self.tokens_last_step = 0
         self._drop_cancelled(events)
         if self._rows:
             self._decode_running(events)
-        room = self.max_rows - len(self._rows)
-        if self._pending and room > 0:
-            newcomers, self._pending = self._pending[:room], self._pending[room:]
-            self._prefill_newcomers(newcomers, events)
+        self._admit()
+        if self._prefilling:
+            self._prefill_step(events)
         return events
 
     @property
@@ -226,10 +285,11 @@ class Engine:
 
     @property
     def pending_rows(self) -> int:
-        return len(self._pending)
+        """Rows waiting to join the running batch: queued, or admitted with their prompt still prefilling."""
+        return len(self._pending) + sum(len(job.rows) for job in self._prefilling)
 
     def has_work(self) -> bool:
-        return bool(self._rows or self._pending or self._finished)
+        return bool(self._rows or self._pending or self._prefilling or self._finished)
 
     # -- one step ----------------------------------------------------------------------------------
     def _drop_cancelled(self, events: list[Event]) -> None:
@@ -246,16 +306,85 @@ class Engine:
         self._choose(logits, self._rows, events)
         self._keep_unfinished(events)
 
-    def _prefill_newcomers(self, rows: list[_Row], events: list[Event]) -> None:
-        # Rows with the same prompt (n samples, a list of identical prompts) prefill it once; the cache is then
-        # forked into one row each (``select`` with repeats), so n samples cost one prefill.
-        unique: dict[tuple[int, ...], int] = {}
-        order = [unique.setdefault(tuple(row.prompt), len(unique)) for row in rows]
-        logits, batch = DecodeBatch.prefill(self.backend, [list(p) for p in unique], self.tokenizer.pad_id)
-        if len(unique) < len(rows):
+    def _admit(self) -> None:
+        """Queued rows, while they fit in ``max_rows`` with the running and prefilling ones, become prefill jobs: one
+        per distinct prompt (n samples, identical prompts, a prompt already prefilling share one prefill; its
+        cache is forked with ``select``, so n samples cost one prefill)."""
+        room = self.max_rows - len(self._rows) - sum(len(job.rows) for job in self._prefilling)
+        if not self._pending or room <= 0:
+            return
+        newcomers, self._pending = self._pending[:room], self._pending[room:]
+        jobs = {tuple(job.prompt): job for job in self._prefilling}
+        for row in newcomers:
+            job = jobs.get(tuple(row.prompt))
+            if job is None:
+                job = jobs[tuple(row.prompt)] = _Prefill(list(row.prompt), [])
+                self._prefilling.append(job)
+            job.rows.append(row)
+
+    def _prefill_step(self, events: list[Event]) -> None:
+        """Each job not started yet looks for a cached prefix; those still without one and short enough (at most a
+        chunk) prefill together in one call; every other job feeds its prompt's rest, at most a chunk. The jobs
+        done give their snapshot to the prefix cache and their rows' first tokens, and join the running batch."""
+        chunk, cache = self.prefill_chunk, self.prefix_cache
+        for job in self._prefilling:
+            if cache is not None and not job.looked_up:
+                job.looked_up = True
+                hit = cache.take(self.backend, job.prompt)
+                if hit is not None:
+                    job.batch, job.done = DecodeBatch.holding(hit[0], hit[1]), hit[1]
+                    job.cached = hit[1]
+        fresh = [job for job in self._prefilling if job.batch is None and (not chunk or len(job.prompt) <= chunk)]
+        done: list[tuple[_Prefill, np.ndarray, DecodeBatch]] = []
+        if fresh:
+            logits, batch = DecodeBatch.prefill(self.backend, [job.prompt for job in fresh], self.tokenizer.pad_id)
+            for i, job in enumerate(fresh):
+                job.done = len(job.prompt)
+                if cache is not None:
+                    cache.store(self.backend, job.prompt, batch.state, row=i, start=batch.width - len(job.prompt))
+                done.append((job, logits[i : i + 1], batch))
+        for job in [job for job in self._prefilling if job not in fresh]:
+            logits = self._feed(job, chunk)
+            if job.done == len(job.prompt):
+                if cache is not None:
+                    cache.store(self.backend, job.prompt, job.batch.state)
+                done.append((job, logits, job.batch))
+        if done:
+            finished = {id(job) for job, _, _ in done}
+            self._prefilling = [job for job in self._prefilling if id(job) not in finished]
+            self._join(done, events)
+
+    def _feed(self, job: _Prefill, chunk: int) -> np.ndarray:
+        """The job's next piece: the rest of its prompt, or ``chunk`` tokens of it."""
+        end = len(job.prompt) if not chunk else min(len(job.prompt), job.done + chunk)
+        if job.batch is None:
+            logits, job.batch = DecodeBatch.prefill(self.backend, [job.prompt[:end]], self.tokenizer.pad_id)
+        else:
+            logits = job.batch.extend(self.backend, [job.prompt[job.done : end]])
+        job.done = end
+        return logits
+
+    def _join(self, done: list[tuple[_Prefill, np.ndarray, DecodeBatch]], events: list[Event]) -> None:
+        """The finished jobs' rows: one batch (jobs prefilled apart merged together), forked into one row per sample
+        with ``select``, their first tokens chosen, merged into the running batch."""
+        batch, parts, order, rows = None, [], [], []
+        for job, logits, job_batch in done:
+            if job_batch is not batch:
+                if batch is None:
+                    batch = job_batch
+                else:
+                    batch.merge(self.backend, job_batch)
+            index = len(parts)
+            parts.append(logits)
+            for row in job.rows:
+                row.cached_tokens = job.cached
+                order.append(index)
+                rows.append(row)
+        self.prefilled_rows += len(done)
+        logits = np.concatenate(parts)
+        if order != list(range(len(parts))):
             batch.select(self.backend, order)
             logits = logits[order]
-        self.prefilled_rows += len(unique)
         self._choose(logits, rows, events)
         if self._batch is None:
             self._batch, self._rows = batch, rows
