@@ -266,3 +266,48 @@ def test_backends_without_kv_ops_prefill_whole_prompts():
     assert [c for c in backend.calls if c[0] == "prefill"] == [("prefill", 2)]
     assert supports_kv_ops(SlotBackend())
     assert Engine(SlotBackend(), HashTok()).prefix_cache is not None  # the backend's shared cache by default
+
+
+# -- the server -------------------------------------------------------------------------------------
+def test_server_reports_cached_tokens_and_cache_metrics(tiny_checkpoint):
+    """usage.prompt_tokens_details.cached_tokens as OpenAI reports it; /metrics counts lookups, hits, tokens, bytes;
+    the completion is what the same request gives with the cache off."""
+    from test_serve import request
+
+    from cpm_infer.backends import load_backend
+    from cpm_infer.prompts import encode
+    from cpm_infer.serve.app import create_app
+    from cpm_infer.serve.server import BackgroundServer
+    from cpm_infer.serve.settings import ServeSettings
+
+    backend, tok = load_backend("torch", tiny_checkpoint)
+    long_text = "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
+    body = {"max_tokens": 5, "temperature": 0, "prompt": long_text + "汉朝自高祖"}
+    again = {**body, "prompt": long_text + "桓帝禁锢善类", "n": 2}
+    ids = [encode(tok, p).ids for p in (body["prompt"], again["prompt"])]  # as the server prepares them
+    common = next(i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b)
+    texts = {}
+    for mb in (0, 64):
+        app = create_app(backend, tok, ServeSettings(prefix_cache_mb=mb, prefill_chunk=16), warmup=False)
+        with BackgroundServer(app) as srv:
+            status, first = request(srv, "POST", "/v1/completions", body)
+            assert status == 200 and "prompt_tokens_details" not in first["usage"]
+            status, second = request(srv, "POST", "/v1/completions", again)
+            assert status == 200
+            texts[mb] = [c["text"] for c in first["choices"] + second["choices"]]
+            metrics = urllib_get(srv, "/metrics")
+        if mb:
+            assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": common}  # once for n = 2
+            assert "cpm_prefix_cache_hits_total 1.0" in metrics and "cpm_prefix_cache_lookups_total 2.0" in metrics
+            assert f"cpm_prefix_cache_cached_tokens_total {float(common)}" in metrics
+            assert "cpm_prefix_cache_bytes 0.0" not in metrics and "cpm_prefix_cache_entries 2.0" in metrics
+        else:
+            assert "prompt_tokens_details" not in second["usage"] and "cpm_prefix_cache" not in metrics
+    assert texts[0] == texts[64]
+
+
+def urllib_get(srv, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(srv.url + path, timeout=30) as response:
+        return response.read().decode()

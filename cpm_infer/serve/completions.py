@@ -98,9 +98,19 @@ def finish_reason(reason: str) -> str:
     return "length" if reason in ("length", "context") else "stop"
 
 
-def usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, int]:
+def usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` (the prompt tokens reused from the prefix cache, each
+    prompt counted once like ``prompt_tokens``) when there are any."""
     completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    body: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+    cached = sum(getattr(r, "cached_tokens", 0) for r in results if r.sample_index == 0)
+    if cached:
+        body["prompt_tokens_details"] = {"cached_tokens": cached}
+    return body
 
 
 def logprobs_block(steps: list[Any], start_offset: int) -> dict[str, list[Any]]:

@@ -1,14 +1,17 @@
 """Prometheus metrics of one app (its own registry: several apps in one process never share counters).
 
 Exposed on ``GET /metrics`` in the text format: requests by route/method/status, queue depth, running rows,
-prompt and generated tokens, time to first token and inter-token latency.
+prompt and generated tokens, time to first token and inter-token latency, and the prefix cache's lookups, hits
+(hit rate: ``rate(cpm_prefix_cache_hits_total) / rate(cpm_prefix_cache_lookups_total)``), prompt tokens reused,
+evictions, entries and bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Latency buckets (seconds): tens of ms per decode step on a CPU, up to minutes for a long queue.
@@ -48,6 +51,10 @@ class ServeMetrics:
         self.queue_depth.set_function(queued)
         self.running_rows.set_function(running_rows)
 
+    def watch_prefix_cache(self, stats: Callable[[], dict[str, int]]) -> None:
+        """The prefix cache's counters (``PrefixCacheStats.as_dict``), read at scrape time."""
+        self.registry.register(_PrefixCacheCollector(stats))
+
     def prompt(self, tokens: int) -> None:
         self.prompt_tokens.inc(tokens)
 
@@ -62,6 +69,31 @@ class ServeMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PrefixCacheCollector:
+    """The engine's prefix cache counts for itself; exposed as counters and gauges when scraped."""
+
+    _COUNTERS = (
+        ("lookups", "cpm_prefix_cache_lookups", "Prompts looked up in the prefix cache (long enough to reuse one)"),
+        ("hits", "cpm_prefix_cache_hits", "Lookups that reused a cached prefix"),
+        ("hit_tokens", "cpm_prefix_cache_cached_tokens", "Prompt tokens reused from the prefix cache, not prefilled"),
+        ("evictions", "cpm_prefix_cache_evictions", "Prefix cache entries dropped for room (least recently used)"),
+    )
+    _GAUGES = (
+        ("bytes", "cpm_prefix_cache_bytes", "Bytes the prefix cache's KV snapshots hold"),
+        ("entries", "cpm_prefix_cache_entries", "Prompts in the prefix cache"),
+    )
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        for key, name, doc in self._COUNTERS:
+            yield CounterMetricFamily(name, doc, value=stats[key])
+        for key, name, doc in self._GAUGES:
+            yield GaugeMetricFamily(name, doc, value=stats[key])
 
 
 class RequestCounter:

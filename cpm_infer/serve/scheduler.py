@@ -26,6 +26,7 @@ from cpm_infer.backends.base import Backend
 from cpm_infer.config import GenerationConfig
 from cpm_infer.engine import Engine, FinishEvent, TokenizerLike
 from cpm_infer.engine import TokenEvent as EngineToken
+from cpm_infer.engine.prefix_cache import PrefixCache
 from cpm_infer.errors import CpmError, describe
 from cpm_infer.serve.errors import GenerationFailedError, InvalidRequestError, QueueFullError, ShuttingDownError
 from cpm_infer.serve.jobs import SHUTDOWN, ChoiceDone, ErrorEvent, Job, TokenEvent, error_for
@@ -53,7 +54,11 @@ class Scheduler:
         self.settings = settings
         self.metrics = metrics
         self.counters: Counter[str] = Counter()
-        self.engine = Engine(backend, tokenizer, max_rows=settings.max_batch)
+        # One prefix cache for the server's life: a new engine after a failed step keeps it (its entries are copies).
+        self.prefix_cache = PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None
+        self.engine = self._new_engine()
+        if metrics is not None and self.engine.prefix_cache is not None:
+            metrics.watch_prefix_cache(lambda: self.engine.prefix_cache.stats.as_dict())
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._running: set[Job] = set()
@@ -64,6 +69,16 @@ class Scheduler:
         self._stopped = False  # the generation thread exits
         self._thread: threading.Thread | None = None
         self._grace_timer: threading.Timer | None = None
+
+    def _new_engine(self) -> Engine:
+        settings = self.settings
+        return Engine(
+            self.backend,
+            self.tokenizer,
+            max_rows=settings.max_batch,
+            prefix_cache=self.prefix_cache,
+            prefill_chunk=settings.prefill_chunk,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -284,7 +299,7 @@ class Scheduler:
             jobs = list(self._running)
             self._running.clear()
             self._to_cancel.clear()
-            self.engine = Engine(self.backend, self.tokenizer, max_rows=self.settings.max_batch)
+            self.engine = self._new_engine()
             self._engine_rows = 0
             self._last_token.clear()  # the new engine numbers its rows from 0 again
             for job in jobs:

@@ -21,7 +21,10 @@ class ServeSettings:
     still runs. ``queue_size`` bounds the requests waiting to join the batch: one more gets 503 at once.
     ``timeout_s`` bounds a request from arrival to its last token (504 after it). ``batch_wait_ms`` is how long
     static batching waits for batch-mates (continuous batching admits at every step). A default
-    ``max_new_tokens`` over the cap is the cap.
+    ``max_new_tokens`` over the cap is the cap. ``prefix_cache_mb`` bounds the prefix cache (a prompt sharing at least
+    32 leading tokens with one prefilled before starts from its KV snapshot); ``prefill_chunk``: a longer prompt is
+    prefilled that many tokens per step, so the running rows keep getting tokens meanwhile (both where the backend
+    has ``KvCacheOps``: torch, onnxruntime; ``cpm_infer.engine.prefix_cache``).
     """
 
     max_batch: int = setting(8, "Rows in the running batch (1 = one at a time).", ge=1, label="max batch")
@@ -44,6 +47,12 @@ class ServeSettings:
         unit="bytes",
         flag="--max-body-kb",
         scale=1024,
+    )
+    prefix_cache_mb: int = setting(
+        256, "KV snapshots of prompts kept for reuse by prompts that start alike (0: off).", ge=0, unit="MiB"
+    )
+    prefill_chunk: int = setting(
+        128, "Longest piece of a prompt prefilled per step while the batch decodes (0: whole prompts).", ge=0
     )
     shutdown_grace_s: float = setting(
         10.0, "Seconds in-flight requests get on stop.", ge=0, label="shutdown grace", unit="s", flag="--shutdown-grace"
