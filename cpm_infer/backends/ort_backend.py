@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,8 @@ class OrtBackend:
             return state
         if self.io_binding and self._device_buffers:
             return self._select_on_device(state, np.arange(state.batch), 0, length)
-        return self._store(state, [view[:, :, :length] for view in self._kv_views(state)], state.batch, length)
+        views = self._kv_views(state)
+        return self._write(state, state.batch, length, lambda i, target: _copy(target, views[i][:, :, :length]))
 
     def copy_rows(
         self, state: OrtState, rows: np.ndarray, *, start: int = 0, stop: int | None = None, room: int = 0
@@ -225,23 +227,12 @@ class OrtBackend:
         new, length = self._new_state(len(rows)), stop - start
         if self.io_binding and self._device_buffers:
             self._copy_on_device(state, rows, start, stop, new, 0)
-        else:
-            sources = [view[:, :, start:stop] for view in self._kv_views(state)]
-            new_shape = kv.kv_shape(self.spec, len(rows), length)
-            if not self.io_binding:
-                new.arrays = [_take_rows(np.empty(new_shape, self.np_dtype), source, rows) for source in sources]
-            elif self.kv_shared:
-                new.capacity = min(length + max(room, 0), max(length, self.spec.n_positions))
-                shape = kv.kv_shape(self.spec, len(rows), new.capacity)
-                new.buffers = [[np.empty(shape, self.np_dtype), None] for _ in sources]
-                for pair, source in zip(new.buffers, sources, strict=True):
-                    _take_rows(pair[0][:, :, :length], source, rows)
-            else:
-                for i, source in enumerate(sources):
-                    flat = self._ensure(new, i, 0, max(1, int(np.prod(new_shape))), len(rows))
-                    _take_rows(flat[: int(np.prod(new_shape))].reshape(new_shape), source, rows)
-        new.past = length
-        return new
+            new.past = length
+            return new
+        sources = [view[:, :, start:stop] for view in self._kv_views(state)]
+        if self.kv_shared:  # room to grow by, so that the next extend does not move the copy again
+            new.capacity = min(length + max(room, 0), max(length, self.spec.n_positions))
+        return self._write(new, len(rows), length, lambda i, target: _take_rows(target, sources[i], rows))
 
     def nbytes(self, state: OrtState) -> int:
         """Bytes of the state's KV buffers as allocated (both of a ping-pong pair; a shared buffer's capacity)."""
@@ -256,8 +247,8 @@ class OrtBackend:
         rows = np.asarray(rows, dtype=np.int64)
         if self.io_binding and self._device_buffers:
             return self._select_on_device(state, rows, start, state.past)
-        kept = [view[rows, :, start:] for view in self._kv_views(state)]  # advanced indexing: copies
-        return self._store(state, kept, len(rows), state.past - start)
+        sources = [view[:, :, start:] for view in self._kv_views(state)]
+        return self._write(state, len(rows), state.past - start, lambda i, target: _take_rows(target, sources[i], rows))
 
     def merge(self, state: OrtState, other: OrtState) -> OrtState:
         """Rows of ``state`` then ``other``, the shorter cache left-padded with zeros: one copy per join
@@ -266,12 +257,16 @@ class OrtBackend:
         width = max(state.past, other.past)
         if self.io_binding and self._device_buffers:
             return self._merge_on_device(state, other, width)
-        merged = [
-            np.concatenate([kv.pad_left(a, width, 2), kv.pad_left(b, width, 2)])
-            for a, b in zip(self._kv_views(state), self._kv_views(other), strict=True)
-        ]
+        mine, theirs, split = self._kv_views(state), self._kv_views(other), state.batch
+
+        def fill(i: int, target: np.ndarray) -> None:
+            for part, rows in ((mine[i], slice(None, split)), (theirs[i], slice(split, None))):
+                pad = width - part.shape[2]
+                target[rows, :, :pad] = 0  # masked slots, but never garbage (0 x NaN is NaN)
+                target[rows, :, pad:] = part
+
         state.capacity = max(state.capacity, other.capacity)
-        return self._store(state, merged, state.batch + other.batch, width)
+        return self._write(state, state.batch + other.batch, width, fill)
 
     def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits of every position (B, T, V) float32 from a prefill with an empty past, no state kept
@@ -391,24 +386,26 @@ class OrtBackend:
         shape = kv.kv_shape(self.spec, state.batch, state.past)
         return [pair[state.current][: int(np.prod(shape))].reshape(shape) for pair in state.buffers]
 
-    def _store(self, state: OrtState, arrays: list[np.ndarray], batch: int, past: int) -> OrtState:
-        """Make ``arrays`` (B, nh, past, hs), freshly computed, the state's cache."""
+    def _write(self, state: OrtState, batch: int, past: int, fill: Callable[[int, np.ndarray], None]) -> OrtState:
+        """Give a host-resident state a new (batch, nh, past, hs) cache: ``fill(i, target)`` writes KV tensor ``i``
+        into its target (new arrays, the other buffer of each pair, or the first slots of new shared buffers), so
+        what is kept is copied once, with no temporaries; the sources may be the state's current buffers."""
+        shape = kv.kv_shape(self.spec, batch, past)
         if not self.io_binding:
-            state.arrays = [np.ascontiguousarray(a, dtype=self.np_dtype) for a in arrays]
+            state.arrays = [np.empty(shape, dtype=self.np_dtype) for _ in self.past_names]
+            for i, target in enumerate(state.arrays):
+                fill(i, target)
         elif self.kv_shared:
             capacity = max(state.capacity, past)
-            buffers = []
-            for array in arrays:
-                buffer = np.empty(kv.kv_shape(self.spec, batch, capacity), dtype=self.np_dtype)
-                buffer[:, :, :past] = array
-                buffers.append([buffer, None])
-            state.buffers, state.capacity = buffers, capacity
+            buffers = [np.empty(kv.kv_shape(self.spec, batch, capacity), dtype=self.np_dtype) for _ in self.past_names]
+            for i, buffer in enumerate(buffers):
+                fill(i, buffer[:, :, :past])
+            state.buffers, state.capacity = [[buffer, None] for buffer in buffers], capacity
             state.bound = None  # new buffers: bind them at the next step
         else:
-            other = 1 - state.current
-            for i, array in enumerate(arrays):
-                target = self._ensure(state, i, other, max(1, array.size), batch)
-                target[: array.size].reshape(array.shape)[...] = array
+            other, size = 1 - state.current, int(np.prod(shape))
+            for i in range(len(self.past_names)):
+                fill(i, self._ensure(state, i, other, max(1, size), batch)[:size].reshape(shape))
             state.current = other
         state.batch, state.past = batch, past
         return state
@@ -493,11 +490,14 @@ class OrtBackend:
             raise OrtLoadError(f"onnxruntime failed to run the graph: {first_line(exc)}") from exc
 
 
-def _take_rows(target: np.ndarray, source: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _take_rows(target: np.ndarray, source: np.ndarray, rows: np.ndarray) -> None:
     """``target[j] = source[rows[j]]`` row by row: one copy, no temporary."""
     for j, row in enumerate(rows):
         target[j] = source[row]
-    return target
+
+
+def _copy(target: np.ndarray, source: np.ndarray) -> None:
+    target[...] = source
 
 
 def load(
