@@ -7,8 +7,13 @@ Schemes (ONNX Runtime, CPU provider), applied to the float32 graph the export va
   (``--per-channel``): ``onnxruntime.quantization``'s dynamic quantization instead, weights int8 per output
   channel (MatMulInteger / DynamicQuantizeMatMul, activations quantized per tensor per call): faster, further
   from float32.
-- ``int4``: weight-only 4-bit ``com.microsoft.MatMulNBits`` (``matmul_nbits_quantizer``), blocks of
-  ``block_size`` input rows with their own scale, ``accuracy_level`` 4 (int8 activations inside).
+- ``int4``: weight-only ``com.microsoft.MatMulNBits`` (``matmul_nbits_quantizer``), mixed precision per matrix
+  as llama.cpp's q4_K_M: 4-bit blocks of ``block_size`` (128) input rows with their own scale for the body, the
+  most sensitive matrices at 8 bits (blocks of 32): the LM head and the first block (``int8_matrices``); the
+  embedding float32; ``accuracy_level`` 4 (int8 activations inside). ``--fast`` keeps the former default, every
+  matrix and the embedding (``GatherBlockQuantized``) at 4 bits: fewer bytes per token, further from float32.
+  Zero points (asymmetric blocks) and ORT's k-quant search of scales and minimums are options of the config
+  (``QuantConfig.symmetric``, ``algorithm``).
 
 Both run node by node with bounded memory (``export.quantize_graph``).
 
@@ -17,8 +22,9 @@ The tied LM head: the export writes it as ``Gemm(x, wte, transB=1)`` sharing ``w
 ``quantize_graph.untie_lm_head``
 gives it a transposed copy of ``wte`` as a plain MatMul that the quantizer then takes like any other.
 The embedding Gather reads one row per token (no bandwidth cost) and stays float32 unless the config
-says otherwise. Which of these each scheme does was decided from measurements (see ``CONFIGS`` and
-the README); every choice is written to the manifest's ``details.quantization``.
+says otherwise. Which of these each scheme does was decided from measurements (see ``CONFIGS`` in
+``export.quant_config``, and ``benchmarks/results/quant-search-*``); every choice, and what each matrix became,
+is written to the manifest's ``details.quantization``.
 """
 
 from __future__ import annotations
@@ -47,15 +53,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """What the user asked for: the scheme and its quality gate."""
+    """What the user asked for: the scheme, its recipe and what the user changed in it, and the quality gate."""
 
     scheme: str
     gate_file: Path | None = None
     gate_threshold: float | None = None  # None: the scheme's default (quality_gate.THRESHOLDS)
     force_quality: bool = False
     block_size: int | None = None  # weights per scale (None: the scheme's default)
-    lm_head: str | None = None  # "float32" unquantized, "int8" (int4 only) 8-bit; None: quantized like the rest
+    lm_head: str | None = None  # "float32", "int8" (int4 only) or "quantized" (like the rest); None: the recipe's
     per_channel: bool = False  # int8: a scale per output column and dynamic activations instead of blocks
+    fast: bool = False  # int4: the former default recipe (RECIPES), faster and further from float32
+    int8_matrices: tuple[str, ...] | None = None  # int4: block matrices at 8 bits (None: the recipe's)
+    gate_kl_threshold: float | None = None  # None: the scheme's default (quant_kl.KL_THRESHOLDS)
 
     def config(self) -> QuantConfig:
         """The scheme's configuration with what the user changed (refused where it does not apply)."""
@@ -66,6 +75,12 @@ class QuantizeOptions:
             if self.block_size is not None:
                 raise QuantizeError("--per-channel and --block-size exclude each other")
             overrides["block_size"] = None
+        if self.fast and self.scheme != "int4":
+            raise QuantizeError(f"--fast applies to int4 (int8's faster scheme is --per-channel), not {self.scheme}")
+        if self.int8_matrices is not None:
+            if self.scheme != "int4":
+                raise QuantizeError(f"--int8-matrices applies to int4, not {self.scheme}")
+            overrides["int8_matrices"] = tuple(self.int8_matrices)
         if self.block_size is not None:
             if self.block_size < 16 or self.block_size & (self.block_size - 1):
                 raise QuantizeError(f"--block-size must be a power of two >= 16, got {self.block_size}")
@@ -74,7 +89,7 @@ class QuantizeOptions:
             if self.lm_head not in ("float32", "int8", "quantized"):
                 raise QuantizeError(f"--lm-head must be float32, int8 or quantized, got {self.lm_head!r}")
             overrides["lm_head"] = self.scheme if self.lm_head == "quantized" else self.lm_head
-        return config_for(self.scheme, **overrides)
+        return config_for(self.scheme, "fast" if self.fast else "default", **overrides)
 
 
 def check_request(model_dir: str | os.PathLike[str], options: QuantizeOptions, *, fp16: bool, device: str) -> None:
@@ -141,6 +156,7 @@ def apply_quantization(
         scheme=options.scheme,
         gate_file=options.gate_file,
         threshold=options.gate_threshold,
+        kl_threshold=options.gate_kl_threshold,
         force=options.force_quality,
         threads=threads,
         say=say,

@@ -12,7 +12,12 @@ largest weight, quantized and float.
 - ``int8``: ``ONNXQuantizer`` in ``IntegerOps`` mode (what ``quantize_dynamic`` runs): MatMulInteger on
   per-channel int8 weights, activations quantized per call by DynamicQuantizeLinear.
 - ``int4``, and ``int8`` with a block size: ``DefaultWeightOnlyQuantizer`` (what ``MatMulNBitsQuantizer``
-  runs per node): MatMulNBits with 4 or 8 bits, and GatherBlockQuantized for an int4 embedding.
+  runs per node): MatMulNBits with 4 or 8 bits, and GatherBlockQuantized for an int4 embedding; with
+  ``algorithm="k_quant"``, ORT's k-quant (``neural_compressor.weight_only``: what ``MatMulNBitsQuantizer`` with
+  ``KQuantWeightOnlyQuantConfig`` runs per MatMul), a slice of output columns at a time.
+
+Each matrix gets the precision its config gives it (``QuantConfig.precision``: 4-bit body, 8-bit or float32
+LM head, 8-bit or float32 block matrices); what each got is returned (``matrices``) for the manifest.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from export.onnx_weights import (
     tensor_array,
     weight_bytes,
 )
-from export.quant_config import LM_HEAD_INT8_BLOCK, QuantConfig, QuantizeError, config_for
+from export.quant_config import EMBEDDING, LM_HEAD, Precision, QuantConfig, QuantizeError, matrix_of
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +61,29 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
     if config.lm_head != "float32" and lm_head is None:
         raise QuantizeError(f"{source.name}: the tied LM head (Gemm on wte, transB=1) was not found")
     initializers = {t.name: t for t in model.graph.initializer}
-    targets = [
-        n.name
-        for n in model.graph.node
-        if n.op_type == "MatMul" and n.input[1] in initializers and (n.name != lm_head or config.lm_head != "float32")
-    ]
-    if config.embedding != "float32":
-        embedding = _embedding_gather(model, spec, initializers)
-        if embedding is None:
-            raise QuantizeError(f"{source.name}: the embedding Gather on wte was not found")
-        targets.append(embedding)
+    roles: dict[str, tuple[str, int | None]] = {}  # node -> (matrix, layer), every weight matrix of the graph
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in initializers:
+            roles[node.name] = (LM_HEAD, None) if node.name == lm_head else matrix_of(node.input[1]) or ("matmul", None)
+    embedding = _embedding_gather(model, spec, initializers)
+    if embedding is not None:
+        roles[embedding] = (EMBEDDING, None)
+    elif config.embedding != "float32":
+        raise QuantizeError(f"{source.name}: the embedding Gather on wte was not found")
+    plan = {name: config.precision(*role) for name, role in roles.items()}
+    targets = [name for name, precision in plan.items() if precision is not None]
     data = target.with_name(f"{target.name}.data")
     try:
         with _quiet_quantizer_logs(), ExternalDataWriter(data) as writer:
-            quantize = _NBits(model, config) if config.block_wise else _Int8(model, config)
-            if lm_head is not None and config.lm_head != config.scheme:  # int4 with an 8-bit LM head
-                head = config_for("int8", block_size=LM_HEAD_INT8_BLOCK, accuracy_level=config.accuracy_level)
-                quantize = _HeadApart(quantize, lm_head, _NBits(model, head))
+            if config.block_wise:
+                # As MatMulNBitsQuantizer.process: the com.microsoft domain; int4 Gather data needs opset 21 / IR 10.
+                _set_opset(model, "com.microsoft", 1)
+                if plan.get(embedding) is not None:
+                    _set_opset(model, "", 21, at_least=True)
+                    model.ir_version = max(model.ir_version, 10)
+                quantize = _PerNode(plan, config.accuracy_level)
+            else:
+                quantize = _Int8(model, config)
             written = _rewrite(model, set(targets), initializers, base, writer, quantize)
             _drop_unused_initializers(model)
             # What stays float (norms, biases, position embedding...) moves into the target's data file too.
@@ -92,7 +103,32 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     size = weight_bytes(model)
     log.info("quantized %s -> %s: %s, %.1f MiB of weights", source.name, target.name, counts, size / 2**20)
-    return {"quantized_nodes": len(targets), "operators": counts, "weights_mib": round(size / 2**20, 1)}
+    return {
+        "quantized_nodes": len(targets),
+        "operators": counts,
+        "weights_mib": round(size / 2**20, 1),
+        "matrices": _summary(roles, plan, lm_head_float32=lm_head is None),
+    }
+
+
+def _summary(roles: dict, plan: dict, *, lm_head_float32: bool) -> dict[str, list[dict[str, Any]]]:
+    """matrix -> [{precision: int4 | int8 | float32, block_size, zero_points, algorithm, layers}, ...]: what each
+    weight matrix of the graph became, layers grouped by precision."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, (matrix, layer) in roles.items():
+        precision = plan[name]
+        entry = {"precision": "float32"} if precision is None else {"precision": f"int{precision.bits}"}
+        if precision is not None:
+            entry |= {k: v for k, v in precision.to_dict().items() if k != "bits"}
+        rows = out.setdefault(matrix, [])
+        same = next((row for row in rows if {k: v for k, v in row.items() if k != "layers"} == entry), None)
+        if same is None:
+            rows.append(same := entry)
+        if layer is not None:
+            same.setdefault("layers", []).append(layer)
+    if lm_head_float32:  # the LM head stayed the Gemm on the embedding table
+        out.setdefault(LM_HEAD, [{"precision": "float32"}])
+    return out
 
 
 def _rewrite(model, targets: set[str], initializers: dict, base: Path, writer, quantize) -> set[str]:
@@ -128,35 +164,12 @@ def _rewrite(model, targets: set[str], initializers: dict, base: Path, writer, q
     return written
 
 
-class _NBits:
-    """MatMulNBits (4 or 8 bits) / GatherBlockQuantized (4 bits) through ORT's DefaultWeightOnlyQuantizer,
-    one node at a time."""
+class _PerNode:
+    """Each node's quantizer by its precision (``plan``); one quantizer per distinct precision."""
 
-    def __init__(self, model: Any, config: QuantConfig) -> None:
-        from onnx import helper
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            DefaultWeightOnlyQuantizer,
-        )
-        from onnxruntime.quantization.quant_utils import QuantFormat
-
-        self.quantizer = DefaultWeightOnlyQuantizer(
-            DefaultWeightOnlyQuantConfig(
-                block_size=config.block_size,
-                is_symmetric=config.symmetric,
-                accuracy_level=config.accuracy_level,
-                quant_format=QuantFormat.QOperator,
-                op_types_to_quantize=("MatMul", "Gather"),
-                quant_axes=(("MatMul", 0), ("Gather", 1)),
-                bits=config.bits,
-            )
-        )
-        # As MatMulNBitsQuantizer.process: the com.microsoft domain; int4 Gather data needs opset 21 / IR 10.
-        _set_opset(model, "com.microsoft", 1)
-        if config.embedding != "float32":
-            _set_opset(model, "", 21, at_least=True)
-            model.ir_version = max(model.ir_version, 10)
-        self.helper = helper
+    def __init__(self, plan: dict[str, Precision | None], accuracy_level: int) -> None:
+        self.plan, self.accuracy_level = plan, accuracy_level
+        self.quantizers: dict[Precision, Any] = {}
 
     @staticmethod
     def group_key(node: Any) -> str:
@@ -167,33 +180,89 @@ class _NBits:
         return node.input[0] if node.op_type == "Gather" else node.input[1]
 
     def __call__(self, group: list[Any], arrays: dict[str, np.ndarray]) -> tuple[list[Any], list[Any]]:
+        (node,) = group
+        precision = self.plan[node.name]
+        if precision not in self.quantizers:
+            kind = _KQuant if precision.algorithm == "k_quant" else _NBits
+            self.quantizers[precision] = kind(precision, self.accuracy_level)
+        return self.quantizers[precision](node, self.weight_of(node), arrays[self.weight_of(node)])
+
+
+class _NBits:
+    """MatMulNBits (4 or 8 bits) / GatherBlockQuantized (4 bits) through ORT's DefaultWeightOnlyQuantizer (round
+    to nearest), one node at a time."""
+
+    def __init__(self, precision: Precision, accuracy_level: int) -> None:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+        from onnxruntime.quantization.quant_utils import QuantFormat
+
+        self.quantizer = DefaultWeightOnlyQuantizer(
+            DefaultWeightOnlyQuantConfig(
+                block_size=precision.block_size,
+                is_symmetric=not precision.zero_points,
+                accuracy_level=accuracy_level,
+                quant_format=QuantFormat.QOperator,
+                op_types_to_quantize=("MatMul", "Gather"),
+                quant_axes=(("MatMul", 0), ("Gather", 1)),
+                bits=precision.bits,
+            )
+        )
+
+    def __call__(self, node: Any, name: str, array: np.ndarray) -> tuple[list[Any], list[Any]]:
         from onnx import GraphProto, numpy_helper
 
-        (node,) = group
-        name = self.weight_of(node)
         scratch = GraphProto()
-        scratch.initializer.append(numpy_helper.from_array(np.asarray(arrays[name]), name))
+        scratch.initializer.append(numpy_helper.from_array(np.asarray(array), name))
         nodes = self.quantizer.quantize(node, [scratch])
         return nodes, [t for t in scratch.initializer if t.name != name]
 
 
-class _HeadApart:
-    """The quantizer of every node but the LM head, which gets its own (an int4 body with an 8-bit head)."""
+KQUANT_CHUNK = 1 << 21  # weights per k-quant call: its search holds about ten float32/float64 copies of them
 
-    def __init__(self, body: Any, head_name: str, head: Any) -> None:
-        self.body, self.head_name, self.head = body, head_name, head
 
-    def _of(self, node: Any) -> Any:
-        return self.head if node.name == self.head_name else self.body
+class _KQuant:
+    """MatMulNBits with zero points from ORT's k-quant (llama.cpp's search of each block's scale and minimum,
+    weighted by magnitude), as ``MatMulNBitsQuantizer`` with ``KQuantWeightOnlyQuantConfig`` runs it per MatMul
+    (``rtn_quantize``). Blocks are independent: it runs on slices of output columns (``KQUANT_CHUNK`` weights)
+    and gives the same tensors as on the whole matrix."""
 
-    def group_key(self, node: Any) -> str:
-        return self._of(node).group_key(node)
+    def __init__(self, precision: Precision, accuracy_level: int) -> None:
+        self.bits, self.block_size, self.accuracy_level = precision.bits, precision.block_size, accuracy_level
 
-    def weight_of(self, node: Any) -> str:
-        return self._of(node).weight_of(node)
+    def __call__(self, node: Any, name: str, array: np.ndarray) -> tuple[list[Any], list[Any]]:
+        from onnxruntime.quantization.neural_compressor.weight_only import (
+            make_matmul_weight_only_node,
+            pad_tensor,
+            quant_tensor_k_quant_cpu,
+        )
 
-    def __call__(self, group: list[Any], arrays: dict[str, np.ndarray]) -> tuple[list[Any], list[Any]]:
-        return self._of(group[0])(group, arrays)
+        weight = np.asarray(array)
+        rows, cols = weight.shape
+        k_blocks = (rows - 1) // self.block_size + 1
+        step = max(1, KQUANT_CHUNK // (k_blocks * self.block_size))
+        quantized, scales, zero_points = [], [], []
+        for start in range(0, cols, step):
+            part = pad_tensor(weight[:, start : start + step], self.block_size, k_blocks)
+            q, scale, zero_point = quant_tensor_k_quant_cpu(part.T, self.bits, self.block_size)
+            quantized.append(q.astype(np.uint8))
+            scales.append(scale.astype(weight.dtype))
+            zero_points.append(zero_point)
+            del part, q, scale, zero_point
+        new, tensors = make_matmul_weight_only_node(
+            node=node,
+            weight_shape=weight.shape,
+            num_bits=self.bits,
+            group_size=self.block_size,
+            k_blocks=k_blocks,
+            q_weight=np.concatenate(quantized),
+            scale=np.concatenate(scales),
+            zero_point=np.concatenate(zero_points),
+            accuracy_level=self.accuracy_level,
+        )
+        return [new], tensors
 
 
 class _Int8:

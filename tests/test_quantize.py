@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ from tests.conftest import CORPUS
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-# Quantized vs float32 graph, max |log p| difference over all positions (nats). Measured on this
-# tiny model: int8 0.015, int4 0.12 (initializer_range 0.02; wider random inits amplify errors).
-LOGPROB_TOLERANCE = {"int8": 0.05, "int8-per-channel": 0.05, "int4": 0.3}
+# Quantized vs float32 graph, max |log p| difference over all positions (nats). Measured on this tiny model
+# (seeds 0-2): int8 0.007-0.008, int4 0.043-0.047, int4 --fast 0.104-0.130 (the former default, which the int4
+# bound excludes), int4 --fast --block-size 32 --lm-head int8 0.071-0.077 (initializer_range 0.02; wider random
+# inits amplify errors).
+LOGPROB_TOLERANCE = {"int8": 0.05, "int8-per-channel": 0.05, "int4": 0.07, "int4-fast": 0.3}
 
 
 def _checkpoint(tiny_vocab: Path, out: Path, *, seed: int = 0, init: float = 0.02) -> Path:
@@ -63,6 +66,8 @@ def quantized(fp32_artifact, gate_text, tmp_path_factory) -> dict[str, Path]:
     }
     per_channel = QuantizeOptions("int8", gate_text, per_channel=True)
     out["int8-per-channel"] = export_onnx(fp32_artifact, root / "int8-per-channel", quantize=per_channel).path
+    fast = QuantizeOptions("int4", gate_text, fast=True)
+    out["int4-fast"] = export_onnx(fp32_artifact, root / "int4-fast", quantize=fast).path
     return out
 
 
@@ -83,11 +88,41 @@ def _logprobs(artifact: Path, ids: np.ndarray) -> np.ndarray:
     return logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int8-per-channel", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-per-channel", "int4", "int4-fast"])
 def test_quantized_logprobs_close_to_fp32(fp32_artifact, quantized, scheme):
     ids = np.random.default_rng(0).integers(0, _vocab(fp32_artifact), size=(2, 40))
     diff = np.abs(_logprobs(quantized[scheme], ids) - _logprobs(fp32_artifact, ids)).max()
     assert 0 < diff <= LOGPROB_TOLERANCE[scheme]  # > 0: the weights really changed
+    if scheme == "int4-fast":  # the former default does not meet the int4 default's bound
+        assert diff > LOGPROB_TOLERANCE["int4"]
+
+
+def _precisions(details: dict) -> dict[str, list[tuple]]:
+    """matrix -> [(precision, block size, zero points, algorithm, layers)] from a manifest's ``matrices``."""
+    return {
+        matrix: [
+            (e["precision"], e.get("block_size"), e.get("zero_points"), e.get("algorithm"), e.get("layers"))
+            for e in entries
+        ]
+        for matrix, entries in details["matrices"].items()
+    }
+
+
+def _matmul_bits(artifact: Path) -> dict[str, tuple[int, int, bool]]:
+    """weight -> (bits, block size, has zero points) of every MatMulNBits in the artifact's graph."""
+    import onnx
+    from onnx import helper
+
+    from cpm_infer.artifact import read_manifest
+
+    graph = onnx.load(str(artifact / read_manifest(artifact).graph_files["model"]), load_external_data=False)
+    out = {}
+    for node in graph.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            weight = re.sub(r"_Q\d+(G\d+)?$", "", node.input[1])  # the quantizers' suffix on the float weight's name
+            out[weight] = (attrs["bits"], attrs["block_size"], len(node.input) > 3 and bool(node.input[3]))
+    return out
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -97,18 +132,58 @@ def test_manifest_records_scheme_and_gate(quantized, scheme):
     manifest = read_manifest(quantized[scheme])
     q = manifest.details["quantization"]
     assert manifest.graph_files == {"model": f"model_{scheme}.onnx"}  # float32 graphs are not shipped
-    assert q["scheme"] == scheme and q["lm_head"] == scheme
-    if scheme == "int4":
-        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["embedding"]) == (128, True, 4, "int4")
-        assert q["operators"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}  # 4 per layer + LM head
+    assert q["scheme"] == scheme and q["recipe"] == "default" and q["embedding"] == "float32"
+    assert q["operators"] == {"MatMulNBits": 9}  # 4 per layer + LM head; the embedding Gather stays float32
+    if scheme == "int4":  # 4-bit blocks of 128 without zero points; the first block and the LM head 8-bit
+        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["algorithm"]) == (128, True, 4, "rtn")
+        assert (q["lm_head"], q["int8_matrices"], q["int8_block_size"], q["lm_head_block_size"]) == (
+            "int8",
+            ["h.0"],
+            32,
+            32,
+        )
+        assert "MatMulNBits, bits 4 and 8" in q["method"]
+        int4, int8 = ("int4", 128, False, "rtn", [1]), ("int8", 32, False, "rtn", [0])
+        assert _precisions(q) == {
+            **{matrix: [int8, int4] for matrix in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")},
+            "lm_head": [("int8", 32, False, "rtn", None)],
+            "embedding": [("float32", None, None, None, None)],
+        }
+        bits = _matmul_bits(quantized[scheme])
+        assert {w: b for w, b in bits.items() if w.startswith("blocks.0.") or w.startswith("lm_head")} == {
+            **{f"blocks.0.{w}": (8, 32, False) for w in ("attn_w", "proj_w", "fc_w", "mlp_proj_w")},
+            "lm_head.weight_t": (8, 32, False),
+        }
+        assert all(b == (4, 128, False) for w, b in bits.items() if w.startswith("blocks.1."))
     else:  # llama.cpp q8_0's layout: 8-bit blocks of 32 on every matrix, LM head included; embedding float32
-        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["embedding"]) == (32, True, 4, "float32")
-        assert q["operators"] == {"MatMulNBits": 9} and "per_channel" not in q
-    assert f"MatMulNBits, bits {scheme[-1]}" in q["method"]
+        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["lm_head"]) == (32, True, 4, "int8")
+        assert "per_channel" not in q and "int8_block_size" not in q and "MatMulNBits, bits 8" in q["method"]
+        assert {e["precision"] for entries in q["matrices"].values() for e in entries} == {"int8", "float32"}
     gate = q["gate"]
     assert gate["passed"] and not gate["forced"] and gate["tokens"] > 1000
     assert gate["increase"] == pytest.approx(gate["quantized_perplexity"] / gate["fp32_perplexity"] - 1)
     assert gate["threshold"] == {"int8": 0.02, "int4": 0.10}[scheme]
+    # The KL half of the gate: measured on this tiny model int8 1.3e-6, int4 4-5e-5 (--fast 2.5-2.8e-4).
+    assert gate["kl_threshold"] == {"int8": 0.0198, "int4": 0.0953}[scheme] and gate["kl_positions"] == 1024
+    assert 0 < gate["kl_mean"] < {"int8": 1e-5, "int4": 1.5e-4}[scheme]
+
+
+def test_int4_fast_is_the_former_default(quantized):
+    """--fast: every matrix and the embedding 4-bit, blocks of 128, no zero points (faster, further from float32)."""
+    from cpm_infer.artifact import read_manifest
+
+    q = read_manifest(quantized["int4-fast"]).details["quantization"]
+    assert (q["recipe"], q["lm_head"], q["embedding"], q["block_size"], q["symmetric"]) == (
+        "fast",
+        "int4",
+        "int4",
+        128,
+        True,
+    )
+    assert q["operators"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1} and q["int8_matrices"] == []
+    assert {e["precision"] for entries in q["matrices"].values() for e in entries} == {"int4"}
+    assert set(_matmul_bits(quantized["int4-fast"]).values()) == {(4, 128, False)}
+    assert 1.5e-4 < q["gate"]["kl_mean"] < q["gate"]["kl_threshold"]
 
 
 def test_int8_per_channel_manifest(quantized):
@@ -140,9 +215,145 @@ def test_int8_config_refusals():
             options.config()
 
 
+def test_quant_config_precisions_and_refusals():
+    """Which precision each matrix gets, and the settings that do not go together (one-line errors)."""
+    from export.quant_config import Precision, QuantizeError, config_for, matrix_of, parse_selector
+    from export.quantize import QuantizeOptions
+
+    assert matrix_of("blocks.11.mlp_proj_w") == ("mlp.c_proj", 11) and matrix_of("lm_head.weight_t") is None
+    assert [parse_selector(s) for s in ("mlp.c_fc", "h.3", "h.3.attn.c_attn")] == [
+        ("mlp.c_fc", None),
+        (None, 3),
+        ("attn.c_attn", 3),
+    ]
+    default = config_for("int4")
+    assert default.precision("attn.c_attn", 0) == default.precision("lm_head") == Precision(8, 32, False)
+    assert default.precision("attn.c_attn", 5) == Precision(4, 128, False) and default.precision("embedding") is None
+    kq = config_for("int4", algorithm="k_quant", symmetric=False, block_size=64, int8_matrices=["mlp.c_proj"])
+    assert kq.precision("mlp.c_fc", 0) == Precision(4, 64, True, "k_quant")
+    assert kq.precision("mlp.c_proj", 3) == Precision(8, 32, False)
+    assert config_for("int4", float32_matrices=["h.1.mlp.c_fc"]).precision("mlp.c_fc", 1) is None
+    fast = QuantizeOptions("int4", fast=True).config()
+    assert fast.recipe == "fast" and fast.precision("embedding") == fast.precision("lm_head") == Precision(
+        4, 128, False
+    )
+    assert QuantizeOptions("int4", int8_matrices=()).config().precision("mlp.c_fc", 0) == Precision(4, 128, False)
+    for make, says in [
+        (lambda: config_for("int4", algorithm="k_quant"), "needs zero points"),
+        (lambda: config_for("int4", algorithm="gptq", symmetric=False), "unknown algorithm 'gptq'"),
+        (lambda: config_for("int8", algorithm="k_quant", symmetric=False), "k-quant applies to int4"),
+        (lambda: config_for("int8", int8_matrices=["h.0"]), "8-bit matrices apply to int4"),
+        (lambda: config_for("int4", int8_matrices=["h.0.mlp"]), "unknown matrix selector 'h.0.mlp'"),
+        (lambda: config_for("int4", int8_block_size=48), "powers of two >= 16, got 48"),
+        (lambda: config_for("int4", "turbo"), "no recipe 'turbo'"),
+        (lambda: QuantizeOptions("int8", fast=True).config(), "--fast applies to int4"),
+        (lambda: QuantizeOptions("int8", int8_matrices=("h.0",)).config(), "--int8-matrices applies to int4"),
+    ]:
+        with pytest.raises(QuantizeError, match=says) as err:
+            make()
+        assert "\n" not in str(err.value)
+
+
+def _whole_model_nodes_and_tensors(model) -> tuple[list, dict]:
+    from onnx import numpy_helper
+
+    nodes = sorted((n.op_type, n.name, tuple(n.input), tuple(n.output), str(n.attribute)) for n in model.graph.node)
+    return nodes, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _streamed(path: Path) -> tuple[list, dict]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = sorted((n.op_type, n.name, tuple(n.input), tuple(n.output), str(n.attribute)) for n in model.graph.node)
+    return nodes, {t.name: numpy_helper.to_array(t, str(path.parent)) for t in model.graph.initializer}
+
+
+def test_streamed_int4_default_equals_onnx_runtime_whole_model(fp32_artifact, tmp_path):
+    """The default int4 recipe node by node = ORT's MatMulNBitsQuantizer on the whole model, run twice: 8 bits
+    (blocks of 32) on the first block and the untied LM head, then 4 bits (blocks of 128) on the other MatMuls."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from cpm_infer.artifact import read_manifest
+    from export.quant_config import config_for
+    from export.quantize_graph import quantize_graph, untie_lm_head
+
+    spec = read_manifest(fp32_artifact).spec
+    quantize_graph(fp32_artifact / "model_optimized.onnx", tmp_path / "streamed.onnx", spec, config_for("int4"))
+    model = onnx.load(str(fp32_artifact / "model_optimized.onnx"))
+    head = untie_lm_head(model, spec)
+    weights = {t.name for t in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    eight = [n.name for n in matmuls if n.name == head or n.input[1].startswith("blocks.0.")]
+    assert len(eight) == 5
+    for bits, block, include in ((8, 32, eight), (4, 128, [n.name for n in matmuls if n.name not in eight])):
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=bits,
+            block_size=block,
+            is_symmetric=True,
+            accuracy_level=4,
+            nodes_to_exclude=[n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in include],
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    want_nodes, want = _whole_model_nodes_and_tensors(model)
+    got_nodes, got = _streamed(tmp_path / "streamed.onnx")
+    assert got_nodes == want_nodes and sorted(got) == sorted(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_streamed_k_quant_equals_onnx_runtime_whole_model(fp32_artifact, tmp_path, monkeypatch):
+    """k-quant node by node, in slices of a few output columns = ORT's MatMulNBitsQuantizer with
+    KQuantWeightOnlyQuantConfig on the whole model (zero points, float32 LM head and embedding)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from cpm_infer.artifact import read_manifest
+    from export import quantize_graph as qg
+    from export.quant_config import config_for
+
+    spec = read_manifest(fp32_artifact).spec
+    kq = {"algorithm": "k_quant", "symmetric": False, "block_size": 32, "embedding": "float32", "lm_head": "float32"}
+    config = config_for("int4", "fast", **kq)
+    monkeypatch.setattr(qg, "KQUANT_CHUNK", 32 * 2 * 5)  # 5 columns of a 64-row matrix per k-quant call
+    info = qg.quantize_graph(fp32_artifact / "model_optimized.onnx", tmp_path / "streamed.onnx", spec, config)
+    assert info["matrices"]["attn.c_attn"] == [
+        {"precision": "int4", "block_size": 32, "zero_points": True, "algorithm": "k_quant", "layers": [0, 1]}
+    ]
+    model = onnx.load(str(fp32_artifact / "model_optimized.onnx"))
+    quantizer = MatMulNBitsQuantizer(
+        model, block_size=32, is_symmetric=False, accuracy_level=4, algo_config=KQuantWeightOnlyQuantConfig()
+    )
+    quantizer.process()
+    want_nodes, want = _whole_model_nodes_and_tensors(quantizer.model.model)
+    got_nodes, got = _streamed(tmp_path / "streamed.onnx")
+    assert got_nodes == want_nodes and sorted(got) == sorted(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_kl_gate_refuses_and_records(fp32_artifact, quantized, tiny_vocab, gate_text):
+    """The KL half of the gate refuses on its own (perplexity within its limit) and reports in one line."""
+    from cpm_infer.artifact import read_manifest
+    from cpm_infer.tokenizer import CpmTokenizer
+    from export.quality_gate import QualityGateError, run_gate
+
+    spec, tok = read_manifest(fp32_artifact).spec, CpmTokenizer(tiny_vocab)
+    fp32, int4 = fp32_artifact / "model_optimized.onnx", quantized["int4-fast"] / "model_int4.onnx"
+    with pytest.raises(QualityGateError, match=r"next-token KL from float32 .* \(limit 1e-05\)") as err:
+        run_gate(fp32, int4, spec, tok, scheme="int4", gate_file=gate_text, kl_threshold=1e-5)
+    assert "\n" not in str(err.value) and "refusing the export" in str(err.value)
+    forced = run_gate(fp32, int4, spec, tok, scheme="int4", gate_file=gate_text, kl_threshold=1e-5, force=True)
+    assert not forced.passed and forced.increase <= forced.threshold and forced.kl_mean > 1e-5
+    assert forced.to_dict()["kl_threshold"] == 1e-5 and forced.kl_positions == 1024
+
+
 def test_int4_with_int8_lm_head(fp32_artifact, gate_text, tmp_path):
-    """int4 body, 8-bit LM head (llama.cpp keeps q4_0 files' output matrix at 6 bits): the head's MatMulNBits has
-    bits 8 and blocks of 32, every other matrix bits 4."""
+    """--fast --block-size 32 --lm-head int8: int4 body, 8-bit LM head (llama.cpp keeps q4_0 files' output matrix at
+    6 bits): the head's MatMulNBits has bits 8 and blocks of 32, every other matrix bits 4."""
     import onnx
     from onnx import helper
 
@@ -150,7 +361,7 @@ def test_int4_with_int8_lm_head(fp32_artifact, gate_text, tmp_path):
     from export.onnx_export import export_onnx
     from export.quantize import QuantizeOptions
 
-    options = QuantizeOptions("int4", gate_text, block_size=32, lm_head="int8")
+    options = QuantizeOptions("int4", gate_text, block_size=32, lm_head="int8", fast=True)
     art = export_onnx(fp32_artifact, tmp_path / "int4-head8", quantize=options).path
     q = read_manifest(art).details["quantization"]
     assert q["operators"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}
@@ -166,7 +377,7 @@ def test_int4_with_int8_lm_head(fp32_artifact, gate_text, tmp_path):
     ids = np.random.default_rng(0).integers(0, _vocab(fp32_artifact), size=(2, 40))
     reference = _logprobs(fp32_artifact, ids)
     diff = np.abs(_logprobs(art, ids) - reference).max()
-    assert 0 < diff <= LOGPROB_TOLERANCE["int4"]
+    assert 0 < diff <= LOGPROB_TOLERANCE["int4-fast"]
 
 
 def test_quantized_weights_are_smaller(fp32_artifact, quantized):
@@ -283,8 +494,8 @@ def test_cli_quantized_export_and_generate(tiny_vocab, gate_text, tmp_path, monk
 
 
 def test_cli_int4_recipe_flags(fp32_artifact, gate_text, tmp_path, monkeypatch, capsys):
-    """--block-size 32 --lm-head float32: the int4 recipe closest to float32 (the one that matches llama.cpp
-    q4_0's quality in the peer run), recorded in the manifest; values that do not apply are one-line errors."""
+    """--block-size, --lm-head, --fast, --int8-matrices, --gate-kl-threshold recorded in the manifest; values and
+    combinations that do not apply are one-line errors."""
     from cpm_infer.artifact import read_manifest
 
     def export(out: str, *extra: str) -> tuple[int, str]:
@@ -301,6 +512,24 @@ def test_cli_int4_recipe_flags(fp32_artifact, gate_text, tmp_path, monkeypatch, 
     assert code == 0, err
     details = read_manifest(tmp_path / "int4-head8").details["quantization"]
     assert (details["block_size"], details["lm_head"], details["lm_head_block_size"]) == (32, "int8", 32)
+    code, err = export("int4-fast", "--quantize", "int4", "--gate-file", str(gate_text), "--fast",
+                       "--gate-kl-threshold", "0.01")  # fmt: skip
+    assert code == 0, err
+    details = read_manifest(tmp_path / "int4-fast").details["quantization"]
+    assert (details["recipe"], details["lm_head"], details["embedding"]) == ("fast", "int4", "int4")
+    assert details["gate"]["kl_threshold"] == 0.01
+    code, err = export("int4-mixed", "--quantize", "int4", "--gate-file", str(gate_text), "--int8-matrices",
+                       "h.1.mlp.c_fc, attn.c_proj")  # fmt: skip
+    assert code == 0, err
+    details = read_manifest(tmp_path / "int4-mixed").details["quantization"]
+    assert details["int8_matrices"] == ["h.1.mlp.c_fc", "attn.c_proj"]
+    assert [e["layers"] for e in details["matrices"]["attn.c_proj"] if e["precision"] == "int8"] == [[0, 1]]
+    assert [e["layers"] for e in details["matrices"]["mlp.c_fc"] if e["precision"] == "int8"] == [[1]]
+    code, err = export("int4-none", "--quantize", "int4", "--gate-file", str(gate_text), "--int8-matrices", "none")
+    assert code == 0, err
+    details = read_manifest(tmp_path / "int4-none").details["quantization"]
+    assert details["int8_matrices"] == [] and details["lm_head"] == "int8"
+    assert {e["precision"] for e in details["matrices"]["attn.c_attn"]} == {"int4"}
     for extra, says in [
         (("--quantize", "int4", "--block-size", "24"), "power of two >= 16"),
         (("--quantize", "int4", "--lm-head", "int2"), "float32, int8 or quantized"),
@@ -308,6 +537,12 @@ def test_cli_int4_recipe_flags(fp32_artifact, gate_text, tmp_path, monkeypatch, 
         (("--lm-head", "float32"), "apply with --quantize"),
         (("--per-channel",), "apply with --quantize"),
         (("--quantize", "int4", "--per-channel"), "applies to int8"),
+        (("--quantize", "int8", "--fast"), "--fast applies to int4"),
+        (("--fast",), "apply with --quantize"),
+        (("--int8-matrices", "h.0"), "apply with --quantize"),
+        (("--gate-kl-threshold", "0.1"), "apply with --quantize"),
+        (("--quantize", "int8", "--int8-matrices", "h.0"), "--int8-matrices applies to int4"),
+        (("--quantize", "int4", "--int8-matrices", "h.0.mlp"), "unknown matrix selector 'h.0.mlp'"),
     ]:
         code, err = export("refused", *extra)
         assert code == 1 and says in err and "Traceback" not in err, err

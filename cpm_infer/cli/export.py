@@ -31,7 +31,8 @@ QuantizeOpt = Annotated[
     str | None,
     typer.Option(
         "--quantize",
-        help="int8 (dynamic, per-channel) or int4 (MatMulNBits) weights, CPU; MODEL_DIR may be a float32 artifact.",
+        help="int8 (8-bit blocks, as llama.cpp's q8_0) or int4 (4-bit blocks; the LM head and the first block 8-bit, "
+        "the embedding float32) weight-only MatMulNBits for the CPU; MODEL_DIR may be a float32 artifact.",
     ),
 ]
 GateFileOpt = Annotated[
@@ -53,8 +54,8 @@ BlockSizeOpt = Annotated[
     int | None,
     typer.Option(
         "--block-size",
-        help="Weights per scale, a power of two >= 16 (int8 default 32, as llama.cpp's q8_0; int4 default 128, "
-        "32 is closer to float32 and larger).",
+        help="Weights per scale, a power of two >= 16 (int8 default 32, as llama.cpp's q8_0; int4's 4-bit blocks "
+        "default 128, 32 is closer to float32 and larger).",
     ),
 ]
 PerChannelOpt = Annotated[
@@ -69,8 +70,35 @@ LmHeadOpt = Annotated[
     str | None,
     typer.Option(
         "--lm-head",
-        help="float32 keeps the LM head unquantized (closer to float32, more bytes per token); int8 (with "
-        "int4) gives it 8-bit blocks of 32; quantized (default) quantizes it like the rest.",
+        help="float32 keeps the LM head unquantized (closer to float32, more bytes per token); int8 (int4's "
+        "default) gives it 8-bit blocks; quantized quantizes it like the rest (int8's default; with int4: 4-bit, "
+        "faster, further from float32).",
+    ),
+]
+FastOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fast",
+        help="int4: the former default recipe, every matrix 4-bit (blocks of 128, no zero points) and a 4-bit "
+        "embedding: faster decoding and a smaller artifact, further from float32 (about 55x the default's "
+        "next-token KL on the demo model).",
+    ),
+]
+Int8MatricesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--int8-matrices",
+        help="int4: block matrices kept at 8 bits, comma-separated: a type (attn.c_attn, attn.c_proj, mlp.c_fc, "
+        "mlp.c_proj), h.N (layer N) or h.N.TYPE; none for no 8-bit matrices (default h.0).",
+    ),
+]
+GateKlOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gate-kl-threshold",
+        min=0,
+        help="Allowed mean next-token KL from the float32 graph, nats (default int8 0.0198, int4 0.0953: "
+        "log 1.02 and log 1.10, the perplexity limits' counterparts).",
     ),
 ]
 
@@ -90,6 +118,9 @@ def onnx(
     block_size: BlockSizeOpt = None,
     per_channel: PerChannelOpt = False,
     lm_head: LmHeadOpt = None,
+    fast: FastOpt = False,
+    int8_matrices: Int8MatricesOpt = None,
+    gate_kl_threshold: GateKlOpt = None,
     device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
@@ -99,7 +130,18 @@ def onnx(
 
     from export.onnx_export import export_onnx
 
-    options = quantize_options(quantize, gate_file, gate_threshold, force_quality, block_size, lm_head, per_channel)
+    options = quantize_options(
+        quantize,
+        gate_file,
+        gate_threshold,
+        force_quality,
+        block_size,
+        lm_head,
+        per_channel,
+        fast=fast,
+        int8_matrices=int8_matrices,
+        gate_kl_threshold=gate_kl_threshold,
+    )
     with progress_spinner("exporting") as progress:
         result = export_onnx(
             model_dir,
@@ -130,15 +172,35 @@ def quantize_options(
     block_size: int | None,
     lm_head: str | None,
     per_channel: bool,
+    *,
+    fast: bool = False,
+    int8_matrices: str | None = None,
+    gate_kl_threshold: float | None = None,
 ) -> QuantizeOptions | None:
     """The ``--quantize`` request (None without it); its refining options alone are refused."""
     from export.quantize import QuantizeError, QuantizeOptions
 
-    if (block_size is not None or lm_head is not None or per_channel) and not scheme:
-        raise QuantizeError("--block-size, --lm-head and --per-channel apply with --quantize")
+    refining = (block_size, lm_head, int8_matrices, gate_kl_threshold)
+    if (any(v is not None for v in refining) or per_channel or fast) and not scheme:
+        raise QuantizeError(
+            "--block-size, --lm-head, --per-channel, --fast, --int8-matrices and --gate-kl-threshold apply with "
+            "--quantize"
+        )
     if scheme is None:
         return None
-    return QuantizeOptions(scheme, gate_file, gate_threshold, force_quality, block_size, lm_head, per_channel)
+    matrices = None if int8_matrices is None else tuple(m.strip() for m in int8_matrices.split(",") if m.strip())
+    return QuantizeOptions(
+        scheme,
+        gate_file,
+        gate_threshold,
+        force_quality,
+        block_size,
+        lm_head,
+        per_channel,
+        fast=fast,
+        int8_matrices=() if matrices == ("none",) else matrices,
+        gate_kl_threshold=gate_kl_threshold,
+    )
 
 
 def print_quantization(details: dict, console) -> None:
@@ -149,11 +211,15 @@ def print_quantization(details: dict, console) -> None:
     parts = ", ".join(
         f"{k} {details[k]}"
         for k in (
+            "recipe",
             "lm_head",
             "lm_head_block_size",
             "embedding",
             "block_size",
             "symmetric",
+            "algorithm",
+            "int8_matrices",
+            "int8_block_size",
             "accuracy_level",
             "per_channel",
             "reduce_range",
