@@ -306,7 +306,7 @@ SETTINGS: tuple[Setting, ...] = (
         Range(ge=0),
         optional=True,
         api_default=None,
-        api_range=Range(ge=0, le=2**63 - 1),
+        api_range=Range(ge=0, le=2**53 - 1),  # integers every JSON client reads exactly (I-JSON)
         api_note="omitted = a fresh random seed",
     ),
     S("num_samples", "int", 1, "Samples per prompt.", Range(ge=1), api="n", beams="no", api_nullable=True),

@@ -259,7 +259,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, ref
         ({"prompt": "x", "top_p": float("nan")}, 400, "top_p"),
         ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
         ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens: Input should be less than or equal to 64"),
-        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
         ({"prompt": "x", "n": 17}, 400, "n: Input should be less than or equal to 16"),
         ({"prompt": "x", "temprature": 1}, 400, "temprature"),
         ({"prompt": "x", "title": "y"}, 400, "exactly one"),

@@ -183,6 +183,8 @@ def test_echo_with_logprobs_and_max_tokens_0_scores_the_prompt_as_transformers(c
     )
     assert streamed[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
     assert streamed[-1].choices[0].finish_reason == "length"
+    empty = client.completions.create(model=MODEL, prompt="却说曹操引兵", max_tokens=0)  # without echo: nothing
+    assert [c.text for c in empty.choices] == [""] and empty.usage.completion_tokens == 0
 
 
 def test_penalties_change_the_text_as_generating_alone_does(client, reference):
@@ -220,7 +222,6 @@ def test_models_and_a_wrong_model_id(client):
         ({"n": 0}, "n"),
         ({"n": 9, "prompt": ["a", "b"]}, "n"),
         ({"logprobs": 21}, "logprobs"),
-        ({"max_tokens": 0}, "max_tokens"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"seed": -1}, "seed"),
         ({"prompt": []}, "prompt"),

@@ -39,12 +39,9 @@ def request_config(req: CompletionRequest, settings: ServeSettings) -> Generatio
             f"{len(req.prompts())} prompts x n={n} choices is over this server's cap of {settings.max_samples}",
             param="n",
         )
-    if req.max_tokens == 0 and not req.echo:
-        raise InvalidRequestError(
-            "max_tokens 0 generates nothing: send echo (with logprobs to score the prompt)", param="max_tokens"
-        )
     values = {s.name: _config_value(s, getattr(req, s.api_name)) for s in for_door("serve")}
     values["max_new_tokens"] = req.max_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
+    values["min_new_tokens"] = min(values["min_new_tokens"], values["max_new_tokens"])  # documented: cut, not refused
     try:
         return GenerationConfig(**values)
     except ConfigError as exc:  # name the request's fields, not the library's
@@ -199,7 +196,8 @@ class Answer:
         }
 
     def prompt_only(self) -> dict[str, Any]:
-        """``max_tokens`` 0 with ``echo``: each choice is its prompt (scored when ``logprobs`` asked for)."""
+        """``max_tokens`` 0: nothing is generated; with ``echo`` each choice is its prompt (scored when ``logprobs``
+        asked for), without it an empty text."""
         choices = [
             {
                 "index": c,

@@ -97,7 +97,14 @@ def error_responses(auth: bool) -> ErrorResponses:
 
 
 def completion_responses(errors: ErrorResponses) -> dict[int | str, dict[str, Any]]:
-    stream = {"schema": {"type": "string", "description": "`data: <Completion chunk>` events, then `data: [DONE]`"}}
+    # Before OpenAPI 3.2 an event stream's schema describes one event (a server-sent event's fields).
+    event = {
+        "type": "object",
+        "description": "Each event's `data` is a completion chunk (JSON) or an error object; the last is `[DONE]`.",
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+        "required": ["data"],
+    }
+    stream = {"schema": event}
     return {
         200: {"model": Completion, "description": "The completion.", "content": {"text/event-stream": stream}},
         **errors.only(400, 401, 404, 413, 500, 503, 504),

@@ -11,7 +11,16 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.generate import PromptTooLongError
@@ -37,6 +46,21 @@ RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_
 _PROMPT_DOC = "Text, texts, token ids or lists of token ids; each prompt gets n choices."
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+def _integral(value: Any) -> Any:
+    """A float with no fraction is the integer it equals: JSON Schema's "integer" (``30.0`` is 30)."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]  # an int field as JSON Schema reads "integer"
+
+
+def json_int(**bounds: float) -> Any:
+    """``JsonInt`` within ``bounds`` (the bounds first, so the schema states them as minimum/maximum)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
 TokenKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
 Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
 
@@ -62,7 +86,7 @@ class StreamOptions(BaseModel):
 
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-_SCALARS = {"int": int, "float": float, "bool": bool}
+_SCALARS = {"int": JsonInt, "float": float, "bool": bool}
 
 
 def _api_field(setting: Setting) -> tuple[Any, Any]:
@@ -72,12 +96,15 @@ def _api_field(setting: Setting) -> tuple[Any, Any]:
     default = setting.request_default
     if setting.kind in _SCALARS:
         bounds = (setting.api_range or setting.range).pydantic()
-        kind: Any = Annotated[_SCALARS[setting.kind], Field(**bounds)] if bounds else _SCALARS[setting.kind]
+        if setting.kind == "int":
+            kind: Any = json_int(**bounds)
+        else:
+            kind = Annotated[_SCALARS[setting.kind], Field(**bounds)] if bounds else _SCALARS[setting.kind]
         if setting.api_nullable or setting.optional or default is None:
             kind = kind | None
         return kind, Field(default, description=description)
     if setting.kind == "ids":  # the vocabulary's range: completion_request_model()
-        return Annotated[list[int], Field(max_length=setting.max_items)], Field(
+        return Annotated[list[JsonInt], Field(max_length=setting.max_items)], Field(
             default_factory=list, description=description
         )
     if setting.kind == "strings":
@@ -112,7 +139,7 @@ class CompletionRequest(_GenerationFields):
     stream_options: StreamOptions | None = None
     echo: bool | None = False
     user: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = Field(None, description="Only null or equal to n (no reranking).")
+    best_of: json_int(ge=1, le=1) | None = Field(None, description="Only null or 1 (no reranking).")
     suffix: None = Field(None, description="Not supported: null only.")
     # CPM extras
     title: str = Field(None, description="Essay prompt `title <sep> context` (instead of `prompt`).")
@@ -145,8 +172,6 @@ class CompletionRequest(_GenerationFields):
             raise ValueError('"context" goes with "title"')
         if isinstance(self.prompt, list) and (not self.prompt or any(p == [] for p in self.prompt)):
             raise ValueError("prompt: a list of prompts needs at least one, and no empty token list")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError("best_of: only equal to n is supported (no best-of reranking)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -164,7 +189,7 @@ class CompletionRequest(_GenerationFields):
 def completion_request_model(settings: ServeSettings, vocab_size: int) -> type[CompletionRequest]:
     """The request model with this server's limits in it (so in its OpenAPI schema)."""
     cap, samples = settings.max_new_tokens_cap, settings.max_samples
-    token = Annotated[int, Field(ge=0, lt=vocab_size)]
+    token = json_int(ge=0, lt=vocab_size)
     ids = Annotated[list[token], Field(min_length=1)]
     texts = Annotated[list[str], Field(min_length=1, max_length=samples)]
     ids_lists = Annotated[list[ids], Field(min_length=1, max_length=samples)]
@@ -176,14 +201,18 @@ def completion_request_model(settings: ServeSettings, vocab_size: int) -> type[C
         __module__=__name__,
         prompt=(str | texts | ids | ids_lists, Field(None, description=_PROMPT_DOC)),
         max_tokens=(
-            Annotated[int, Field(ge=0, le=cap)] | None,
+            json_int(ge=0, le=cap) | None,
             Field(
                 None,
-                description=f"New tokens per choice; omitted = {max_default}; 0 (with echo) only scores the prompt.",
+                description=f"New tokens per choice; omitted = {max_default}; 0: none (with echo: the prompt scored).",
             ),
         ),
+        min_tokens=(
+            json_int(ge=0, le=cap),
+            Field(0, description="Tokens to generate before <eod> may end a choice (more than max_tokens: cut to it)."),
+        ),
         n=(
-            Annotated[int, Field(ge=1, le=samples)] | None,
+            json_int(ge=1, le=samples) | None,
             Field(1, description=f"Choices per prompt; prompts x n is at most {samples}."),
         ),
         banned_ids=(Annotated[list[token], Field(max_length=1024)], Field(default_factory=list)),

@@ -33,8 +33,8 @@ def add_routes(router: APIRouter, served: Served) -> None:
         request: Request,
         title: str,
         context: str = "",
-        max_len: int = Query(schemas.ESSAY_MAX_LEN),
-        seed: int | None = None,
+        max_len: int = Query(schemas.ESSAY_MAX_LEN, ge=1, le=schemas.ESSAY_MAX_INT),
+        seed: int | None = Query(None, ge=0, le=schemas.ESSAY_MAX_INT),
     ) -> dict[str, str]:
         return await essay(request, title, context, max_len, seed)
 

@@ -30,9 +30,10 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_ONE_OF)
 
     model: Annotated[str, Field(max_length=schemas.MAX_ID_CHARS)] | None = Field(None, description=_MODEL_DOC)
-    prompt: str | None = Field(None, description="Text, tokenized as a completion's prompt is.")
-    title: str | None = Field(None, description="Essay prompt `title <sep> context` (instead of `prompt`).")
-    context: str | None = Field(None, description="The essay's beginning (with `title`).")
+    # str, not str | None: the schema's oneOf counts a field as given when it is present, so null is refused
+    prompt: str = Field(None, description="Text, tokenized as a completion's prompt is.")
+    title: str = Field(None, description="Essay prompt `title <sep> context` (instead of `prompt`).")
+    context: str = Field(None, description="The essay's beginning (with `title`).")
     with_pieces: bool = Field(False, description="Also answer the SentencePiece piece of each token.")
 
     @field_validator("model", "prompt", "title", "context")
@@ -59,7 +60,7 @@ class DetokenizeRequest(BaseModel):
 
 def detokenize_request_model(vocab_size: int) -> type[DetokenizeRequest]:
     """The request model with this server's vocabulary in it (so in its OpenAPI schema): other ids are a 400."""
-    token = Annotated[int, Field(ge=0, lt=vocab_size)]
+    token = schemas.json_int(ge=0, lt=vocab_size)
     return create_model(  # named so in the OpenAPI schema
         "DetokenizeRequest",
         __base__=DetokenizeRequest,
