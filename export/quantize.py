@@ -9,9 +9,10 @@ Schemes (ONNX Runtime, CPU provider), applied to the float32 graph the export va
   from float32.
 - ``int4``: weight-only ``com.microsoft.MatMulNBits`` (``matmul_nbits_quantizer``), mixed precision per matrix
   as llama.cpp's q4_K_M: 4-bit blocks of ``block_size`` (128) input rows with their own scale for the body, the
-  most sensitive matrices at 8 bits (blocks of 32): the LM head and the first block (``int8_matrices``); the
-  embedding float32; ``accuracy_level`` 4 (int8 activations inside). ``--fast`` keeps the former default, every
-  matrix and the embedding (``GatherBlockQuantized``) at 4 bits: fewer bytes per token, further from float32.
+  most sensitive matrices at 8 bits (blocks of ``int8_block_size``, 128): the LM head and the first block
+  (``int8_matrices``); the embedding float32; ``accuracy_level`` 4 (int8 activations inside). ``--fast`` keeps
+  the former default, every matrix and the embedding (``GatherBlockQuantized``) at 4 bits: fewer bytes per
+  token, further from float32.
   Zero points (asymmetric blocks) and ORT's k-quant search of scales and minimums are options of the config
   (``QuantConfig.symmetric``, ``algorithm``).
 

@@ -82,7 +82,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "int4-kq64-h0.8-int8head": recipe(64, kq=True, head="int8", int8=("h.0",)),
     "int4-kq128-qkv8-int8head": recipe(128, kq=True, head="int8", int8=("attn.c_attn",)),
     "int4-kq128-h0.8-int8head-i8b128": recipe(128, kq=True, head="int8", int8=("h.0",), int8_block=128),
-    "int4-sym128-h0.8-int8head-i8b128": recipe(128, head="int8", int8=("h.0",), int8_block=128),
+    "int4 (default)": ("int4", {}),  # = recipe(128, head="int8", int8=("h.0",), int8_block=128): its own config
     "int8": ("int8", {}),
 }
 SENSITIVITY_BASES = {
@@ -172,7 +172,8 @@ class Quality:
 def build(fp32: Path, work: Path, prefix: str, name: str, scheme: str, overrides: dict) -> tuple[Path, float]:
     """The candidate's artifact (reused when current) and the seconds its quantization took (0 when reused)."""
     start = time.perf_counter()
-    path = quantized_artifact(fp32, work / f"{prefix}-{name}", scheme, overrides)
+    folder = "".join(c if c.isalnum() or c in ".-" else "-" for c in name).strip("-")
+    path = quantized_artifact(fp32, work / f"{prefix}-{folder}", scheme, overrides)
     return path, time.perf_counter() - start
 
 

@@ -80,7 +80,7 @@ FastOpt = Annotated[
     typer.Option(
         "--fast",
         help="int4: the former default recipe, every matrix 4-bit (blocks of 128, no zero points) and a 4-bit "
-        "embedding: faster decoding and a smaller artifact, further from float32 (about 55x the default's "
+        "embedding: faster decoding and a smaller artifact, further from float32 (about 47x the default's "
         "next-token KL on the demo model).",
     ),
 ]
