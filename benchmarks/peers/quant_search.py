@@ -327,11 +327,18 @@ def main() -> None:
     parser.add_argument("--sensitivity", action="store_true", help="Also rank the parts of the model by KL.")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--cpu-rounds", type=int, default=15, help="Rounds of the one-thread CPU-time timing.")
+    parser.add_argument(
+        "--render-only", action="store_true", help="Rewrite NOTE.md from --out-dir's results.json, measure nothing."
+    )
     parser.add_argument("--machine", default=machine_slug())
     parser.add_argument(
         "--out-dir", type=Path, default=None, help="Default: benchmarks/results/quant-search-<machine>."
     )
     args = parser.parse_args()
+    out = args.out_dir or ROOT / "benchmarks" / "results" / f"quant-search-{args.machine}"
+    if args.render_only:
+        render(out, args.work_dir)
+        return
     from cpm_infer.bench import report as bench_report
     from cpm_infer.bench.setup import parity_model
 
@@ -429,7 +436,6 @@ def main() -> None:
         "candidates": rows,
         "sensitivity": sensitivity,
     }
-    out = args.out_dir or ROOT / "benchmarks" / "results" / f"quant-search-{args.machine}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     write_note(out, report)
@@ -438,18 +444,45 @@ def main() -> None:
 
 
 def recipe_text(details: dict) -> str:
-    """A short description of what a candidate's manifest says each matrix became."""
-    parts = []
+    """What a candidate's manifest says its matrices became, by precision: "int4 rtn b128: h.1-3; int8 rtn b128:
+    h.0, lm_head; float32: embedding" (h.A-B: every block matrix of those layers)."""
+
+    def span(layers: tuple[int, ...]) -> str:
+        return f"h.{layers[0]}" if len(layers) == 1 else f"h.{layers[0]}-{layers[-1]}"
+
+    groups: dict[str, list[tuple[str, tuple[int, ...] | None]]] = {}
     for matrix, entries in (details.get("matrices") or {}).items():
         for entry in entries:
-            if entry["precision"] == "float32":
-                text = "f32"
-            else:
-                text = f"{entry['precision']} {entry.get('algorithm', 'rtn')} b{entry.get('block_size')}"
-                text += " zp" if entry.get("zero_points") else ""
+            key = entry["precision"]
+            if key != "float32":
+                key += f" {entry.get('algorithm', 'rtn')} b{entry.get('block_size')}"
+                key += " zp" if entry.get("zero_points") else ""
             layers = entry.get("layers")
-            parts.append(f"{matrix}{'' if layers is None else f'[{len(layers)}]'}: {text}")
+            groups.setdefault(key, []).append((matrix, None if layers is None else tuple(sorted(layers))))
+    parts = []
+    for key, items in groups.items():
+        blocks = [(m, layers) for m, layers in items if layers is not None]
+        if len(blocks) == len(TYPES) and len({layers for _, layers in blocks}) == 1:
+            names = [span(blocks[0][1])]
+        else:
+            names = [f"{m} {span(layers)}" for m, layers in blocks]
+        parts.append(f"{key}: {', '.join(names + [m for m, layers in items if layers is None])}")
     return "; ".join(parts)
+
+
+def render(out: Path, work: Path) -> None:
+    """Rewrite ``out``'s NOTE.md tables from its results.json (no measurement), the recipe descriptions read
+    again from the candidates' demo artifacts in ``work``."""
+    from export.quantize import quantization_details
+
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    for name, row in report["candidates"].items():
+        folder = "".join(c if c.isalnum() or c in ".-" else "-" for c in name).strip("-")
+        details = quantization_details(work / f"demo-{folder}")
+        if details is not None:
+            row["recipe"] = recipe_text(details)
+    (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_note(out, report)
 
 
 if __name__ == "__main__":
