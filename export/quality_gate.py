@@ -71,7 +71,7 @@ class GateResult:
             ""
             if self.kl_mean is None
             else (
-                f"; next-token KL from float32 {self.kl_mean:.1e} (limit {self.kl_threshold:.0e}) over "
+                f"; next-token KL from float32 {self.kl_mean:.1e} (limit {self.kl_threshold:.3g}) over "
                 f"{self.kl_positions} positions"
             )
         )
