@@ -155,10 +155,11 @@ class TestServe:
                 status, replica, _ = post(service, "/v1/completions", {**BODY, "max_tokens": 24})
                 log.append((sent, time.monotonic(), status, replica))
 
-        def wait_for(check, what: str, timeout: float = 600) -> None:
+        def wait_for(check, what, timeout: float = 600) -> None:
             deadline = time.monotonic() + timeout  # generous: every wait is on state, the deadline only ends a hang
             while not check():
-                assert time.monotonic() < deadline, f"timed out waiting for {what}; log tail {log[-5:]}"
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}; {log[-5:]}")
                 time.sleep(0.05)
 
         clients = [threading.Thread(target=client, daemon=True) for _ in range(4)]
@@ -191,13 +192,13 @@ class TestServe:
                 and len(replicas := _replica_actors()) == 2
                 and not any(n.endswith(victim) for n in replicas)
             ),
-            f"Serve to replace the killed replica ({serve.status()})",
+            lambda: f"Serve to replace the killed replica ({serve.status()})",
         )
         survivor = {r for t, _, s, r in log if t > dead and s == 200}
         answered: set[str | None] = set()
         wait_for(
             lambda: answered.add(post(service, "/v1/completions", BODY)[1]) or answered - survivor - {None},
-            f"the new replica to answer (answered by {answered}, survivor {survivor})",
+            lambda: f"the new replica to answer (answered by {answered}, survivor {survivor})",
         )
         assert victim not in answered
 
