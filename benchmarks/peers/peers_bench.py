@@ -1,25 +1,43 @@
 """cpm-infer vs llama.cpp vs CTranslate2 on the CPU: speed (batch 1, long context, batch 8) and quality, one run.
 
-    pip install 'cpm-infer[peers]'    # ctranslate2, llama-cpp-python (built from source), gguf
+    pip install 'cpm-infer[peers]'    # ctranslate2; llama-cpp-python only for llama.cpp's quality rows
+    python benchmarks/peers/llamacpp_native.py build    # llama.cpp's own tools, from the pinned sdist (cached)
     flock -x /tmp/cpm-heavy.lock python benchmarks/peers/peers_bench.py --work-dir /tmp/peers
 
 Speed (CPM-small shape, random weights; ``benchmarks/ort_vs_eager.py``'s checkpoint, reused from --work-dir).
 Every engine runs the same weights: ours = the ``--optimize`` ONNX artifact (fp32) and its ``--quantize
-int8|int4`` versions on onnxruntime; llama.cpp = a GGUF written from the checkpoint (f32) and llama.cpp's own
-q8_0 / q4_0 quantizations of it; CTranslate2 = its GPT-2 converter (float32). Greedy, EOS ignored, random
-prompt ids, same for every engine, --threads threads each. Cases:
+int8|int4`` versions on onnxruntime, timed through our Python generation loop (what ``cpm generate`` runs);
+llama.cpp = as its users run it (``llamacpp_native.py``): a GGUF from llama.cpp's own ``convert_hf_to_gguf.py``
+(f32) and ``llama-quantize``'s q8_0 / q4_0 / q4_K_M of it, timed by ``llama-bench`` (batch 1) and
+``llama-batched-bench`` (batch 8) on llama.cpp's own clock; CTranslate2 = its GPT-2 converter (float32). Greedy
+(llama.cpp's tools decode random tokens: the same work per step), EOS ignored, random prompt ids, --threads
+threads each. Cases:
 
-- ``b1``: batch 1, 16-token prompt, 33 new tokens; decode ms/token = (t(33) - t(1)) / 32.
-- ``ctx900``: the same after a 900-token prompt (decode at past ~900).
-- ``b8``: batch 8, 16-token prompts; decode tokens/s of the batch = 8 x 32 / (t(33) - t(1)).
+- ``b1``: batch 1, 16-token prompt, 33 new tokens; decode ms/token = (t(33) - t(1)) / 32 (llama.cpp:
+  ``llama-bench -p 0 -n 32 -d 16``, 32 decode steps at past 16-47).
+- ``ctx900``: the same after a 900-token prompt (decode at past ~900; llama.cpp: ``-d 900``).
+- ``b8``: batch 8, 16-token prompts; decode tokens/s of the batch = 8 x 32 / (t(33) - t(1)) (llama.cpp:
+  ``llama-batched-bench -npp 16 -ntg 32 -npl 8``).
 
-Rounds are interleaved (every engine and case once per round, after a warm-up), medians over --rounds.
+Rounds are interleaved (every engine and case once per round, after a warm-up), medians over --rounds, speed
+targets as medians of per-round ratios.
+
+Why llama.cpp's numbers moved (against results before this change): llama.cpp used to be timed through
+llama-cpp-python, one ``llama_decode`` per step from a Python loop that copied each row's logits to numpy for an
+argmax, on a GGUF written by our own writer (``llama_cpp_peer.write_gguf``, an ``output.weight`` copy of the
+embedding beside it) and quantized through the binding. Users run llama.cpp's converter, quantizer and native
+binaries: no Python per token, and a GGUF whose LM head is the tied embedding, which ``llama-quantize`` keeps at
+q6_K in the q4 files. That is what is timed now; ours is still timed through our Python loop, which is what our
+users run. The binding path is kept for quality only (``llama_cpp_peer.LlamaCppRunner``: full logits).
 
 Quality (``cpm_infer/demo/sanguo``: the demo model and its held-out chapter). Reference: float32 eager
 PyTorch. Per engine, over non-overlapping 256-token windows of the chapter (teacher forcing, every
 position): mean KL(reference || engine) of the next-token distribution, top-1 agreement with the
 reference, perplexity; and free-running greedy agreement: 4 prompts of 16 tokens, 240 new tokens each
-(256 in all), the share of new tokens equal to the reference's before the first difference.
+(256 in all), the share of new tokens equal to the reference's before the first difference. llama.cpp's rows
+read logits through the llama-cpp-python binding, on the GGUF files of llama.cpp's own converter and quantizer;
+without the binding they are left out (said on stderr), unless ``--binding-from-build`` loads the binding's
+Python code from the pinned sdist over the ``libllama`` built by ``llamacpp_native.py`` (no second build).
 
 Writes ``benchmarks/results/peers-llamacpp-<machine>/{results.json,README.md}``: ours vs llama.cpp vs
 CTranslate2, ratios from this run, each target with pass/fail.
@@ -42,7 +60,8 @@ import numpy as np
 # The sibling modules import as top-level ones: the script's folder is first on sys.path when it runs.
 from compute_bound import batch_bound, flops_per_token, kernel_throughput
 from ctranslate2_bench import DEFAULT_VOCAB, CT2Runner, convert_ct2, vocabulary
-from llama_cpp_peer import LlamaCppRunner, quantize_gguf, write_gguf
+from llama_cpp_peer import LlamaCppRunner
+from llamacpp_native import NativeRunner, Tools, build, build_info, convert_all, find_tools, use_binding_from_build
 
 from cpm_infer.bench.report import machine_slug
 from cpm_infer.bench.runners import LoopRunner
@@ -61,6 +80,7 @@ VARIANTS = {
 }
 CASES = {"b1": (1, 16), "ctx900": (1, 900), "b8": (8, 16)}  # name -> (batch, prompt length)
 NEW = 33
+LLAMA_FORMATS = ("f32", "q8_0", "q4_0", "q4_K_M")  # llama-quantize types beside the converter's f32
 WINDOW, PROMPT, FREE = 256, 16, 240
 
 
@@ -144,8 +164,15 @@ def is_current(artifact: Path, config) -> bool:
 # -- speed -----------------------------------------------------------------------------------------
 
 
-def speed_engines(work: Path, vocab: Path, threads: int) -> dict:
-    """name -> runner, every engine on the CPM-small-shape weights."""
+def native_ggufs(tools: Tools, checkpoint: Path, work: Path, name: str, threads: int) -> dict:
+    """``llama-<format>`` -> GGUF from llama.cpp's converter and quantizer (reused; a folder per version, so files
+    written by our own writer in older work dirs are never picked up)."""
+    files = convert_all(checkpoint, work / f"llama.cpp-{tools.version}", name, tools, threads, LLAMA_FORMATS)
+    return {f"llama-{fmt}": path for fmt, path in files.items()}
+
+
+def speed_engines(work: Path, vocab: Path, threads: int, tools: Tools, llama_reps: int = 1) -> dict:
+    """name -> runner, every engine on the CPM-small-shape weights (llama.cpp: ``NativeRunner``, its tools)."""
     from cpm_infer.backends.ort_backend import load as load_ort
     from cpm_infer.bench.setup import parity_model
     from cpm_infer.torch_model import load_model
@@ -156,34 +183,38 @@ def speed_engines(work: Path, vocab: Path, threads: int) -> dict:
         ours[f"ours-{scheme}"] = quantized_artifact(art, work / f"cpm-small-{scheme}", scheme)
     for name, (scheme, overrides) in VARIANTS.items():
         ours[name] = quantized_artifact(art, work / f"cpm-small-{name}", scheme, overrides)
-    f32 = write_gguf(ckpt, work / "cpm-small-f32.gguf")
-    gguf = {"llama-f32": f32}
-    for ftype in ("q8_0", "q4_0"):
-        gguf[f"llama-{ftype}"] = quantize_gguf(f32, work / f"cpm-small-{ftype}.gguf", ftype, threads)
+    gguf = native_ggufs(tools, ckpt, work, "cpm-small", threads)
     model, tok = load_model(ckpt)
     pieces = vocabulary(tok, model.config.vocab_size)
     ct2 = convert_ct2(ckpt, work / "ct2-float32", "float32", pieces)
     del model
     engines = {name: LoopRunner(name, load_ort(path, threads=threads)[0]) for name, path in ours.items()}
     for name, path in gguf.items():
-        engines[name] = LlamaCppRunner(name, path, threads=threads, n_ctx=1024)
+        engines[name] = NativeRunner(name, tools, path, threads=threads, reps=llama_reps)
     engines["ct2-f32"] = CT2Runner("ct2-f32", ct2, "float32", pieces, threads)
     return engines
 
 
 def time_speed(engines: dict, rounds: int, vocab: int) -> dict:
-    """{engine: {case: [decode seconds per step, one per round]}}, rounds interleaved."""
+    """{engine: {case: [decode seconds per step, one per round]}}, rounds interleaved. llama.cpp's tools
+    (``NativeRunner``) warm up inside each call and report their own clock; the others run our harness."""
     rng = np.random.default_rng(0)
     prompts = {c: rng.integers(10, vocab, size=(b, p), dtype=np.int64) for c, (b, p) in CASES.items()}
     for name, runner in engines.items():
         say(f"warm-up {name}")
-        for case in CASES:
-            runner.run(prompts[case], 4)
+        for case, (batch, prompt_len) in CASES.items():
+            if isinstance(runner, NativeRunner):
+                runner.step_seconds(batch, prompt_len, 4)  # fails early if a tool cannot run the file
+            else:
+                runner.run(prompts[case], 4)
     times: dict = {name: {case: [] for case in CASES} for name in engines}
     for r in range(rounds):
         say(f"round {r + 1}/{rounds}")
-        for case in CASES:
+        for case, (batch, prompt_len) in CASES.items():
             for name, runner in engines.items():
+                if isinstance(runner, NativeRunner):
+                    times[name][case].append(runner.step_seconds(batch, prompt_len, NEW - 1))
+                    continue
                 timing = runner.run(prompts[case], NEW)
                 times[name][case].append(sum(timing.step_s) / len(timing.step_s))
     return times
@@ -209,8 +240,9 @@ def summarize_speed(times: dict) -> dict:
 # -- quality ---------------------------------------------------------------------------------------
 
 
-def quality_files(work: Path, threads: int) -> tuple[dict, dict]:
-    """The demo model's ONNX artifacts (fp32, int8, int4 and the int4 variants) and GGUF files (reused)."""
+def quality_files(work: Path, threads: int, tools: Tools) -> tuple[dict, dict]:
+    """The demo model's ONNX artifacts (fp32, int8, int4 and the int4 variants) and GGUF files from llama.cpp's
+    converter and quantizer (reused)."""
     from cpm_infer.demo import demo_model_dir
     from export.onnx_export import export_onnx
     from export.quantize import QuantizeOptions
@@ -227,15 +259,21 @@ def quality_files(work: Path, threads: int) -> tuple[dict, dict]:
         ours[f"ours-{scheme}"] = path
     for name, (scheme, overrides) in VARIANTS.items():
         ours[name] = quantized_artifact(art, work / f"demo-{name}", scheme, overrides)
-    f32 = write_gguf(demo, work / "demo-f32.gguf")
-    gguf = {"llama-f32": f32}
-    for ftype in ("q8_0", "q4_0"):
-        gguf[f"llama-{ftype}"] = quantize_gguf(f32, work / f"demo-{ftype}.gguf", ftype, threads)
-    return ours, gguf
+    return ours, native_ggufs(tools, demo, work, "demo", threads)
 
 
-def quality(work: Path, threads: int) -> dict:
-    """KL / top-1 / perplexity / greedy agreement of every engine against float32 eager on the demo model."""
+def binding_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as exc:
+        say(f"llama-cpp-python is not usable ({exc}): llama.cpp's quality rows are left out")
+        return False
+    return True
+
+
+def quality(work: Path, threads: int, tools: Tools, *, llama: bool) -> dict:
+    """KL / top-1 / perplexity / greedy agreement of every engine against float32 eager on the demo model
+    (llama.cpp's GGUF files: only with ``llama``, which needs the llama-cpp-python binding for logits)."""
     import torch
 
     from cpm_infer.backends.ort_backend import load as load_ort
@@ -255,7 +293,9 @@ def quality(work: Path, threads: int) -> dict:
     prompts = np.stack([w[:PROMPT] for w in windows[:4]])
     model, _ = load_model(demo)
     reference = TorchBackend(model)
-    ours, gguf = quality_files(work, threads)
+    ours, gguf = quality_files(work, threads, tools)
+    if not llama:
+        gguf = {}
 
     def window_logits(fn) -> list[np.ndarray]:
         return [np.asarray(fn(w), dtype=np.float32) for w in windows]
@@ -358,9 +398,10 @@ def targets(speed: dict, qual: dict | None) -> list[dict]:
 
     # Every int8 / int4 artifact of the run against its peer (the defaults first), so that the speed and the
     # quality of each recipe can be read side by side.
+    peers = (("int4", "llama-q4_0", 0.65), ("int4", "llama-q4_K_M", 0.65), ("int8", "llama-q8_0", 0.70))
     pairs = [
         (ours, theirs, limit)
-        for scheme, theirs, limit in (("int4", "llama-q4_0", 0.65), ("int8", "llama-q8_0", 0.70))
+        for scheme, theirs, limit in peers
         for ours in sorted((n for n in s if n.startswith(f"ours-{scheme}")), key=len)
     ]
     for ours, theirs, limit in pairs:
@@ -381,7 +422,7 @@ def targets(speed: dict, qual: dict | None) -> list[dict]:
     b8_over_b1 = 8 / paired(s, "ours-int4", "ours-int4", "b8", "b1")
     check("3", "int4 tokens/s batch 8 / batch 1", b8_over_b1, 4.0, ">=", s["ours-int4"]["b8_over_b1_tokens_per_s"])
     if qual:
-        for ours, theirs, _ in pairs:
+        for ours, theirs, _ in [p for p in pairs if p[1] in qual]:
             check("4", f"{ours} KL / {theirs} KL", qual[ours]["kl_mean"] / qual[theirs]["kl_mean"], 1.0)
             check(
                 "4",
@@ -421,7 +462,9 @@ def markdown(report: dict) -> str:
         "",
         f"Speed: CPM-small shape, same random weights for every engine, greedy, median of {env['rounds']} "
         "interleaved rounds. Decode ms/token = (t(33) - t(1)) / 32 after a 16-token prompt (past 16) or a "
-        "900-token prompt (past 900); batch 8 = tokens/s of the whole batch over the same 32 steps.",
+        "900-token prompt (past 900); batch 8 = tokens/s of the whole batch over the same 32 steps. llama.cpp: "
+        f"its own tools ({env.get('llama_cpp', {}).get('tools', 'llama-bench, llama-batched-bench')}) on GGUF "
+        "files from its own converter and quantizer; ours and CTranslate2: our Python generation loop.",
         "",
         "| engine | decode ms/token | past 900 ms | past 900 / past 16 | batch 8 tok/s | batch 8 / batch 1 |",
         "|---|---:|---:|---:|---:|---:|",
@@ -438,7 +481,8 @@ def markdown(report: dict) -> str:
             "",
             f"Quality: {setup['model']}, {setup['text']}; reference float32 eager PyTorch (perplexity "
             f"{setup['reference_ppl']:.2f}); {setup['windows']} windows of {setup['window']} tokens, teacher forcing "
-            f"at every position ({setup['positions']} predictions); greedy: {setup['greedy']}.",
+            f"at every position ({setup['positions']} predictions); greedy: {setup['greedy']}. llama.cpp's "
+            f"logits: {setup.get('llama', 'llama-cpp-python')}.",
             "",
             "| engine | mean KL | top-1 agreement | perplexity | greedy agreement (prefix) | greedy (position-wise) |",
             "|---|---:|---:|---:|---:|---:|",
@@ -474,6 +518,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--llama-reps", type=int, default=1, help="llama-bench -r per round (default 1).")
+    parser.add_argument(
+        "--build-llama", action="store_true", help="Build llama.cpp's tools when absent (many minutes, cached)."
+    )
+    parser.add_argument(
+        "--binding-from-build",
+        action="store_true",
+        help="Quality: load llama-cpp-python's Python code from the pinned sdist over the libllama built here.",
+    )
     parser.add_argument(
         "--prepare-only", action="store_true", help="Write every checkpoint, artifact and GGUF file, time nothing."
     )
@@ -482,29 +535,45 @@ def main() -> None:
         "--out-dir", type=Path, default=None, help="Default: benchmarks/results/peers-llamacpp-<machine>."
     )
     args = parser.parse_args()
-    for package in ("ctranslate2", "llama_cpp", "gguf"):
-        try:
-            __import__(package)
-        except ImportError as exc:
-            raise SystemExit(f"error: {package} is not installed (pip install 'cpm-infer[peers]')") from exc
+    try:
+        import ctranslate2
+    except ImportError as exc:
+        raise SystemExit("error: ctranslate2 is not installed (pip install 'cpm-infer[peers]')") from exc
+    tools = build() if args.build_llama else find_tools()
+    if tools is None:
+        raise SystemExit(
+            "error: llama.cpp's tools are not built: python benchmarks/peers/llamacpp_native.py build "
+            "(or pass --build-llama)"
+        )
+    if args.binding_from_build:
+        use_binding_from_build(tools)
     from cpm_infer.bench import report as bench_report
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.prepare_only:
-        speed_engines(args.work_dir, args.vocab, args.threads)
-        quality_files(args.work_dir, args.threads)
+        speed_engines(args.work_dir, args.vocab, args.threads, tools)
+        quality_files(args.work_dir, args.threads, tools)
         say(f"prepared {args.work_dir}")
         return
     load_before = os.getloadavg()
     bandwidth = read_bandwidth(args.threads)
     say(f"read bandwidth {bandwidth:.1f} GB/s")
-    engines = speed_engines(args.work_dir, args.vocab, args.threads)
+    engines = speed_engines(args.work_dir, args.vocab, args.threads, tools, args.llama_reps)
     speed = summarize_speed(time_speed(engines, args.rounds, 30000))
+    llama_build = next((r.bench for r in engines.values() if isinstance(r, NativeRunner) and r.bench), {})
     say("matrix-multiply kernel throughput (the batch bound)")
     kernels = kernel_throughput(args.threads)
-    qual = None if args.skip_quality else quality(args.work_dir, args.threads)
-    import ctranslate2
-    import llama_cpp
+    qual = None
+    if not args.skip_quality:
+        with_llama = binding_available()
+        qual = quality(args.work_dir, args.threads, tools, llama=with_llama)
+        if with_llama:
+            import llama_cpp
+
+            binding = f"llama-cpp-python {llama_cpp.__version__}"
+            qual["_setup"]["llama"] = binding + (" (sdist code over this build's libllama)" * args.binding_from_build)
+        else:
+            qual["_setup"]["llama"] = "left out: llama-cpp-python is not installed"
 
     env = bench_report.environment(
         {
@@ -516,7 +585,9 @@ def main() -> None:
             "cpu_details": cpu_details(),
         }
     )
-    env["versions"].update({"llama-cpp-python": llama_cpp.__version__, "ctranslate2": ctranslate2.__version__})
+    env["versions"].update({"llama.cpp": f"{tools.version} sdist, build {llama_build.get('build')}"})
+    env["versions"]["ctranslate2"] = ctranslate2.__version__
+    env["llama_cpp"] = build_info(tools) | {"tools": "llama-bench, llama-batched-bench", "bench": llama_build}
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "environment": env,
