@@ -251,7 +251,8 @@ class TypicalP:
     def __call__(self, logits: np.ndarray) -> None:
         logp = sampling.log_softmax(logits)
         p = np.exp(logp)
-        entropy = -np.nansum(logp * p)
+        with np.errstate(invalid="ignore"):  # a banned token: -inf * 0, which nansum skips
+            entropy = -np.nansum(logp * p)
         shifted = np.abs(-logp - entropy)
         order = np.argsort(shifted, kind="stable")
         last = min(int((np.cumsum(p[order], dtype=np.float64) < self.mass).sum()), len(order) - 1)

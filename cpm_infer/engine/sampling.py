@@ -68,7 +68,7 @@ def apply_repetition_penalty(logits: np.ndarray, ids: np.ndarray, penalty: float
     """
     picked = logits[ids]
     big = np.finfo(logits.dtype).max  # a tiny penalty must not overflow to inf (inf - inf = NaN downstream)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", divide="ignore"):  # a subnormal penalty is 0 in float32
         logits[ids] = np.clip(np.where(picked < 0, picked * penalty, picked / penalty), -big, big)
 
 

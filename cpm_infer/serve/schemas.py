@@ -89,10 +89,21 @@ _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _SCALARS = {"int": JsonInt, "float": float, "bool": bool}
 
 
+def _ids_field(setting: Setting, token: Any) -> tuple[Any, Any]:
+    """A list-of-token-ids setting as a request field, each id of type ``token``."""
+    return Annotated[list[token], Field(max_length=setting.max_items)], Field(
+        default_factory=list, description=_description(setting)
+    )
+
+
+def _description(setting: Setting) -> str:
+    note = "; ".join(filter(None, [setting.off, setting.api_note]))
+    return setting.help.rstrip(".") + (f" ({note})." if note else ".")
+
+
 def _api_field(setting: Setting) -> tuple[Any, Any]:
     """A generation setting as a request field: its type with the API's range, its default, its help."""
-    note = "; ".join(filter(None, [setting.off, setting.api_note]))
-    description = setting.help.rstrip(".") + (f" ({note})." if note else ".")
+    description = _description(setting)
     default = setting.request_default
     if setting.kind in _SCALARS:
         bounds = (setting.api_range or setting.range).pydantic()
@@ -103,10 +114,8 @@ def _api_field(setting: Setting) -> tuple[Any, Any]:
         if setting.api_nullable or setting.optional or default is None:
             kind = kind | None
         return kind, Field(default, description=description)
-    if setting.kind == "ids":  # the vocabulary's range: completion_request_model()
-        return Annotated[list[JsonInt], Field(max_length=setting.max_items)], Field(
-            default_factory=list, description=description
-        )
+    if setting.kind == "ids":  # the vocabulary's upper bound: completion_request_model()
+        return _ids_field(setting, json_int(ge=0))
     if setting.kind == "strings":
         return Stop | Annotated[list[Stop], Field(max_length=setting.max_items)] | None, Field(
             None, description=description
@@ -215,7 +224,7 @@ def completion_request_model(settings: ServeSettings, vocab_size: int) -> type[C
             json_int(ge=1, le=samples) | None,
             Field(1, description=f"Choices per prompt; prompts x n is at most {samples}."),
         ),
-        banned_ids=(Annotated[list[token], Field(max_length=1024)], Field(default_factory=list)),
+        **{s.api_name: _ids_field(s, token) for s in for_door("serve") if s.kind == "ids"},
         logit_bias=(
             Annotated[dict[TokenKey, Bias], Field(max_length=300), AfterValidator(_in_vocabulary(vocab_size))] | None,
             Field(None, description=CompletionRequest.model_fields["logit_bias"].description),
