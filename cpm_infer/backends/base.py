@@ -123,6 +123,23 @@ class KvCacheOps(Protocol):
         ...
 
 
+@runtime_checkable
+class Verifier(Protocol):
+    """What speculative decoding needs besides :class:`KvCacheOps`: the logits of every new position of an
+    ``extend`` (the target scores a draft's k proposals in one pass)."""
+
+    def extend_all(
+        self, state: State, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, State]:
+        """``extend``, returning the logits of each of the T new positions (B, T, V) float32."""
+        ...
+
+
+def supports_speculation(backend: object) -> bool:
+    """Whether ``backend`` can verify (or draft) in speculative decoding: :class:`KvCacheOps` and :class:`Verifier`."""
+    return supports_kv_ops(backend) and isinstance(backend, Verifier)
+
+
 def supports_kv_ops(backend: object) -> bool:
     """Whether ``backend`` offers :class:`KvCacheOps` (a backend may also say no with ``kv_ops = False``)."""
     return isinstance(backend, KvCacheOps) and bool(getattr(backend, "kv_ops", True))

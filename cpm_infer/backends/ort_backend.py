@@ -190,14 +190,28 @@ class OrtBackend:
         and GroupQueryAttention's own masking (``--optimize`` and the int8/int4 artifacts made from it).
         GroupQueryAttention takes several new tokens after a past for one row only: a batch of rows is fed
         one token at a time there (the engine extends single rows)."""
+        logits, state = self._extend(state, input_ids, attention_mask, position_ids, every=False)
+        return logits, state
+
+    def extend_all(
+        self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, OrtState]:
+        """``extend`` with the logits of every new position (B, T, V): speculative decoding's verify pass (the graph
+        computes them anyway)."""
+        return self._extend(state, input_ids, attention_mask, position_ids, every=True)
+
+    def _extend(
+        self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, every: bool
+    ) -> tuple[np.ndarray, OrtState]:
         seq = input_ids.shape[1]
         if not (self.gqa and state.batch > 1 and state.past > 0 and seq > 1):
-            return self._step(state, input_ids, attention_mask, position_ids)
-        logits, past = None, attention_mask.shape[1] - seq
+            return self._step(state, input_ids, attention_mask, position_ids, every=every)
+        parts, past = [], attention_mask.shape[1] - seq
         for t in range(seq):
             mask = attention_mask[:, : past + t + 1]
-            logits, state = self._step(state, input_ids[:, t : t + 1], mask, position_ids[:, t : t + 1])
-        return logits, state
+            logits, state = self._step(state, input_ids[:, t : t + 1], mask, position_ids[:, t : t + 1], every=every)
+            parts.append(logits)
+        return (np.concatenate(parts, axis=1) if every else parts[-1]), state
 
     def crop(self, state: OrtState, length: int) -> OrtState:
         """The first ``length`` positions: free in the shared buffer (the next step overwrites the slots after
@@ -294,7 +308,10 @@ class OrtBackend:
             state.arrays = [empty] * len(self.past_names)
         return state
 
-    def _step(self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, OrtState]:
+    def _step(
+        self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, *, every: bool = False
+    ) -> tuple[np.ndarray, OrtState]:
+        """One run of the graph; the last position's logits (B, V), or every position's (B, T, V) with ``every``."""
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))
         _batch, seq = ids.shape
         if self.io_binding:
@@ -303,8 +320,10 @@ class OrtBackend:
             feeds = {kv.INPUT_IDS: ids, kv.ATTENTION_MASK: mask, kv.POSITION_IDS: pos}
             feeds.update(zip(self.past_names, state.arrays, strict=True))
             outputs = self._run(lambda: self.session.run(None, feeds))
-            logits = outputs[0][:, -1, :]
+            logits = outputs[0]
             state.arrays = outputs[1:]
+        if not every:
+            logits = logits[:, -1, :]
         state.past += seq
         return np.array(logits, dtype=np.float32), state
 
@@ -330,7 +349,7 @@ class OrtBackend:
         io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
         self._run(lambda: self.session.run_with_iobinding(io))
         state.current = write
-        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)[:, -1, :]
+        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)
 
     def _run_shared(self, state: OrtState, batch: int, seq: int, total: int) -> np.ndarray:
         """Past and present bound to the same (B, nh, capacity, hs) buffer: the graph appends in place."""
@@ -361,7 +380,7 @@ class OrtBackend:
             io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
             state.bound = where
         self._run(lambda: self.session.run_with_iobinding(io))
-        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)[:, -1, :]
+        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)
 
     def _ensure(self, state: OrtState, index: int, which: int, elements: int, batch: int | None = None) -> Any:
         """Buffer ``which`` of KV tensor ``index`` with room for ``elements`` (grows x2, capped)."""

@@ -53,7 +53,9 @@ class TorchBackend:
     def _tensor(self, array: np.ndarray):
         return self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def _forward(self, cache: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+    def _forward(
+        self, cache: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, every=False
+    ):
         with self._torch.inference_mode():
             out = self.model(
                 input_ids=self._tensor(input_ids),
@@ -61,10 +63,10 @@ class TorchBackend:
                 position_ids=self._tensor(position_ids),
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every else 1,
             )
-            logits = out.logits[:, -1, :].float().cpu().numpy()
-        return logits, out.cache
+            logits = out.logits if every else out.logits[:, -1, :]
+        return logits.float().cpu().numpy(), out.cache
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
         return self._forward(None, input_ids, attention_mask, position_ids)
@@ -75,6 +77,10 @@ class TorchBackend:
     def extend(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
         """T new tokens per row: transformers builds the causal mask from the cache's length (query i at P + i)."""
         return self._forward(state, input_ids, attention_mask, position_ids)
+
+    def extend_all(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        """``extend`` with the logits of every new position (B, T, V): speculative decoding's verify pass."""
+        return self._forward(state, input_ids, attention_mask, position_ids, every=True)
 
     def crop(self, state: Any, length: int) -> Any:
         """Views of the first ``length`` positions (no copy; the next step's concatenation makes new tensors)."""

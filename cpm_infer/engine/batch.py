@@ -86,6 +86,22 @@ class DecodeBatch:
         self.positions = positions[:, -1].copy()
         return logits
 
+    def extend_all(self, backend: Backend, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """``extend`` returning the logits after each new token (B, T, V) (``Verifier.extend_all``)."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(self.size, -1)
+        self.mask = np.concatenate([self.mask, np.ones(ids.shape, dtype=np.int64)], axis=1)
+        positions = self.positions[:, None] + np.arange(1, ids.shape[1] + 1, dtype=np.int64)
+        logits, self.state = backend.extend_all(self.state, ids, self.mask, positions)
+        self.positions = positions[:, -1].copy()
+        return logits
+
+    def drop_last(self, backend: Backend, count: int) -> None:
+        """Forget the last ``count`` positions of every row (``KvCacheOps.crop``): a rejected speculation."""
+        if count <= 0:
+            return
+        self.state = backend.crop(self.state, self.width - count)
+        self.mask, self.positions = self.mask[:, :-count], self.positions - count
+
     def select(self, backend: Backend, rows: Sequence[int]) -> None:
         """Keep ``rows`` (in that order; repeats allowed) and drop the padding no kept row needs."""
         rows = np.asarray(rows, dtype=np.int64)

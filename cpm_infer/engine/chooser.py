@@ -66,6 +66,46 @@ class RowChooser:
         token = sampling.sample_row(logits, c.top_k, c.top_p, self.rng)
         return token if token >= 0 else self.eos
 
+    def distribution(self, logits: np.ndarray) -> np.ndarray | None:
+        """The distribution ``pick`` draws from for a sampled row (float64 over the vocabulary, zero outside what
+        min-p / typical-p / top-k / top-p keep), or None when every token is banned. ``logits``: processed, the
+        row's own copy (overwritten). Speculative decoding compares the target's and the draft's."""
+        if logits.max() == -np.inf:
+            return None
+        processors.apply(self.warpers, logits)
+        ids, weights = sampling.candidates(logits, self.config.top_k, self.config.top_p)
+        weights = weights.astype(np.float64)
+        weights /= weights.sum()
+        if ids is None:
+            return weights
+        full = np.zeros(logits.shape[-1], dtype=np.float64)
+        full[ids] = weights
+        return full
+
+    def verify(self, logits: np.ndarray, proposed: int | None, q: np.ndarray | None) -> tuple[int, bool]:
+        """The row's token at a position where a draft proposed ``proposed`` (drawn from ``q``; None: a point
+        mass or a greedy draft), and whether it is that proposal. ``logits``: the target's, processed, the row's own
+        copy. Greedy rows accept while the argmax matches; sampled rows accept with probability min(1, p/q) and
+        on rejection draw from max(0, p - q) renormalised, so every token has exactly the probability ``pick``
+        gives it (Leviathan et al. 2023, Theorem 1). No proposal: ``pick``."""
+        if proposed is None or self.config.greedy:
+            token = self.pick(logits)
+            return token, token == proposed
+        p = self.distribution(logits)
+        if p is None:
+            return self.eos, False
+        q_token = 1.0 if q is None else float(q[proposed])
+        if self.rng.random() * q_token < p[proposed]:  # u < p/q without dividing by a tiny q
+            return proposed, True
+        residual = p.copy()
+        if q is None:
+            residual[proposed] = 0.0
+        else:
+            np.maximum(residual - q, 0.0, out=residual)
+        if residual.sum() <= 0.0:  # p == q up to rounding: the rejection had probability ~0
+            residual = p
+        return sampling.draw(residual, self.rng.random()), False
+
     def update(self, token: int) -> None:
         """Record a token the row generated (not <eod>)."""
         for processor in self.processors:
@@ -86,6 +126,16 @@ def raw_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tu
     return float(logits[token]) - lse, alternatives
 
 
+def token_info(
+    raw: np.ndarray, token: int, n: int | None, decode: Callable[[Sequence[int]], str]
+) -> TokenLogprob | None:
+    """The chosen token's logprob and the ``n`` best from the raw logits row (None when logprobs are off)."""
+    if n is None:
+        return None
+    logprob, top = raw_logprobs(raw.astype(np.float32, copy=False), token, n)
+    return TokenLogprob(token, decode([token]), logprob, [(i, decode([i]), value) for i, value in top])
+
+
 def choose(
     logits: np.ndarray, rows: Sequence[RowChooser], decode: Callable[[Sequence[int]], str]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -95,9 +145,5 @@ def choose(
     for raw, row in zip(logits, rows, strict=True):
         token = row.pick(row.process(np.array(raw, dtype=np.float32)))
         tokens.append(token)
-        if row.config.logprobs is None:
-            infos.append(None)
-            continue
-        logprob, top = raw_logprobs(raw.astype(np.float32, copy=False), token, row.config.logprobs)
-        infos.append(TokenLogprob(token, decode([token]), logprob, [(i, decode([i]), value) for i, value in top]))
+        infos.append(token_info(raw, token, row.config.logprobs, decode))
     return tokens, infos

@@ -17,6 +17,12 @@ Where the backend has ``KvCacheOps`` (torch, onnxruntime), two more things happe
 
 Without them (TensorRT) every newcomer is prefilled whole, all in one call, as before.
 
+With a ``draft`` (``cpm_infer.engine.speculative``), a batch of one row decodes speculatively: ``_speculate`` asks the
+draft for k tokens, the target scores the row's last token and the proposals in one pass (``extend_all``), the row
+keeps the prefix ``RowChooser.verify`` accepts plus one token of its own, and the cache drops the rest. The output
+is the target's (greedy: token for token; sampled: in distribution). With more rows running, the batch already
+amortises the weights over its rows, and every row decodes one token per step as without a draft.
+
 Single-threaded: one owner calls ``add`` / ``cancel`` / ``step``; a server wraps it with its own lock.
 """
 
@@ -29,13 +35,14 @@ from typing import Protocol
 
 import numpy as np
 
-from cpm_infer.backends.base import Backend, supports_kv_ops
+from cpm_infer.backends.base import Backend, supports_kv_ops, supports_speculation
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.batch import DecodeBatch
-from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose
+from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose, token_info
 from cpm_infer.engine.detok import TextStream
 from cpm_infer.engine.prefix_cache import PrefixCache, shared_cache
 from cpm_infer.engine.processors import static_bans
+from cpm_infer.engine.speculative import Acceptance, Draft, SpeculationStats
 from cpm_infer.errors import CpmError
 
 log = logging.getLogger(__name__)
@@ -137,6 +144,7 @@ class _Row:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     cached_tokens: int = 0
+    speculation: Acceptance | None = None  # None: this row does not speculate
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -179,11 +187,22 @@ class Engine:
         max_rows: int = 8,
         prefix_cache: PrefixCache | object | None = _SHARED,
         prefill_chunk: int = 0,
+        draft: Draft | None = None,
+        draft_tokens: int = 4,
     ) -> None:
         if max_rows < 1:
             raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
         if prefill_chunk < 0:
             raise ConfigError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
+        if draft is not None and not supports_speculation(backend):
+            raise ConfigError(
+                f"the {backend.name} backend cannot verify several tokens in one pass; speculative decoding needs "
+                "an onnxruntime artifact or a checkpoint as the target"
+            )
+        if draft is not None and draft_tokens < 1:
+            raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self.speculation = SpeculationStats()
         ops = supports_kv_ops(backend)
         if prefix_cache is _SHARED:
             prefix_cache = shared_cache(backend) if ops else None
@@ -215,9 +234,11 @@ class Engine:
         prompt_index: int = 0,
         sample_index: int = 0,
         tag: object = None,
+        speculate: bool = True,
     ) -> int:
         """Queue one row (one sample of one prompt); returns its row id. It joins the running batch at
-        the next ``step`` with room; its generator is seeded from (seed, prompt_index, sample_index)."""
+        the next ``step`` with room; its generator is seeded from (seed, prompt_index, sample_index).
+        ``speculate=False``: the row never decodes speculatively (where the engine has a draft)."""
         if config.beam_search:
             raise ConfigError("beam search does not run in the continuous batch; use cpm_infer.engine.beam.beam_search")
         prompt = [int(t) for t in prompt_ids] or [self.tokenizer.eod_id]  # empty = start of a document
@@ -239,6 +260,7 @@ class Engine:
             prompt_index=prompt_index,
             sample_index=sample_index,
             logprobs=[] if config.logprobs is not None else None,
+            speculation=Acceptance(self.draft_tokens, self.draft_tokens) if self.draft and speculate else None,
         )
         self._next_id += 1
         self._pending.append(row)
@@ -302,9 +324,47 @@ class Engine:
         self._keep_unfinished(events)
 
     def _decode_running(self, events: list[Event]) -> None:
+        if len(self._rows) == 1 and self._speculate(self._rows[0], events):
+            self._keep_unfinished(events)
+            return
         logits = self._batch.decode(self.backend, [row.ids[-1] for row in self._rows])
         self._choose(logits, self._rows, events)
         self._keep_unfinished(events)
+
+    def _speculate(self, row: _Row, events: list[Event]) -> bool:
+        """One speculative step of the batch's only row; False where it does not speculate now (no draft, opted
+        out, k = 0, no proposal, no room left): the caller decodes as usual."""
+        spec = row.speculation
+        if self.draft is None or spec is None or spec.k == 0:
+            return False
+        tokens = row.prompt + row.ids
+        room = min(self.n_positions - len(tokens), row.config.max_new_tokens - len(row.ids) - 1)
+        proposal = self.draft.propose(row.id, tokens, min(spec.k, room), row.chooser)
+        proposed = proposal.tokens[: max(room, 0)]
+        if not proposed:
+            return False
+        logits = self._batch.extend_all(self.backend, [[row.ids[-1], *proposed]])[0]
+        accepted = emitted = 0
+        for j, raw in enumerate(logits):
+            guess = proposed[j] if j < len(proposed) else None
+            q = proposal.q[j] if proposal.q is not None and guess is not None else None
+            token, hit = row.chooser.verify(row.chooser.process(np.array(raw, dtype=np.float32)), guess, q)
+            self._advance(row, token, token_info(raw, token, row.config.logprobs, self.tokenizer.decode), events)
+            emitted += 1
+            accepted += hit
+            if not hit or row.finish_reason is not None:
+                break
+        spec.record(len(proposed), accepted)
+        stats = self.speculation
+        stats.passes, stats.proposed, stats.accepted, stats.emitted = (
+            stats.passes + 1,
+            stats.proposed + len(proposed),
+            stats.accepted + accepted,
+            stats.emitted + emitted,
+        )
+        self.tokens_last_step += emitted
+        self._batch.drop_last(self.backend, len(proposed) + 1 - emitted)  # the cache keeps the accepted tokens
+        return True
 
     def _admit(self) -> None:
         """Queued rows, while they fit in ``max_rows`` with the running and prefilling ones, become prefill jobs: one
@@ -431,6 +491,9 @@ class Engine:
             self._batch, self._rows = None, []
 
     def _finish_rows(self, rows: list[_Row], events: list[Event]) -> None:
+        if self.draft is not None:
+            for row in rows:
+                self.draft.forget(row.id)
         events.extend(self._finish_event(row) for row in rows)
 
     def _finish_event(self, row: _Row) -> FinishEvent:

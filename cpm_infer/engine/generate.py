@@ -24,6 +24,7 @@ from cpm_infer.engine.core import (
     check_prompt_length,
     max_prompt_tokens,
 )
+from cpm_infer.engine.speculative import Draft, SpeculationStats
 
 __all__ = [
     "GenerationResult",
@@ -53,6 +54,7 @@ class GenerationStats:
     first_token_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
     new_tokens: int = 0
+    speculation: SpeculationStats | None = None  # with a draft: passes, proposed, accepted
 
     @property
     def decode_ms_per_step(self) -> float:
@@ -75,6 +77,8 @@ def generate(
     stats: GenerationStats | None = None,
     seeds: Sequence[int | None] | None = None,
     should_stop: StopCheck | None = None,
+    draft: Draft | None = None,
+    draft_tokens: int = 4,
 ) -> list[GenerationResult]:
     """Generate ``config.num_samples`` continuations of each prompt (token ids, without the prompt).
 
@@ -85,7 +89,8 @@ def generate(
     ``seeds`` (one per prompt) batches unrelated requests: prompt i then samples exactly as it would
     alone, as prompt 0 of a call with ``config.seed = seeds[i]``. ``should_stop(sequence index)`` is
     asked after every step for each live sequence; a reason string ends that sequence (it is dropped
-    from the batch) with that ``finish_reason``, e.g. when a client went away.
+    from the batch) with that ``finish_reason``, e.g. when a client went away. ``draft``: speculative decoding
+    while one sequence runs (``cpm_infer.engine.speculative``).
     """
     groups = generate_iter(
         backend,
@@ -97,6 +102,8 @@ def generate(
         stats=stats,
         seeds=seeds,
         should_stop=should_stop,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     return [result for group in groups for result in group]
 
@@ -113,6 +120,8 @@ def generate_iter(
     stats: GenerationStats | None = None,
     seeds: Sequence[int | None] | None = None,
     should_stop: StopCheck | None = None,
+    draft: Draft | None = None,
+    draft_tokens: int = 4,
 ) -> Iterator[list[GenerationResult]]:
     """``generate``, yielding each prompt's results (its samples) in prompt order as soon as it and all
     prompts before it are done. At most ``max_rows`` sequences run at once (default: all of them); the
@@ -133,7 +142,9 @@ def generate_iter(
     stats = stats if stats is not None else GenerationStats()
     n = config.num_samples
     stats.batch_size, stats.padded_prompt_len = len(prompts) * n, max(len(p) for p in prompts)
-    engine = Engine(backend, tokenizer, max_rows=max_rows or len(prompts) * n)
+    engine = Engine(backend, tokenizer, max_rows=max_rows or len(prompts) * n, draft=draft, draft_tokens=draft_tokens)
+    if draft is not None:
+        stats.speculation = engine.speculation
     index_of: dict[int, int] = {}  # row id -> sequence index in the request
     for i, prompt in enumerate(prompts):
         for s in range(n):
