@@ -55,6 +55,8 @@ class Measurement:
     repeats: int
     gb_per_s: float | None = None  # weights + KV bytes read per decode step / p50 step time
     sampling: str = "greedy"  # the runner's sampling mode (runners.Sampling label)
+    acceptance: float | None = None  # speculative decoding: proposed tokens the target accepted
+    tokens_per_pass: float | None = None  # and tokens made per target pass (verify or plain decode)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,6 +148,7 @@ def measure(
     if gpu_peak is not None:
         gpu_peak.reset()
     ttft, steps, totals, produced = [], [], [], 0
+    proposed = accepted = emitted = passes = 0
     with RssSampler() as rss:
         for _ in range(repeats):
             start = time.perf_counter()
@@ -154,6 +157,12 @@ def measure(
             ttft.append(timing.first_token_s)
             steps.extend(timing.step_s)
             produced += timing.new_tokens
+            if timing.speculation is not None:
+                spec = timing.speculation
+                proposed, accepted = proposed + spec.proposed, accepted + spec.accepted
+                # every decode step not speculated was one pass for one token of the row
+                plain = len(timing.step_s) - spec.emitted
+                emitted, passes = emitted + spec.emitted + plain, passes + spec.passes + plain
     step_ms = np.asarray(steps) * 1000 if steps else np.asarray([np.nan])
     p50 = float(np.percentile(step_ms, 50))
     traffic = getattr(runner, "traffic", None)
@@ -175,4 +184,6 @@ def measure(
         repeats=repeats,
         gb_per_s=moved / p50 / 1e6 if moved and steps else None,
         sampling=getattr(getattr(runner, "sampling", None), "label", "greedy"),
+        acceptance=accepted / proposed if proposed else None,
+        tokens_per_pass=emitted / passes if passes else None,
     )

@@ -99,12 +99,16 @@ SAMPLING_COLUMNS = ("sampling", "vs_greedy")  # shown when some row sampled
 
 
 GPU_COLUMN = ("gpu_peak_mb", "GPU MB", "{:.0f}")
+DRAFT_COLUMNS = [("acceptance", "accepted", "{:.0%}"), ("tokens_per_pass", "tok/pass", "{:.2f}")]
 
 
 def columns_for(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     """COLUMNS, plus peak GPU memory after RSS when some row measured it (rows that did not show "-")."""
     sampled = any(r.get("sampling", "greedy") != "greedy" for r in rows)
     columns = [c for c in COLUMNS if sampled or c[0] not in SAMPLING_COLUMNS]
+    if any(r.get("tokens_per_pass") is not None for r in rows):  # a runner with a draft (--draft)
+        at = next(i for i, c in enumerate(columns) if c[0] == "tokens_per_s") + 1
+        columns = [*columns[:at], *DRAFT_COLUMNS, *columns[at:]]
     if not any(r.get("gpu_peak_mb") is not None for r in rows):
         return columns
     at = next(i for i, c in enumerate(columns) if c[0] == "peak_rss_mb") + 1

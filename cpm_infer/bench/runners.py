@@ -17,6 +17,7 @@ import numpy as np
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.generate import GenerationStats, TokenizerLike, generate
+from cpm_infer.engine.speculative import Draft, SpeculationStats
 from cpm_infer.errors import CpmError
 from cpm_infer.settings import for_door
 
@@ -86,6 +87,7 @@ class Timing:
     step_s: list[float] = field(default_factory=list)
     new_tokens: int = 0  # tokens produced over the whole batch
     token_ids: list[list[int]] | None = None  # the generated ids of each row, for parity checks between runners
+    speculation: SpeculationStats | None = None  # with a draft: verify passes, tokens proposed and accepted
 
 
 StepBytes = Callable[[int, float], float]  # (batch, past) -> bytes one decode step reads
@@ -122,18 +124,38 @@ class LoopRunner:
         *,
         sampling: Sampling = GREEDY,
         tokenizer: TokenizerLike | None = None,
+        draft: Draft | None = None,
+        draft_tokens: int = 4,
     ) -> None:
         self.name, self.backend, self.traffic, self.sampling = name, backend, traffic, sampling
         self.tokenizer = tokenizer or IdsTokenizer(backend.spec.vocab_size)
+        self.draft, self.draft_tokens = draft, draft_tokens
 
     def with_sampling(self, sampling: Sampling) -> LoopRunner:
-        return LoopRunner(self.name, self.backend, self.traffic, sampling=sampling, tokenizer=self.tokenizer)
+        return LoopRunner(
+            self.name,
+            self.backend,
+            self.traffic,
+            sampling=sampling,
+            tokenizer=self.tokenizer,
+            draft=self.draft,
+            draft_tokens=self.draft_tokens,
+        )
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
         stats = GenerationStats()
         config = self.sampling.config(new_tokens)
-        results = generate(self.backend, prompts.tolist(), config, self.tokenizer, stats=stats)
-        return Timing(stats.first_token_s, list(stats.step_s), stats.new_tokens, [r.token_ids for r in results])
+        results = generate(
+            self.backend,
+            prompts.tolist(),
+            config,
+            self.tokenizer,
+            stats=stats,
+            draft=self.draft,
+            draft_tokens=self.draft_tokens,
+        )
+        ids = [r.token_ids for r in results]
+        return Timing(stats.first_token_s, list(stats.step_s), stats.new_tokens, ids, stats.speculation)
 
 
 class HFGenerateRunner:

@@ -68,6 +68,7 @@ class BenchSetup:
         return Path(self.workdir.name)
 
     load_s: dict[str, float] = field(default_factory=dict)  # seconds to load each artifact backend
+    closers: list[Callable[[], None]] = field(default_factory=list)  # e.g. a draft's backend
 
     def tokenizer(self):
         """The checkpoint's tokenizer (loop runners decode text as ``cpm generate`` does)."""
@@ -78,6 +79,8 @@ class BenchSetup:
         return self._tokenizer
 
     def close(self) -> None:
+        while self.closers:
+            self.closers.pop()()
         if self.workdir is not None:
             self.workdir.cleanup()
             self.workdir = None
@@ -160,9 +163,13 @@ def prepare(
     threads: int | None,
     say: Callable[[str], None],
     check_spec: Callable[[ModelSpec], None] = lambda spec: None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> BenchSetup:
     """Open the model source and every requested backend. ``check_spec`` runs as soon as the model
-    shape is known, before anything heavy is loaded (sweep values are checked against the context)."""
+    shape is known, before anything heavy is loaded (sweep values are checked against the context).
+    ``draft`` (a model directory or ``ngram``): each loop runner that can verify gets a twin decoding
+    speculatively with it, named ``<runner>+<draft>``."""
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise CpmError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
@@ -197,6 +204,8 @@ def prepare(
             _add_ort(setup, onnx_dirs, device, threads, say)
         if "trt" in backends:
             _add_trt(setup, trt_dirs, device, say)
+        if draft is not None:
+            _add_drafted(setup, draft, draft_tokens, device, threads, say)
     except BaseException:
         setup.close()
         raise
@@ -204,6 +213,35 @@ def prepare(
         setup.close()
         raise CpmError("no backend could run: " + "; ".join(f"{k}: {v}" for k, v in setup.skipped.items()))
     return setup
+
+
+def _add_drafted(setup: BenchSetup, draft: str, draft_tokens: int, device: str, threads: int | None, say) -> None:
+    """A ``<runner>+<draft>`` twin of every loop runner whose backend can verify (torch, onnxruntime)."""
+    from cpm_infer.backends.base import supports_speculation
+    from cpm_infer.engine.speculative import NGRAM, open_draft
+
+    targets = [r for r in setup.runners if isinstance(r, LoopRunner) and supports_speculation(r.backend)]
+    if not targets:
+        setup.skipped["draft"] = "no runner can verify several tokens per pass (torch or ort)"
+        return
+    say(f"opening the draft {draft}")
+    opened = open_draft(
+        draft if draft == NGRAM else Path(draft), targets[0].backend, setup.tokenizer(), device=device, threads=threads
+    )
+    setup.closers.append(opened.close)
+    for runner in targets:
+        name = f"{runner.name}+{opened.name}"
+        setup.runners.append(
+            LoopRunner(
+                name,
+                runner.backend,
+                runner.traffic,
+                tokenizer=runner.tokenizer,
+                draft=opened,
+                draft_tokens=draft_tokens,
+            )
+        )
+        setup.devices[name] = setup.devices.get(runner.name, "")
 
 
 def _add_eager(setup: BenchSetup, backends: Sequence[str], device: str, threads: int | None, say) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cpm_infer.cli.options import DeviceOpt, ThreadsOpt, TokenizerOpt
+from cpm_infer.cli.options import DeviceOpt, DraftOpt, DraftTokensOpt, ThreadsOpt, TokenizerOpt
 from cpm_infer.errors import CpmError
 from cpm_infer.settings import for_door
 
@@ -65,8 +65,11 @@ def bench(
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = 4,
 ) -> None:
-    """Benchmark backends side by side: first-token latency, decode ms/step (p50/p90), tokens/s, memory."""
+    """Benchmark backends side by side: first-token latency, decode ms/step (p50/p90), tokens/s, memory. With
+    --draft, each torch/ort runner also runs with the draft (accepted share, tokens per target pass)."""
     from rich.console import Console
 
     from cpm_infer.bench import harness, report
@@ -92,6 +95,8 @@ def bench(
         threads=threads,
         say=lambda m: console.print(f"[dim]{m}[/dim]"),
         check_spec=lambda spec: harness.build_cases(**cases_args, n_positions=spec.n_positions),
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     try:
         for name, reason in prepared.skipped.items():

@@ -16,7 +16,16 @@ from typing import Annotated, Any
 import typer
 
 from cpm_infer.cli.gen_options import GenOptions, generation_options
-from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, ThreadsOpt, TokenizerOpt, TruncateOpt
+from cpm_infer.cli.options import (
+    BackendOpt,
+    DeviceOpt,
+    DraftOpt,
+    DraftTokensOpt,
+    ModelOpt,
+    ThreadsOpt,
+    TokenizerOpt,
+    TruncateOpt,
+)
 from cpm_infer.errors import CpmError
 
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Plain prompt text.")]
@@ -53,18 +62,49 @@ def generate(
     device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = 4,
 ) -> None:
     """Generate text with a CPM model (checkpoint or exported artifact)."""
     from cpm_infer.backends import load_backend
     from cpm_infer.cli._common import resolve_model
 
     job = _parse(prompt, title, context, input_file, output, resume, stream, gen)
+    if draft is not None and job.config.beam_search:
+        raise CpmError("--draft speeds up sampling and greedy decoding, not beam search; drop --draft or --num-beams")
     runtime, tok = load_backend(backend, resolve_model(model), device=device, tokenizer_file=tokenizer, threads=threads)
     try:
+        job.draft = _open_draft(draft, runtime, tok, device, threads)
+        job.draft_tokens = draft_tokens
         prompts = _prepare(job, runtime, tok, truncate)
         _run(job, runtime, tok, prompts, batch_size)
+        _report_speculation(job)
     finally:
+        if job.draft is not None:
+            job.draft.close()
         runtime.close()  # free the runtime's memory now (GPU buffers), not at garbage collection
+
+
+def _open_draft(draft: str | None, runtime: Any, tok: Any, device: str, threads: int | None) -> Any:
+    if draft is None:
+        return None
+    from cpm_infer.engine.speculative import NGRAM, open_draft
+
+    return open_draft(draft if draft == NGRAM else Path(draft), runtime, tok, device=device, threads=threads)
+
+
+def _report_speculation(job: _Job) -> None:
+    stats = job.speculation
+    if stats is None:
+        return
+    if not stats.passes:
+        print("speculation: no verify pass (it runs while one sequence runs: --batch-size 1)", file=sys.stderr)
+        return
+    print(
+        f"speculation: {stats.passes} verify passes, {stats.accepted} of {stats.proposed} proposed tokens accepted "
+        f"({stats.acceptance:.0%}), {stats.tokens_per_pass:.2f} tokens per pass",
+        file=sys.stderr,
+    )
 
 
 @dataclass
@@ -74,6 +114,9 @@ class _Job:
     output: Path | None
     resume: bool
     stream: bool
+    draft: Any = None  # a speculative decoding draft (cpm_infer.engine.speculative)
+    draft_tokens: int = 4
+    speculation: Any = None  # its SpeculationStats over the whole run
 
     @property
     def per_prompt(self) -> int:
@@ -181,17 +224,41 @@ def _result_groups(
     """(results of one prompt, its stream printer or None), in prompt order; ``offset`` numbers the first
     prompt (it seeds the rows). Up to ``batch_size`` prompts run at once in the engine, later ones joining
     as earlier ones finish; with ``stream`` one prompt at a time, so streamed text never interleaves."""
-    from cpm_infer.engine.generate import generate_iter
+    from cpm_infer.engine.generate import GenerationStats, generate_iter
+
+    def run(chunk: list[list[int]], first: int, **options: Any) -> Iterator[list]:
+        stats = GenerationStats()
+        yield from generate_iter(
+            runtime,
+            chunk,
+            job.config,
+            tok,
+            index_offset=first,
+            stats=stats,
+            draft=job.draft,
+            draft_tokens=job.draft_tokens,
+            **options,
+        )
+        if stats.speculation is not None:
+            job.speculation = _add(job.speculation, stats.speculation)
 
     if not job.stream:
-        rows = batch_size * job.config.num_samples
-        for results in generate_iter(runtime, prompts, job.config, tok, max_rows=rows, index_offset=offset):
+        for results in run(prompts, offset, max_rows=batch_size * job.config.num_samples):
             yield results, None
         return
     for index, prompt in enumerate(prompts):
         printer = _StreamPrinter()
-        (results,) = generate_iter(runtime, [prompt], job.config, tok, callback=printer, index_offset=offset + index)
+        (results,) = run([prompt], offset + index, callback=printer)
         yield results, printer
+
+
+def _add(total: Any, more: Any) -> Any:
+    """Speculation totals over several engine runs."""
+    if total is None:
+        return more
+    for name in ("passes", "proposed", "accepted", "emitted"):
+        setattr(total, name, getattr(total, name) + getattr(more, name))
+    return total
 
 
 def _print_result(record: dict, label: bool) -> None:

@@ -31,3 +31,14 @@ RayAddressOpt = Annotated[
 TruncateOpt = Annotated[
     bool, typer.Option("--truncate", help="Keep the last tokens of prompts that are too long (for the backend).")
 ]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--draft",
+        help="Speculative decoding while one sequence runs: a draft model directory with the model's vocabulary "
+        "(its int4 artifact, a distilled student) or 'ngram' (prompt lookup, no model).",
+    ),
+]
+DraftTokensOpt = Annotated[
+    int, typer.Option("--draft-tokens", min=1, max=16, help="Most tokens the draft proposes per pass (adapts per row).")
+]

@@ -177,7 +177,8 @@ _SHARED = object()  # Engine's default prefix cache: the backend's shared one
 class Engine:
     """``prefix_cache``: a ``PrefixCache`` (shared with whoever else holds it), None for none, by default the backend's
     shared one (``prefix_cache.shared_cache``). ``prefill_chunk``: longest piece of a prompt fed in one step (0: whole
-    prompts). Both apply only where the backend supports ``KvCacheOps``."""
+    prompts). Both apply only where the backend supports ``KvCacheOps``. ``speculation_stats``: the
+    ``SpeculationStats`` to count into (default: the engine's own), as ``self.speculation``."""
 
     def __init__(
         self,
@@ -189,6 +190,7 @@ class Engine:
         prefill_chunk: int = 0,
         draft: Draft | None = None,
         draft_tokens: int = 4,
+        speculation_stats: SpeculationStats | None = None,
     ) -> None:
         if max_rows < 1:
             raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
@@ -202,7 +204,8 @@ class Engine:
         if draft is not None and draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.draft, self.draft_tokens = draft, draft_tokens
-        self.speculation = SpeculationStats()
+        # Counted into (a server keeps one across the engines it makes after a failed step).
+        self.speculation = speculation_stats if speculation_stats is not None else SpeculationStats()
         ops = supports_kv_ops(backend)
         if prefix_cache is _SHARED:
             prefix_cache = shared_cache(backend) if ops else None
@@ -214,7 +217,8 @@ class Engine:
         self.n_positions = backend.spec.n_positions
         self.max_prompt = max_prompt_tokens(backend)
         self.vocab = backend.spec.vocab_size
-        self.tokens_last_step = 0  # rows that produced a token in the last step (incl. <eod>)
+        self.tokens_last_step = 0  # tokens produced in the last step, over all rows (incl. <eod>)
+        self.speculated_last_step = 0  # of which by a speculative step (its one row's tokens)
         self.prefilled_rows = 0  # prompts prefilled so far (rows that share a prompt prefill it once)
         self._next_id = 0
         self._pending: list[_Row] = []
@@ -292,7 +296,7 @@ class Engine:
         this step's events."""
         events: list[Event] = list(self._finished)
         self._finished = []
-        self.tokens_last_step = 0
+        self.tokens_last_step = self.speculated_last_step = 0
         self._drop_cancelled(events)
         if self._rows:
             self._decode_running(events)
@@ -363,6 +367,7 @@ class Engine:
             stats.emitted + emitted,
         )
         self.tokens_last_step += emitted
+        self.speculated_last_step = emitted
         self._batch.drop_last(self.backend, len(proposed) + 1 - emitted)  # the cache keeps the accepted tokens
         return True
 

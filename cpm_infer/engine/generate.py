@@ -47,7 +47,8 @@ StopCheck = Callable[[int], str | None]
 @dataclass
 class GenerationStats:
     """Wall-clock timings of one ``generate`` call (logits reach the host in each step, so the
-    device is synchronised by construction)."""
+    device is synchronised by construction). A speculative step that made e tokens of its row counts in
+    ``step_s`` as e steps of a 1/e share each (so p50 is a time per token, as for a batch of one)."""
 
     batch_size: int = 0
     padded_prompt_len: int = 0
@@ -159,6 +160,8 @@ def generate_iter(
         if engine.tokens_last_step:
             if first:
                 stats.first_token_s, first = elapsed, False
+            elif engine.speculated_last_step:  # one pass made several tokens of its row: time per token
+                stats.step_s.extend([elapsed / engine.speculated_last_step] * engine.speculated_last_step)
             else:
                 stats.step_s.append(elapsed)
             stats.new_tokens += engine.tokens_last_step

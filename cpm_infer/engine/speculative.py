@@ -244,8 +244,12 @@ def open_draft(
             "an onnxruntime artifact or a checkpoint as the target"
         )
     from cpm_infer.backends import load_backend
+    from cpm_infer.errors import CpmError
 
-    draft_backend, draft_tok = load_backend(backend, spec, device=device, threads=threads)
+    try:
+        draft_backend, draft_tok = load_backend(backend, spec, device=device, threads=threads)
+    except CpmError as exc:
+        raise type(exc)(f"draft: {exc}") from exc
     try:
         check_compatible(target, tokenizer, draft_backend, draft_tok, where=str(spec))
         return ModelDraft(draft_backend, name=os.path.basename(os.path.normpath(str(spec))))
