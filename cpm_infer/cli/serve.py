@@ -64,6 +64,10 @@ def serve(
     from cpm_infer.cli._common import resolve_model
 
     limits, replicas = settings.build(), scaling.build()
+    if limits.draft is not None:  # a missing draft fails before the model loads
+        from cpm_infer.serve.app import check_draft_path
+
+        check_draft_path(limits.draft)
     model_path = resolve_model(model)
     config = ReplicaConfig(
         model=str(model_path),
@@ -96,13 +100,18 @@ def _serve_here(config: ReplicaConfig, host: str, port: int, access_log: bool) -
     from cpm_infer.serve.server import bind, serve_forever, url_host
 
     sock = bind(host, port)  # fail on a taken port before spending time loading the model
-    loaded = load_app(config)
+    try:
+        loaded = load_app(config)
+    except BaseException:  # (a bad --draft, say): one-line error, nothing left listening
+        sock.close()
+        raise
     bound_host, bound_port = sock.getsockname()[:2]
     s = config.settings
+    draft = f", speculative decoding with draft {s.draft} (up to {s.draft_tokens} tokens)" if s.draft else ""
     print(
         f"serving {config.model} ({loaded.backend.name}, loaded in {loaded.load_s:.1f} s) "
         f"on http://{url_host(bound_host)}:{bound_port}  "
-        f"{s.batching} batching of up to {s.max_batch} rows, queue {s.queue_size}; Ctrl-C to stop",
+        f"{s.batching} batching of up to {s.max_batch} rows, queue {s.queue_size}{draft}; Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
     )
@@ -111,6 +120,8 @@ def _serve_here(config: ReplicaConfig, host: str, port: int, access_log: bool) -
         serve_forever(loaded.app, sock, log_level="info" if level <= logging.INFO else "warning", access_log=access_log)
     finally:
         loaded.backend.close()  # idempotent (the shutdown already closed it); also when the server never started
+        if loaded.draft is not None:
+            loaded.draft.close()
     print("server stopped", file=sys.stderr)
 
 

@@ -44,11 +44,15 @@ def serve_on_ray(config: ReplicaConfig, scaling: Scaling, *, ray_address: str | 
     require("ray.serve", "ray")
     from ray import serve
 
+    from cpm_infer.engine.speculative import NGRAM
     from cpm_infer.serve.ray_app import application
     from cpm_infer.serve.server import url_host
 
-    # Replicas run elsewhere (other directories, other nodes): absolute paths.
+    # Replicas run elsewhere (other directories, other nodes): absolute paths (a draft model's too).
     tokenizer = str(Path(config.tokenizer).resolve()) if config.tokenizer else None
+    draft = config.settings.draft
+    if draft is not None and draft != NGRAM:
+        config = replace(config, settings=replace(config.settings, draft=str(Path(draft).resolve())))
     config = replace(config, model=str(Path(config.model).resolve()), tokenizer=tokenizer)
     port = _free_port(host, port)  # Ray's proxy binds it: fail on a taken port before starting anything
     with connected(ray_address) as local:

@@ -17,8 +17,10 @@ from fastapi import APIRouter, Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cpm_infer import __version__
-from cpm_infer.backends.base import Backend
+from cpm_infer.backends.base import Backend, supports_speculation
+from cpm_infer.config import ConfigError
 from cpm_infer.engine import max_prompt_tokens
+from cpm_infer.engine.speculative import NGRAM, Draft, open_draft
 from cpm_infer.serve import docs
 from cpm_infer.serve.auth import require_api_key
 from cpm_infer.serve.metrics import RequestCounter, ServeMetrics
@@ -40,16 +42,27 @@ def create_app(
     warmup: bool = True,
     api_key: str | None = None,
     owns_backend: bool = False,
+    draft: Draft | None = None,
 ) -> FastAPI:
     """An app serving ``backend``; its generation thread lives as long as the app's lifespan.
 
     ``api_key``: every route but ``/health``, the page at ``/`` (and the schema pages) then needs
     ``Authorization: Bearer KEY``.
     ``owns_backend``: the shutdown also closes the backend (``Backend.close``) once generation has stopped.
+    ``draft``: the speculative decoding draft for ``settings.draft``, opened already (``load_app`` opens it on the
+    model's device); None with ``settings.draft`` set: opened here (``open_server_draft``). The app owns it: the
+    shutdown closes it.
     """
     settings = settings or ServeSettings()
+    if draft is None and settings.draft is not None:
+        draft = open_server_draft(settings.draft, backend, tokenizer)
     metrics = ServeMetrics()
-    scheduler = Scheduler(backend, tokenizer, settings, metrics, owns_backend=owns_backend)
+    try:
+        scheduler = Scheduler(backend, tokenizer, settings, metrics, owns_backend=owns_backend, draft=draft)
+    except BaseException:
+        if draft is not None:
+            draft.close()
+        raise
     metrics.watch(lambda: scheduler.snapshot()["queued"], lambda: scheduler.snapshot()["running_rows"])
     errors = docs.error_responses(auth=bool(api_key))
     max_prompt = max_prompt_tokens(backend)
@@ -93,6 +106,29 @@ class LoadedApp(NamedTuple):
     app: FastAPI
     backend: Backend
     load_s: float
+    draft: Draft | None = None  # the speculative decoding draft (--draft), closed with the app
+
+
+def check_draft_path(spec: str) -> None:
+    """A ``--draft`` that is neither ``ngram`` nor an existing path: a one-line ``ConfigError`` (checked before any
+    model loads)."""
+    if spec != NGRAM and not Path(spec).exists():
+        raise ConfigError(f"draft model not found: {spec} (--draft takes a model directory or '{NGRAM}')")
+
+
+def open_server_draft(
+    spec: str, backend: Backend, tokenizer: CpmTokenizer, *, device: str = "auto", threads: int | None = None
+) -> Draft:
+    """The draft ``--draft`` names (``ngram`` or a model directory, opened on ``device`` with ``threads``), or a
+    one-line ``ConfigError``: a missing path, a draft with another vocabulary, a target that cannot verify several
+    tokens in one pass (TensorRT)."""
+    if not supports_speculation(backend):
+        raise ConfigError(
+            f"--draft: the {backend.name} backend cannot verify several tokens in one pass; speculative decoding "
+            "needs an onnxruntime artifact or a checkpoint as the model"
+        )
+    check_draft_path(spec)
+    return open_draft(spec if spec == NGRAM else Path(spec), backend, tokenizer, device=device, threads=threads)
 
 
 def load_app(config: ReplicaConfig, *, threads: int | None = None, **info: Any) -> LoadedApp:
@@ -105,15 +141,27 @@ def load_app(config: ReplicaConfig, *, threads: int | None = None, **info: Any) 
     backend, tokenizer = load_backend(
         c.backend, c.model, device=c.device, tokenizer_file=c.tokenizer, threads=c.threads or threads
     )
-    load_s = round(time.perf_counter() - start, 2)
-    app = create_app(
-        backend,
-        tokenizer,
-        config.settings,
-        model_name=config.model_name or Path(config.model).resolve().name,
-        model_info={"path": config.model, **info, "load_s": load_s},
-        warmup=config.warmup,
-        api_key=config.api_key,
-        owns_backend=True,
-    )
-    return LoadedApp(app, backend, load_s)
+    draft = None
+    try:
+        if c.settings.draft is not None:  # on the model's device, with its threads
+            draft = open_server_draft(
+                c.settings.draft, backend, tokenizer, device=c.device, threads=c.threads or threads
+            )
+        load_s = round(time.perf_counter() - start, 2)
+        app = create_app(
+            backend,
+            tokenizer,
+            config.settings,
+            model_name=config.model_name or Path(config.model).resolve().name,
+            model_info={"path": config.model, **info, "load_s": load_s},
+            warmup=config.warmup,
+            api_key=config.api_key,
+            owns_backend=True,
+            draft=draft,
+        )
+    except BaseException:
+        backend.close()
+        if draft is not None:  # (closing it twice is harmless)
+            draft.close()
+        raise
+    return LoadedApp(app, backend, load_s, draft)

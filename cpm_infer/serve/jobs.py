@@ -49,10 +49,17 @@ class Job:
     sets the timestamps and posts events. ``stop_reason`` set = cancelled (a plain attribute: atomic)."""
 
     def __init__(
-        self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, stream: bool, timeout_s: float
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        *,
+        stream: bool,
+        timeout_s: float,
+        speculate: bool = True,
     ) -> None:
         self.prompts = [list(p) for p in prompts]
         self.config = config
+        self.speculate = speculate  # False: its rows never decode speculatively (the request opted out)
         self.n = config.num_samples
         self.rows = len(self.prompts) * self.n
         self.stream = stream

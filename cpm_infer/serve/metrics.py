@@ -3,7 +3,9 @@
 Exposed on ``GET /metrics`` in the text format: requests by route/method/status, queue depth, running rows,
 prompt and generated tokens, time to first token and inter-token latency, and the prefix cache's lookups, hits
 (hit rate: ``rate(cpm_prefix_cache_hits_total) / rate(cpm_prefix_cache_lookups_total)``), prompt tokens reused,
-evictions, entries and bytes.
+evictions, entries and bytes; with a draft (``--draft``), speculative decoding's verify passes and the tokens they
+were proposed, accepted and emitted (acceptance: ``rate(cpm_speculation_accepted_tokens_total) /
+rate(cpm_speculation_proposed_tokens_total)``; tokens per pass: emitted over passes).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class ServeMetrics:
         """The prefix cache's counters (``PrefixCacheStats.as_dict``), read at scrape time."""
         self.registry.register(_PrefixCacheCollector(stats))
 
+    def watch_speculation(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Speculative decoding's totals (``SpeculationStats`` as a dict: passes, proposed, accepted, emitted), read at
+        scrape time."""
+        self.registry.register(_SpeculationCollector(stats))
+
     def prompt(self, tokens: int) -> None:
         self.prompt_tokens.inc(tokens)
 
@@ -94,6 +101,29 @@ class _PrefixCacheCollector:
             yield CounterMetricFamily(name, doc, value=stats[key])
         for key, name, doc in self._GAUGES:
             yield GaugeMetricFamily(name, doc, value=stats[key])
+
+
+class _SpeculationCollector:
+    """The engine counts its speculation (``SpeculationStats``); exposed as counters when scraped."""
+
+    _COUNTERS = (
+        ("passes", "cpm_speculation_verify_passes", "Target passes that verified a draft's proposals"),
+        ("proposed", "cpm_speculation_proposed_tokens", "Tokens the draft proposed to verify passes"),
+        ("accepted", "cpm_speculation_accepted_tokens", "Proposed tokens the verify passes accepted"),
+        (
+            "emitted",
+            "cpm_speculation_emitted_tokens",
+            "Tokens the verify passes produced (accepted + the target's own)",
+        ),
+    )
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        for key, name, doc in self._COUNTERS:
+            yield CounterMetricFamily(name, doc, value=stats[key])
 
 
 class RequestCounter:

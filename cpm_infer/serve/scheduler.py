@@ -12,6 +12,11 @@ Requests wait in a bounded FIFO queue (``queue_size``; one more gets 503 at once
 Each row is seeded from (seed, prompt index, sample index), so its text does not depend on its batch-mates. A
 cancelled request (client gone, timeout, shutdown) leaves the queue at once, or its rows leave the running batch
 before the next step. The engine is single-threaded: only the generation thread touches it.
+
+With a draft (``--draft``: ``cpm_infer.engine.speculative``), the engine decodes speculatively while its running batch
+has one row, except for the rows of a request that opted out (``"speculative": false``); the scheduler owns the draft
+(``close`` closes it) and one ``SpeculationStats`` that every engine it makes counts into, so the totals in
+``/metrics`` only grow, also across a new engine after a failed step.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
 
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import GenerationConfig
 from cpm_infer.engine import Engine, FinishEvent, TokenizerLike
 from cpm_infer.engine import TokenEvent as EngineToken
 from cpm_infer.engine.prefix_cache import PrefixCache
+from cpm_infer.engine.speculative import Draft, SpeculationStats
 from cpm_infer.errors import CpmError, describe
 from cpm_infer.serve.errors import GenerationFailedError, InvalidRequestError, QueueFullError, ShuttingDownError
 from cpm_infer.serve.jobs import SHUTDOWN, ChoiceDone, ErrorEvent, Job, TokenEvent, error_for
@@ -47,9 +55,12 @@ class Scheduler:
         metrics: ServeMetrics | None = None,
         *,
         owns_backend: bool = False,
+        draft: Draft | None = None,
     ) -> None:
         self.backend = backend
         self.owns_backend = owns_backend  # close() also closes the backend (the server loaded it for itself)
+        self.draft = draft  # the server's own: close() closes it
+        self.speculation = SpeculationStats()  # every engine counts into it (monotonic across new engines)
         self.tokenizer = tokenizer
         self.settings = settings
         self.metrics = metrics
@@ -59,6 +70,8 @@ class Scheduler:
         self.engine = self._new_engine()
         if metrics is not None and self.engine.prefix_cache is not None:
             metrics.watch_prefix_cache(lambda: self.engine.prefix_cache.stats.as_dict())
+        if metrics is not None and draft is not None:
+            metrics.watch_speculation(lambda: asdict(self.speculation))
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._running: set[Job] = set()
@@ -78,6 +91,9 @@ class Scheduler:
             max_rows=settings.max_batch,
             prefix_cache=self.prefix_cache,
             prefill_chunk=settings.prefill_chunk,
+            draft=self.draft,
+            draft_tokens=settings.draft_tokens,
+            speculation_stats=self.speculation,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -123,13 +139,23 @@ class Scheduler:
             if self._thread.is_alive():
                 log.warning("the generation thread did not stop within %s s", timeout)
                 return  # it may still be using the backend: leave it open
+        if self.draft is not None:
+            self.draft.close()
         if self.owns_backend:
             self.backend.close()
 
     # -- requests ----------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, stream: bool = False) -> Job:
-        """Queue a request (call on the event loop). Raises at once when full or shutting down."""
-        job = Job(prompts, config, stream=stream, timeout_s=self.settings.timeout_s)
+    def submit(
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        *,
+        stream: bool = False,
+        speculate: bool = True,
+    ) -> Job:
+        """Queue a request (call on the event loop). Raises at once when full or shutting down. ``speculate=False``:
+        its rows never decode speculatively (where the server has a draft)."""
+        job = Job(prompts, config, stream=stream, timeout_s=self.settings.timeout_s, speculate=speculate)
         with self._cond:
             if self._closing:
                 self.counters["rejected_shutting_down"] += 1
@@ -170,6 +196,13 @@ class Scheduler:
                 "closing": self._closing,
                 "counters": dict(sorted(self.counters.items())),
             }
+
+    def speculation_snapshot(self) -> dict[str, Any] | None:
+        """The draft and the speculation totals so far (``/info``); None without a draft."""
+        if self.draft is None:
+            return None
+        draft = self.settings.draft or self.draft.name
+        return {"draft": draft, "draft_tokens": self.settings.draft_tokens, **asdict(self.speculation)}
 
     # -- generation thread -------------------------------------------------------------------
     def _cancel_all(self, reason: str) -> None:
@@ -236,7 +269,13 @@ class Scheduler:
                     tag = (job, p * job.n + s)
                     job.row_ids.append(
                         self.engine.add(
-                            prompt, job.config, seed=job.config.seed, prompt_index=p, sample_index=s, tag=tag
+                            prompt,
+                            job.config,
+                            seed=job.config.seed,
+                            prompt_index=p,
+                            sample_index=s,
+                            tag=tag,
+                            speculate=job.speculate,
                         )
                     )
         except CpmError as exc:  # e.g. a prompt longer than a TensorRT engine prefills
@@ -298,6 +337,9 @@ class Scheduler:
         with self._cond:
             jobs = list(self._running)
             self._running.clear()
+            if self.draft is not None:  # the new engine numbers its rows from 0 again: the draft keeps none of these
+                for row_id in {*(r for job in jobs for r in job.row_ids), *(r for r, _ in self._to_cancel)}:
+                    self.draft.forget(row_id)
             self._to_cancel.clear()
             self.engine = self._new_engine()
             self._engine_rows = 0

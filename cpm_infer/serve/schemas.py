@@ -154,6 +154,12 @@ class CompletionRequest(_GenerationFields):
     title: str = Field(None, description="Essay prompt `title <sep> context` (instead of `prompt`).")
     context: str = Field(None, description="The essay's beginning (with `title`).")
     truncate: bool = Field(False, description="Keep a too-long prompt's last tokens instead of answering 400.")
+    speculative: bool = Field(
+        True,
+        description="Decode speculatively where the server has a draft (--draft; while one sequence runs): "
+        "false opts this request out. The output is the same either way (greedy: token for token; sampled: in "
+        "distribution).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -7,7 +7,9 @@ Each field is declared once (``cpm_infer.serve.fields``): its default, range and
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
+from cpm_infer.config import ConfigError
 from cpm_infer.serve.fields import check_fields, setting
 
 _BATCHING_HELP = "continuous: requests join the running batch at every step; static: a batch runs to its end."
@@ -24,7 +26,10 @@ class ServeSettings:
     ``max_new_tokens`` over the cap is the cap. ``prefix_cache_mb`` bounds the prefix cache (a prompt sharing at least
     32 leading tokens with one prefilled before starts from its KV snapshot); ``prefill_chunk``: a longer prompt is
     prefilled that many tokens per step, so the running rows keep getting tokens meanwhile (both where the backend
-    has ``KvCacheOps``: torch, onnxruntime; ``cpm_infer.engine.prefix_cache``).
+    has ``KvCacheOps``: torch, onnxruntime; ``cpm_infer.engine.prefix_cache``). ``draft``: speculative decoding
+    while the running batch has one row, with a draft model directory (the target's vocabulary) or ``ngram`` (prompt
+    lookup), proposing up to ``draft_tokens`` per verify pass (``cpm_infer.engine.speculative``; a request may opt
+    out with ``"speculative": false``).
     """
 
     max_batch: int = setting(8, "Rows in the running batch (1 = one at a time).", ge=1, label="max batch")
@@ -54,12 +59,20 @@ class ServeSettings:
     prefill_chunk: int = setting(
         128, "Longest piece of a prompt prefilled per step while the batch decodes (0: whole prompts).", ge=0
     )
+    draft: str | None = setting(
+        None,
+        "Speculative decoding while one sequence runs: a draft model directory with the model's vocabulary "
+        "(its int4 artifact, a distilled student) or 'ngram' (prompt lookup, no model).",
+    )
+    draft_tokens: int = setting(4, "Most tokens the draft proposes per pass (adapts per row).", ge=1, le=16)
     shutdown_grace_s: float = setting(
         10.0, "Seconds in-flight requests get on stop.", ge=0, label="shutdown grace", unit="s", flag="--shutdown-grace"
     )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.draft is not None and not self.draft.strip():
+            raise ConfigError("draft must be a model directory or 'ngram', got an empty string")
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             object.__setattr__(self, "default_max_new_tokens", self.max_new_tokens_cap)  # (frozen)
 
@@ -67,5 +80,5 @@ class ServeSettings:
     def batch_wait_s(self) -> float:
         return self.batch_wait_ms / 1000
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

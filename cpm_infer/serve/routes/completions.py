@@ -46,7 +46,7 @@ def add_routes(router: APIRouter, served: Served) -> None:
             if body.stream:
                 return EventStreamResponse(answer.prompt_only_stream(), on_close=lambda: None)
             return JSONResponse(answer.prompt_only())
-        job = scheduler.submit([p.ids for p in prompts], config, stream=bool(body.stream))
+        job = scheduler.submit([p.ids for p in prompts], config, stream=bool(body.stream), speculate=body.speculative)
         served.metrics.prompt(job.prompt_tokens)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -26,12 +26,14 @@ def add_health(app: FastAPI, served: Served) -> None:
 def add_info(router: APIRouter, served: Served) -> None:
     @router.get("/info", responses=served.errors.only(401))
     async def info() -> dict[str, Any]:
+        speculation = served.scheduler.speculation_snapshot()  # with a draft: it and the totals so far
         return {
             "model": served.model_name,
             "backend": served.backend.name,
             "spec": served.backend.spec.to_dict(),
             "tokenizer_vocab_size": served.tokenizer.vocab_size,
             "limits": served.settings.to_dict(),
+            **({"speculation": speculation} if speculation is not None else {}),
             "version": __version__,
             **served.model_info,
         }
