@@ -212,6 +212,187 @@ def test_stage_checkpoint_gives_the_converter_what_it_reads(tmp_path):
     assert not (DEMO / "tokenizer.model").exists()  # the checkpoint itself is untouched
 
 
+# -- speculative decoding through llama-server ---------------------------------------------------------------
+
+# A /completion response of llama-server 0.3.36 with -md (demo f32 target, q4_0 draft, greedy, 16 tokens).
+SPEC_RESPONSE = {
+    "tokens": [10, 9, 17, 129, 9, 17, 129, 9, 17, 129, 9, 17, 129, 9, 17, 129],
+    "stop": True,
+    "stop_type": "limit",
+    "tokens_predicted": 16,
+    "generation_settings": {"temperature": 0.0, "speculative.types": "none,draft-simple"},
+    "timings": {
+        "cache_n": 0,
+        "prompt_n": 5,
+        "prompt_ms": 8.487,
+        "prompt_per_token_ms": 1.6974,
+        "prompt_per_second": 589.1363261458702,
+        "predicted_n": 16,
+        "predicted_ms": 27.713,
+        "predicted_per_token_ms": 1.8475333333333335,
+        "predicted_per_second": 541.2622235052141,
+        "draft_n": 12,
+        "draft_n_accepted": 12,
+    },
+}
+
+
+def test_server_command_with_and_without_a_draft():
+    tools = ln.Tools(Path("/cache"), "0.3.36")
+    plain = ln.server_command(tools, Path("t.gguf"), 8080, threads=3, ctx=0)
+    assert plain[0] == str(tools.exe("llama-server")) and plain[plain.index("-m") + 1] == "t.gguf"
+    assert plain[plain.index("--port") + 1] == "8080" and plain[plain.index("-np") + 1] == "1"
+    assert plain[plain.index("-t") + 1] == plain[plain.index("-tb") + 1] == "3" and plain[plain.index("-c") + 1] == "0"
+    assert "-md" not in plain and "--spec-type" not in plain and "--metrics" not in plain
+    spec = ln.server_command(tools, Path("t.gguf"), 8081, threads=2, draft=Path("d.gguf"), draft_max=6, metrics=True)
+    assert spec[spec.index("-md") + 1] == "d.gguf"
+    assert spec[spec.index("--spec-type") + 1] == "draft-simple"  # without it the draft is loaded and never used
+    assert spec[spec.index("--spec-draft-n-max") + 1] == "6"
+    assert spec[spec.index("--spec-draft-n-min") + 1] == spec[spec.index("--spec-draft-p-min") + 1] == "0"
+    assert spec[spec.index("-td") + 1] == spec[spec.index("-tbd") + 1] == "2" and "--metrics" in spec
+    assert "--draft-max" not in spec and "--draft-min" not in spec  # removed options in this llama.cpp
+
+
+def test_completion_record_reads_the_servers_timings_and_draft_stats():
+    r = ln.completion_record(SPEC_RESPONSE)
+    assert (r["n"], r["ms"], r["per_token_ms"]) == (16, 27.713, pytest.approx(27.713 / 15))
+    assert (r["prompt_n"], r["prompt_ms"]) == (5, 8.487)
+    assert (r["draft_n"], r["draft_n_accepted"]) == (12, 12)
+    assert r["tokens"] == SPEC_RESPONSE["tokens"] and r["speculative_types"] == "none,draft-simple"
+    plain = {k: v for k, v in SPEC_RESPONSE["timings"].items() if not k.startswith("draft")}
+    r = ln.completion_record({"timings": plain, "tokens": [1, 2]})
+    assert (r["draft_n"], r["draft_n_accepted"], r["speculative_types"]) == (0, 0, None)  # left out: no speculation
+
+
+def test_parse_metrics():
+    text = (
+        "# HELP llamacpp:spec_decode_num_drafts_total Speculative: ...\n"
+        "# TYPE llamacpp:spec_decode_num_drafts_total counter\n"
+        "llamacpp:spec_decode_num_drafts_total 3\n"
+        "llamacpp:predicted_tokens_seconds 541.262\n"
+        'llamacpp:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 3\n'
+    )
+    m = ln.parse_metrics(text)
+    assert m["spec_decode_num_drafts_total"] == 3 and m["predicted_tokens_seconds"] == 541.262
+    assert m['spec_decode_num_accepted_tokens_per_pos_total{position="0"}'] == 3
+
+
+def test_summarize_runs_pools_the_requests():
+    runs = [
+        {"n": 11, "ms": 20.0, "per_token_ms": 2.0, "draft_n": 12, "draft_n_accepted": 6, "verify_steps": 4},
+        {"n": 11, "ms": 40.0, "per_token_ms": 4.0, "draft_n": 8, "draft_n_accepted": 4, "verify_steps": 2},
+        {"n": 11, "ms": 30.0, "per_token_ms": 3.0, "draft_n": 0, "draft_n_accepted": 0, "verify_steps": 0},
+    ]
+    s = ln.summarize_runs(runs)
+    assert s["ms_per_token"] == pytest.approx(90.0 / 30) and s["tok_s"] == pytest.approx(1e3 * 30 / 90.0)
+    assert s["median_ms_per_token"] == 3.0 and (s["requests"], s["tokens"]) == (3, 33)
+    assert s["acceptance"] == pytest.approx(10 / 20) and s["mean_accepted_len"] == pytest.approx(1 + 10 / 6)
+    alone = ln.summarize_runs([{k: v for k, v in r.items() if k != "verify_steps"} | {"draft_n": 0} for r in runs])
+    assert alone["acceptance"] is None and alone["mean_accepted_len"] is None
+    runs[0]["verify_steps"] = None  # /metrics unreadable once: no mean length rather than a wrong one
+    assert ln.summarize_runs(runs)["mean_accepted_len"] is None
+
+
+def test_sampling_is_plain_temperature_top_k_top_p():
+    modes = ln.spec_modes(["greedy", "default"])
+    assert modes["greedy"]["temperature"] == 0
+    d = modes["default"]
+    assert (d["temperature"], d["top_p"], d["top_k"]) == (1.0, 0.9, 0)  # the CLI's default sampling
+    for mode in modes.values():
+        assert mode["samplers"] == ["temperature", "top_k", "top_p"]  # our engine's order, nothing else
+        assert (mode["min_p"], mode["typical_p"], mode["top_n_sigma"], mode["xtc_probability"]) == (0, 1, -1, 0)
+        assert (mode["repeat_penalty"], mode["dry_multiplier"], mode["mirostat"]) == (1, 0, 0)
+    body = ln.completion_body([5, 6], 96, modes["default"] | {"seed": 7})
+    assert body["prompt"] == [5, 6] and body["n_predict"] == 96 and body["seed"] == 7
+    assert body["ignore_eos"] and body["return_tokens"] and body["cache_prompt"] is False
+
+
+class FakeServer:
+    """A llama-server stand-in: answers /completion from ``make(body)``, counts verify passes in /metrics."""
+
+    def __init__(self, name, order, speculating, make):
+        self.name, self.order, self.speculating, self.make = name, order, speculating, make
+        self.cmd, self.bodies, self.passes = [name], [], 0
+
+    def completion(self, body):
+        self.bodies.append(body)
+        self.order.append(self.name)
+        tokens, draft_n, accepted, passes = self.make(body)
+        self.passes += passes
+        timings = {"predicted_n": len(tokens), "predicted_ms": 2.0 * len(tokens), "prompt_n": 3, "prompt_ms": 1.0}
+        timings["predicted_per_token_ms"] = 2.0 * len(tokens) / (len(tokens) - 1)
+        if draft_n:
+            timings |= {"draft_n": draft_n, "draft_n_accepted": accepted}
+        types = "none,draft-simple" if self.speculating else "none"
+        return {"tokens": tokens, "timings": timings, "generation_settings": {"speculative.types": types}}
+
+    def get(self, path):
+        assert path == "/metrics"
+        return f"llamacpp:spec_decode_num_drafts_total {self.passes}\n"
+
+
+def test_speculative_pair_interleaves_and_counts(monkeypatch):
+    order = []
+    alone = FakeServer("alone", order, False, lambda b: ([1] * b["n_predict"], 0, 0, 0))
+    seen = []
+
+    def drafting(body):  # the second greedy request's tokens differ from the target alone
+        seen.append(body["seed"])
+        tokens = [1] * body["n_predict"]
+        if body["temperature"] == 0 and len(seen) == 3:
+            tokens[-1] = 2
+        return tokens, 8, 6, 2
+
+    drafted = FakeServer("draft", order, True, drafting)
+    modes = ln.spec_modes(["greedy", "default"])
+    rows = ln.speculative_pair(alone, drafted, [[5], [6, 7]], modes, new_tokens=10, repeats=2, warmup_tokens=4)
+    per_mode = ["alone", "draft"] + ["alone", "draft"] * 4  # warm-up of each, then prompt by prompt
+    assert order == per_mode * 2
+    assert [b["seed"] for b in alone.bodies[1:5]] == [0, 1, 2, 3] and alone.bodies[0]["n_predict"] == 4
+    assert [b["prompt"] for b in alone.bodies[1:5]] == [[5], [6, 7], [5], [6, 7]]
+    assert [b["seed"] for b in drafted.bodies[1:5]] == [0, 1, 2, 3]
+    greedy, sampled = rows
+    assert greedy["greedy_mismatches"] == 1 and sampled["greedy_mismatches"] is None
+    assert greedy["draft"]["acceptance"] == pytest.approx(6 / 8) and greedy["draft"]["mean_accepted_len"] == 4.0
+    assert greedy["alone"]["acceptance"] is None and greedy["speedup"] == pytest.approx(1.0)
+    assert [r["verify_steps"] for r in greedy["runs"]["draft"]] == [2] * 4
+    assert "tokens" not in greedy["runs"]["alone"][0] and greedy["runs"]["alone"][1]["prompt"] == 1
+
+
+def test_speculative_pair_refuses_a_server_that_does_not_speculate():
+    order = []
+    alone = FakeServer("alone", order, False, lambda b: ([1] * b["n_predict"], 0, 0, 0))
+    not_drafting = FakeServer("draft", order, False, lambda b: ([1] * b["n_predict"], 0, 0, 0))
+    with pytest.raises(RuntimeError, match="speculative.types 'none'"):
+        ln.speculative_pair(alone, not_drafting, [[5]], ln.spec_modes(["greedy"]), new_tokens=4, repeats=1)
+    short = FakeServer("draft", order, True, lambda b: ([1] * (b["n_predict"] - 1), 1, 1, 1))
+    with pytest.raises(RuntimeError, match="made 7 tokens, not 8"):
+        ln.speculative_pair(alone, short, [[5]], ln.spec_modes(["greedy"]), new_tokens=4, repeats=1)
+
+
+def test_prompt_ids_file(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([[1, 2, 3], [4]]))
+    assert ln.load_prompt_ids(path) == [[1, 2, 3], [4]]
+    path.write_text(json.dumps({"prompts": [[9]]}))
+    assert ln.load_prompt_ids(path) == [[9]]
+    for bad in ([], [[]], [["a"]], [[1.5]]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="token ids"):
+            ln.load_prompt_ids(path)
+
+
+@pytest.mark.skipif(not (ROOT / "benchmarks" / "speculative.py").is_file(), reason="benchmarks/speculative.py absent")
+def test_held_out_prompts_are_those_of_the_pair_benchmark():
+    from cpm_infer.tokenizer import CpmTokenizer
+
+    ids = ln.held_out_prompt_ids(DEMO, 2, 120)
+    tok = CpmTokenizer(DEMO / "spiece.model")
+    paragraphs = [p.strip() for p in (DEMO / "heldout.txt").read_text(encoding="utf-8").splitlines()]
+    texts = [p[:120] for p in paragraphs if len(p) > 60][:2]
+    assert ids == [tok.encode(t) for t in texts] and len(ids) == 2 and all(ids)
+
+
 # -- with a build in the cache (never made here) ---------------------------------------------------------------
 
 
@@ -253,6 +434,22 @@ def test_f32_greedy_tokens_equal_torch(tools, demo_ggufs):
     ours = ln.greedy_torch(DEMO, prompts, 8)
     theirs = ln.greedy_server(tools, demo_ggufs["f32"], prompts, 8, threads=1, ctx=256)
     assert theirs == ours
+
+
+def test_speculative_runs_on_llama_server(tools, demo_ggufs):
+    """The demo f32 target with its q4_0 draft: llama.cpp speculates (proposals counted), greedy tokens equal to
+    the target's alone."""
+    from cpm_infer.tokenizer import CpmTokenizer
+
+    tok = CpmTokenizer(DEMO / "spiece.model")
+    prompts = [tok.encode(text) for text in ln.VERIFY_PROMPTS[:1]]
+    kw = {"new_tokens": 8, "draft_max": 3, "threads": 1, "repeats": 1, "ctx": 256}
+    result = ln.run_speculative(tools, demo_ggufs["f32"], demo_ggufs["q4_0"], prompts, ["greedy"], **kw)
+    (row,) = result["rows"]
+    assert row["greedy_mismatches"] == 0 and row["draft"]["draft_n"] > 0 and row["alone"]["draft_n"] == 0
+    assert 0 <= row["draft"]["acceptance"] <= 1 and row["draft"]["mean_accepted_len"] >= 1
+    assert row["alone"]["ms_per_token"] > 0 and row["speedup"] > 0 and result["build"]["llama_build"]
+    assert "| greedy |" in ln.speculative_markdown(result, "cmd")
 
 
 # -- peers_bench.py's use of it --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ The source is the llama-cpp-python sdist the ``peers`` extra pins (it vendors ll
     python benchmarks/peers/llamacpp_native.py build                 # once per version: many minutes on 2 cores
     python benchmarks/peers/llamacpp_native.py bench CHECKPOINT --work-dir /tmp/llnative --threads 2
     python benchmarks/peers/llamacpp_native.py verify cpm_infer/demo/sanguo --work-dir /tmp/llnative
+    python benchmarks/peers/llamacpp_native.py speculative --target T.gguf --draft D.gguf --tokenizer CKPT --out DIR
 
 - ``build``: ``pip download --no-deps --no-binary :all: llama-cpp-python==<pin>`` (the version is read from the
   ``peers`` extra in pyproject.toml), unpacked, then ``cmake`` on ``vendor/llama.cpp`` (``CMAKE_OPTIONS``: Release,
@@ -30,6 +31,20 @@ The source is the llama-cpp-python sdist the ``peers`` extra pins (it vendors ll
 - ``verify`` / ``greedy_server``: tokens from ``llama-server`` (``/completion`` with the prompt as token ids,
   temperature 0, EOS ignored) against our torch backend's. llama.cpp's own text tokenizer would not split like
   CPM's (jieba first, spaces and newlines mapped to U+2582 / U+2583), so ids go in and ids come out.
+- ``speculative``: llama.cpp's own speculative decoding, the peer of ``benchmarks/speculative.py pair``. Two
+  ``llama-server`` processes on the target GGUF, one alone and one with the draft GGUF (``-md D --spec-type
+  draft-simple --spec-draft-n-max K``; see ``server_command``); per prompt one request to each, interleaved
+  (``speculative_pair``), batch 1, prompt ids in (``--prompt-ids`` or pair's held-out prompts tokenized with
+  ``--tokenizer``), EOS ignored, greedy and our CLI's default sampling (temperature 1.0, top-p 0.9; the request
+  names its samplers and switches llama.cpp's other ones off). Timed by the server's own clock
+  (``timings.predicted_ms`` over ``predicted_n - 1`` steps: the prefill of both models is not in it, drafting
+  is), acceptance from its ``draft_n_accepted / draft_n``, verify passes from ``/metrics``. How llama.cpp
+  speculates: its draft proposes its top token each time (a top-10 sampler, the first candidate), up to K while
+  ``--spec-draft-p-min`` allows; the target samples every position with the request's sampler and a proposal
+  stands while it equals the target's token. Greedy that is exact; sampled it is exact too, the draft's
+  proposal being a point mass, but the acceptance is the target's probability of the draft's top token, where
+  our engine's draft samples and accepts by the rejection rule: sampled acceptances of the two do not compare
+  one to one. ``-md`` without ``--spec-type`` loads the draft and never speculates (this llama.cpp).
 """
 
 from __future__ import annotations
@@ -564,42 +579,94 @@ def _post(url: str, body: dict, timeout: float = 300) -> dict:
         return json.loads(response.read())
 
 
+def server_command(
+    tools: Tools,
+    model: Path,
+    port: int,
+    *,
+    threads: int = 2,
+    ctx: int = 1024,
+    draft: Path | None = None,
+    draft_max: int = 4,
+    metrics: bool = False,
+) -> list[str]:
+    """``llama-server`` on loopback with one slot. With ``draft``: ``-md DRAFT --spec-type draft-simple``
+    (without the type this llama.cpp loads the draft and never speculates), ``--spec-draft-n-max K`` (the old
+    ``--draft-max`` / ``--draft-min`` are removed in it), drafts of any length and confidence kept (n-min 0,
+    p-min 0), the draft on the same threads."""
+    cmd = [str(tools.exe("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", "1"]
+    if draft is not None:
+        cmd += ["-md", str(draft), "--spec-type", SPEC_TYPE, "--spec-draft-n-max", str(draft_max)]
+        cmd += ["--spec-draft-n-min", "0", "--spec-draft-p-min", "0", "-td", str(threads), "-tbd", str(threads)]
+    if metrics:
+        cmd.append("--metrics")
+    return cmd
+
+
+class LlamaServer:
+    """A ``llama-server`` process for a ``with`` block: started, waited for (``/health``), stopped; its log kept
+    in a temporary file for the error when it does not start."""
+
+    def __init__(self, cmd: Sequence[str], start_timeout: float = 120) -> None:
+        self.cmd, self.start_timeout = list(cmd), start_timeout
+        self.base = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+
+    def __enter__(self) -> LlamaServer:
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self._wait()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server did not start: {' '.join(self.cmd)}\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-chars:]
+
+    def completion(self, body: dict, timeout: float = 300) -> dict:
+        return _post(f"{self.base}/completion", body, timeout)
+
+    def get(self, path: str, timeout: float = 30) -> str:
+        with urllib.request.urlopen(f"{self.base}{path}", timeout=timeout) as response:
+            return response.read().decode()
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
 def greedy_server(
     tools: Tools, model: Path, prompts: Sequence[Sequence[int]], new_tokens: int, *, threads: int = 2, ctx: int = 1024
 ) -> list[list[int]]:
     """Greedy continuations from ``llama-server`` (loopback): prompt ids in, ``new_tokens`` ids out, EOS ignored."""
-    port = _free_port()
-    cmd = [str(tools.exe("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["-t", str(threads), "-c", str(ctx), "-np", "1"]
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"llama-server did not start:\n{log.read().decode(errors='replace')[-3000:]}")
-                time.sleep(0.5)
-            out = []
-            for ids in prompts:
-                body = {"prompt": [int(t) for t in ids], "n_predict": new_tokens, "temperature": 0}
-                body |= {"ignore_eos": True, "return_tokens": True, "cache_prompt": False}
-                out.append([int(t) for t in _post(f"{base}/completion", body)["tokens"]])
-            return out
-        finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    with LlamaServer(server_command(tools, model, _free_port(), threads=threads, ctx=ctx)) as server:
+        out = []
+        for ids in prompts:
+            body = {"prompt": [int(t) for t in ids], "n_predict": new_tokens, "temperature": 0}
+            body |= {"ignore_eos": True, "return_tokens": True, "cache_prompt": False}
+            out.append([int(t) for t in server.completion(body)["tokens"]])
+        return out
 
 
 def greedy_torch(checkpoint: Path, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
@@ -614,6 +681,280 @@ def greedy_torch(checkpoint: Path, prompts: Sequence[Sequence[int]], new_tokens:
     config = GenerationConfig(temperature=0, max_new_tokens=new_tokens, ignore_eos=True, ban_unk=False)
     results = generate(backend, [list(p) for p in prompts], config, IdsTokenizer(backend.spec.vocab_size))
     return [list(r.token_ids) for r in results]
+
+
+# -- speculative decoding through llama-server ----------------------------------------------------------------
+
+SPEC_TYPE = "draft-simple"  # llama.cpp's speculation with a standalone draft model (``--spec-type``)
+# A request samples as our engine does: temperature, then top-k, then top-p, nothing else. llama-server's own
+# chain is penalties, DRY, top-n-sigma, top-k 40, typical, top-p 0.95, min-p 0.05, XTC, temperature; the request
+# names its samplers and switches the rest off.
+SERVER_SAMPLERS = ("temperature", "top_k", "top_p")
+SERVER_SAMPLING_OFF = {
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "top_n_sigma": -1.0,
+    "xtc_probability": 0.0,
+    "dynatemp_range": 0.0,
+    "repeat_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "dry_multiplier": 0.0,
+    "mirostat": 0,
+}
+# Our settings without a mapping to llama-server here: a sampling mode must leave them at these values.
+_UNMAPPED = {
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "no_repeat_ngram_size": 0,
+}
+
+
+def sampling_body(temperature: float, *, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
+    """The sampling fields of a ``/completion`` request (temperature 0: greedy; top_k 0: off)."""
+    body = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p), "seed": int(seed)}
+    return body | {"samplers": list(SERVER_SAMPLERS)} | SERVER_SAMPLING_OFF
+
+
+def spec_modes(labels: Sequence[str]) -> dict[str, dict]:
+    """Our benchmark sampling modes (``greedy``, ``default`` = the CLI's: temperature 1.0, top-p 0.9, top-k 0,
+    from ``cpm_infer.bench.runners``) as request fields; a setting without a mapping here is an error."""
+    from cpm_infer.bench.runners import parse_sampling
+
+    modes = {}
+    for label in labels:
+        config = parse_sampling(label).config(1)
+        unmapped = {k: getattr(config, k) for k, off in _UNMAPPED.items() if getattr(config, k) != off}
+        if unmapped:
+            raise ValueError(f"sampling {label!r}: {unmapped} has no llama-server mapping here")
+        modes[label] = sampling_body(config.temperature, top_k=config.top_k, top_p=config.top_p)
+    return modes
+
+
+def completion_body(ids: Sequence[int], new_tokens: int, sampling: dict) -> dict:
+    """Prompt ids in, ``new_tokens`` ids out, EOS ignored (llama-server bans the end-of-generation tokens), no
+    prompt cache between requests."""
+    body = {"prompt": [int(t) for t in ids], "n_predict": new_tokens, "ignore_eos": True, "return_tokens": True}
+    return body | {"cache_prompt": False} | sampling
+
+
+def completion_record(response: dict) -> dict:
+    """A ``/completion`` response -> llama-server's own numbers for it (``timings``): ``n`` tokens made, ``ms``
+    from the first new token to the last (``predicted_ms``: the prefill of target and draft is in ``prompt_ms``,
+    not here), ``per_token_ms`` = ms / (n - 1) (``predicted_per_token_ms``); with a draft ``draft_n`` (tokens
+    proposed) and ``draft_n_accepted`` (both 0 when the server did not speculate: it leaves them out)."""
+    t = response["timings"]
+    return {
+        "n": int(t["predicted_n"]),
+        "ms": float(t["predicted_ms"]),
+        "per_token_ms": float(t["predicted_per_token_ms"]),
+        "prompt_n": int(t["prompt_n"]),
+        "prompt_ms": float(t["prompt_ms"]),
+        "draft_n": int(t.get("draft_n", 0)),
+        "draft_n_accepted": int(t.get("draft_n_accepted", 0)),
+        "tokens": [int(x) for x in response.get("tokens", ())],
+        "speculative_types": (response.get("generation_settings") or {}).get("speculative.types"),
+    }
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """llama-server's ``/metrics`` (Prometheus text) -> name without the ``llamacpp:`` prefix (labels kept) ->
+    value."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name.removeprefix("llamacpp:")] = float(value)
+    return out
+
+
+def summarize_runs(runs: Sequence[dict]) -> dict:
+    """Requests of one server in one mode, pooled: ms/token = all ``predicted_ms`` / all decode steps (n - 1
+    each; with equal n, the mean of the requests' ``predicted_per_token_ms``), its median over requests,
+    tokens/s, and with a draft the accepted share of proposed tokens and llama.cpp's mean accepted length
+    (1 + accepted / verify passes, as its log prints it)."""
+    steps = sum(r["n"] - 1 for r in runs)
+    ms = sum(r["ms"] for r in runs)
+    proposed, accepted = sum(r["draft_n"] for r in runs), sum(r["draft_n_accepted"] for r in runs)
+    passes = [r["verify_steps"] for r in runs if r.get("verify_steps") is not None]
+    verify = sum(passes) if len(passes) == len(runs) else 0  # every request's count, or none
+    return {
+        "requests": len(runs),
+        "tokens": sum(r["n"] for r in runs),
+        "ms_per_token": ms / steps,
+        "median_ms_per_token": statistics.median(r["per_token_ms"] for r in runs),
+        "tok_s": 1e3 * steps / ms,
+        "draft_n": proposed,
+        "draft_n_accepted": accepted,
+        "acceptance": accepted / proposed if proposed else None,
+        "mean_accepted_len": 1 + accepted / verify if verify else None,
+    }
+
+
+def _request(server: LlamaServer, body: dict) -> dict:
+    record = completion_record(server.completion(body))
+    if record["n"] != body["n_predict"]:
+        raise RuntimeError(f"llama-server made {record['n']} tokens, not {body['n_predict']} (context too small?)")
+    return record
+
+
+def _verify_passes(server: LlamaServer) -> float | None:
+    return parse_metrics(server.get("/metrics")).get("spec_decode_num_drafts_total")
+
+
+def speculative_pair(
+    alone: LlamaServer,
+    drafted: LlamaServer,
+    prompts: Sequence[Sequence[int]],
+    modes: dict[str, dict],
+    *,
+    new_tokens: int,
+    repeats: int,
+    warmup_tokens: int = 8,
+) -> list[dict]:
+    """Per mode: a warm-up request to each server, then ``repeats`` passes over the prompts, each prompt to the
+    target alone then to the target with its draft (interleaved); a request's seed is its index in the mode, the
+    same for both servers. Verify passes per request from the drafting server's ``/metrics`` (its
+    ``spec_decode_num_drafts_total`` before and after). Greedy: the two servers' tokens compared."""
+    rows = []
+    for label, sampling in modes.items():
+        for server in (alone, drafted):
+            warm = _request(server, completion_body(prompts[0], warmup_tokens, sampling))
+            speculating = SPEC_TYPE in (warm["speculative_types"] or "")
+            if speculating != (server is drafted):
+                raise RuntimeError(f"llama-server speculative.types {warm['speculative_types']!r}: {server.cmd}")
+        runs: dict[str, list[dict]] = {"alone": [], "draft": []}
+        mismatches = 0
+        for r in range(repeats):
+            for i, ids in enumerate(prompts):
+                body = completion_body(ids, new_tokens, sampling | {"seed": r * len(prompts) + i})
+                a = _request(alone, body)
+                before = _verify_passes(drafted)
+                d = _request(drafted, body)
+                after = _verify_passes(drafted)
+                d["verify_steps"] = None if before is None or after is None else int(after - before)
+                mismatches += sampling["temperature"] == 0 and a["tokens"] != d["tokens"]
+                for key, rec in (("alone", a), ("draft", d)):
+                    runs[key].append({"repeat": r, "prompt": i, **{k: v for k, v in rec.items() if k != "tokens"}})
+        plain, spec = summarize_runs(runs["alone"]), summarize_runs(runs["draft"])
+        rows.append(
+            {
+                "sampling": label,
+                "request": sampling,
+                "alone": plain,
+                "draft": spec,
+                "speedup": plain["ms_per_token"] / spec["ms_per_token"],
+                "greedy_mismatches": mismatches if sampling["temperature"] == 0 else None,
+                "runs": runs,
+            }
+        )
+    return rows
+
+
+def load_prompt_ids(path: Path) -> list[list[int]]:
+    """A JSON file: a list of prompts (each a list of token ids), or an object with that list under
+    ``prompts``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    prompts = data["prompts"] if isinstance(data, dict) else data
+    if not prompts or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
+        raise ValueError(f"{path}: want a non-empty list of non-empty lists of token ids")
+    return prompts
+
+
+def held_out_prompt_ids(tokenizer: Path, count: int, chars: int, text: Path | None = None) -> list[list[int]]:
+    """The prompts of ``benchmarks/speculative.py pair``: its ``held_out_prompts`` (the first ``chars``
+    characters of the held-out chapter's first ``count`` paragraphs), tokenized by CPM's tokenizer of
+    ``tokenizer`` (a model folder, or its SentencePiece file)."""
+    import importlib.util
+
+    from cpm_infer.tokenizer import CpmTokenizer
+
+    path = ROOT / "benchmarks" / "speculative.py"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing (its held_out_prompts makes the prompts); use --prompt-ids FILE")
+    spec = importlib.util.spec_from_file_location("cpm_speculative_bench", path)
+    pair_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pair_bench)
+    if Path(tokenizer).is_dir():
+        from cpm_infer.checkpoint import open_checkpoint
+
+        tokenizer = open_checkpoint(Path(tokenizer)).tokenizer_file
+    tok = CpmTokenizer(tokenizer)
+    return [tok.encode(p) for p in pair_bench.held_out_prompts(text or pair_bench.DEMO_TEXT, count, chars)]
+
+
+def speculative_markdown(result: dict, command: str) -> str:
+    s = result["settings"]
+    setup = (
+        f"target `{result['target']}`, draft `{result['draft']}` (`--spec-type {SPEC_TYPE} --spec-draft-n-max "
+        f"{s['draft_max']}`), {s['threads']} threads, batch 1, {s['prompts']} prompts x {s['repeats']} repeats, "
+        f"{s['new_tokens']} new tokens, EOS ignored; llama.cpp {result['build'].get('llama_build', '?')}."
+    )
+    lines = ["# llama.cpp speculative decoding (llama-server, native)", "", f"`{command}`", "", setup, ""]
+    lines += [
+        "| sampling | ms/token alone | ms/token with draft | tok/s alone | tok/s with draft | speedup | accepted "
+        "| mean accepted length | greedy mismatches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        a, d = r["alone"], r["draft"]
+        acc = "-" if d["acceptance"] is None else f"{d['acceptance']:.1%}"
+        mal = "-" if d["mean_accepted_len"] is None else f"{d['mean_accepted_len']:.2f}"
+        mism = "-" if r["greedy_mismatches"] is None else str(r["greedy_mismatches"])
+        lines.append(
+            f"| {r['sampling']} | {a['ms_per_token']:.2f} | {d['ms_per_token']:.2f} | {a['tok_s']:.1f} "
+            f"| {d['tok_s']:.1f} | {r['speedup']:.2f}x | {acc} | {mal} | {mism} |"
+        )
+    lines += [
+        "",
+        "ms/token: llama-server's `timings.predicted_ms` over `predicted_n - 1` decode steps, pooled over the "
+        "requests (llama.cpp's clock; prefill not included, drafting included). Accepted: `draft_n_accepted / "
+        "draft_n`. Mean accepted length: 1 + accepted / verify passes (`/metrics`).",
+        f"Load average before / after: {result['loadavg'][0]} / {result['loadavg'][1]}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_speculative(
+    tools: Tools,
+    target: Path,
+    draft: Path,
+    prompts: Sequence[Sequence[int]],
+    labels: Sequence[str],
+    *,
+    new_tokens: int,
+    draft_max: int,
+    threads: int,
+    repeats: int,
+    ctx: int = 0,
+) -> dict:
+    """Both servers up (target alone; target with ``-md draft``), ``speculative_pair`` over them, then down."""
+    modes = spec_modes(labels)
+    common = {"threads": threads, "ctx": ctx, "metrics": True}
+    loadavg = [[round(x, 2) for x in os.getloadavg()]]
+    with (
+        LlamaServer(server_command(tools, target, _free_port(), **common)) as alone,
+        LlamaServer(server_command(tools, target, _free_port(), draft=draft, draft_max=draft_max, **common)) as drafted,
+    ):
+        props = json.loads(drafted.get("/props"))
+        rows = speculative_pair(alone, drafted, prompts, modes, new_tokens=new_tokens, repeats=repeats)
+        commands = {"alone": alone.cmd, "draft": drafted.cmd}
+    loadavg.append([round(x, 2) for x in os.getloadavg()])
+    settings = {"draft_max": draft_max, "threads": threads, "repeats": repeats, "new_tokens": new_tokens}
+    return {
+        "kind": "llama.cpp speculative",
+        "target": str(target),
+        "draft": str(draft),
+        "settings": settings | {"prompts": len(prompts), "ctx": ctx},
+        "build": build_info(tools) | {"llama_build": props.get("build_info")},
+        "server_commands": commands,
+        "prompts": [list(map(int, p)) for p in prompts],
+        "loadavg": loadavg,
+        "rows": rows,
+    }
 
 
 # -- CLI ------------------------------------------------------------------------------------------------
@@ -674,6 +1015,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     v.add_argument("--formats", nargs="+", default=["f32"], choices=FORMATS)
     v.add_argument("--new-tokens", type=int, default=16)
     v.add_argument("--threads", type=int, default=2)
+    s = sub.add_parser("speculative", help="llama.cpp's speculative decoding: llama-server with and without a draft.")
+    s.add_argument("--target", type=Path, required=True, help="target GGUF")
+    s.add_argument("--draft", type=Path, required=True, help="draft GGUF (same vocabulary)")
+    s.add_argument("--prompt-ids", type=Path, default=None, help="JSON: a list of prompts, each a list of token ids")
+    s.add_argument(
+        "--tokenizer", type=Path, default=None, help="model folder (or spiece file) to tokenize the held-out prompts"
+    )
+    s.add_argument("--text", type=Path, default=None, help="held-out text (default: benchmarks/speculative.py's)")
+    s.add_argument("--prompts", type=int, default=6, help="held-out paragraphs (as speculative.py pair)")
+    s.add_argument("--prompt-chars", type=int, default=120)
+    s.add_argument("--new-tokens", type=int, default=96)
+    s.add_argument("--draft-max", type=int, default=4, help="--spec-draft-n-max: tokens the draft proposes")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--repeats", type=int, default=2, help="passes over the prompts")
+    s.add_argument("--sampling", nargs="+", default=["greedy", "default"], choices=["greedy", "default"])
+    s.add_argument("--ctx", type=int, default=0, help="llama-server -c (0: the model's trained context)")
+    s.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
     if args.command == "build":
@@ -717,6 +1075,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             for p, a, b in zip(prompts, ours, theirs, strict=True):
                 same = sum(1 for _ in iter_prefix(a, b))
                 print(f"{fmt}: prompt {len(p)} ids, {same}/{len(a)} leading tokens equal; torch {a}; llama.cpp {b}")
+    elif args.command == "speculative":
+        if (args.prompt_ids is None) == (args.tokenizer is None):
+            parser.error("speculative: give --prompt-ids FILE or --tokenizer MODEL_DIR (held-out prompts), not both")
+        if args.prompt_ids is not None:
+            prompts = load_prompt_ids(args.prompt_ids)
+        else:
+            prompts = held_out_prompt_ids(args.tokenizer, args.prompts, args.prompt_chars, args.text)
+        result = run_speculative(
+            require_tools(targets=("llama-server",)),
+            args.target,
+            args.draft,
+            prompts,
+            args.sampling,
+            new_tokens=args.new_tokens,
+            draft_max=args.draft_max,
+            threads=args.threads,
+            repeats=args.repeats,
+            ctx=args.ctx,
+        )
+        command = "python benchmarks/peers/llamacpp_native.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (args.out / "result.md").write_text(speculative_markdown(result, command), encoding="utf-8")
+        print(speculative_markdown(result, command))
 
 
 VERIFY_PROMPTS = ("却说曹操", "孔明笑曰：", "玄德大喜，遂与关、张", "次日，")
