@@ -30,6 +30,7 @@ from cpm_infer.engine.speculative import (
     NgramDraft,
     check_compatible,
     lookup,
+    share_cores,
 )
 
 
@@ -302,7 +303,7 @@ def ort_artifacts(tmp_path_factory, tiny_vocab):
 def test_ort_verify_pass_equals_one_token_at_a_time(ort_artifacts, which):
     from cpm_infer.backends import load_backend
 
-    checkpoint, plain, fused = ort_artifacts
+    _, plain, fused = ort_artifacts
     backend, tok = load_backend("ort", plain if which == "plain" else fused)
     prompt = tok.encode("滚滚长江东逝水")
     ids = np.asarray([prompt])
@@ -320,7 +321,10 @@ def test_ort_verify_pass_equals_one_token_at_a_time(ort_artifacts, which):
 
     from cpm_infer.engine.generate import generate
 
-    draft, _ = load_backend("torch", checkpoint)
+    draft, _ = load_backend("ort", plain)
+    share_cores(backend, draft)  # what open_draft does: both sessions reopened with sleeping idle threads
+    for session in (backend.session, draft.session):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     config = GenerationConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
     plain_ids = generate(backend, [prompt], config, tok)[0].token_ids
     for d in (ModelDraft(draft), NgramDraft()):

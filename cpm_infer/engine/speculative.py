@@ -252,10 +252,20 @@ def open_draft(
         raise type(exc)(f"draft: {exc}") from exc
     try:
         check_compatible(target, tokenizer, draft_backend, draft_tok, where=str(spec))
+        share_cores(target, draft_backend)
         return ModelDraft(draft_backend, name=os.path.basename(os.path.normpath(str(spec))))
     except Exception:
         draft_backend.close()
         raise
+
+
+def share_cores(*backends: Backend) -> None:
+    """The model and its draft take turns on the same cores: runtimes whose idle threads spin (onnxruntime's pools)
+    are told to sleep instead (``OrtBackend.quiet_threads``)."""
+    for backend in backends:
+        quiet = getattr(backend, "quiet_threads", None)
+        if quiet is not None:
+            quiet()
 
 
 def check_compatible(target: Backend, tokenizer: Any, draft: Backend, draft_tokenizer: Any, *, where: str) -> None:
