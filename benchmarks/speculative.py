@@ -30,7 +30,7 @@ from cpm_infer.backends import load_backend
 from cpm_infer.bench.report import environment
 from cpm_infer.bench.runners import parse_sampling
 from cpm_infer.engine.generate import GenerationStats, generate
-from cpm_infer.engine.speculative import NGRAM, open_draft
+from cpm_infer.engine.speculative import DRAFT_TOKENS, NGRAM, open_draft
 
 DEMO_TEXT = Path(__file__).resolve().parents[1] / "cpm_infer" / "demo" / "sanguo" / "heldout.txt"
 
@@ -42,7 +42,7 @@ def held_out_prompts(path: Path, count: int, chars: int) -> list[str]:
 
 def pair(args: argparse.Namespace) -> dict:
     # Alone: the model as `cpm generate` runs it without a draft; with the draft: a second instance, whose
-    # onnxruntime threads open_draft tells to sleep when idle (OrtBackend.quiet_threads).
+    # onnxruntime threads open_draft tells to stop spinning when a run ends (OrtBackend.quiet_threads).
     alone_backend, tok = load_backend("auto", args.target, threads=args.threads)
     target, _ = load_backend("auto", args.target, threads=args.threads)
     draft = open_draft(args.draft if args.draft == NGRAM else Path(args.draft), target, tok, threads=args.threads)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--out", type=Path, required=True)
     p = sub.choices["pair"]
-    p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--prompt-chars", type=int, default=120)

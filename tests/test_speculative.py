@@ -322,9 +322,9 @@ def test_ort_verify_pass_equals_one_token_at_a_time(ort_artifacts, which):
     from cpm_infer.engine.generate import generate
 
     draft, _ = load_backend("ort", plain)
-    share_cores(backend, draft)  # what open_draft does: both sessions reopened with sleeping idle threads
+    share_cores(backend, draft)  # what open_draft does: both sessions reopened, their threads stop when a run ends
     for session in (backend.session, draft.session):
-        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
     config = GenerationConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
     plain_ids = generate(backend, [prompt], config, tok)[0].token_ids
     for d in (ModelDraft(draft), NgramDraft()):

@@ -17,7 +17,7 @@ import numpy as np
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.generate import GenerationStats, TokenizerLike, generate
-from cpm_infer.engine.speculative import Draft, SpeculationStats
+from cpm_infer.engine.speculative import DRAFT_TOKENS, Draft, SpeculationStats
 from cpm_infer.errors import CpmError
 from cpm_infer.settings import for_door
 
@@ -125,7 +125,7 @@ class LoopRunner:
         sampling: Sampling = GREEDY,
         tokenizer: TokenizerLike | None = None,
         draft: Draft | None = None,
-        draft_tokens: int = 4,
+        draft_tokens: int = DRAFT_TOKENS,
     ) -> None:
         self.name, self.backend, self.traffic, self.sampling = name, backend, traffic, sampling
         self.tokenizer = tokenizer or IdsTokenizer(backend.spec.vocab_size)

@@ -21,6 +21,7 @@ from cpm_infer.checkpoint import Checkpoint, open_checkpoint
 from cpm_infer.config import ModelSpec, preset
 from cpm_infer.deps import require
 from cpm_infer.devices import resolve_device
+from cpm_infer.engine.speculative import DRAFT_TOKENS
 from cpm_infer.errors import CpmError
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def prepare(
     say: Callable[[str], None],
     check_spec: Callable[[ModelSpec], None] = lambda spec: None,
     draft: str | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> BenchSetup:
     """Open the model source and every requested backend. ``check_spec`` runs as soon as the model
     shape is known, before anything heavy is loaded (sweep values are checked against the context).
@@ -216,30 +217,27 @@ def prepare(
 
 
 def _add_drafted(setup: BenchSetup, draft: str, draft_tokens: int, device: str, threads: int | None, say) -> None:
-    """A ``<runner>+<draft>`` twin of every loop runner whose backend can verify (torch, onnxruntime)."""
+    """A ``<runner>+<draft>`` twin of every loop runner whose backend can verify (torch, onnxruntime). An onnxruntime
+    twin gets its own session (``quiet_threads``), so the runner without the draft runs as it would alone."""
+    import copy
+
     from cpm_infer.backends.base import supports_speculation
-    from cpm_infer.engine.speculative import NGRAM, open_draft
+    from cpm_infer.engine.speculative import NGRAM, open_draft, share_cores
 
     targets = [r for r in setup.runners if isinstance(r, LoopRunner) and supports_speculation(r.backend)]
     if not targets:
         setup.skipped["draft"] = "no runner can verify several tokens per pass (torch or ort)"
         return
+    twins = [copy.copy(r.backend) if getattr(r.backend, "reopen", None) else r.backend for r in targets]
     say(f"opening the draft {draft}")
-    opened = open_draft(
-        draft if draft == NGRAM else Path(draft), targets[0].backend, setup.tokenizer(), device=device, threads=threads
-    )
+    source = draft if draft == NGRAM else Path(draft)
+    opened = open_draft(source, twins[0], setup.tokenizer(), device=device, threads=threads)
     setup.closers.append(opened.close)
-    for runner in targets:
+    share_cores(*twins[1:])
+    for runner, twin in zip(targets, twins, strict=True):
         name = f"{runner.name}+{opened.name}"
         setup.runners.append(
-            LoopRunner(
-                name,
-                runner.backend,
-                runner.traffic,
-                tokenizer=runner.tokenizer,
-                draft=opened,
-                draft_tokens=draft_tokens,
-            )
+            LoopRunner(name, twin, runner.traffic, tokenizer=runner.tokenizer, draft=opened, draft_tokens=draft_tokens)
         )
         setup.devices[name] = setup.devices.get(runner.name, "")
 

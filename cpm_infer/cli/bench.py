@@ -66,7 +66,7 @@ def bench(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     draft: DraftOpt = None,
-    draft_tokens: DraftTokensOpt = 4,
+    draft_tokens: DraftTokensOpt = 8,
 ) -> None:
     """Benchmark backends side by side: first-token latency, decode ms/step (p50/p90), tokens/s, memory. With
     --draft, each torch/ort runner also runs with the draft (accepted share, tokens per target pass)."""

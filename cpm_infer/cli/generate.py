@@ -63,7 +63,7 @@ def generate(
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
     draft: DraftOpt = None,
-    draft_tokens: DraftTokensOpt = 4,
+    draft_tokens: DraftTokensOpt = 8,
 ) -> None:
     """Generate text with a CPM model (checkpoint or exported artifact)."""
     from cpm_infer.backends import load_backend
@@ -115,7 +115,7 @@ class _Job:
     resume: bool
     stream: bool
     draft: Any = None  # a speculative decoding draft (cpm_infer.engine.speculative)
-    draft_tokens: int = 4
+    draft_tokens: int = 8
     speculation: Any = None  # its SpeculationStats over the whole run
 
     @property

@@ -40,5 +40,12 @@ DraftOpt = Annotated[
     ),
 ]
 DraftTokensOpt = Annotated[
-    int, typer.Option("--draft-tokens", min=1, max=16, help="Most tokens the draft proposes per pass (adapts per row).")
+    int,
+    typer.Option(
+        "--draft-tokens",
+        min=1,
+        max=16,
+        help="Most tokens the draft proposes per pass (a row starts at 4: +1 after a pass that accepted all, -1 "
+        "after one that did not).",
+    ),
 ]

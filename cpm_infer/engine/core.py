@@ -42,7 +42,7 @@ from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose, token_inf
 from cpm_infer.engine.detok import TextStream
 from cpm_infer.engine.prefix_cache import PrefixCache, shared_cache
 from cpm_infer.engine.processors import static_bans
-from cpm_infer.engine.speculative import Acceptance, Draft, SpeculationStats
+from cpm_infer.engine.speculative import DRAFT_TOKENS, Acceptance, Draft, SpeculationStats
 from cpm_infer.errors import CpmError
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Engine:
         prefix_cache: PrefixCache | object | None = _SHARED,
         prefill_chunk: int = 0,
         draft: Draft | None = None,
-        draft_tokens: int = 4,
+        draft_tokens: int = DRAFT_TOKENS,
         speculation_stats: SpeculationStats | None = None,
     ) -> None:
         if max_rows < 1:
@@ -264,7 +264,7 @@ class Engine:
             prompt_index=prompt_index,
             sample_index=sample_index,
             logprobs=[] if config.logprobs is not None else None,
-            speculation=Acceptance(self.draft_tokens, self.draft_tokens) if self.draft and speculate else None,
+            speculation=Acceptance(self.draft_tokens) if self.draft and speculate else None,
         )
         self._next_id += 1
         self._pending.append(row)

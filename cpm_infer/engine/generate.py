@@ -24,7 +24,7 @@ from cpm_infer.engine.core import (
     check_prompt_length,
     max_prompt_tokens,
 )
-from cpm_infer.engine.speculative import Draft, SpeculationStats
+from cpm_infer.engine.speculative import DRAFT_TOKENS, Draft, SpeculationStats
 
 __all__ = [
     "GenerationResult",
@@ -79,7 +79,7 @@ def generate(
     seeds: Sequence[int | None] | None = None,
     should_stop: StopCheck | None = None,
     draft: Draft | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> list[GenerationResult]:
     """Generate ``config.num_samples`` continuations of each prompt (token ids, without the prompt).
 
@@ -122,7 +122,7 @@ def generate_iter(
     seeds: Sequence[int | None] | None = None,
     should_stop: StopCheck | None = None,
     draft: Draft | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> Iterator[list[GenerationResult]]:
     """``generate``, yielding each prompt's results (its samples) in prompt order as soon as it and all
     prompts before it are done. At most ``max_rows`` sequences run at once (default: all of them); the

@@ -36,6 +36,8 @@ from cpm_infer.engine.chooser import RowChooser
 log = logging.getLogger(__name__)
 
 NGRAM = "ngram"
+DRAFT_TOKENS = 8  # the most tokens a draft proposes per pass, by default (--draft-tokens)
+FIRST_K = 4  # what a row starts with: k then grows while everything is accepted, shrinks when not
 
 
 @dataclass
@@ -185,18 +187,22 @@ def lookup(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1
 
 @dataclass
 class Acceptance:
-    """A row's speculation: k grows by one after a round that accepted every proposal and shrinks by one after
-    one that did not (transformers' heuristic schedule); speculation is off for the row (k = 0) once at least
-    ``window`` proposals were made and fewer than ``min_rate`` of them accepted."""
+    """A row's speculation, from ``k = min(FIRST_K, max_k)``: k grows by one after a round that accepted every
+    proposal and shrinks by one after one that did not (transformers' heuristic schedule); speculation is off for
+    the row (k = 0) once at least ``window`` proposals were made and fewer than ``min_rate`` of them accepted."""
 
-    k: int
     max_k: int
+    k: int = -1  # -1: min(FIRST_K, max_k)
     min_rate: float = 0.2
     window: int = 32
     proposed: int = 0
     accepted: int = 0
     rounds: int = 0
     history: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            self.k = min(FIRST_K, self.max_k)
 
     def record(self, proposed: int, accepted: int) -> None:
         self.rounds += 1
@@ -260,8 +266,8 @@ def open_draft(
 
 
 def share_cores(*backends: Backend) -> None:
-    """The model and its draft take turns on the same cores: runtimes whose idle threads spin (onnxruntime's pools)
-    are told to sleep instead (``OrtBackend.quiet_threads``)."""
+    """The model and its draft take turns on the same cores: runtimes whose threads spin on after a run
+    (onnxruntime's pools) are told to stop when it ends (``OrtBackend.quiet_threads``)."""
     for backend in backends:
         quiet = getattr(backend, "quiet_threads", None)
         if quiet is not None:
