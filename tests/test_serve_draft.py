@@ -223,3 +223,20 @@ def test_ray_build_arguments_take_the_draft():
     assert config.settings.draft == "/models/int4"
     with pytest.raises(ConfigError, match="draft tokens must be <= 16"):
         parse_build_args({"model": "m", "draft_tokens": 17}, {})
+
+
+def test_warmup_runs_a_speculative_step_and_counts_nothing():
+    """The server's warm-up also warms the draft and the verify pass; /metrics then counts requests only."""
+    from test_engine import HashTok
+    from test_speculative import VerifyingBackend
+
+    from cpm_infer.engine.speculative import ModelDraft
+    from cpm_infer.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(VerifyingBackend(), HashTok(), ServeSettings(), draft=ModelDraft(VerifyingBackend()))
+    speculated = []
+    step = scheduler.engine._speculate
+    scheduler.engine._speculate = lambda row, events: speculated.append(step(row, events)) or speculated[-1]
+    scheduler.warmup()
+    assert speculated == [True]
+    assert scheduler.speculation.passes == scheduler.speculation.proposed == 0

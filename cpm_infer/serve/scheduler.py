@@ -98,10 +98,14 @@ class Scheduler:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def warmup(self) -> None:
-        """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``."""
-        self.engine.add([self.tokenizer.eod_id], GenerationConfig(max_new_tokens=2), seed=0)
+        """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``. Four tokens:
+        with a draft, the second step is a speculative one, so the draft and the verify pass are warmed up too."""
+        config = GenerationConfig(max_new_tokens=4 if self.draft is not None else 2, ignore_eos=True)
+        self.engine.add([self.tokenizer.eod_id], config, seed=0)
         while self.engine.has_work():
             self.engine.step()
+        for name in ("passes", "proposed", "accepted", "emitted"):  # /metrics counts requests only
+            setattr(self.speculation, name, 0)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="cpm-serve-engine", daemon=True)
