@@ -79,19 +79,17 @@ class DecodeBatch:
 
     def extend(self, backend: Backend, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Feed T >= 1 tokens to every row (``KvCacheOps.extend``); returns the logits after the last (B, V)."""
-        ids = np.asarray(tokens, dtype=np.int64).reshape(self.size, -1)
-        self.mask = np.concatenate([self.mask, np.ones(ids.shape, dtype=np.int64)], axis=1)
-        positions = self.positions[:, None] + np.arange(1, ids.shape[1] + 1, dtype=np.int64)
-        logits, self.state = backend.extend(self.state, ids, self.mask, positions)
-        self.positions = positions[:, -1].copy()
-        return logits
+        return self._append(backend.extend, tokens)
 
     def extend_all(self, backend: Backend, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """``extend`` returning the logits after each new token (B, T, V) (``Verifier.extend_all``)."""
+        return self._append(backend.extend_all, tokens)
+
+    def _append(self, call: Any, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64).reshape(self.size, -1)
         self.mask = np.concatenate([self.mask, np.ones(ids.shape, dtype=np.int64)], axis=1)
         positions = self.positions[:, None] + np.arange(1, ids.shape[1] + 1, dtype=np.int64)
-        logits, self.state = backend.extend_all(self.state, ids, self.mask, positions)
+        logits, self.state = call(self.state, ids, self.mask, positions)
         self.positions = positions[:, -1].copy()
         return logits
 

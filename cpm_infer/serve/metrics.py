@@ -78,7 +78,24 @@ class ServeMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _PrefixCacheCollector:
+class _StatsCollector:
+    """Counts kept elsewhere (a ``stats()`` dict), exposed as Prometheus counters and gauges when scraped."""
+
+    _COUNTERS: tuple[tuple[str, str, str], ...] = ()  # (key in stats(), metric name, help)
+    _GAUGES: tuple[tuple[str, str, str], ...] = ()
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        for key, name, doc in self._COUNTERS:
+            yield CounterMetricFamily(name, doc, value=stats[key])
+        for key, name, doc in self._GAUGES:
+            yield GaugeMetricFamily(name, doc, value=stats[key])
+
+
+class _PrefixCacheCollector(_StatsCollector):
     """The engine's prefix cache counts for itself; exposed as counters and gauges when scraped."""
 
     _COUNTERS = (
@@ -92,18 +109,8 @@ class _PrefixCacheCollector:
         ("entries", "cpm_prefix_cache_entries", "Prompts in the prefix cache"),
     )
 
-    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
-        self.stats = stats
 
-    def collect(self) -> Iterator[Metric]:
-        stats = self.stats()
-        for key, name, doc in self._COUNTERS:
-            yield CounterMetricFamily(name, doc, value=stats[key])
-        for key, name, doc in self._GAUGES:
-            yield GaugeMetricFamily(name, doc, value=stats[key])
-
-
-class _SpeculationCollector:
+class _SpeculationCollector(_StatsCollector):
     """The engine counts its speculation (``SpeculationStats``); exposed as counters when scraped."""
 
     _COUNTERS = (
@@ -116,14 +123,6 @@ class _SpeculationCollector:
             "Tokens the verify passes produced (accepted + the target's own)",
         ),
     )
-
-    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
-        self.stats = stats
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self.stats()
-        for key, name, doc in self._COUNTERS:
-            yield CounterMetricFamily(name, doc, value=stats[key])
 
 
 class RequestCounter:
