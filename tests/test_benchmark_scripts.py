@@ -58,3 +58,60 @@ def test_ctranslate2_peers(tmp_path, checkpoint):
     names = {r["backend"] for r in data["results"]}
     assert names == {"torch", "ort", "ct2-float32", "ct2-int8"}  # quantized ORT artifacts: test_quantize
     assert data["baseline"] == "torch" and all(r["tokens_per_s"] > 0 for r in data["results"])
+
+
+def _serve_load():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_load_summaries():
+    sl = _serve_load()
+    assert sl.pct([1.0, 2.0, 3.0, 4.0], 50) == 2.0 and sl.pct([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    assert sl.ratio(3.0, 2.0) == 1.5 and sl.ratio(1.0, None) is None and sl.ratio(1.0, float("nan")) is None
+    assert sl.parse_scenarios("probe, closed-16,soak") == ["probe", "closed", "soak"]
+    with pytest.raises(Exception, match="unknown scenario"):
+        sl.parse_scenarios("probe,warp")
+    series = [(0.0, 100.0), (290.0, 110.0), (310.0, 111.0), (1800.0, 115.5)]
+    rss = sl.rss_summary(series, 1800)
+    assert rss["rss_base_at_s"] == 290.0 and rss["rss_end_mb"] == 115.5 and rss["rss_end_over_base"] == 1.05
+    assert sl.rss_summary([(0.0, 10.0), (6.0, 12.0), (12.0, 12.0)], 12)["rss_base_at_s"] == 6.0  # short: half way
+
+
+def test_serve_load_engine_closed_loop():
+    """The in-process driver keeps ``clients`` rows in flight, adding one whenever one finishes."""
+    from cpm_infer.engine import FinishEvent, GenerationResult
+
+    sl = _serve_load()
+
+    class FakeEngine:  # a row finishes after as many steps as its "prompt" says, one token per step
+        def __init__(self) -> None:
+            self.rows: dict[int, list] = {}
+            self.next_id = self.most = 0
+
+        def add(self, ids, config, *, seed):
+            self.rows[self.next_id] = [ids[0], 0, seed]
+            self.next_id += 1
+            self.most = max(self.most, len(self.rows))
+
+        def has_work(self) -> bool:
+            return bool(self.rows)
+
+        def step(self):
+            events = []
+            for row_id, row in list(self.rows.items()):
+                row[1] += 1
+                if row[1] == row[0]:
+                    del self.rows[row_id]
+                    result = GenerationResult(0, 0, 1, [7] * row[0], "", "length")
+                    events.append(FinishEvent(row_id, None, "length", result))
+            return events
+
+    engine = FakeEngine()
+    items = [([n], None, i) for i, n in enumerate([3, 1, 4, 1, 5, 9, 2, 6])]
+    out = sl.engine_closed_loop(engine, items, clients=3)
+    assert out["requests"] == 8 and out["tokens"] == 31 and engine.most == 3 and engine.next_id == 8
