@@ -42,6 +42,10 @@ def cluster():
     with pytest.MonkeyPatch.context() as env:
         # On a loaded machine Serve's proxy can miss its default 5 s readiness check three times and be restarted.
         env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+        # Ray starts its workers at nice 15: beside any busy process at nice 0 (another job on the machine) they got
+        # ~3% of a core and the module crawled (a fresh-clone run with two busy loops: its replicas at 3-4% CPU).
+        # The test's cluster competes like every other process the suite starts.
+        env.setenv("RAY_worker_niceness", "0")
         ray.init(
             num_cpus=2,
             include_dashboard=False,
