@@ -30,7 +30,8 @@ from cpm_infer.backends import load_backend
 from cpm_infer.bench.report import environment
 from cpm_infer.bench.runners import parse_sampling
 from cpm_infer.engine.generate import GenerationStats, generate
-from cpm_infer.engine.speculative import DRAFT_TOKENS, NGRAM, open_draft
+from cpm_infer.engine.speculative import NGRAM, open_draft
+from cpm_infer.settings import DRAFT_TOKENS
 
 DEMO_TEXT = Path(__file__).resolve().parents[1] / "cpm_infer" / "demo" / "sanguo" / "heldout.txt"
 

@@ -21,6 +21,13 @@ CLI = frozenset({"generate", "batch"})
 REQUEST = CLI | {"serve"}  # most settings: the bench's --sampling takes only what changes the choice of tokens
 MAX_LOGPROBS = 20  # alternatives per step (OpenAI's limit)
 MAX_BIAS = 100.0  # OpenAI's logit_bias range; -100 bans the token
+# Speculative decoding (--draft-tokens of cpm generate, cpm serve, cpm bench; cpm_infer.engine.speculative): the most
+# tokens a draft proposes per pass by default and at all, and the k a row starts with (it then adapts).
+DRAFT_TOKENS, MAX_DRAFT_TOKENS, FIRST_K = 8, 16, 4
+DRAFT_TOKENS_HELP = (
+    f"Most tokens the draft proposes per pass (a row starts at {FIRST_K}: +1 after a pass that accepted all, -1 "
+    "after one that did not)."
+)
 
 _SAME = object()  # "as the setting's default"
 

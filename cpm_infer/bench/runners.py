@@ -17,9 +17,9 @@ import numpy as np
 from cpm_infer.backends.base import Backend
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.generate import GenerationStats, TokenizerLike, generate
-from cpm_infer.engine.speculative import DRAFT_TOKENS, Draft, SpeculationStats
+from cpm_infer.engine.speculative import Draft, SpeculationStats
 from cpm_infer.errors import CpmError
-from cpm_infer.settings import for_door
+from cpm_infer.settings import DRAFT_TOKENS, for_door
 
 # Settings a --sampling mode may set (cpm_infer.settings; the rest of the benchmark's config is fixed: EOS
 # ignored, no bans), and what `cpm generate` samples with by default.

@@ -21,8 +21,8 @@ from cpm_infer.checkpoint import Checkpoint, open_checkpoint
 from cpm_infer.config import ModelSpec, preset
 from cpm_infer.deps import require
 from cpm_infer.devices import resolve_device
-from cpm_infer.engine.speculative import DRAFT_TOKENS
 from cpm_infer.errors import CpmError
+from cpm_infer.settings import DRAFT_TOKENS
 
 log = logging.getLogger(__name__)
 

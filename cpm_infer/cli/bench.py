@@ -11,7 +11,7 @@ import typer
 
 from cpm_infer.cli.options import DeviceOpt, DraftOpt, DraftTokensOpt, ThreadsOpt, TokenizerOpt
 from cpm_infer.errors import CpmError
-from cpm_infer.settings import for_door
+from cpm_infer.settings import DRAFT_TOKENS, for_door
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -66,7 +66,7 @@ def bench(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     draft: DraftOpt = None,
-    draft_tokens: DraftTokensOpt = 8,
+    draft_tokens: DraftTokensOpt = DRAFT_TOKENS,
 ) -> None:
     """Benchmark backends side by side: first-token latency, decode ms/step (p50/p90), tokens/s, memory. With
     --draft, each torch/ort runner also runs with the draft (accepted share, tokens per target pass)."""

@@ -27,6 +27,7 @@ from cpm_infer.cli.options import (
     TruncateOpt,
 )
 from cpm_infer.errors import CpmError
+from cpm_infer.settings import DRAFT_TOKENS
 
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Plain prompt text.")]
 TitleOpt = Annotated[str | None, typer.Option("--title", help="Essay title: the prompt is `title <sep> context`.")]
@@ -63,7 +64,7 @@ def generate(
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
     draft: DraftOpt = None,
-    draft_tokens: DraftTokensOpt = 8,
+    draft_tokens: DraftTokensOpt = DRAFT_TOKENS,
 ) -> None:
     """Generate text with a CPM model (checkpoint or exported artifact)."""
     from cpm_infer.backends import load_backend
@@ -115,7 +116,7 @@ class _Job:
     resume: bool
     stream: bool
     draft: Any = None  # a speculative decoding draft (cpm_infer.engine.speculative)
-    draft_tokens: int = 8
+    draft_tokens: int = DRAFT_TOKENS
     speculation: Any = None  # its SpeculationStats over the whole run
 
     @property
@@ -240,7 +241,10 @@ def _result_groups(
             **options,
         )
         if stats.speculation is not None:
-            job.speculation = _add(job.speculation, stats.speculation)
+            if job.speculation is None:
+                job.speculation = stats.speculation
+            else:
+                job.speculation.add(stats.speculation)
 
     if not job.stream:
         for results in run(prompts, offset, max_rows=batch_size * job.config.num_samples):
@@ -250,15 +254,6 @@ def _result_groups(
         printer = _StreamPrinter()
         (results,) = run([prompt], offset + index, callback=printer)
         yield results, printer
-
-
-def _add(total: Any, more: Any) -> Any:
-    """Speculation totals over several engine runs."""
-    if total is None:
-        return more
-    for name in ("passes", "proposed", "accepted", "emitted"):
-        setattr(total, name, getattr(total, name) + getattr(more, name))
-    return total
 
 
 def _print_result(record: dict, label: bool) -> None:

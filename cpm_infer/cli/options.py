@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from cpm_infer.settings import DRAFT_TOKENS_HELP, MAX_DRAFT_TOKENS
+
 ModelOpt = Annotated[
     Path | None,
     typer.Option("--model", "-m", help="Checkpoint directory or exported artifact (default: the bundled demo model)."),
@@ -39,13 +41,4 @@ DraftOpt = Annotated[
         "(its int4 artifact, a distilled student) or 'ngram' (prompt lookup, no model).",
     ),
 ]
-DraftTokensOpt = Annotated[
-    int,
-    typer.Option(
-        "--draft-tokens",
-        min=1,
-        max=16,
-        help="Most tokens the draft proposes per pass (a row starts at 4: +1 after a pass that accepted all, -1 "
-        "after one that did not).",
-    ),
-]
+DraftTokensOpt = Annotated[int, typer.Option("--draft-tokens", min=1, max=MAX_DRAFT_TOKENS, help=DRAFT_TOKENS_HELP)]

@@ -35,15 +35,16 @@ from typing import Protocol
 
 import numpy as np
 
-from cpm_infer.backends.base import Backend, supports_kv_ops, supports_speculation
+from cpm_infer.backends.base import Backend, supports_kv_ops
 from cpm_infer.config import ConfigError, GenerationConfig
 from cpm_infer.engine.batch import DecodeBatch
 from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose, token_info
 from cpm_infer.engine.detok import TextStream
 from cpm_infer.engine.prefix_cache import PrefixCache, shared_cache
 from cpm_infer.engine.processors import static_bans
-from cpm_infer.engine.speculative import DRAFT_TOKENS, Acceptance, Draft, SpeculationStats
+from cpm_infer.engine.speculative import Acceptance, Draft, SpeculationStats, require_verifier
 from cpm_infer.errors import CpmError
+from cpm_infer.settings import DRAFT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +197,8 @@ class Engine:
             raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
         if prefill_chunk < 0:
             raise ConfigError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
-        if draft is not None and not supports_speculation(backend):
-            raise ConfigError(
-                f"the {backend.name} backend cannot verify several tokens in one pass; speculative decoding needs "
-                "an onnxruntime artifact or a checkpoint as the target"
-            )
+        if draft is not None:
+            require_verifier(backend)
         if draft is not None and draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.draft, self.draft_tokens = draft, draft_tokens
@@ -359,13 +357,7 @@ class Engine:
             if not hit or row.finish_reason is not None:
                 break
         spec.record(len(proposed), accepted)
-        stats = self.speculation
-        stats.passes, stats.proposed, stats.accepted, stats.emitted = (
-            stats.passes + 1,
-            stats.proposed + len(proposed),
-            stats.accepted + accepted,
-            stats.emitted + emitted,
-        )
+        self.speculation.record(len(proposed), accepted, emitted)
         self.tokens_last_step += emitted
         self.speculated_last_step = emitted
         self._batch.drop_last(self.backend, len(proposed) + 1 - emitted)  # the cache keeps the accepted tokens

@@ -24,7 +24,8 @@ from cpm_infer.engine.core import (
     check_prompt_length,
     max_prompt_tokens,
 )
-from cpm_infer.engine.speculative import DRAFT_TOKENS, Draft, SpeculationStats
+from cpm_infer.engine.speculative import Draft, SpeculationStats
+from cpm_infer.settings import DRAFT_TOKENS
 
 __all__ = [
     "GenerationResult",

@@ -22,7 +22,7 @@ import copy
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,12 +32,11 @@ from cpm_infer.config import ConfigError
 from cpm_infer.engine import processors as procs
 from cpm_infer.engine import sampling
 from cpm_infer.engine.chooser import RowChooser
+from cpm_infer.settings import FIRST_K
 
 log = logging.getLogger(__name__)
 
 NGRAM = "ngram"
-DRAFT_TOKENS = 8  # the most tokens a draft proposes per pass, by default (--draft-tokens)
-FIRST_K = 4  # what a row starts with: k then grows while everything is accepted, shrinks when not
 
 
 @dataclass
@@ -197,15 +196,12 @@ class Acceptance:
     window: int = 32
     proposed: int = 0
     accepted: int = 0
-    rounds: int = 0
-    history: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.k < 0:
             self.k = min(FIRST_K, self.max_k)
 
     def record(self, proposed: int, accepted: int) -> None:
-        self.rounds += 1
         self.proposed += proposed
         self.accepted += accepted
         self.k = min(self.k + 1, self.max_k) if accepted == proposed else max(self.k - 1, 1)
@@ -221,6 +217,24 @@ class SpeculationStats:
     proposed: int = 0
     accepted: int = 0
     emitted: int = 0
+
+    def record(self, proposed: int, accepted: int, emitted: int) -> None:
+        """One verify pass."""
+        self.passes += 1
+        self.proposed, self.accepted, self.emitted = (
+            self.proposed + proposed,
+            self.accepted + accepted,
+            self.emitted + emitted,
+        )
+
+    def add(self, other: SpeculationStats) -> None:
+        """Count ``other``'s totals in too (several engine runs of one job)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
 
     @property
     def acceptance(self) -> float:
@@ -242,13 +256,9 @@ def open_draft(
 ) -> Draft:
     """``ngram`` (prompt lookup) or a model directory (checkpoint or artifact) that drafts for ``target``; a draft with
     another vocabulary or tokenizer is a one-line error."""
+    require_verifier(target)
     if str(spec) == NGRAM:
         return NgramDraft()
-    if not supports_speculation(target):
-        raise ConfigError(
-            f"the {target.name} backend cannot verify several tokens in one pass; speculative decoding needs "
-            "an onnxruntime artifact or a checkpoint as the target"
-        )
     from cpm_infer.backends import load_backend
     from cpm_infer.errors import CpmError
 
@@ -263,6 +273,15 @@ def open_draft(
     except Exception:
         draft_backend.close()
         raise
+
+
+def require_verifier(target: Backend) -> None:
+    """A one-line ``ConfigError`` unless ``target`` can verify a draft's proposals (``supports_speculation``)."""
+    if not supports_speculation(target):
+        raise ConfigError(
+            f"the {target.name} backend cannot verify several tokens in one pass; speculative decoding needs "
+            "an onnxruntime artifact or a checkpoint as the model"
+        )
 
 
 def share_cores(*backends: Backend) -> None:

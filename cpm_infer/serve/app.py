@@ -17,10 +17,10 @@ from fastapi import APIRouter, Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from cpm_infer import __version__
-from cpm_infer.backends.base import Backend, supports_speculation
+from cpm_infer.backends.base import Backend
 from cpm_infer.config import ConfigError
 from cpm_infer.engine import max_prompt_tokens
-from cpm_infer.engine.speculative import NGRAM, Draft, open_draft
+from cpm_infer.engine.speculative import NGRAM, Draft, open_draft, require_verifier
 from cpm_infer.serve import docs
 from cpm_infer.serve.auth import require_api_key
 from cpm_infer.serve.metrics import RequestCounter, ServeMetrics
@@ -122,11 +122,7 @@ def open_server_draft(
     """The draft ``--draft`` names (``ngram`` or a model directory, opened on ``device`` with ``threads``), or a
     one-line ``ConfigError``: a missing path, a draft with another vocabulary, a target that cannot verify several
     tokens in one pass (TensorRT)."""
-    if not supports_speculation(backend):
-        raise ConfigError(
-            f"--draft: the {backend.name} backend cannot verify several tokens in one pass; speculative decoding "
-            "needs an onnxruntime artifact or a checkpoint as the model"
-        )
+    require_verifier(backend)
     check_draft_path(spec)
     return open_draft(spec if spec == NGRAM else Path(spec), backend, tokenizer, device=device, threads=threads)
 

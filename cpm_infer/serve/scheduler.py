@@ -104,8 +104,7 @@ class Scheduler:
         self.engine.add([self.tokenizer.eod_id], config, seed=0)
         while self.engine.has_work():
             self.engine.step()
-        for name in ("passes", "proposed", "accepted", "emitted"):  # /metrics counts requests only
-            setattr(self.speculation, name, 0)
+        self.speculation.reset()  # /metrics counts requests only
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="cpm-serve-engine", daemon=True)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from cpm_infer.config import ConfigError
-from cpm_infer.engine.speculative import DRAFT_TOKENS
 from cpm_infer.serve.fields import check_fields, setting
+from cpm_infer.settings import DRAFT_TOKENS, DRAFT_TOKENS_HELP, MAX_DRAFT_TOKENS
 
 _BATCHING_HELP = "continuous: requests join the running batch at every step; static: a batch runs to its end."
 
@@ -65,9 +65,7 @@ class ServeSettings:
         "Speculative decoding while one sequence runs: a draft model directory with the model's vocabulary "
         "(its int4 artifact, a distilled student) or 'ngram' (prompt lookup, no model).",
     )
-    draft_tokens: int = setting(
-        DRAFT_TOKENS, "Most tokens the draft proposes per pass (each row starts at 4 and adapts).", ge=1, le=16
-    )
+    draft_tokens: int = setting(DRAFT_TOKENS, DRAFT_TOKENS_HELP, ge=1, le=MAX_DRAFT_TOKENS)
     shutdown_grace_s: float = setting(
         10.0, "Seconds in-flight requests get on stop.", ge=0, label="shutdown grace", unit="s", flag="--shutdown-grace"
     )
