@@ -214,8 +214,7 @@ class OrtBackend:
         and GroupQueryAttention's own masking (``--optimize`` and the int8/int4 artifacts made from it).
         GroupQueryAttention takes several new tokens after a past for one row only: a batch of rows is fed
         one token at a time there (the engine extends single rows)."""
-        logits, state = self._extend(state, input_ids, attention_mask, position_ids, every=False)
-        return logits, state
+        return self._extend(state, input_ids, attention_mask, position_ids, every=False)
 
     def extend_all(
         self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
