@@ -91,3 +91,44 @@ def test_select_keeps_rows(fused, tiny_checkpoint):
         logits, _ = backend.decode(state, np.array([[9], [11]]), mask, pos[rows] + 1)
         outs.append(logits)
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_rows_leave_and_join_in_place_and_match_the_concat_cache(fused):
+    """Rows leaving (any order, repeats, padding cut) and joining (either side wider) move inside the shared
+    buffers where that is safe, and the cache then equals the same graph's separate past/present at every step."""
+    from cpm_infer.backends import load_backend
+    from cpm_infer.backends.ort_backend import OrtBackend
+    from cpm_infer.engine.batch import DecodeBatch
+
+    shared, tok = load_backend("ort", fused)
+    concat = OrtBackend(shared.session, shared.spec, io_binding=False)
+    texts = ["话说天下大势，分久必合", "青山", "滚滚长江东逝水，浪花淘尽英雄", "是非成败转头空", "白发渔樵江渚上"]
+    prompts = [tok.encode(t) for t in texts]
+
+    def views(backend, batch):
+        return [v.copy() for v in backend._kv_views(batch.state)]
+
+    batches = {}
+    for backend in (shared, concat):
+        _, batches[backend] = DecodeBatch.prefill(backend, prompts[:4], 0)
+    moves = [("decode",), ("select", [0, 3, 2]), ("decode",), ("merge", [prompts[4]]), ("select", [1, 2, 3]),
+             ("merge", [prompts[2] * 2]), ("select", [3, 0, 0]), ("decode",), ("select", [0, 2])]  # fmt: skip
+    for move in moves:
+        buffers = [pair[0] for pair in batches[shared].state.buffers]
+        for backend, batch in batches.items():
+            if move[0] == "decode":
+                batch.decode(backend, [7] * batch.size)
+            elif move[0] == "select":
+                batch.select(backend, move[1])
+            else:
+                _, other = DecodeBatch.prefill(backend, move[1], 0)
+                batch.merge(backend, other)
+        a, b = views(shared, batches[shared]), views(concat, batches[concat])
+        assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b, strict=True)), move
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5, err_msg=str(move))
+        kept = all(x is pair[0] for x, pair in zip(buffers, batches[shared].state.buffers, strict=True))
+        if move == ("select", [0, 3, 2]) or move == ("select", [0, 2]):
+            assert kept, f"{move} moved the cache into new buffers"
+        if move == ("select", [3, 0, 0]):
+            assert not kept  # slot 0 would be overwritten before rows 1 and 2 read it: new buffers

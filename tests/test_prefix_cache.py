@@ -176,7 +176,7 @@ def test_long_prompt_is_prefilled_a_chunk_per_step_while_the_batch_decodes():
     long_prompt = list(range(8, 48)) + [20] * 10  # 50 tokens: chunks of 16, 16, 16, 2
     late = eng.add(long_prompt, GREEDY, seed=1)
     backend.calls.clear()
-    steps = [eng.step() for _ in range(4)]
+    steps = [eng.step() for _ in range(5)]
     for events in steps:  # the running row got a token at every step
         assert [e.row_id for e in events if isinstance(e, TokenEvent)][:1] == [short]
     assert [c for c in backend.calls if c[0] in ("prefill", "extend") and c[1][0] == 1 and c[1][1] > 1] == [
@@ -185,8 +185,28 @@ def test_long_prompt_is_prefilled_a_chunk_per_step_while_the_batch_decodes():
         ("extend", (1, 16)),
         ("extend", (1, 2)),
     ]
-    assert [e.row_id for e in steps[3] if isinstance(e, TokenEvent)] == [short, late]  # joined with its token
+    assert [e.row_id for e in steps[3] if isinstance(e, TokenEvent)] == [short]  # prefilled, joins next step
+    assert [e.row_id for e in steps[4] if isinstance(e, TokenEvent)] == [short, late]  # joined with its token
     assert eng.pending_rows == 0 and eng.live_rows == 2
+
+
+def test_prefill_budget_is_shared_oldest_first_and_unlimited_with_nothing_running():
+    backend = SlotBackend()
+    eng = engine(backend, chunk=16)
+    first, second = list(range(8, 28)), list(range(28, 48))  # 20 tokens each
+    a = eng.add(first, GREEDY, seed=0)
+    b = eng.add(second, GREEDY, seed=1)
+    events = eng.step()  # nothing running: both whole, and both join at once
+    assert sorted(e.row_id for e in events if isinstance(e, TokenEvent)) == [a, b]
+    assert [c for c in backend.calls if c[0] == "prefill"] == [("prefill", (1, 20)), ("prefill", (1, 20))]
+    backend.calls.clear()
+    c = eng.add([*first, 30], GREEDY, seed=2)  # rows running: 16 prompt tokens a step, oldest job first
+    d = eng.add([*second, 31], GREEDY, seed=3)
+    steps = [eng.step() for _ in range(5)]
+    fed = [(c[0], c[1][1]) for c in backend.calls if c[0] in ("prefill", "extend") and c[1][0] == 1]
+    assert fed == [("prefill", 16), ("extend", 5), ("prefill", 11), ("extend", 10)]  # step 2 only joins c
+    joined = [[e.row_id for e in events if isinstance(e, TokenEvent) and e.row_id in (c, d)] for events in steps]
+    assert joined[:3] == [[], [], [c]] and joined[4][-1:] == [d] and d not in joined[3]
 
 
 @settings(max_examples=60, deadline=None)
@@ -244,10 +264,12 @@ def test_outputs_do_not_depend_on_cache_chunks_or_batch(rows, max_rows, chunk, c
 def test_cancelling_a_row_while_its_prompt_is_chunked():
     backend = SlotBackend()
     eng = engine(backend, chunk=8)
+    eng.add([5, 6], GREEDY.replace(max_new_tokens=30), seed=9)  # running: the prompts below go in chunks
+    eng.step()
     keep = eng.add(list(range(8, 40)), GREEDY, seed=0)
     gone = eng.add([*range(8, 40), 3], GREEDY, seed=1)
     eng.step()
-    assert eng.pending_rows == 2 and eng.live_rows == 0
+    assert eng.pending_rows == 2 and eng.live_rows == 1
     eng.cancel(gone, "disconnected")
     finished, _ = run(eng)
     assert finished[gone].reason == "disconnected" and finished[gone].result.token_ids == []

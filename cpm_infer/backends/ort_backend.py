@@ -13,6 +13,7 @@ past/present pair is bound as both, so a decode step copies nothing of the past.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -38,6 +39,7 @@ from cpm_infer.tokenizer import CpmTokenizer
 log = logging.getLogger(__name__)
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+ROW_SLOTS = 4  # shared KV buffers hold rows in multiples of this: rows joining one by one reallocate every 4th time
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
@@ -280,12 +282,21 @@ class OrtBackend:
         return sum(sum(pair) for pair in state.sizes) * np.dtype(self.np_dtype).itemsize
 
     def select(self, state: OrtState, rows: np.ndarray, *, start: int = 0) -> OrtState:
+        """Keep ``rows`` (in that order), positions ``start:``. With shared buffers, where no kept row's source is
+        overwritten before it is read, the rows move inside the buffers they are in: a row that stays put with no
+        padding cut is not copied at all (rows leaving a batch move only the rows that fill their slots)."""
         self.session  # noqa: B018 - raises BackendClosedError once closed
         rows = np.asarray(rows, dtype=np.int64)
         if self.io_binding and self._device_buffers:
             return self._select_on_device(state, rows, start, state.past)
         sources = [view[:, :, start:] for view in self._kv_views(state)]
-        return self._write(state, len(rows), state.past - start, lambda i, target: _take_rows(target, sources[i], rows))
+        in_place = self.kv_shared and _movable_in_place(rows)
+        skip = in_place and start == 0  # a row already in its slot stays there
+
+        def fill(i: int, target: np.ndarray) -> None:
+            _take_rows(target, sources[i], rows, skip_unmoved=skip)
+
+        return self._write(state, len(rows), state.past - start, fill, in_place=in_place)
 
     def merge(self, state: OrtState, other: OrtState) -> OrtState:
         """Rows of ``state`` then ``other``, the shorter cache left-padded with zeros: one copy per join
@@ -299,11 +310,12 @@ class OrtBackend:
         def fill(i: int, target: np.ndarray) -> None:
             for part, rows in ((mine[i], slice(None, split)), (theirs[i], slice(split, None))):
                 pad = width - part.shape[2]
+                if pad or part.ctypes.data != target[rows].ctypes.data:  # (in place and not shifted: nothing to do)
+                    _copy_kv(target[rows, :, pad:], part)  # first: in place, the source is the slots being padded
                 target[rows, :, :pad] = 0  # masked slots, but never garbage (0 x NaN is NaN)
-                target[rows, :, pad:] = part
 
-        state.capacity = max(state.capacity, other.capacity)
-        return self._write(state, state.batch + other.batch, width, fill)
+        room = max(state.capacity, other.capacity)  # where new buffers are needed: no growth right after
+        return self._write(state, state.batch + other.batch, width, fill, in_place=True, capacity=room)
 
     def logits_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits of every position (B, T, V) float32 from a prefill with an empty past, no state kept
@@ -379,11 +391,12 @@ class OrtBackend:
         io = state.binding
         if total > state.capacity:  # grow x2 (capped at the context), keeping the filled prefix: O(log n) times
             capacity = min(max(total, 2 * state.capacity, 64), max(total, self.spec.n_positions))
-            shape = kv.kv_shape(self.spec, batch, capacity)
+            slots = max(batch, state.buffers[0][0].shape[0]) if state.buffers[0][0] is not None else batch
+            shape = kv.kv_shape(self.spec, slots, capacity)
             grown = [np.empty(shape, dtype=self.np_dtype) for _ in self.past_names]
             for new, pair in zip(grown, state.buffers, strict=True):
                 if pair[0] is not None:
-                    new[:, :, : state.past] = pair[0][:, :, : state.past]
+                    new[:batch, :, : state.past] = pair[0][:batch, :, : state.past]
             state.buffers, state.capacity = [[buffer, None] for buffer in grown], capacity
             state.bound = None
         vocab = self.spec.vocab_size
@@ -424,26 +437,41 @@ class OrtBackend:
         if not self.io_binding:
             return list(state.arrays)
         if self.kv_shared:
-            return [pair[0][:, :, : state.past] for pair in state.buffers]
+            return [pair[0][: state.batch, :, : state.past] for pair in state.buffers]
         shape = kv.kv_shape(self.spec, state.batch, state.past)
         return [pair[state.current][: int(np.prod(shape))].reshape(shape) for pair in state.buffers]
 
-    def _write(self, state: OrtState, batch: int, past: int, fill: Callable[[int, np.ndarray], None]) -> OrtState:
+    def _write(
+        self,
+        state: OrtState,
+        batch: int,
+        past: int,
+        fill: Callable[[int, np.ndarray], None],
+        *,
+        in_place: bool = False,
+        capacity: int = 0,
+    ) -> OrtState:
         """Give a host-resident state a new (batch, nh, past, hs) cache: ``fill(i, target)`` writes KV tensor ``i``
-        into its target (new arrays, the other buffer of each pair, or the first slots of new shared buffers), so
-        what is kept is copied once, with no temporaries; the sources may be the state's current buffers."""
+        into its target (new arrays, the other buffer of each pair, or the first slots of the shared buffers), so
+        what is kept is copied once, with no temporaries; the sources may be the state's current buffers.
+        ``in_place``: ``fill`` is safe with its sources in its target (rows move only into slots no later row is
+        read from; numpy copies overlapping slices through a temporary), so shared buffers with room are kept:
+        a join or a leave moves rows, not the whole cache into new memory. ``capacity``: the sequence slots of new
+        shared buffers (at least ``past`` and the state's own)."""
         shape = kv.kv_shape(self.spec, batch, past)
         if not self.io_binding:
             state.arrays = [np.empty(shape, dtype=self.np_dtype) for _ in self.past_names]
             for i, target in enumerate(state.arrays):
                 fill(i, target)
         elif self.kv_shared:
-            capacity = max(state.capacity, past)
-            buffers = [np.empty(kv.kv_shape(self.spec, batch, capacity), dtype=self.np_dtype) for _ in self.past_names]
-            for i, buffer in enumerate(buffers):
-                fill(i, buffer[:, :, :past])
-            state.buffers, state.capacity = [[buffer, None] for buffer in buffers], capacity
-            state.bound = None  # new buffers: bind them at the next step
+            held = state.buffers[0][0] if state.buffers else None
+            if not (in_place and held is not None and held.shape[0] >= batch and state.capacity >= past):
+                capacity = max(state.capacity, past, capacity)
+                shape = kv.kv_shape(self.spec, _row_slots(batch) if in_place else batch, capacity)
+                state.buffers = [[np.empty(shape, dtype=self.np_dtype), None] for _ in self.past_names]
+                state.capacity, state.bound = capacity, None  # new buffers: bind them at the next step
+            for i, (buffer, _) in enumerate(state.buffers):
+                fill(i, buffer[:batch, :, :past])
         else:
             other, size = 1 - state.current, int(np.prod(shape))
             for i in range(len(self.past_names)):
@@ -532,10 +560,42 @@ class OrtBackend:
             raise OrtLoadError(f"onnxruntime failed to run the graph: {first_line(exc)}") from exc
 
 
-def _take_rows(target: np.ndarray, source: np.ndarray, rows: np.ndarray) -> None:
-    """``target[j] = source[rows[j]]`` row by row: one copy, no temporary."""
+def _take_rows(target: np.ndarray, source: np.ndarray, rows: np.ndarray, *, skip_unmoved: bool = False) -> None:
+    """``target[j] = source[rows[j]]`` row by row: one copy, no temporary. ``skip_unmoved``: target and source are the
+    same slots, so a row with ``rows[j] == j`` is already where it goes."""
     for j, row in enumerate(rows):
-        target[j] = source[row]
+        if not (skip_unmoved and row == j):
+            _copy_kv(target[j : j + 1], source[row : row + 1])
+
+
+def _copy_kv(target: np.ndarray, source: np.ndarray) -> None:
+    """``target[...] = source`` for (rows, nh, L, hs) views. Views of one buffer (a row shifted in place) are copied
+    with one ``memmove`` per row and head, whose (L, hs) blocks are contiguous and overlap only each other: numpy
+    would copy the whole overlapping view through a temporary."""
+    contiguous = all(a.strides[3] == a.itemsize and a.strides[2] == a.shape[3] * a.itemsize for a in (target, source))
+    if not contiguous or not np.may_share_memory(target, source):
+        target[...] = source
+        return
+    block = source.shape[2] * source.shape[3] * source.itemsize
+    to, fro = target.ctypes.data, source.ctypes.data
+    for r in range(target.shape[0]):
+        for h in range(target.shape[1]):
+            ctypes.memmove(
+                to + r * target.strides[0] + h * target.strides[1],
+                fro + r * source.strides[0] + h * source.strides[1],
+                block,
+            )
+
+
+def _movable_in_place(rows: np.ndarray) -> bool:
+    """Whether ``target[j] = source[rows[j]]``, j = 0, 1, ..., within one buffer reads every source before it is
+    overwritten: no slot j written (``rows[j] != j``) is read by a later row."""
+    order = [int(r) for r in rows]
+    return all(row == j or j not in order[j + 1 :] for j, row in enumerate(order))
+
+
+def _row_slots(batch: int) -> int:
+    return -(-batch // ROW_SLOTS) * ROW_SLOTS
 
 
 def _copy(target: np.ndarray, source: np.ndarray) -> None:

@@ -160,6 +160,15 @@ class _Row:
         )
 
 
+def fill_holes(keep: list[int]) -> list[int]:
+    """``keep`` (ascending row indices) reordered so that each slot a leaving row frees below ``len(keep)`` gets one of
+    the kept rows from beyond it, the others staying where they are: a backend that moves rows inside its buffers
+    (the shared KV cache) then copies one row per leaver, not every row after it."""
+    size, kept = len(keep), set(keep)
+    movers = iter([row for row in keep if row >= size])
+    return [row if row in kept else next(movers) for row in range(size)]
+
+
 @dataclass
 class _Prefill:
     """One distinct prompt being prefilled for its rows (the samples that share it), possibly over several steps."""
@@ -170,6 +179,8 @@ class _Prefill:
     done: int = 0  # prompt tokens in that cache
     cached: int = 0  # of which came from the prefix cache
     looked_up: bool = False
+    slot: int = 0  # its row in ``batch`` (prompts prefilled together share one batch)
+    logits: np.ndarray | None = None  # (1, V) after its last prompt token: prefilled, waiting to join
 
 
 _SHARED = object()  # Engine's default prefix cache: the backend's shared one
@@ -380,69 +391,95 @@ class Engine:
             job.rows.append(row)
 
     def _prefill_step(self, events: list[Event]) -> None:
-        """Each job not started yet looks for a cached prefix; those still without one and short enough (at most a
-        chunk) prefill together in one call; every other job feeds its prompt's rest, at most a chunk. The jobs
-        done give their snapshot to the prefix cache and their rows' first tokens, and join the running batch."""
-        chunk, cache = self.prefill_chunk, self.prefix_cache
+        """Feed prompts, oldest job first. While rows are running, at most ``prefill_chunk`` prompt tokens per step
+        (a long prompt goes a piece at a time, so the running rows' next token waits for one piece, not a whole
+        prompt), and prompts finished in one step join in the next, a step of their own (the merge is the stall
+        then, not a merge and a piece). With nothing running, or no chunking (``prefill_chunk`` 0, a backend
+        without ``KvCacheOps``), every prompt goes whole and joins at once. Fresh
+        prompts that fit prefill together in one call; the others extend their own one-row cache. A job not
+        started yet first looks for a cached prefix; a finished one gives its snapshot to the prefix cache."""
+        ready = [job for job in self._prefilling if job.logits is not None]
+        if ready and self._rows and self.prefill_chunk:
+            self._join_ready(ready, events)
+            return
+        self._look_up_prefixes()
+        budget = self.prefill_chunk if self._rows else 0  # 0: no limit
+        left, fresh, feeding = budget, [], []
         for job in self._prefilling:
-            if cache is not None and not job.looked_up:
+            if job.logits is not None:  # prefilled, waiting to join
+                continue
+            if budget and left <= 0:
+                break
+            rest = len(job.prompt) - job.done
+            short = not self.prefill_chunk or len(job.prompt) <= self.prefill_chunk
+            if job.batch is None and short and (not budget or rest <= left):
+                fresh.append(job)
+            else:
+                feeding.append((job, min(rest, left) if budget else rest))
+            left -= rest
+        if fresh:
+            self._prefill_fresh(fresh)
+        for job, count in feeding:
+            self._feed(job, count)
+        ready = [job for job in self._prefilling if job.logits is not None]
+        if ready and not (self._rows and self.prefill_chunk):
+            self._join_ready(ready, events)
+
+    def _look_up_prefixes(self) -> None:
+        if self.prefix_cache is None:
+            return
+        for job in self._prefilling:
+            if not job.looked_up:
                 job.looked_up = True
-                hit = cache.take(self.backend, job.prompt)
+                hit = self.prefix_cache.take(self.backend, job.prompt)
                 if hit is not None:
                     job.batch, job.done = DecodeBatch.holding(hit[0], hit[1]), hit[1]
                     job.cached = hit[1]
-        fresh = [job for job in self._prefilling if job.batch is None and (not chunk or len(job.prompt) <= chunk)]
-        done: list[tuple[_Prefill, np.ndarray, DecodeBatch]] = []
-        if fresh:
-            logits, batch = DecodeBatch.prefill(self.backend, [job.prompt for job in fresh], self.tokenizer.pad_id)
-            for i, job in enumerate(fresh):
-                job.done = len(job.prompt)
-                if cache is not None:
-                    cache.store(self.backend, job.prompt, batch.state, row=i, start=batch.width - len(job.prompt))
-                done.append((job, logits[i : i + 1], batch))
-        for job in [job for job in self._prefilling if job not in fresh]:
-            logits = self._feed(job, chunk)
-            if job.done == len(job.prompt):
-                if cache is not None:
-                    cache.store(self.backend, job.prompt, job.batch.state)
-                done.append((job, logits, job.batch))
-        if done:
-            finished = {id(job) for job, _, _ in done}
-            self._prefilling = [job for job in self._prefilling if id(job) not in finished]
-            self._join(done, events)
 
-    def _feed(self, job: _Prefill, chunk: int) -> np.ndarray:
-        """The job's next piece: the rest of its prompt, or ``chunk`` tokens of it."""
-        end = len(job.prompt) if not chunk else min(len(job.prompt), job.done + chunk)
+    def _prefill_fresh(self, jobs: list[_Prefill]) -> None:
+        """Whole prompts in one call, one row each."""
+        logits, batch = DecodeBatch.prefill(self.backend, [job.prompt for job in jobs], self.tokenizer.pad_id)
+        for i, job in enumerate(jobs):
+            job.batch, job.slot, job.done, job.logits = batch, i, len(job.prompt), logits[i : i + 1]
+            if self.prefix_cache is not None:
+                start = batch.width - len(job.prompt)
+                self.prefix_cache.store(self.backend, job.prompt, batch.state, row=i, start=start)
+
+    def _feed(self, job: _Prefill, count: int) -> None:
+        """The job's next ``count`` prompt tokens into its own one-row cache."""
+        end = job.done + count
         if job.batch is None:
             logits, job.batch = DecodeBatch.prefill(self.backend, [job.prompt[:end]], self.tokenizer.pad_id)
         else:
             logits = job.batch.extend(self.backend, [job.prompt[job.done : end]])
         job.done = end
-        return logits
+        if end == len(job.prompt):
+            job.logits = logits
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(self.backend, job.prompt, job.batch.state)
 
-    def _join(self, done: list[tuple[_Prefill, np.ndarray, DecodeBatch]], events: list[Event]) -> None:
-        """The finished jobs' rows: one batch (jobs prefilled apart merged together), forked into one row per sample
-        with ``select``, their first tokens chosen, merged into the running batch."""
-        batch, parts, order, rows = None, [], [], []
-        for job, logits, job_batch in done:
-            if job_batch is not batch:
+    def _join_ready(self, ready: list[_Prefill], events: list[Event]) -> None:
+        """The prefilled jobs' rows: their caches in one batch (jobs prefilled apart merged together), forked into
+        one row per sample with ``select`` (rows of jobs cancelled meanwhile dropped), their first tokens chosen,
+        merged into the running batch."""
+        batch, offsets, order, rows, parts = None, {}, [], [], []
+        for job in ready:
+            if id(job.batch) not in offsets:
                 if batch is None:
-                    batch = job_batch
+                    batch, offsets[id(job.batch)] = job.batch, 0
                 else:
-                    batch.merge(self.backend, job_batch)
-            index = len(parts)
-            parts.append(logits)
+                    offsets[id(job.batch)] = batch.size
+                    batch.merge(self.backend, job.batch)
             for row in job.rows:
                 row.cached_tokens = job.cached
-                order.append(index)
+                order.append(offsets[id(job.batch)] + job.slot)
                 rows.append(row)
-        self.prefilled_rows += len(done)
-        logits = np.concatenate(parts)
-        if order != list(range(len(parts))):
-            batch.select(self.backend, order)
-            logits = logits[order]
-        self._choose(logits, rows, events)
+                parts.append(job.logits)
+        done = {id(job) for job in ready}
+        self._prefilling = [job for job in self._prefilling if id(job) not in done]
+        self.prefilled_rows += len(ready)
+        batch.select(self.backend, order)
+        self._choose(np.concatenate(parts), rows, events)
         if self._batch is None:
             self._batch, self._rows = batch, rows
         else:  # join all newcomers, then drop those that already finished in the same select
@@ -476,8 +513,9 @@ class Engine:
             row.finish_reason = "context"
 
     def _keep_unfinished(self, events: list[Event]) -> None:
-        """Drop the finished rows of the running batch (one ``select``), report them."""
-        keep = [i for i, row in enumerate(self._rows) if row.finish_reason is None]
+        """Drop the finished rows of the running batch (one ``select``; the last rows fill the slots left), report
+        them."""
+        keep = fill_holes([i for i, row in enumerate(self._rows) if row.finish_reason is None])
         if len(keep) == len(self._rows):
             return
         self._finish_rows([row for row in self._rows if row.finish_reason is not None], events)

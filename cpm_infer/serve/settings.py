@@ -25,12 +25,12 @@ class ServeSettings:
     ``timeout_s`` bounds a request from arrival to its last token (504 after it). ``batch_wait_ms`` is how long
     static batching waits for batch-mates (continuous batching admits at every step). A default
     ``max_new_tokens`` over the cap is the cap. ``prefix_cache_mb`` bounds the prefix cache (a prompt sharing at least
-    32 leading tokens with one prefilled before starts from its KV snapshot); ``prefill_chunk``: a longer prompt is
-    prefilled that many tokens per step, so the running rows keep getting tokens meanwhile (both where the backend
-    has ``KvCacheOps``: torch, onnxruntime; ``cpm_infer.engine.prefix_cache``). ``draft``: speculative decoding
-    while the running batch has one row, with a draft model directory (the target's vocabulary) or ``ngram`` (prompt
-    lookup), proposing up to ``draft_tokens`` per verify pass (``cpm_infer.engine.speculative``; a request may opt
-    out with ``"speculative": false``).
+    32 leading tokens with one prefilled before starts from its KV snapshot); ``prefill_chunk``: while rows are
+    decoding, at most that many prompt tokens are prefilled per step (oldest prompt first), so the running rows keep
+    getting tokens (both where the backend has ``KvCacheOps``: torch, onnxruntime; ``cpm_infer.engine.prefix_cache``).
+    ``draft``: speculative decoding while the running batch has one row, with a draft model directory (the target's
+    vocabulary) or ``ngram`` (prompt lookup), proposing up to ``draft_tokens`` per verify pass
+    (``cpm_infer.engine.speculative``; a request may opt out with ``"speculative": false``).
     """
 
     max_batch: int = setting(8, "Rows in the running batch (1 = one at a time).", ge=1, label="max batch")
@@ -58,7 +58,7 @@ class ServeSettings:
         256, "KV snapshots of prompts kept for reuse by prompts that start alike (0: off).", ge=0, unit="MiB"
     )
     prefill_chunk: int = setting(
-        128, "Longest piece of a prompt prefilled per step while the batch decodes (0: whole prompts).", ge=0
+        32, "Prompt tokens prefilled per step while rows are decoding (0: whole prompts at once).", ge=0
     )
     draft: str | None = setting(
         None,
