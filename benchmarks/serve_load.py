@@ -573,6 +573,9 @@ def engine_run(args: argparse.Namespace, requests: list[dict]) -> dict:
             tok, req, backend.spec.n_positions, config.max_new_tokens, max_prompt_tokens(backend)
         )
         items.append((prompt.ids, config, config.seed))
+    reserve = getattr(backend, "reserve", None)  # as the server's warm-up does
+    if reserve is not None:
+        reserve(settings.max_batch)
     engine = Engine(backend, tok, max_rows=settings.max_batch, prefill_chunk=settings.prefill_chunk)
     warm = request_config(model.model_validate({"prompt": PROMPTS[0], "max_tokens": 4}), settings)
     engine_closed_loop(engine, [(tok.encode(PROMPTS[0]), warm, 0)], 1)  # as the server's warm-up request

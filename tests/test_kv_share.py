@@ -132,3 +132,37 @@ def test_rows_leave_and_join_in_place_and_match_the_concat_cache(fused):
             assert kept, f"{move} moved the cache into new buffers"
         if move == ("select", [3, 0, 0]):
             assert not kept  # slot 0 would be overwritten before rows 1 and 2 read it: new buffers
+
+
+def test_reserved_buffers_serve_one_running_batch_at_a_time(fused):
+    """reserve(): the first batch a join outgrows takes the reserved buffers (full context: it never grows), rows
+    then join in place; once that batch is gone the next one takes them; the cache equals the unreserved one."""
+    import gc
+
+    from cpm_infer.backends import load_backend
+    from cpm_infer.backends.ort_backend import OrtBackend
+    from cpm_infer.engine.batch import DecodeBatch
+
+    shared, tok = load_backend("ort", fused)
+    plain = OrtBackend(shared.session, shared.spec, kv_shared=True)
+    assert shared.reserve(3) == 2 * shared.spec.n_layer * 4 * shared.spec.n_positions * shared.spec.n_embd * 4
+    reserved = [buffer.ctypes.data for buffer in shared._reserve]
+    prompts = [tok.encode(t) for t in ("话说天下大势", "青山依旧在", "几度夕阳红，白发渔樵江渚上")]
+    for _ in range(2):  # the second batch gets the buffers the first one left
+        batches = {}
+        for backend in (shared, plain):
+            _, batch = DecodeBatch.prefill(backend, prompts[:1], 0)
+            for prompt in prompts[1:]:
+                _, other = DecodeBatch.prefill(backend, [prompt], 0)
+                batch.merge(backend, other)
+                batch.decode(backend, [7] * batch.size)
+            batches[backend] = batch
+        state = batches[shared].state
+        assert [pair[0].ctypes.data for pair in state.buffers] == reserved and state.capacity == shared.spec.n_positions
+        for x, y in zip(shared._kv_views(state), plain._kv_views(batches[plain].state), strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+        _, other = DecodeBatch.prefill(shared, prompts[:1], 0)
+        other.merge(shared, DecodeBatch.prefill(shared, prompts[1:2], 0)[1])  # the reserve is taken: own buffers
+        assert other.state.buffers[0][0].ctypes.data not in reserved
+        del batches, state, other
+        gc.collect()

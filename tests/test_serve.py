@@ -151,6 +151,7 @@ def test_health_info_and_models(server):
     status, info = request(server, "GET", "/info")
     assert status == 200 and info["backend"] == "torch" and info["spec"]["n_positions"] == 128
     assert info["limits"]["max_new_tokens_cap"] == 64
+    assert info["kv_cache_reserved_bytes"] == 0  # torch keeps no shared KV buffers to set aside
     status, models = request(server, "GET", "/v1/models")
     assert status == 200 and models["data"][0]["id"] == "tiny"
 

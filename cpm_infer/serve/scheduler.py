@@ -82,6 +82,7 @@ class Scheduler:
         self._stopped = False  # the generation thread exits
         self._thread: threading.Thread | None = None
         self._grace_timer: threading.Timer | None = None
+        self.kv_reserved = 0  # bytes of KV buffers the backend set aside for the running batch (warmup)
 
     def _new_engine(self) -> Engine:
         settings = self.settings
@@ -100,6 +101,10 @@ class Scheduler:
     def warmup(self) -> None:
         """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``. Four tokens:
         with a draft, the second step is a speculative one, so the draft and the verify pass are warmed up too."""
+        reserve = getattr(self.backend, "reserve", None)  # the running batch's KV at full context, touched now
+        if reserve is not None and self.settings.batching == "continuous":
+            self.kv_reserved = reserve(self.settings.max_batch)
+            log.info("KV cache: %.0f MiB set aside for %d rows", self.kv_reserved / 2**20, self.settings.max_batch)
         config = GenerationConfig(max_new_tokens=4 if self.draft is not None else 2, ignore_eos=True)
         self.engine.add([self.tokenizer.eod_id], config, seed=0)
         while self.engine.has_work():

@@ -33,6 +33,7 @@ def add_info(router: APIRouter, served: Served) -> None:
             "spec": served.backend.spec.to_dict(),
             "tokenizer_vocab_size": served.tokenizer.vocab_size,
             "limits": served.settings.to_dict(),
+            "kv_cache_reserved_bytes": served.scheduler.kv_reserved,  # the running batch's KV, set aside at start
             **({"speculation": speculation} if speculation is not None else {}),
             "version": __version__,
             **served.model_info,
