@@ -145,7 +145,9 @@ def test_reserved_buffers_serve_one_running_batch_at_a_time(fused):
 
     shared, tok = load_backend("ort", fused)
     plain = OrtBackend(shared.session, shared.spec, kv_shared=True)
-    assert shared.reserve(3) == 2 * shared.spec.n_layer * 4 * shared.spec.n_positions * shared.spec.n_embd * 4
+    size = 2 * shared.spec.n_layer * 4 * shared.spec.n_positions * shared.spec.n_embd * 4  # 3 rows -> 4 slots
+    assert shared.reserve(3, dry_run=True) == size and not shared._reserve
+    assert shared.reserve(3) == size
     reserved = [buffer.ctypes.data for buffer in shared._reserve]
     prompts = [tok.encode(t) for t in ("话说天下大势", "青山依旧在", "几度夕阳红，白发渔樵江渚上")]
     for _ in range(2):  # the second batch gets the buffers the first one left

@@ -190,3 +190,40 @@ def test_a_request_the_engine_refuses_fails_alone_and_the_thread_lives_on(model)
     assert "at most 4" in str(event.error)
     assert len(later) == 1  # the generation thread still serves
     assert scheduler.counters["failed"] == 1 and scheduler.counters["completed"] == 2
+
+
+class _Reserving:
+    """A torch backend that says what reserve() was asked (the ONNX backend's is tested in test_kv_share)."""
+
+    def __init__(self, backend, size: int) -> None:
+        self._backend, self.size, self.asked = backend, size, []
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def reserve(self, rows: int, *, dry_run: bool = False) -> int:
+        self.asked.append((rows, dry_run))
+        return self.size
+
+
+@pytest.mark.parametrize(
+    ("kv_reserve", "batching", "free", "reserved", "asked"),
+    [
+        ("auto", "continuous", 10_000, 1000, [(4, True), (4, False)]),
+        ("auto", "continuous", 1_999, 0, [(4, True)]),  # over half the free memory: grows as needed instead
+        ("auto", "continuous", None, 1000, [(4, True), (4, False)]),  # free memory unknown
+        ("off", "continuous", 10_000, 0, []),
+        ("auto", "static", 10_000, 0, []),
+    ],
+)
+def test_the_kv_cache_is_set_aside_at_warmup_where_it_fits(
+    model, monkeypatch, kv_reserve, batching, free, reserved, asked
+):
+    import cpm_infer.serve.scheduler as scheduler_module
+
+    backend, tok = model
+    wrapped = _Reserving(backend, 1000)
+    monkeypatch.setattr(scheduler_module, "available_memory", lambda: free)
+    scheduler = Scheduler(wrapped, tok, ServeSettings(max_batch=4, kv_reserve=kv_reserve, batching=batching))
+    scheduler.warmup()
+    assert scheduler.kv_reserved == reserved and wrapped.asked == asked

@@ -202,15 +202,18 @@ class OrtBackend:
         self._session = self._gather = self._ops = None
         self._reserve = []
 
-    def reserve(self, rows: int) -> int:
+    def reserve(self, rows: int, *, dry_run: bool = False) -> int:
         """Shared-buffer artifacts: set aside the KV buffers of a batch of ``rows`` rows at full context, touched now,
         for the running batch (the first state that a join outgrows takes them; the next one once it is gone). Rows
         then join and leave inside them and the cache never grows again, so no step of a busy server allocates and
         page-faults hundreds of MB (0.9 s for 8 -> 9 rows and 1.7 s for 512 -> 1024 positions of CPM-small, on
-        the 2-vCPU machine); memory is then flat at this size. Returns the bytes set aside (0: buffers not shared)."""
+        the 2-vCPU machine); memory is then flat at this size. Returns the bytes set aside (0: buffers not shared);
+        ``dry_run``: the bytes it would take, nothing set aside."""
         if not self.kv_shared or rows < 1:
             return 0
         shape = kv.kv_shape(self.spec, _row_slots(rows), self.spec.n_positions)
+        if dry_run:
+            return len(self.past_names) * int(np.prod(shape)) * np.dtype(self.np_dtype).itemsize
         self._reserve = []
         for _ in self.past_names:
             buffer = np.empty(shape, dtype=self.np_dtype)

@@ -27,6 +27,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from cpm_infer.backends.base import Backend
@@ -101,15 +102,33 @@ class Scheduler:
     def warmup(self) -> None:
         """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``. Four tokens:
         with a draft, the second step is a speculative one, so the draft and the verify pass are warmed up too."""
-        reserve = getattr(self.backend, "reserve", None)  # the running batch's KV at full context, touched now
-        if reserve is not None and self.settings.batching == "continuous":
-            self.kv_reserved = reserve(self.settings.max_batch)
-            log.info("KV cache: %.0f MiB set aside for %d rows", self.kv_reserved / 2**20, self.settings.max_batch)
+        self._reserve_kv()
         config = GenerationConfig(max_new_tokens=4 if self.draft is not None else 2, ignore_eos=True)
         self.engine.add([self.tokenizer.eod_id], config, seed=0)
         while self.engine.has_work():
             self.engine.step()
         self.speculation.reset()  # /metrics counts requests only
+
+    def _reserve_kv(self) -> None:
+        """The running batch's KV buffers at full context, touched now (``kv_reserve``); not where they would take
+        over half the memory free now (the weights' and the prefix cache's room), nor for static batching (a batch is
+        prefilled whole: nothing joins it)."""
+        reserve = getattr(self.backend, "reserve", None)
+        if reserve is None or self.settings.kv_reserve == "off" or self.settings.batching != "continuous":
+            return
+        need, free = reserve(self.settings.max_batch, dry_run=True), available_memory()
+        if free is not None and need > free / 2:
+            log.warning(
+                "KV cache not set aside: %d rows at full context take %.0f MiB, over half the %.0f MiB free "
+                "(it grows as rows need; a smaller --max-batch would fit)",
+                self.settings.max_batch,
+                need / 2**20,
+                free / 2**20,
+            )
+            return
+        self.kv_reserved = reserve(self.settings.max_batch)
+        if self.kv_reserved:
+            log.info("KV cache: %.0f MiB set aside for %d rows", self.kv_reserved / 2**20, self.settings.max_batch)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="cpm-serve-engine", daemon=True)
@@ -357,3 +376,20 @@ class Scheduler:
                 self.counters["failed"] += 1
         for job in jobs:
             job.post(ErrorEvent(error))
+
+
+def available_memory() -> int | None:
+    """Bytes this process could allocate now: Linux's ``MemAvailable``, or less under a cgroup (v2) memory limit;
+    None where neither is known."""
+    known = []
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                known.append(int(line.split()[1]) * 1024)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii"))
+            known.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(known) if known else None

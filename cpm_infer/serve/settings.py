@@ -28,9 +28,10 @@ class ServeSettings:
     32 leading tokens with one prefilled before starts from its KV snapshot); ``prefill_chunk``: while rows are
     decoding, at most that many prompt tokens are prefilled per step (oldest prompt first), so the running rows keep
     getting tokens (both where the backend has ``KvCacheOps``: torch, onnxruntime; ``cpm_infer.engine.prefix_cache``).
-    ``draft``: speculative decoding while the running batch has one row, with a draft model directory (the target's
-    vocabulary) or ``ngram`` (prompt lookup), proposing up to ``draft_tokens`` per verify pass
-    (``cpm_infer.engine.speculative``; a request may opt out with ``"speculative": false``).
+    ``kv_reserve``: the running batch's KV buffers at full context, set aside at start (ONNX artifacts with shared KV
+    buffers; ``OrtBackend.reserve``). ``draft``: speculative decoding while the running batch has one row, with a
+    draft model directory (the target's vocabulary) or ``ngram`` (prompt lookup), proposing up to ``draft_tokens``
+    per verify pass (``cpm_infer.engine.speculative``; a request may opt out with ``"speculative": false``).
     """
 
     max_batch: int = setting(8, "Rows in the running batch (1 = one at a time).", ge=1, label="max batch")
@@ -56,6 +57,13 @@ class ServeSettings:
     )
     prefix_cache_mb: int = setting(
         256, "KV snapshots of prompts kept for reuse by prompts that start alike (0: off).", ge=0, unit="MiB"
+    )
+    kv_reserve: str = setting(
+        "auto",
+        "auto: set the running batch's KV cache aside at full context at start (flat memory, no step allocates; "
+        "skipped, with a warning, where it would take over half the free memory); off: grow it as rows need.",
+        choices=("auto", "off"),
+        label="KV reserve",
     )
     prefill_chunk: int = setting(
         32, "Prompt tokens prefilled per step while rows are decoding (0: whole prompts at once).", ge=0
