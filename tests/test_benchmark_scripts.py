@@ -115,3 +115,21 @@ def test_serve_load_engine_closed_loop():
     items = [([n], None, i) for i, n in enumerate([3, 1, 4, 1, 5, 9, 2, 6])]
     out = sl.engine_closed_loop(engine, items, clients=3)
     assert out["requests"] == 8 and out["tokens"] == 31 and engine.most == 3 and engine.next_id == 8
+
+
+def test_serve_memory(tmp_path, checkpoint):
+    """A real `cpm serve` on an --optimize artifact (shared KV buffers): the KV set aside is what the formula says,
+    and the RSS is read at start, through a burst and after it."""
+    from cpm_infer.checkpoint import open_checkpoint
+    from export.onnx_export import export_onnx
+
+    artifact = export_onnx(checkpoint, tmp_path / "fused", optimize=True).path
+    out = tmp_path / "memory.json"
+    result = _script("benchmarks/serve_memory.py", "--model", str(artifact), "--max-batch", "3", "--out", str(out),
+                     cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = json.loads(out.read_text())
+    spec = open_checkpoint(checkpoint).spec
+    assert got["kv_reserved_mib"] * 2**20 == 4 * spec.n_positions * spec.n_layer * 2 * spec.n_embd * 4  # 3 -> 4 rows
+    assert got["rss_after_warmup_mib"] > 0 and got["rss_peak_under_burst_mib"] >= got["rss_after_warmup_mib"]
+    assert len(got["burst_prompt_tokens"]) == 3

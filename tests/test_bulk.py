@@ -179,3 +179,23 @@ def test_cli_errors_come_before_ray_starts(monkeypatch, capsys, tmp_path, tiny_c
         monkeypatch, capsys, "batch", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o"), *model, "--format", "csv"
     )
     assert code == 1 and "unknown output format 'csv'" in err
+
+
+def test_worker_with_a_draft_writes_the_same_greedy_records(tmp_path, tiny_checkpoint):
+    """cpm batch --draft: the worker opens the draft and every generate() call speculates (batch size 1: one
+    sequence at a time); greedy records equal those written without it; the draft is part of the job's identity."""
+    requests = [{"prompt": p} for p in ("话说天下大势", "滚滚长江东逝水", "却说曹操")]
+    config = GenerationConfig(max_new_tokens=12, temperature=0, seed=3)
+    records = {}
+    for draft in (None, "ngram", str(tiny_checkpoint)):
+        job = BulkJob(model=str(tiny_checkpoint), output=str(tmp_path / f"out-{draft is None}"), config=config,
+                      backend="torch", batch_size=1, draft=draft)  # fmt: skip
+        writer = PartWriter(job)
+        assert (writer.draft is None) == (draft is None)
+        records[draft] = writer.generate(0, requests)
+        assert ("draft" in job.describe()) == (draft is not None)
+    assert records["ngram"] == records[None] and records[str(tiny_checkpoint)] == records[None]
+    with pytest.raises(BulkError, match="draft model not found"):
+        BulkJob(model=str(tiny_checkpoint), output=str(tmp_path / "o"), config=config, draft=str(tmp_path / "nope"))
+    with pytest.raises(BulkError, match="not beam search"):
+        BulkJob(model=str(tiny_checkpoint), output="o", config=config.replace(num_beams=2), draft="ngram")

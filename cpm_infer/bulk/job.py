@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from cpm_infer.config import GenerationConfig
+from cpm_infer.engine.speculative import NGRAM
 from cpm_infer.errors import CpmError
+from cpm_infer.settings import DRAFT_TOKENS
 from cpm_infer.text import clean
 
 FORMATS = ("jsonl", "parquet")
@@ -48,6 +50,8 @@ class BulkJob:
     batch_size: int = 8  # prompts per generate() call, as `cpm generate --batch-size`
     truncate: bool = False
     fmt: str = "jsonl"
+    draft: str | None = None  # speculative decoding: a draft model directory or "ngram" (cpm_infer.engine.speculative)
+    draft_tokens: int = DRAFT_TOKENS
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -56,6 +60,10 @@ class BulkJob:
             raise BulkError(f"batch size must be >= 1, got {self.batch_size}")
         if self.config.seed is None:
             raise BulkError("bulk generation needs a fixed seed (a rerun must reproduce what it skips)")
+        if self.draft is not None and self.config.beam_search:
+            raise BulkError("--draft speeds up sampling and greedy decoding, not beam search: drop one of them")
+        if self.draft not in (None, NGRAM) and not Path(self.draft).is_dir():  # before Ray starts
+            raise BulkError(f"draft model not found: {self.draft} (a model directory, or {NGRAM})")
 
     def describe(self) -> dict[str, Any]:
         """What decides the results (the manifest's identity); batch size, actors and threads do not."""
@@ -67,7 +75,13 @@ class BulkJob:
             "truncate": self.truncate,
             "format": self.fmt,
             "config": json.loads(json.dumps(dataclasses.asdict(self.config))),
+            # A draft keeps greedy output and the sampling distribution, not the samples a seed draws: it is part of
+            # the identity (only when set, so outputs written without one keep theirs).
+            **({"draft": self._draft_identity(), "draft_tokens": self.draft_tokens} if self.draft else {}),
         }
+
+    def _draft_identity(self) -> str:
+        return self.draft if self.draft == NGRAM else str(Path(self.draft).resolve())
 
 
 def input_kind(path: Path) -> str:

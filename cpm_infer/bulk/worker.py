@@ -21,6 +21,7 @@ import numpy as np
 from cpm_infer.bulk.job import BulkError, BulkJob, contiguous_runs, part_name
 from cpm_infer.engine.core import PromptTooLongError
 from cpm_infer.engine.generate import GenerationResult, generate
+from cpm_infer.engine.speculative import NGRAM
 from cpm_infer.jobs import result_record
 from cpm_infer.prompts import PromptLimits, prepare
 
@@ -39,6 +40,12 @@ class PartWriter:
         self.backend, self.tokenizer = load_backend(
             job.backend, job.model, device=job.device, tokenizer_file=job.tokenizer, threads=job.threads
         )
+        self.draft = None
+        if job.draft is not None:
+            from cpm_infer.engine.speculative import open_draft
+
+            where = job.draft if job.draft == NGRAM else Path(job.draft)
+            self.draft = open_draft(where, self.backend, self.tokenizer, device=job.device, threads=job.threads)
         self.limits = PromptLimits.of(self.backend)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         log.info("bulk worker %d: %s (%s)", os.getpid(), job.model, self.backend.name)
@@ -46,9 +53,9 @@ class PartWriter:
     def __del__(self) -> None:
         # Ray drops the instance when its actor leaves a shrinking pool: free the model (GPU memory) then,
         # not at process exit. close() is idempotent.
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            backend.close()
+        for runtime in (getattr(self, "draft", None), getattr(self, "backend", None)):
+            if runtime is not None:
+                runtime.close()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         order = np.argsort(batch["id"], kind="stable")
@@ -78,7 +85,15 @@ class PartWriter:
             last = min((first // size + 1) * size, start + len(requests))  # the next multiple of batch_size
             chunk = requests[first - start : last - start]
             prompts = [self.encode(first + i, req) for i, req in enumerate(chunk)]
-            results = generate(self.backend, prompts, self.job.config, self.tokenizer, index_offset=first)
+            results = generate(
+                self.backend,
+                prompts,
+                self.job.config,
+                self.tokenizer,
+                index_offset=first,
+                draft=self.draft,
+                draft_tokens=self.job.draft_tokens,
+            )
             records += [_record(chunk[r.prompt_index - first], r, self.job.config.seed) for r in results]
             first = last
         return records

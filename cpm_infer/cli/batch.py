@@ -9,7 +9,18 @@ from typing import Annotated
 import typer
 
 from cpm_infer.cli.gen_options import GenOptions, generation_options
-from cpm_infer.cli.options import BackendOpt, DeviceOpt, ModelOpt, RayAddressOpt, ThreadsOpt, TokenizerOpt, TruncateOpt
+from cpm_infer.cli.options import (
+    BackendOpt,
+    DeviceOpt,
+    DraftOpt,
+    DraftTokensOpt,
+    ModelOpt,
+    RayAddressOpt,
+    ThreadsOpt,
+    TokenizerOpt,
+    TruncateOpt,
+)
+from cpm_infer.settings import DRAFT_TOKENS
 
 
 @generation_options("batch")
@@ -35,9 +46,13 @@ def batch(
     device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None,
     threads: ThreadsOpt = None,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = DRAFT_TOKENS,
 ) -> None:
     """Generate for every prompt of INPUTS on a Ray cluster; results as the same records as `cpm generate
-    --output` (with the prompt's index) plus the seed, in part files under OUTPUT. Same seed, same results."""
+    --output` (with the prompt's index) plus the seed, in part files under OUTPUT. Same seed, same results (and the
+    same draft: with --draft, greedy output is unchanged and samples keep their distribution; it pays where one
+    sequence runs at a time, --batch-size 1)."""
     from cpm_infer.backends import detect_backend
     from cpm_infer.cli._common import resolve_model
     from cpm_infer.cluster import connected, prefer_loopback
@@ -61,6 +76,8 @@ def batch(
         batch_size=batch_size,
         truncate=truncate,
         fmt=output_format,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     pool = Pool(actors=actors, cpus=actor_cpus, gpus=actor_gpus, prompts_per_part=part_size)
     open_output(job, describe_inputs(inputs))  # refuse a wrong output directory before starting Ray
