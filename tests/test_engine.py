@@ -263,3 +263,17 @@ def test_engine_contract_ort(onnx_dirs, tiny_tok, graph, io_binding, on_device):
     backend._device_buffers = on_device
     assert backend.kv_shared == (graph == "shared")
     check_all(backend, tiny_tok)
+
+
+def test_fill_holes_moves_one_kept_row_per_freed_slot():
+    import itertools
+
+    from cpm_infer.engine.core import fill_holes
+
+    for size in range(7):
+        for keep in itertools.chain.from_iterable(itertools.combinations(range(size), k) for k in range(size + 1)):
+            order = fill_holes(list(keep))
+            assert sorted(order) == list(keep)  # the same rows
+            moved = [j for j, row in enumerate(order) if row != j]
+            assert all(j not in keep for j in moved)  # only freed slots are written
+            assert len(moved) == sum(row >= len(keep) for row in keep)
