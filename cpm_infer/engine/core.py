@@ -12,8 +12,8 @@ Where the backend has ``KvCacheOps`` (torch, onnxruntime), two more things happe
 
 - prefix cache (``cpm_infer.engine.prefix_cache``): a prompt starts from a copy of the longest cached prefix
   and extends it with the rest; every prefilled prompt is offered to the cache;
-- chunked prefill (``prefill_chunk``): a prompt longer than a chunk is fed one chunk per step while the
-  running rows keep decoding, and joins them when it is done; shorter prompts prefill together in one call.
+- chunked prefill (``prefill_chunk``): while rows are running, each step feeds at most that many prompt tokens,
+  oldest prompt first, and a prompt that is done joins the running rows in the next step.
 
 Without them (TensorRT) every newcomer is prefilled whole, all in one call, as before.
 
@@ -395,9 +395,9 @@ class Engine:
         (a long prompt goes a piece at a time, so the running rows' next token waits for one piece, not a whole
         prompt), and prompts finished in one step join in the next, a step of their own (the merge is the stall
         then, not a merge and a piece). With nothing running, or no chunking (``prefill_chunk`` 0, a backend
-        without ``KvCacheOps``), every prompt goes whole and joins at once. Fresh
-        prompts that fit prefill together in one call; the others extend their own one-row cache. A job not
-        started yet first looks for a cached prefix; a finished one gives its snapshot to the prefix cache."""
+        without ``KvCacheOps``), every prompt goes whole and joins at once. Fresh prompts that fit prefill together
+        in one call; the others extend their own one-row cache. A job not started yet first looks for a cached
+        prefix; a finished one gives its snapshot to the prefix cache."""
         ready = [job for job in self._prefilling if job.logits is not None]
         if ready and self._rows and self.prefill_chunk:
             self._join_ready(ready, events)
