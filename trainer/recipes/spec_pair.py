@@ -110,7 +110,7 @@ def stage_export(work: Path) -> None:
         ("student-run", "student-int4", ["--quantize", "int4"]),
     ]
     for run, out, flags in jobs:
-        command = ["cpm", "export", "onnx", str(work / run / "best"), "-o", str(work / out), "--force", *flags]
+        command = ["cpm", "export", "onnx", str(work / run / "best"), str(work / out), "--force", *flags]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True)
 
