@@ -168,3 +168,11 @@ def test_reserved_buffers_serve_one_running_batch_at_a_time(fused):
         assert other.state.buffers[0][0].ctypes.data not in reserved
         del batches, state, other
         gc.collect()
+    _, holder = DecodeBatch.prefill(shared, prompts[:1], 0)
+    holder.merge(shared, DecodeBatch.prefill(shared, prompts[1:2], 0)[1])
+    assert holder.state.buffers[0][0].ctypes.data == reserved[0]
+    holder.select(shared, [1, 0])  # an order that cannot move in place: the holder leaves for new buffers
+    assert holder.state.buffers[0][0].ctypes.data not in reserved
+    _, taker = DecodeBatch.prefill(shared, prompts[:1], 0)
+    taker.merge(shared, DecodeBatch.prefill(shared, prompts[2:], 0)[1])
+    assert taker.state.buffers[0][0].ctypes.data == reserved[0]  # free again, though its last holder lives on

@@ -223,8 +223,12 @@ class OrtBackend:
         return sum(buffer.nbytes for buffer in self._reserve)
 
     def _lend_reserve(self, state: OrtState, batch: int) -> bool:
-        """Give ``state`` the reserved buffers if they are free (their last holder is gone) and hold ``batch`` rows."""
-        if not self._reserve or self._reserve[0].shape[0] < batch or self._reserve_owner() is not None:
+        """Give ``state`` the reserved buffers if they are free (their last holder is gone, or has moved to other
+        buffers) and hold ``batch`` rows."""
+        if not self._reserve or self._reserve[0].shape[0] < batch:
+            return False
+        holder = self._reserve_owner()
+        if holder is not None and holder.buffers and holder.buffers[0][0] is self._reserve[0]:
             return False
         state.buffers = [[buffer, None] for buffer in self._reserve]
         state.capacity = self.spec.n_positions
