@@ -133,3 +133,18 @@ def test_serve_memory(tmp_path, checkpoint):
     assert got["kv_reserved_mib"] * 2**20 == 4 * spec.n_positions * spec.n_layer * 2 * spec.n_embd * 4  # 3 -> 4 rows
     assert got["rss_after_warmup_mib"] > 0 and got["rss_peak_under_burst_mib"] >= got["rss_after_warmup_mib"]
     assert len(got["burst_prompt_tokens"]) == 3
+
+
+def test_engine_steps(tmp_path, checkpoint):
+    """Steps timed with their phases while prompts join (an --optimize artifact: shared KV, the reserve)."""
+    from export.onnx_export import export_onnx
+
+    artifact = export_onnx(checkpoint, tmp_path / "fused", optimize=True).path
+    out = tmp_path / "steps.json"
+    args = ["--model", str(artifact), "--reserve", "--rows", "3", "--prompt", "40", "--every", "6", "--steps", "30"]
+    result = _script("benchmarks/engine_steps.py", *args, "--prefill-chunk", "8", "--out", str(out), cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = json.loads(out.read_text())
+    assert got["kv_reserved_mib"] > 0 and 0 < got["step_ms"]["p50"] <= got["step_ms"]["max"]
+    phases = {name for step in got["slowest"] for name in step["phases_ms"]}
+    assert {"_decode_running", "_feed", "batch.merge"} <= phases
