@@ -206,9 +206,9 @@ class OrtBackend:
         """Shared-buffer artifacts: set aside the KV buffers of a batch of ``rows`` rows at full context, touched now,
         for the running batch (the first state that a join outgrows takes them; the next one once it is gone). Rows
         then join and leave inside them and the cache never grows again, so no step of a busy server allocates and
-        page-faults hundreds of MB (0.9 s for 8 -> 9 rows and 1.7 s for 512 -> 1024 positions of CPM-small, on
-        the 2-vCPU machine); memory is then flat at this size. Returns the bytes set aside (0: buffers not shared);
-        ``dry_run``: the bytes it would take, nothing set aside."""
+        page-faults hundreds of MB (a growth to 1024 positions at 9 rows of CPM-small: 0.87 s on the 2-vCPU machine,
+        ``benchmarks/engine_steps.py``); memory is then flat at this size. Returns the bytes set aside (0: buffers
+        not shared); ``dry_run``: the bytes it would take, nothing set aside."""
         if not self.kv_shared or rows < 1:
             return 0
         shape = kv.kv_shape(self.spec, _row_slots(rows), self.spec.n_positions)
