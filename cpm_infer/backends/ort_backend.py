@@ -329,12 +329,13 @@ class OrtBackend:
             return self._select_on_device(state, rows, start, state.past)
         sources = [view[:, :, start:] for view in self._kv_views(state)]
         in_place = self.kv_shared and _movable_in_place(rows)
-        skip = in_place and start == 0  # a row already in its slot stays there
-
-        def fill(i: int, target: np.ndarray) -> None:
-            _take_rows(target, sources[i], rows, skip_unmoved=skip)
-
-        return self._write(state, len(rows), state.past - start, fill, in_place=in_place)
+        return self._write(
+            state,
+            len(rows),
+            state.past - start,
+            lambda i, target: _take_rows(target, sources[i], rows),
+            in_place=in_place,
+        )
 
     def merge(self, state: OrtState, other: OrtState) -> OrtState:
         """Rows of ``state`` then ``other``, the shorter cache left-padded with zeros: one copy per join
@@ -348,8 +349,7 @@ class OrtBackend:
         def fill(i: int, target: np.ndarray) -> None:
             for part, rows in ((mine[i], slice(None, split)), (theirs[i], slice(split, None))):
                 pad = width - part.shape[2]
-                if pad or part.ctypes.data != target[rows].ctypes.data:  # (in place and not shifted: nothing to do)
-                    _copy_kv(target[rows, :, pad:], part)  # first: in place, the source is the slots being padded
+                _copy_kv(target[rows, :, pad:], part)  # first: in place, the source is the slots being padded
                 target[rows, :, :pad] = 0  # masked slots, but never garbage (0 x NaN is NaN)
 
         room = max(state.capacity, other.capacity)  # where new buffers are needed: no growth right after
@@ -601,18 +601,19 @@ class OrtBackend:
             raise OrtLoadError(f"onnxruntime failed to run the graph: {first_line(exc)}") from exc
 
 
-def _take_rows(target: np.ndarray, source: np.ndarray, rows: np.ndarray, *, skip_unmoved: bool = False) -> None:
-    """``target[j] = source[rows[j]]`` row by row: one copy, no temporary. ``skip_unmoved``: target and source are the
-    same slots, so a row with ``rows[j] == j`` is already where it goes."""
+def _take_rows(target: np.ndarray, source: np.ndarray, rows: np.ndarray) -> None:
+    """``target[j] = source[rows[j]]`` row by row: one copy, no temporary."""
     for j, row in enumerate(rows):
-        if not (skip_unmoved and row == j):
-            _copy_kv(target[j : j + 1], source[row : row + 1])
+        _copy_kv(target[j : j + 1], source[row : row + 1])
 
 
 def _copy_kv(target: np.ndarray, source: np.ndarray) -> None:
-    """``target[...] = source`` for (rows, nh, L, hs) views. Views of one buffer (a row shifted in place) are copied
-    with one ``memmove`` per row and head, whose (L, hs) blocks are contiguous and overlap only each other: numpy
-    would copy the whole overlapping view through a temporary."""
+    """``target[...] = source`` for (rows, nh, L, hs) views. The same view (a row that stays in its slot, in place) is
+    left as it is; views of one buffer (a row shifted in place) are copied with one ``memmove`` per row and head,
+    whose (L, hs) blocks are contiguous and overlap only each other: numpy would copy the whole overlapping view
+    through a temporary."""
+    if (target.ctypes.data, target.shape, target.strides) == (source.ctypes.data, source.shape, source.strides):
+        return
     contiguous = all(a.strides[3] == a.itemsize and a.strides[2] == a.shape[3] * a.itemsize for a in (target, source))
     if not contiguous or not np.may_share_memory(target, source):
         target[...] = source
