@@ -11,80 +11,47 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
+
+from serve_load import Server  # the `cpm serve` subprocess the load test drives (run as a script: benchmarks/ on path)
 
 PROMPT_TOKENS = (16, 16, 500, 16, 900, 16, 64, 300)  # the burst's prompt lengths, one request per row (cycled)
 NEW_TOKENS = 24
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-class Server:
-    def __init__(self, args: argparse.Namespace) -> None:
-        command = ["cpm", "serve", "--model", str(args.model), "--max-batch", str(args.max_batch), "--port", "0"]
-        command += ["--threads", str(args.threads)] if args.threads else []
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.url, self.lines = None, []
-        threading.Thread(target=self._pump, daemon=True).start()
-        start = time.perf_counter()
-        while not self._ready():
-            if self.proc.poll() is not None:
-                raise SystemExit("the server exited:\n" + "".join(self.lines[-20:]))
-            time.sleep(0.5)
-        self.ready_s = time.perf_counter() - start
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if self.url is None and "http://127.0.0.1:" in line:
-                self.url = "http://127.0.0.1:" + line.split("http://127.0.0.1:")[1].split()[0].rstrip("/.,")
-
-    def _ready(self) -> bool:
-        if self.url is None:
-            return False
+def start_server(args: argparse.Namespace) -> tuple[Server, float]:
+    """`cpm serve` as the load test starts it (``serve_load.Server``, continuous batching), and the seconds until it
+    answers ``/health`` (warm-up, and with it the KV set aside, done)."""
+    began = time.perf_counter()
+    server = Server(args.model, "continuous", args)
+    while True:
         try:
-            return self.get("/health")["status"] == "ok"
+            if server.get("/health").get("status") == "ok":
+                return server, time.perf_counter() - began
         except OSError:
-            return False
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=600) as answer:
-            return json.load(answer)
-
-    def complete(self, ids: list[int]) -> None:
-        body = {"prompt": ids, "max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0.8, "seed": 1}
-        request = urllib.request.Request(
-            self.url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=600) as answer:
-            json.load(answer)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+            pass
+        if server.proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {server.proc.returncode}")
+        time.sleep(0.5)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--backend", default="auto")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args()
-    server = Server(args)
+    server, ready_s = start_server(args)
     try:
         info = server.get("/info")
-        warm = rss_mib(server.proc.pid)
+        warm = server.rss_mb()
+        if warm is None:
+            raise SystemExit("the server's RSS is read from /proc: Linux only")
         rng = random.Random(0)
         vocab = info["spec"]["vocab_size"]
         room = info["spec"]["n_positions"] - NEW_TOKENS - 1  # a small model's context cuts the long prompts
@@ -93,10 +60,14 @@ def main() -> None:
         errors: list[BaseException] = []
 
         def complete(ids: list[int]) -> None:
+            body = {"prompt": ids, "max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0.8, "seed": 1}
             try:
-                server.complete(ids)
-            except (OSError, ValueError) as exc:  # HTTP and JSON errors: reported after the burst
+                status, answer = server.post("/v1/completions", body)
+            except OSError as exc:  # reported after the burst
                 errors.append(exc)
+                return
+            if status != 200:
+                errors.append(RuntimeError(f"HTTP {status}: {answer}"))
 
         start = time.perf_counter()
         threads = [threading.Thread(target=complete, args=(ids,)) for ids in prompts]
@@ -104,9 +75,9 @@ def main() -> None:
             thread.start()
         peak = warm
         while any(thread.is_alive() for thread in threads):
-            peak = max(peak, rss_mib(server.proc.pid))
+            peak = max(peak, server.rss_mb())
             time.sleep(0.5)
-        after = rss_mib(server.proc.pid)
+        after = server.rss_mb()
         if errors:
             raise SystemExit(f"{len(errors)} request(s) of the burst failed: {errors[0]}")
         result = {
@@ -114,7 +85,7 @@ def main() -> None:
             "spec": info["spec"],
             "max_batch": args.max_batch,
             "command": " ".join(sys.argv),
-            "ready_s": round(server.ready_s, 1),
+            "ready_s": round(ready_s, 1),
             "kv_reserved_mib": info["kv_cache_reserved_bytes"] / 2**20,
             "rss_after_warmup_mib": round(warm),
             "rss_peak_under_burst_mib": round(max(peak, after)),
