@@ -31,6 +31,7 @@ from cpm_infer.bench.report import environment
 from cpm_infer.bench.runners import parse_sampling
 from cpm_infer.engine.generate import GenerationStats, generate
 from cpm_infer.engine.speculative import NGRAM, open_draft
+from cpm_infer.ort_pool import allow_shared_pool
 from cpm_infer.settings import DRAFT_TOKENS
 
 DEMO_TEXT = Path(__file__).resolve().parents[1] / "cpm_infer" / "demo" / "sanguo" / "heldout.txt"
@@ -43,7 +44,7 @@ def held_out_prompts(path: Path, count: int, chars: int) -> list[str]:
 
 def pair(args: argparse.Namespace) -> dict:
     # Alone: the model as `cpm generate` runs it without a draft; with the draft: a second instance, whose
-    # onnxruntime threads open_draft tells to stop spinning when a run ends (OrtBackend.quiet_threads).
+    # onnxruntime sessions open_draft moves to one shared pool of threads (OrtBackend.join_pool).
     alone_backend, tok = load_backend("auto", args.target, threads=args.threads)
     target, _ = load_backend("auto", args.target, threads=args.threads)
     draft = open_draft(args.draft if args.draft == NGRAM else Path(args.draft), target, tok, threads=args.threads)
@@ -202,6 +203,7 @@ def markdown(result: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allow_shared_pool()  # this script's process is ours, as the cpm command's is (model and draft share one pool)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
     for name in ("pair", "cost"):

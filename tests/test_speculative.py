@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -322,10 +324,53 @@ def test_ort_verify_pass_equals_one_token_at_a_time(ort_artifacts, which):
     from cpm_infer.engine.generate import generate
 
     draft, _ = load_backend("ort", plain)
-    share_cores(backend, draft)  # what open_draft does: both sessions reopened, their threads stop when a run ends
+    share_cores(backend, draft)  # what open_draft does in a library's process: threads stop when a run ends
     for session in (backend.session, draft.session):
         assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
     config = GenerationConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
     plain_ids = generate(backend, [prompt], config, tok)[0].token_ids
     for d in (ModelDraft(draft), NgramDraft()):
         assert generate(backend, [prompt], config, tok, draft=d, draft_tokens=3)[0].token_ids == plain_ids
+
+
+def test_shared_pool_is_sized_by_the_first_claim(monkeypatch):
+    """onnxruntime's shared pool is used only where allowed, and made once per process: the first claim sizes
+    it, a claim of another size is refused (those sessions keep their own pools), and a pool made outside our
+    claim is never used."""
+    from types import SimpleNamespace
+
+    from cpm_infer import ort_pool
+
+    calls = []
+
+    def set_sizes(intra, inter):
+        calls.append((intra, inter))
+
+    fake = SimpleNamespace(capi=SimpleNamespace(_pybind_state=SimpleNamespace(set_global_thread_pool_sizes=set_sizes)))
+    monkeypatch.setattr(ort_pool, "require", lambda *a: fake)
+    monkeypatch.setattr(ort_pool, "_pool", {})
+    assert not ort_pool.claim_shared_pool(2)  # a library's process: never, unless allowed
+    ort_pool.allow_shared_pool()
+    assert ort_pool.claim_shared_pool(2) and ort_pool.claim_shared_pool(2)
+    assert not ort_pool.claim_shared_pool(None) and not ort_pool.claim_shared_pool(4)
+    assert calls == [(2, 1)]
+
+    def refuse(intra, inter):
+        raise RuntimeError("Global thread pools have already been created, cannot replace them")
+
+    fake.capi._pybind_state.set_global_thread_pool_sizes = refuse
+    monkeypatch.setattr(ort_pool, "_pool", {"allowed": 1})
+    assert not ort_pool.claim_shared_pool(2) and not ort_pool.claim_shared_pool(2)
+
+
+def test_cpm_generate_runs_model_and_draft_on_one_pool(ort_artifacts):
+    """The ``cpm`` command's own process: the model and its draft move to one shared onnxruntime pool, and the
+    greedy output is the one without the draft."""
+    _, plain, fused = ort_artifacts
+    base = [sys.executable, "-m", "cpm_infer.cli.app", "-v", "generate", "-m", str(fused), "-p", "滚滚长江东逝水"]
+    base += ["-n", "16", "-t", "0", "--ignore-eos", "--threads", "2"]
+    alone = subprocess.run(base, capture_output=True, text=True, check=True)
+    drafted = subprocess.run([*base, "--draft", str(plain)], capture_output=True, text=True, check=True)
+    assert drafted.stdout == alone.stdout and alone.stdout.strip()
+    assert drafted.stderr.count("moved to the process's shared pool of 2 threads") == 2
+    assert "shared pool" not in alone.stderr

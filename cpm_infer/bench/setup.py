@@ -218,7 +218,7 @@ def prepare(
 
 def _add_drafted(setup: BenchSetup, draft: str, draft_tokens: int, device: str, threads: int | None, say) -> None:
     """A ``<runner>+<draft>`` twin of every loop runner whose backend can verify (torch, onnxruntime). An onnxruntime
-    twin gets its own session (``quiet_threads``), so the runner without the draft runs as it would alone."""
+    twin gets its own session (``share_cores``), so the runner without the draft runs as it would alone."""
     import copy
 
     from cpm_infer.backends.base import supports_speculation

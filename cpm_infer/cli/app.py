@@ -44,6 +44,9 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
 
 
 def main() -> None:
+    from cpm_infer.ort_pool import allow_shared_pool
+
+    allow_shared_pool()  # this process is ours: a model and its draft may share one onnxruntime thread pool
     debug = bool(os.environ.get("CPM_DEBUG"))
     try:
         app()

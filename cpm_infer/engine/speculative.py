@@ -285,9 +285,14 @@ def require_verifier(target: Backend) -> None:
 
 
 def share_cores(*backends: Backend) -> None:
-    """The model and its draft take turns on the same cores: runtimes whose threads spin on after a run
-    (onnxruntime's pools) are told to stop when it ends (``OrtBackend.quiet_threads``)."""
+    """The model and its draft take turns on the same cores: onnxruntime sessions move to one shared pool of
+    threads (``OrtBackend.join_pool``); where that is not possible, runtimes whose threads spin on after a run
+    (onnxruntime's per-session pools) are told to stop when it ends (``OrtBackend.quiet_threads``), so that one
+    pool's spinning does not take the cores from the other's run."""
     for backend in backends:
+        join = getattr(backend, "join_pool", None)
+        if join is not None and join():
+            continue
         quiet = getattr(backend, "quiet_threads", None)
         if quiet is not None:
             quiet()

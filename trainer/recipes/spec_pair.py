@@ -91,8 +91,8 @@ def stage_student(work: Path, steps: int, layers: int) -> None:
 def stage_export(work: Path) -> None:
     jobs = [
         ("target-run", "target-fp32", ["--optimize"]),
-        ("target-run", "target-int4", ["--quantize", "int4"]),
-        ("student-run", "student-int4", ["--quantize", "int4"]),
+        ("target-run", "target-int4", ["--optimize", "--quantize", "int4"]),
+        ("student-run", "student-int4", ["--optimize", "--quantize", "int4"]),
     ]
     for run, out, flags in jobs:
         command = ["cpm", "export", "onnx", str(work / run / "best"), str(work / out), "--force", *flags]
