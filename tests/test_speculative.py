@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from cpm_infer.engine.speculative import (
     DraftMismatchError,
     ModelDraft,
     NgramDraft,
+    StepClock,
     check_compatible,
     lookup,
     share_cores,
@@ -80,6 +82,79 @@ def test_acceptance_adapts_k_and_switches_a_hopeless_row_off():
         ks.append(spec.k)
     assert ks[:2] == [2, 1] and set(ks[2:-1]) <= {1}
     assert spec.accepted < 0.2 * spec.proposed <= spec.accepted + 0.2  # off once under 20%, not before
+
+
+def test_acceptance_drops_a_draft_that_costs_more_than_it_saves():
+    spec = Acceptance(k=3, max_k=5, window=8)
+    spec.record_time(5.0, 1, plain_step_s=0.004)  # the first pass (the draft reads the prompt): not counted
+    for _ in range(4):
+        spec.record_time(0.010, 3, plain_step_s=0.004)  # 3.3 ms a token against 4 ms a plain step: pays
+    assert spec.k == 3 and spec.emitted == 12
+    slow = Acceptance(k=3, max_k=5, window=8)
+    slow.record_time(0.0, 1, plain_step_s=0.004)
+    slow.record_time(0.015, 3, plain_step_s=0.004)
+    slow.record_time(0.015, 3, plain_step_s=0.004)
+    assert slow.k == 3  # 6 tokens: under the window, not judged yet
+    slow.record_time(0.015, 3, plain_step_s=0.004)
+    assert slow.k == 0  # 5 ms a token against 4: off
+    unknown = Acceptance(k=3, max_k=5, window=8)
+    for _ in range(10):
+        unknown.record_time(1.0, 1, plain_step_s=None)  # no yardstick (a sampled row): never judged by time
+    assert unknown.k == 3
+
+
+def test_step_clock_is_known_after_its_warm_steps():
+    clock = StepClock(warm=2, weight=0.5)
+    clock.add(0.010)
+    assert not clock.known and clock.value is None
+    clock.add(0.020)
+    assert clock.known and clock.value == pytest.approx(0.015)
+
+
+class _SlowDraft:
+    """A draft that proposes what the target would (all accepted) but takes ``delay`` seconds a proposal."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay, self.name = inner, delay, "slow"
+
+    def propose(self, key, tokens, k, chooser):
+        time.sleep(self.delay)
+        return self.inner.propose(key, tokens, k, chooser)
+
+    def forget(self, key) -> None:
+        self.inner.forget(key)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_greedy_row_stops_speculating_when_the_draft_costs_more_than_it_saves():
+    """A draft that sleeps 20 ms a proposal against a target that decodes in well under a millisecond: the row
+    speculates from its third step (two plain steps time the target), and is back to plain steps once its passes
+    have emitted a window of tokens; the output is the output without the draft. A sampled row keeps speculating
+    (its draws depend on the path, so the clock does not choose it)."""
+    config = GenerationConfig(temperature=0, max_new_tokens=80, ignore_eos=True)
+    plain = Engine(VerifyingBackend(), HashTok(), max_rows=1)
+    plain.add([10, 11, 12], config, seed=0)
+    want = [e.result.token_ids for e in _run(plain) if hasattr(e, "result")]
+    engine = Engine(VerifyingBackend(), HashTok(), max_rows=1, draft=_SlowDraft(_draft("same"), 0.02), draft_tokens=4)
+    engine.add([10, 11, 12], config, seed=0)
+    got = [e.result.token_ids for e in _run(engine) if hasattr(e, "result")]
+    assert got == want
+    stats = engine.speculation
+    assert 32 <= stats.emitted < 32 + 2 * 8  # a window of tokens (and the pass that crossed it), then plain
+    assert engine.plain_step.steps >= 80 - 2 - stats.emitted - 2
+    sampled = Engine(VerifyingBackend(), HashTok(), max_rows=1, draft=_SlowDraft(_draft("same"), 0.002), draft_tokens=4)
+    sampled.add([10, 11, 12], GenerationConfig(temperature=1.0, max_new_tokens=60, ignore_eos=True), seed=0)
+    _run(sampled)
+    assert sampled.speculation.emitted > 60 - 2 - 8
+
+
+def _run(engine) -> list:
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    return events
 
 
 def _draft(kind: str):

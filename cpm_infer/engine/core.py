@@ -29,6 +29,7 @@ Single-threaded: one owner calls ``add`` / ``cancel`` / ``step``; a server wraps
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,7 +43,7 @@ from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose, token_inf
 from cpm_infer.engine.detok import TextStream
 from cpm_infer.engine.prefix_cache import PrefixCache, shared_cache
 from cpm_infer.engine.processors import static_bans
-from cpm_infer.engine.speculative import Acceptance, Draft, SpeculationStats, require_verifier
+from cpm_infer.engine.speculative import Acceptance, Draft, SpeculationStats, StepClock, require_verifier
 from cpm_infer.errors import CpmError
 from cpm_infer.settings import DRAFT_TOKENS
 
@@ -213,6 +214,7 @@ class Engine:
         if draft is not None and draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.draft, self.draft_tokens = draft, draft_tokens
+        self.plain_step = StepClock()  # plain decode steps of a lone row: the yardstick of speculative passes
         # Counted into (a server keeps one across the engines it makes after a failed step).
         self.speculation = speculation_stats if speculation_stats is not None else SpeculationStats()
         ops = supports_kv_ops(backend)
@@ -340,7 +342,10 @@ class Engine:
         if len(self._rows) == 1 and self._speculate(self._rows[0], events):
             self._keep_unfinished(events)
             return
+        start = time.perf_counter()
         logits = self._batch.decode(self.backend, [row.ids[-1] for row in self._rows])
+        if len(self._rows) == 1 and self.draft is not None:
+            self.plain_step.add(time.perf_counter() - start)
         self._choose(logits, self._rows, events)
         self._keep_unfinished(events)
 
@@ -348,8 +353,9 @@ class Engine:
         """One speculative step of the batch's only row; False where it does not speculate now (no draft, opted
         out, k = 0, no proposal, no room left): the caller decodes as usual."""
         spec = row.speculation
-        if self.draft is None or spec is None or spec.k == 0:
-            return False
+        if self.draft is None or spec is None or spec.k == 0 or not self.plain_step.known:
+            return False  # the first plain steps (of the engine's life) time what a pass must beat
+        start = time.perf_counter()
         tokens = row.prompt + row.ids
         room = min(self.n_positions - len(tokens), row.config.max_new_tokens - len(row.ids) - 1)
         proposal = self.draft.propose(row.id, tokens, min(spec.k, room), row.chooser)
@@ -372,6 +378,10 @@ class Engine:
         self.tokens_last_step += emitted
         self.speculated_last_step = emitted
         self._batch.drop_last(self.backend, len(proposed) + 1 - emitted)  # the cache keeps the accepted tokens
+        # Greedy rows only: their text does not depend on which steps speculated, a sampled row's draws do, and a
+        # seed must give the same text each run (the acceptance rule above is deterministic, the clock is not).
+        yardstick = self.plain_step.value if row.config.greedy else None
+        spec.record_time(time.perf_counter() - start, emitted, yardstick)
         return True
 
     def _admit(self) -> None:

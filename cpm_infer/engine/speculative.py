@@ -188,7 +188,10 @@ def lookup(tokens: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1
 class Acceptance:
     """A row's speculation, from ``k = min(FIRST_K, max_k)``: k grows by one after a round that accepted every
     proposal and shrinks by one after one that did not (transformers' heuristic schedule); speculation is off for
-    the row (k = 0) once at least ``window`` proposals were made and fewer than ``min_rate`` of them accepted."""
+    the row (k = 0) once at least ``window`` proposals were made and fewer than ``min_rate`` of them accepted, or
+    once its passes have emitted ``window`` tokens at no less time per token than a plain decode step takes
+    (``record_time``, greedy rows): a draft that costs more than it saves is dropped, so ``--draft`` does not slow
+    a greedy row down for long."""
 
     max_k: int
     k: int = -1  # -1: min(FIRST_K, max_k)
@@ -196,6 +199,9 @@ class Acceptance:
     window: int = 32
     proposed: int = 0
     accepted: int = 0
+    seconds: float = 0.0  # wall time of this row's speculative passes but the first (draft, verify, acceptance)
+    emitted: int = 0  # tokens those passes produced
+    passes: int = 0
 
     def __post_init__(self) -> None:
         if self.k < 0:
@@ -207,6 +213,41 @@ class Acceptance:
         self.k = min(self.k + 1, self.max_k) if accepted == proposed else max(self.k - 1, 1)
         if self.proposed >= self.window and self.accepted < self.min_rate * self.proposed:
             self.k = 0
+
+    def record_time(self, seconds: float, emitted: int, plain_step_s: float | None) -> None:
+        """One pass took ``seconds`` for ``emitted`` tokens; ``plain_step_s``: what one plain decode step of a
+        lone row takes now (None: not known yet). The row's first pass is not counted: the draft reads the whole
+        prompt in it, once per row (a long prompt would otherwise switch a good draft off)."""
+        self.passes += 1
+        if self.passes == 1:
+            return
+        self.seconds += seconds
+        self.emitted += emitted
+        if plain_step_s is not None and self.emitted >= self.window and self.seconds >= plain_step_s * self.emitted:
+            self.k = 0
+
+
+@dataclass
+class StepClock:
+    """Mean seconds of a plain decode step of a lone row (exponential, recent steps weigh most): what a
+    speculative pass's tokens are worth. ``known`` once ``warm`` steps were seen."""
+
+    warm: int = 2
+    weight: float = 0.25
+    steps: int = 0
+    mean_s: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.mean_s = seconds if self.steps == 1 else self.mean_s + self.weight * (seconds - self.mean_s)
+
+    @property
+    def known(self) -> bool:
+        return self.steps >= self.warm
+
+    @property
+    def value(self) -> float | None:
+        return self.mean_s if self.known else None
 
 
 @dataclass

@@ -100,10 +100,12 @@ class Scheduler:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def warmup(self) -> None:
-        """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``. Four tokens:
-        with a draft, the second step is a speculative one, so the draft and the verify pass are warmed up too."""
+        """One tiny generation before serving (first calls pay lazy initialisation); call before ``start``. With a
+        draft, more tokens: after the plain steps that time the model (``Engine.plain_step``) come speculative ones,
+        so the draft and the verify pass are warmed up too."""
         self._reserve_kv()
-        config = GenerationConfig(max_new_tokens=4 if self.draft is not None else 2, ignore_eos=True)
+        tokens = 2 + self.engine.plain_step.warm + 2 if self.draft is not None else 2
+        config = GenerationConfig(max_new_tokens=tokens, ignore_eos=True)
         self.engine.add([self.tokenizer.eod_id], config, seed=0)
         while self.engine.has_work():
             self.engine.step()
