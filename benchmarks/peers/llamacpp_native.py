@@ -563,6 +563,12 @@ class NativeRunner:
         self.last = row
         return row["step_ms"] / 1e3
 
+    def prefill_seconds(self, prompt: int) -> float:
+        """Seconds to process a ``prompt``-token prompt at batch 1: ``llama-bench -p prompt -n 0 -r reps``."""
+        r = prefill_ms(self.tools, self.model, n_prompt=prompt, threads=self.threads, reps=self.reps)
+        self.last = r
+        return r["ms"] / 1e3
+
 
 # -- greedy tokens through llama-server -------------------------------------------------------------------
 
