@@ -10,8 +10,13 @@ acceptance rate (``--acceptance``, and a ``pair`` run's measured one) it compute
 would give with k proposals, under the usual model of independent acceptances (Leviathan et al. 2023): a pass makes
 (1 - a^(k+1)) / (1 - a) tokens and costs verify(k+1) + k x draft decode. Stated as computed, not measured.
 
+``numerics``: how far the logits of a verify pass (k new positions in one run) are from those of k one-token
+decodes, over several pasts and k: what decides whether greedy text with a draft is the text without it token for
+token (a near-tie closer than this gap can go either way).
+
     python benchmarks/speculative.py pair --target ART --draft ART|ngram --out DIR
     python benchmarks/speculative.py cost --target ART --draft ART --acceptance 0.7,0.9 --out DIR
+    python benchmarks/speculative.py numerics --target ART --out DIR
 """
 
 from __future__ import annotations
@@ -162,6 +167,35 @@ def cost(args: argparse.Namespace) -> dict:
     }
 
 
+def numerics(args: argparse.Namespace) -> dict:
+    """Max |logit difference| between one verify pass of k tokens and k one-token decodes after the same past."""
+    backend, _ = load_backend("auto", args.target, threads=args.threads)
+    rng = np.random.default_rng(args.seed)
+    vocab, ks, pasts = (
+        backend.spec.vocab_size,
+        [int(k) for k in args.k.split(",")],
+        [int(p) for p in args.pasts.split(",")],
+    )
+    rows = []
+    for past in pasts:
+        diffs = {}
+        for k in ks:
+            ids = rng.integers(10, vocab, size=(1, past + k))
+            _, state = backend.prefill(ids[:, :past], np.ones((1, past), np.int64), np.arange(past)[None, :])
+            mask, pos = np.ones((1, past + k), np.int64), np.arange(past, past + k)[None, :]
+            together, state = backend.extend_all(state, ids[:, past:], mask, pos)
+            together, state = np.array(together[0]), backend.crop(state, past)
+            one = []
+            for j in range(k):
+                at = past + j
+                logits, state = backend.decode(state, ids[:, at : at + 1], np.ones((1, at + 1), np.int64), [[at]])
+                one.append(np.array(logits[0]))
+            diffs[str(k)] = float(np.abs(together - np.stack(one)).max())
+        rows.append({"past": past, "max_abs_diff": diffs})
+    backend.close()
+    return {"kind": "numerics", "target": str(args.target), "draft": "-", "k": ks, "rows": rows}
+
+
 def markdown(result: dict, command: str) -> str:
     lines = [f"# Speculative decoding: {result['kind']}", "", f"`{command}`", ""]
     lines.append(f"target `{result['target']}`, draft `{result['draft']}`")
@@ -178,6 +212,13 @@ def markdown(result: dict, command: str) -> str:
             lines.append(
                 f"| {r['sampling']} | {r['plain_tok_s']:.1f} | {r['draft_tok_s']:.1f} | {r['speedup']:.2f}x "
                 f"| {acc} | {tpp} | {mism} |"
+            )
+    elif result["kind"] == "numerics":
+        lines += ["max |logit difference|, verify pass of k positions vs k one-token decodes:", ""]
+        lines += ["| past | " + " | ".join(f"k={k}" for k in result["k"]) + " |", "|---" * (1 + len(result["k"])) + "|"]
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['past']} | " + " | ".join(f"{r['max_abs_diff'][str(k)]:.1e}" for k in result["k"]) + " |"
             )
     else:
         lines.append(
@@ -206,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     allow_shared_pool()  # this script's process is ours, as the cpm command's is (model and draft share one pool)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
-    for name in ("pair", "cost"):
+    for name in ("pair", "cost", "numerics"):
         p = sub.add_parser(name)
         p.add_argument("--target", type=Path, required=True)
-        p.add_argument("--draft", required=True, help="a model directory, or ngram (pair only)")
+        if name != "numerics":
+            p.add_argument("--draft", required=True, help="a model directory, or ngram (pair only)")
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--out", type=Path, required=True)
     p = sub.choices["pair"]
@@ -226,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--acceptance", default="0.6,0.7,0.8,0.9", help="acceptance rates to compute the speedup at")
     p.add_argument("--pair-json", type=Path, default=None, help="take the acceptance from a pair run's result.json")
     p.add_argument("--pair-sampling", default="greedy")
+    p = sub.choices["numerics"]
+    p.add_argument("--pasts", default="40,64,100,128,150")
+    p.add_argument("--k", default="2,3,4,5,6,8,9")
+    p.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    result = pair(args) if args.kind == "pair" else cost(args)
+    result = {"pair": pair, "cost": cost, "numerics": numerics}[args.kind](args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["env"] = environment({"threads": args.threads})
     command = "python benchmarks/speculative.py " + " ".join(sys.argv[1:] if argv is None else argv)
