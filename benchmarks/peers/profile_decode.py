@@ -1,12 +1,14 @@
 """Where a decode step's time goes: onnxruntime's per-operator profile of our artifacts, plus host time.
 
     python benchmarks/peers/profile_decode.py ARTIFACT [ARTIFACT ...] [--batch 1] [--past 16] [--steps 32]
+    python benchmarks/peers/profile_decode.py ARTIFACT --prefill --past 128 --steps 8    # a prompt's pass instead
 
 For each artifact: prefill ``--past`` random tokens for ``--batch`` rows, then ``--steps`` greedy decode
 steps through ``OrtBackend`` (the same code path as ``cpm generate``), with onnxruntime's profiler on.
 Prints, per operator type, the mean microseconds per decode step and its share of the step, the sum of
 the graph's own run time, and the host time around it (the Python loop, binding, argmax). Profiling adds
-a little overhead per node; use it for shares, take step times from the benchmark.
+a little overhead per node; use it for shares, take step times from the benchmark. ``--prefill``: profile the
+prefill of ``--past`` fresh random tokens instead, ``--steps`` times after one unprofiled-in-the-totals warm-up.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 
-def profile(artifact: Path, batch: int, past: int, steps: int, threads: int) -> dict:
+def profile(artifact: Path, batch: int, past: int, steps: int, threads: int, prefill: bool = False) -> dict:
     import onnxruntime as ort
 
     from cpm_infer.artifact import read_manifest
@@ -39,7 +41,12 @@ def profile(artifact: Path, batch: int, past: int, steps: int, threads: int) -> 
     mask = np.ones_like(ids)
     logits, state = backend.prefill(ids, mask, np.tile(np.arange(past), (batch, 1)))
     step_s = []
-    for step in range(steps):
+    for _ in range(steps if prefill else 0):  # each a prompt's pass over new tokens, after the one above
+        ids = rng.integers(10, manifest.spec.vocab_size, size=(batch, past), dtype=np.int64)
+        start = time.perf_counter()
+        backend.prefill(ids, mask, np.tile(np.arange(past), (batch, 1)))
+        step_s.append(time.perf_counter() - start)
+    for step in range(0 if prefill else steps):
         token = logits.argmax(-1)[:, None]
         mask = np.ones((batch, past + step + 1), dtype=np.int64)
         start = time.perf_counter()
@@ -47,7 +54,7 @@ def profile(artifact: Path, batch: int, past: int, steps: int, threads: int) -> 
         step_s.append(time.perf_counter() - start)
     trace = json.loads(Path(session.end_profiling()).read_text())
     runs = [e for e in trace if e.get("name") == "model_run"]
-    decode_runs = runs[1:]  # the first run is the prefill
+    decode_runs = runs[1:]  # the first run is the (first) prefill
     first_decode = decode_runs[0]["ts"] if decode_runs else 0
     per_op: dict[str, float] = defaultdict(float)
     for event in trace:
@@ -59,6 +66,7 @@ def profile(artifact: Path, batch: int, past: int, steps: int, threads: int) -> 
         "artifact": str(artifact),
         "batch": batch,
         "past": past,
+        "measured": "prefill" if prefill else "decode",
         "step_us_median": step_us,
         "graph_run_us_mean": graph_us,
         "host_us": step_us - graph_us,
@@ -73,12 +81,14 @@ def main() -> None:
     parser.add_argument("--past", type=int, default=16)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefill", action="store_true", help="Profile the prefill of --past tokens instead.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the profiles here.")
     args = parser.parse_args()
-    results = [profile(a, args.batch, args.past, args.steps, args.threads) for a in args.artifacts]
+    results = [profile(a, args.batch, args.past, args.steps, args.threads, args.prefill) for a in args.artifacts]
     for r in results:
         print(
-            f"\n{r['artifact']}  batch {r['batch']}  past {r['past']}: step {r['step_us_median']:.0f} us = graph "
+            f"\n{r['artifact']}  batch {r['batch']}  past {r['past']}, {r['measured']}: "
+            f"step {r['step_us_median']:.0f} us = graph "
             f"{r['graph_run_us_mean']:.0f} us + host {r['host_us']:.0f} us"
         )
         kernels = sum(r["ops_us_per_step"].values())
