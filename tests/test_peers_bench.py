@@ -83,3 +83,18 @@ def test_each_case_times_what_it_says(pb):
     assert pb._case_seconds(native, "b8", decode) == 0.5 and native.calls[-1] == ("step", 8, 16, pb.NEW - 1)
     assert pb._case_seconds(ours, "pf128", prefill) == 0.125 and ours.calls[-1] == ((1, 128), 1)
     assert pb._case_seconds(ours, "b8", decode) == pytest.approx(0.02) and ours.calls[-1] == ((8, 16), pb.NEW)
+
+
+def test_a_run_without_some_cases_leaves_their_columns_and_targets_out(pb):
+    times = {
+        "ours-int4": {"b1": [0.04, 0.05], "pf128": [0.9, 1.0]},
+        "llama-q4_K_M": {"b1": [0.05, 0.05], "pf128": [1.0, 1.0]},
+    }
+    speed = pb.summarize_speed(times)
+    assert speed["ours-int4"]["b8_tokens_per_s"] is None and speed["ours-int4"]["decode_ms_past900"] is None
+    rows = {t["target"] for t in pb.targets(speed, None)}
+    assert rows == {"ours-int4 decode / llama-q4_K_M", "ours-int4 prefill 128 / llama-q4_K_M"}
+    env = {"cpu": "x", "cores": 2, "threads": 2, "read_gb_per_s": 1.0, "loadavg_before": [0], "loadavg_after": [0]}
+    report = {"command": "c", "environment": env | {"versions": {}, "rounds": 2}, "speed": speed, "targets": []}
+    table = pb.markdown(report)
+    assert "| ours-int4 | 45.00 | - | - | - | - | 950.0 |" in table

@@ -3,6 +3,9 @@
     pip install 'cpm-infer[peers]'    # ctranslate2; llama-cpp-python only for llama.cpp's quality rows
     python benchmarks/peers/llamacpp_native.py build    # llama.cpp's own tools, from the pinned sdist (cached)
     flock -x /tmp/cpm-heavy.lock python benchmarks/peers/peers_bench.py --work-dir /tmp/peers
+    # another shape: its checkpoint (llama.cpp's GGUF files are made from it) and our artifacts of it
+    python benchmarks/peers/peers_bench.py --work-dir /tmp/peers-large --checkpoint LARGE_CKPT --name cpm-large \
+        --artifact ours-int4=LARGE_INT4 --llama-formats q4_K_M --cases b1,pf128 --skip-quality
 
 Speed (CPM-small shape, random weights; ``benchmarks/ort_vs_eager.py``'s checkpoint, reused from --work-dir).
 Every engine runs the same weights: ours = the ``--optimize`` ONNX artifact (fp32) and its ``--quantize
@@ -56,6 +59,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -168,54 +172,81 @@ def is_current(artifact: Path, config) -> bool:
 # -- speed -----------------------------------------------------------------------------------------
 
 
-def native_ggufs(tools: Tools, checkpoint: Path, work: Path, name: str, threads: int) -> dict:
+def native_ggufs(
+    tools: Tools, checkpoint: Path, work: Path, name: str, threads: int, formats: Sequence[str] = LLAMA_FORMATS
+) -> dict:
     """``llama-<format>`` -> GGUF from llama.cpp's converter and quantizer (reused; a folder per version, so files
     written by our own writer in older work dirs are never picked up)."""
-    files = convert_all(checkpoint, work / f"llama.cpp-{tools.version}", name, tools, threads, LLAMA_FORMATS)
+    files = convert_all(checkpoint, work / f"llama.cpp-{tools.version}", name, tools, threads, formats)
     return {f"llama-{fmt}": path for fmt, path in files.items()}
 
 
-def speed_engines(work: Path, vocab: Path, threads: int, tools: Tools, llama_reps: int = 1) -> dict:
-    """name -> runner, every engine on the CPM-small-shape weights (llama.cpp: ``NativeRunner``, its tools)."""
+def speed_engines(
+    work: Path,
+    vocab: Path,
+    threads: int,
+    tools: Tools,
+    llama_reps: int = 1,
+    *,
+    wanted: set[str] | None = None,
+    checkpoint: Path | None = None,
+    artifacts: dict[str, Path] | None = None,
+    name: str = "cpm-small",
+    formats: Sequence[str] = LLAMA_FORMATS,
+) -> dict:
+    """name -> runner, every engine on the same weights (llama.cpp: ``NativeRunner``, its tools); ``wanted``: only
+    those engines are built and loaded. By default the random CPM-small of ``parity_model`` with our artifacts made
+    from it; with ``checkpoint``, that model's GGUF files (named ``name``) and ``artifacts`` as ours (made
+    beforehand with ``cpm export onnx``: a CPM-large export takes many minutes)."""
     from cpm_infer.backends.ort_backend import load as load_ort
     from cpm_infer.bench.setup import parity_model
     from cpm_infer.torch_model import load_model
 
-    ckpt, art = parity_model(work, vocab, say=say)
-    ours = {"ours-fp32": art}
-    for scheme in ("int8", "int4"):
-        ours[f"ours-{scheme}"] = quantized_artifact(art, work / f"cpm-small-{scheme}", scheme)
-    for name, (scheme, overrides) in VARIANTS.items():
-        ours[name] = quantized_artifact(art, work / f"cpm-small-{name}", scheme, overrides)
-    gguf = native_ggufs(tools, ckpt, work, "cpm-small", threads)
-    model, tok = load_model(ckpt)
-    pieces = vocabulary(tok, model.config.vocab_size)
-    ct2 = convert_ct2(ckpt, work / "ct2-float32", "float32", pieces)
-    del model
-    engines = {name: LoopRunner(name, load_ort(path, threads=threads)[0]) for name, path in ours.items()}
-    for name, path in gguf.items():
-        engines[name] = NativeRunner(name, tools, path, threads=threads, reps=llama_reps)
-    engines["ct2-f32"] = CT2Runner("ct2-f32", ct2, "float32", pieces, threads)
+    def want(engine: str) -> bool:
+        return wanted is None or engine in wanted
+
+    if checkpoint is None:
+        ckpt, art = parity_model(work, vocab, say=say)
+        ours = {"ours-fp32": art}
+        for scheme in ("int8", "int4"):
+            ours[f"ours-{scheme}"] = quantized_artifact(art, work / f"{name}-{scheme}", scheme)
+        for variant, (scheme, overrides) in VARIANTS.items():
+            if want(variant):
+                ours[variant] = quantized_artifact(art, work / f"{name}-{variant}", scheme, overrides)
+    else:
+        ckpt, ours = checkpoint, dict(artifacts or {})
+    formats = [f for f in formats if want(f"llama-{f}")]
+    gguf = native_ggufs(tools, ckpt, work, name, threads, formats) if formats else {}
+    engines = {e: LoopRunner(e, load_ort(path, threads=threads)[0]) for e, path in ours.items() if want(e)}
+    for engine, path in gguf.items():
+        engines[engine] = NativeRunner(engine, tools, path, threads=threads, reps=llama_reps)
+    if want("ct2-f32"):
+        model, tok = load_model(ckpt)
+        pieces = vocabulary(tok, model.config.vocab_size)
+        ct2 = convert_ct2(ckpt, work / "ct2-float32", "float32", pieces)
+        del model
+        engines["ct2-f32"] = CT2Runner("ct2-f32", ct2, "float32", pieces, threads)
     return engines
 
 
-def time_speed(engines: dict, rounds: int, vocab: int) -> dict:
+def time_speed(engines: dict, rounds: int, vocab: int, cases: Sequence[str] = tuple(CASES)) -> dict:
     """{engine: {case: [decode seconds per step, one per round]}}, rounds interleaved. llama.cpp's tools
     (``NativeRunner``) warm up inside each call and report their own clock; the others run our harness."""
     rng = np.random.default_rng(0)
-    prompts = {c: rng.integers(10, vocab, size=(b, p), dtype=np.int64) for c, (b, p) in CASES.items()}
+    chosen = {c: CASES[c] for c in cases}
+    prompts = {c: rng.integers(10, vocab, size=(b, p), dtype=np.int64) for c, (b, p) in chosen.items()}
     for name, runner in engines.items():
         say(f"warm-up {name}")
-        for case, (batch, prompt_len) in CASES.items():
+        for case, (batch, prompt_len) in chosen.items():
             if isinstance(runner, NativeRunner):
                 if case not in PREFILL_CASES:  # fails early if a tool cannot run the file
                     runner.step_seconds(batch, prompt_len, 4)
             else:
                 runner.run(prompts[case], 4)
-    times: dict = {name: {case: [] for case in CASES} for name in engines}
+    times: dict = {name: {case: [] for case in chosen} for name in engines}
     for r in range(rounds):
         say(f"round {r + 1}/{rounds}")
-        for case, (batch, prompt_len) in CASES.items():
+        for case, (batch, prompt_len) in chosen.items():
             if case in PREFILL_CASES:  # a prompt no engine has seen: our prefix cache would serve a repeated one
                 prompts[case] = rng.integers(10, vocab, size=(batch, prompt_len), dtype=np.int64)
             for name, runner in engines.items():
@@ -239,16 +270,16 @@ def _case_seconds(runner, case: str, prompts: np.ndarray) -> float:
 def summarize_speed(times: dict) -> dict:
     rows = {}
     for name, cases in times.items():
-        b1, ctx, b8, pf = (statistics.median(cases[c]) for c in ("b1", "ctx900", "b8", "pf128"))
+        b1, ctx, b8, pf = (statistics.median(cases[c]) if cases.get(c) else None for c in CASES)
         rows[name] = {
             "decode_ms": b1 * 1e3,
-            "prefill128_ms": pf * 1e3,
-            "decode_ms_past900": ctx * 1e3,
-            "past900_over_past16": ctx / b1,
-            "b8_step_ms": b8 * 1e3,
+            "prefill128_ms": pf * 1e3 if pf else None,
+            "decode_ms_past900": ctx * 1e3 if ctx else None,
+            "past900_over_past16": ctx / b1 if ctx else None,
+            "b8_step_ms": b8 * 1e3 if b8 else None,
             "b1_tokens_per_s": 1 / b1,
-            "b8_tokens_per_s": 8 / b8,
-            "b8_over_b1_tokens_per_s": 8 * b1 / b8,
+            "b8_tokens_per_s": 8 / b8 if b8 else None,
+            "b8_over_b1_tokens_per_s": 8 * b1 / b8 if b8 else None,
             "rounds_ms": {c: [round(t * 1e3, 3) for t in v] for c, v in cases.items()},
         }
     return rows
@@ -411,6 +442,9 @@ def targets(speed: dict, qual: dict | None) -> list[dict]:
     s = speed
     out = []
 
+    def timed(case: str, *engines: str) -> bool:
+        return all(s[e]["rounds_ms"].get(case) for e in engines)
+
     def check(item: str, what: str, value: float, limit: float, op: str = "<=", medians: float | None = None) -> None:
         ok = value <= limit if op == "<=" else value >= limit
         row = {"item": item, "target": what, "value": round(value, 3), "limit": limit, "met": bool(ok)}
@@ -434,11 +468,11 @@ def targets(speed: dict, qual: dict | None) -> list[dict]:
     if ("ours-fp32", "llama-f32") in present:
         medians = s["ours-fp32"]["decode_ms"] / s["llama-f32"]["decode_ms"]
         check("decode", "ours-fp32 decode / llama-f32", paired(s, "ours-fp32", "llama-f32"), 0.9, medians=medians)
-    if ("ours-int8", "llama-q8_0") in present:
+    if ("ours-int8", "llama-q8_0") in present and timed("b8", "ours-int8", "llama-q8_0"):
         value = paired(s, "llama-q8_0", "ours-int8", "b8", "b8")  # their step time / ours = our tokens/s / theirs
         medians = s["ours-int8"]["b8_tokens_per_s"] / s["llama-q8_0"]["b8_tokens_per_s"]
         check("batch 8", "ours-int8 batch-8 tokens/s / llama-q8_0", value, 1.2, ">=", medians)
-    for ours, theirs in present:
+    for ours, theirs in [(a, b) for a, b in present if timed("pf128", a, b)]:
         medians = s[ours]["prefill128_ms"] / s[theirs]["prefill128_ms"]
         value = paired(s, ours, theirs, "pf128", "pf128")
         check("prefill", f"{ours} prefill 128 / {theirs}", value, 0.8, medians=medians)
@@ -453,6 +487,13 @@ def targets(speed: dict, qual: dict | None) -> list[dict]:
                 ">=",
             )
     return out
+
+
+def shape_label(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "CPM-small shape"
+    config = json.loads((checkpoint / "config.json").read_text())
+    return f"{checkpoint.name} ({config['n_layer']} layers x {config['n_embd']}, vocab {config['vocab_size']})"
 
 
 def bound_report(speed: dict, kernels: dict) -> dict:
@@ -481,7 +522,8 @@ def markdown(report: dict) -> str:
         f"load average {env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         "",
-        f"Speed: CPM-small shape, same random weights for every engine, greedy, median of {env['rounds']} "
+        f"Speed: {report.get('shape', 'CPM-small shape')}, same random weights for every engine, greedy, median of "
+        f"{env['rounds']} "
         "interleaved rounds. Decode ms/token = (t(33) - t(1)) / 32 after a 16-token prompt (past 16) or a "
         "900-token prompt (past 900); batch 8 = tokens/s of the whole batch over the same 32 steps; prefill 128 = "
         "time to the first token of a 128-token prompt (llama.cpp: pp128 of llama-bench). llama.cpp: "
@@ -492,10 +534,15 @@ def markdown(report: dict) -> str:
         "| prefill 128 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(value: float | None, form: str, unit: str = "") -> str:
+        return "-" if value is None else format(value, form) + unit
+
     for name, r in s.items():
         lines.append(
-            f"| {name} | {r['decode_ms']:.2f} | {r['decode_ms_past900']:.2f} | {r['past900_over_past16']:.2f}x | "
-            f"{r['b8_tokens_per_s']:.0f} | {r['b8_over_b1_tokens_per_s']:.2f}x | {r['prefill128_ms']:.1f} |"
+            f"| {name} | {r['decode_ms']:.2f} | {cell(r['decode_ms_past900'], '.2f')} | "
+            f"{cell(r['past900_over_past16'], '.2f', 'x')} | {cell(r['b8_tokens_per_s'], '.0f')} | "
+            f"{cell(r['b8_over_b1_tokens_per_s'], '.2f', 'x')} | {cell(r['prefill128_ms'], '.1f')} |"
         )
     q = report.get("quality")
     if q:
@@ -554,6 +601,18 @@ def main() -> None:
         "--prepare-only", action="store_true", help="Write every checkpoint, artifact and GGUF file, time nothing."
     )
     parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="Time this checkpoint's shape (e.g. a random CPM-large) instead of a random CPM-small; with --artifact.",
+    )
+    parser.add_argument(
+        "--artifact", action="append", default=[], metavar="NAME=DIR", help="With --checkpoint: ours-int4=DIR, ..."
+    )
+    parser.add_argument("--name", default="cpm-small", help="GGUF and artifact file prefix in --work-dir.")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"Subset of {', '.join(CASES)} (b1 always).")
+    parser.add_argument("--llama-formats", default=",".join(LLAMA_FORMATS))
+    parser.add_argument(
         "--engines", default=None, help="Comma-separated engines to time (default: all), e.g. ours-int4,llama-q4_K_M."
     )
     parser.add_argument("--machine", default=machine_slug())
@@ -584,17 +643,37 @@ def main() -> None:
     load_before = os.getloadavg()
     bandwidth = read_bandwidth(args.threads)
     say(f"read bandwidth {bandwidth:.1f} GB/s")
-    engines = speed_engines(args.work_dir, args.vocab, args.threads, tools, args.llama_reps)
-    if args.engines:
-        wanted = args.engines.split(",")
-        unknown = sorted(set(wanted) - set(engines))
-        if unknown:
-            raise SystemExit(f"error: unknown engine {unknown[0]} (have: {', '.join(engines)})")
-        engines = {name: runner for name, runner in engines.items() if name in wanted}
-    speed = summarize_speed(time_speed(engines, args.rounds, 30000))
+    wanted = set(args.engines.split(",")) if args.engines else None
+    artifacts = {}
+    for item in args.artifact:
+        engine, _, path = item.partition("=")
+        if not path or not Path(path).is_dir():
+            raise SystemExit(f"error: --artifact {item}: expected NAME=DIR with an existing artifact directory")
+        artifacts[engine] = Path(path)
+    cases = ["b1", *[c for c in args.cases.split(",") if c != "b1"]]
+    if any(c not in CASES for c in cases):
+        raise SystemExit(f"error: --cases takes {', '.join(CASES)}")
+    engines = speed_engines(
+        args.work_dir,
+        args.vocab,
+        args.threads,
+        tools,
+        args.llama_reps,
+        wanted=wanted,
+        checkpoint=args.checkpoint,
+        artifacts=artifacts,
+        name=args.name,
+        formats=args.llama_formats.split(","),
+    )
+    unknown = sorted((wanted or set()) - set(engines))
+    if unknown:
+        raise SystemExit(f"error: unknown engine {unknown[0]} (have: {', '.join(engines)})")
+    speed = summarize_speed(time_speed(engines, args.rounds, 30000, cases))
     llama_build = next((r.bench for r in engines.values() if isinstance(r, NativeRunner) and r.bench), {})
-    say("matrix-multiply kernel throughput (the batch bound)")
-    kernels = kernel_throughput(args.threads)
+    bound = args.checkpoint is None and "ours-int4" in speed and speed["ours-int4"]["b8_step_ms"] is not None
+    if bound:
+        say("matrix-multiply kernel throughput (the batch bound)")
+    kernels = kernel_throughput(args.threads) if bound else {}
     qual = None
     if not args.skip_quality:
         with_llama = binding_available()
@@ -625,7 +704,8 @@ def main() -> None:
         "environment": env,
         "speed": speed,
         "quality": qual,
-        "batch_bound": bound_report(speed, kernels) if "ours-int4" in speed else None,
+        "batch_bound": bound_report(speed, kernels) if bound else None,
+        "shape": shape_label(args.checkpoint),
         "targets": targets(speed, qual),
     }
     out = args.out_dir or ROOT / "benchmarks" / "results" / f"peers-llamacpp-{args.machine}"
