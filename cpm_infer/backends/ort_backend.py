@@ -213,7 +213,7 @@ class OrtBackend:
         session is unchanged. Sessions that take turns on the same cores (speculative decoding's model and draft)
         then share one set of threads, which spin between runs without taking the cores from another pool:
         CPM-small shape, trained, float32 model with its int4 artifact drafting, 2 threads, 2.06x / 1.95x the
-        model alone (greedy / sampled) with ``quiet_threads`` -> 2.18x / 2.04x. Call before generating."""
+        model alone (greedy / sampled) with ``quiet_threads`` -> 2.18x / 2.03x. Call before generating."""
         self.session  # noqa: B018 - raises BackendClosedError once closed
         if self.reopen is None or self.device_kind != "cpu" or not claim_shared_pool(self.threads):
             return False
