@@ -79,6 +79,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # channel (faster, further from float32) and in blocks of 64; int4 with smaller blocks and an 8-bit or float32
 # LM head, which trade bytes read per token for quality.
 VARIANTS = {
+    "ours-int4-fast": ("int4", {"recipe": "fast"}),  # --quantize int4 --fast: the 4-bit head and embedding
     "ours-int8-per-channel": ("int8", {"block_size": None}),
     "ours-int8-b64": ("int8", {"block_size": 64}),
     "ours-int4-b32": ("int4", {"block_size": 32}),
@@ -489,11 +490,11 @@ def targets(speed: dict, qual: dict | None) -> list[dict]:
     return out
 
 
-def shape_label(checkpoint: Path | None) -> str:
+def shape_label(checkpoint: Path | None, name: str) -> str:
     if checkpoint is None:
         return "CPM-small shape"
     config = json.loads((checkpoint / "config.json").read_text())
-    return f"{checkpoint.name} ({config['n_layer']} layers x {config['n_embd']}, vocab {config['vocab_size']})"
+    return f"{name} ({config['n_layer']} layers x {config['n_embd']}, vocab {config['vocab_size']})"
 
 
 def bound_report(speed: dict, kernels: dict) -> dict:
@@ -705,7 +706,7 @@ def main() -> None:
         "speed": speed,
         "quality": qual,
         "batch_bound": bound_report(speed, kernels) if bound else None,
-        "shape": shape_label(args.checkpoint),
+        "shape": shape_label(args.checkpoint, args.name),
         "targets": targets(speed, qual),
     }
     out = args.out_dir or ROOT / "benchmarks" / "results" / f"peers-llamacpp-{args.machine}"
