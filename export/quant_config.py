@@ -159,8 +159,9 @@ class QuantConfig:
 # and held-out perplexity of the demo model on its chapter 60):
 # - int8 in blocks of 32 (MatMulNBits), not per channel: the per-channel scheme's next-token KL from float32
 #   was 4.0x llama.cpp q8_0's on the demo model's held-out chapter (per-tensor activations), blocks of 32 0.85x
-#   (blocks of 64: 1.05x); it costs decode speed (2-core Xeon with VNNI: 8.25 vs 6.09 ms/token on CPM-small,
-#   q8_0 10.80; benchmarks/results/peers-llamacpp-intel-xeon-2c). Per channel stays available (--per-channel).
+#   (blocks of 64: 1.05x); it costs decode speed (2-core Xeon with VNNI: 5.75 vs 4.82 ms/token on CPM-small,
+#   llama.cpp's q8_0 7.14 natively; benchmarks/results/peers-llamacpp-native-recipes-intel-xeon-2c). Per channel
+#   stays available (--per-channel).
 # - LM head quantized in both: it is the largest matrix (30000x768), and keeping it float32 made a decode
 #   step 19-28% slower for int8 (7.7-8.9 -> 9.9-10.6 ms) and 64-113% slower for int4 (4.7-5.1 -> 8.4-10.1
 #   ms), for at most 0.07% perplexity.
