@@ -5,6 +5,7 @@ turns on the same cores (speculative decoding's model and draft). Kept apart fro
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from cpm_infer.deps import require
 from cpm_infer.errors import first_line
@@ -44,3 +45,19 @@ def claim_shared_pool(threads: int | None) -> bool:
 def shared_pool_size() -> int | None:
     """The shared pool's size once claimed (0: onnxruntime's default, -1: made by someone else), else None."""
     return _pool.get("threads")
+
+
+def session_options(ort: Any, threads: int | None = None) -> Any:
+    """``SessionOptions`` for a session of ours: on the shared pool once it exists (onnxruntime refuses any other
+    session then, the small helper graphs' included), else a sequential graph on ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    pool = shared_pool_size()
+    if pool is not None:
+        if threads and pool not in (threads, -1):
+            log.warning("a session asked for %d threads runs on the process's shared pool of %s", threads, pool)
+        options.use_per_session_threads = False
+    else:
+        options.inter_op_num_threads = 1  # one graph, sequential: parallelism is inside the kernels
+        if threads:
+            options.intra_op_num_threads = threads
+    return options

@@ -124,3 +124,14 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def _shared_ort_pool_ends_with_the_test():
+    """The ``cpm`` entry point (``run_cli``) allows onnxruntime's process-wide thread pool (``cpm_infer.ort_pool``):
+    in this one test process that permission would carry over and bind later tests' sessions to the pool, so it
+    ends with the test that ran ``main()``."""
+    yield
+    from cpm_infer import ort_pool
+
+    ort_pool._pool.pop("allowed", None)

@@ -489,7 +489,7 @@ def test_peers_bench_times_llama_cpp_with_its_tools_interleaved(monkeypatch):
     for name, step in (("llama-f32", 0.021), ("llama-q8_0", 0.011), ("llama-q4_K_M", 0.010)):
         engines[name] = Native(name, [1.0] * 3 + [step] * 6)
     engines["ct2-f32"] = Ours("ct2-f32", 0.04)
-    times = pb.time_speed(engines, 2, 1000)
+    times = pb.time_speed(engines, 2, 1000, cases=("b1", "ctx900", "b8"))  # prefill: tests/test_peers_bench.py
 
     warm_up = [(1, 16, 4), (1, 900, 4), (8, 16, 4)]
     assert q4.calls == warm_up + [(1, 16, pb.NEW - 1), (1, 900, pb.NEW - 1), (8, 16, pb.NEW - 1)] * 2

@@ -449,3 +449,18 @@ def test_cpm_generate_runs_model_and_draft_on_one_pool(ort_artifacts):
     assert drafted.stdout == alone.stdout and alone.stdout.strip()
     assert drafted.stderr.count("moved to the process's shared pool of 2 threads") == 2
     assert "shared pool" not in alone.stderr
+
+
+def test_every_session_of_ours_runs_on_the_shared_pool_once_it_exists(monkeypatch):
+    """onnxruntime refuses a session with threads of its own once the process's pool exists, so the options of
+    every session we open (the model's, the row-gather and KV-ops helper graphs') follow the pool."""
+    import onnxruntime as ort
+
+    from cpm_infer import ort_pool
+
+    monkeypatch.setattr(ort_pool, "_pool", {})
+    alone = ort_pool.session_options(ort, 3)
+    assert alone.use_per_session_threads and alone.intra_op_num_threads == 3 and alone.inter_op_num_threads == 1
+    monkeypatch.setattr(ort_pool, "_pool", {"allowed": 1, "threads": 2})
+    assert ort_pool.session_options(ort, 2).use_per_session_threads is False
+    assert ort_pool.session_options(ort).use_per_session_threads is False  # the helper graphs ask for no count

@@ -35,7 +35,7 @@ from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.devices import Device, parse_device, resolve_device
 from cpm_infer.errors import CpmError, first_line
-from cpm_infer.ort_pool import claim_shared_pool, shared_pool_size
+from cpm_infer.ort_pool import claim_shared_pool, session_options, shared_pool_size
 from cpm_infer.tokenizer import CpmTokenizer
 
 log = logging.getLogger(__name__)
@@ -88,19 +88,12 @@ def create_session(
     providers: list[Any] = ["CPUExecutionProvider"]
     if target.is_cuda:
         providers.insert(0, ("CUDAExecutionProvider", cuda_provider_options(target.index, tf32=tf32)))
-    options = ort.SessionOptions()
+    if shared_pool and shared_pool_size() is None:
+        raise ValueError("shared_pool: claim_shared_pool first")
+    options = session_options(ort, threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if target.is_cuda:  # weights in plain device allocations, outside the arena (ORT's advice for large models)
         options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
-    pool = shared_pool_size()
-    if shared_pool or pool is not None:  # sized by claim_shared_pool; onnxruntime allows no other after it
-        if threads and pool not in (threads, -1):
-            log.warning("%s runs on the process's shared pool of %s threads, not %d", graph.name, pool, threads)
-        options.use_per_session_threads = False
-    else:
-        options.inter_op_num_threads = 1  # one graph, sequential: parallelism is inside the kernels
-        if threads:
-            options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.force_spinning_stop", "1")
     try:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cpm_infer.deps import require
+from cpm_infer.ort_pool import session_options
 
 IR_VERSION, OPSET = 8, 13  # old enough for every onnxruntime >= 1.20, Gather unchanged since 13
 ROWS = "rows"
@@ -46,8 +47,7 @@ class RowGather:
         self, ort: Any, count: int, dtype: np.dtype | type, *, device: tuple[str, int], providers: list[Any]
     ) -> None:
         self.count, self.dtype, self.device = count, np.dtype(dtype), device
-        options = ort.SessionOptions()
-        options.inter_op_num_threads = 1
+        options = session_options(ort)
         self.session = ort.InferenceSession(gather_model_bytes(count, self.dtype), options, providers=providers)
         self._binding = self.session.io_binding()
 

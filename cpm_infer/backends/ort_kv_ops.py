@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cpm_infer.deps import require
+from cpm_infer.ort_pool import session_options
 
 IR_VERSION, OPSET = 8, 13  # Gather, Slice, Pad (pads as an input) and Concat as of opset 13
 
@@ -77,8 +78,7 @@ class KvOps:
         providers: list[Any],
     ) -> None:
         self.count, self.dtype, self.heads, self.dim, self.device = count, np.dtype(dtype), heads, dim, device
-        options = ort.SessionOptions()
-        options.inter_op_num_threads = 1
+        options = session_options(ort)
         self._select = ort.InferenceSession(select_model_bytes(count, self.dtype), options, providers=providers)
         self._merge = ort.InferenceSession(merge_model_bytes(count, self.dtype), options, providers=providers)
 
