@@ -464,3 +464,19 @@ def test_every_session_of_ours_runs_on_the_shared_pool_once_it_exists(monkeypatc
     monkeypatch.setattr(ort_pool, "_pool", {"allowed": 1, "threads": 2})
     assert ort_pool.session_options(ort, 2).use_per_session_threads is False
     assert ort_pool.session_options(ort).use_per_session_threads is False  # the helper graphs ask for no count
+
+
+def test_the_model_is_timed_once_per_draft_not_once_per_engine():
+    """``generate`` makes an engine per call: the draft keeps the clock of its model's plain steps, so only the first
+    call spends decode steps timing it; the next one speculates from its first step."""
+    from cpm_infer.engine.generate import generate
+
+    draft = _draft("same")
+    config = GenerationConfig(temperature=0, max_new_tokens=12, ignore_eos=True)
+    first = generate(VerifyingBackend(), [[10, 11, 12]], config, HashTok(), draft=draft, draft_tokens=4)
+    timed = draft.step_clock.steps
+    assert timed >= draft.step_clock.warm
+    again = generate(VerifyingBackend(), [[10, 11, 12]], config, HashTok(), draft=draft, draft_tokens=4)
+    # no new timing: at most the last step is plain (no room left for a proposal)
+    assert draft.step_clock.steps - timed < draft.step_clock.warm
+    assert again[0].token_ids == first[0].token_ids

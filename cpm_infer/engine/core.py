@@ -214,7 +214,9 @@ class Engine:
         if draft is not None and draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.draft, self.draft_tokens = draft, draft_tokens
-        self.plain_step = StepClock()  # plain decode steps of a lone row: the yardstick of speculative passes
+        # Plain decode steps of a lone row, the yardstick of speculative passes: kept by the draft, so a model is
+        # timed once, not once per engine (``generate`` makes one per call).
+        self.plain_step = getattr(draft, "step_clock", None) or StepClock()
         # Counted into (a server keeps one across the engines it makes after a failed step).
         self.speculation = speculation_stats if speculation_stats is not None else SpeculationStats()
         ops = supports_kv_ops(backend)

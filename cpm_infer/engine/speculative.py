@@ -76,6 +76,7 @@ class ModelDraft:
             )
         self.backend, self.name = backend, name
         self.n_positions = backend.spec.n_positions
+        self.step_clock = StepClock()  # the model's plain steps, timed once for every engine this draft serves
         self._key: object = None
         self._state: Any = None
         self._tokens: list[int] = []  # the tokens the draft's cache holds
@@ -161,6 +162,7 @@ class NgramDraft:
         if not 1 <= min_ngram <= max_ngram:
             raise ConfigError(f"n-gram sizes must satisfy 1 <= min <= max, got {min_ngram}..{max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.step_clock = StepClock()
 
     def propose(self, key: object, tokens: Sequence[int], k: int, chooser: RowChooser) -> Proposal:
         return Proposal(lookup(tokens, k, self.max_ngram, self.min_ngram) if k > 0 else [])
