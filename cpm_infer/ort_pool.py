@@ -32,8 +32,12 @@ def claim_shared_pool(threads: int | None) -> bool:
     size = threads or 0
     if "threads" not in _pool:
         ort = require("onnxruntime", "ort")
+        state = getattr(getattr(ort, "capi", None), "_pybind_state", None)
+        setter = getattr(state, "set_global_thread_pool_sizes", None)
+        if setter is None:  # an onnxruntime without it: per-session threads, as before
+            return False
         try:
-            ort.capi._pybind_state.set_global_thread_pool_sizes(size, 1)
+            setter(size, 1)
         except Exception as exc:  # noqa: BLE001 - ORT's own type: pools made elsewhere, size unknown
             log.info("onnxruntime's shared thread pool is not available: %s", first_line(exc))
             _pool["threads"] = -1

@@ -410,8 +410,8 @@ def test_ort_verify_pass_equals_one_token_at_a_time(ort_artifacts, which):
 
 def test_shared_pool_is_sized_by_the_first_claim(monkeypatch):
     """onnxruntime's shared pool is used only where allowed, and made once per process: the first claim sizes
-    it, a claim of another size is refused (those sessions keep their own pools), and a pool made outside our
-    claim is never used."""
+    it, a claim of another size is refused (those sessions keep their own pools), a pool made outside our claim is
+    never claimed (but our sessions must run on it), and an onnxruntime without the API keeps per-session threads."""
     from types import SimpleNamespace
 
     from cpm_infer import ort_pool
@@ -436,6 +436,11 @@ def test_shared_pool_is_sized_by_the_first_claim(monkeypatch):
     fake.capi._pybind_state.set_global_thread_pool_sizes = refuse
     monkeypatch.setattr(ort_pool, "_pool", {"allowed": 1})
     assert not ort_pool.claim_shared_pool(2) and not ort_pool.claim_shared_pool(2)
+    assert ort_pool.shared_pool_size() == -1  # made elsewhere: our sessions must run on it too
+
+    monkeypatch.setattr(ort_pool, "require", lambda *a: SimpleNamespace(capi=SimpleNamespace()))  # no such API
+    monkeypatch.setattr(ort_pool, "_pool", {"allowed": 1})
+    assert not ort_pool.claim_shared_pool(2) and ort_pool.shared_pool_size() is None  # per-session threads, as before
 
 
 def test_cpm_generate_runs_model_and_draft_on_one_pool(ort_artifacts):
