@@ -35,7 +35,7 @@ from cpm_infer.config import ModelSpec
 from cpm_infer.deps import require
 from cpm_infer.devices import Device, parse_device, resolve_device
 from cpm_infer.errors import CpmError, first_line
-from cpm_infer.ort_pool import claim_shared_pool, session_options, shared_pool_size
+from cpm_infer.ort_pool import claim_shared_pool, session_options
 from cpm_infer.tokenizer import CpmTokenizer
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,12 @@ def create_session(
     threads: int | None = None,
     tf32: bool = False,
     spinning: bool = True,
-    shared_pool: bool = False,
 ) -> Any:
     """An InferenceSession on ``device`` (``auto``: the CUDA provider when there is a GPU); one-line errors
     for a missing provider or a bad graph. ``tf32`` lets the CUDA provider run float32 GEMMs in TF32
     (faster on sm_80+, ~1e-3 relative error). ``spinning=False``: the intra-op threads stop spinning when a run
-    ends (they still spin between the kernels of a run; ``OrtBackend.quiet_threads``). ``shared_pool``: run on
-    the process's shared pool (``claim_shared_pool`` first; ``OrtBackend.join_pool``).
+    ends (they still spin between the kernels of a run; ``OrtBackend.quiet_threads``). Once the process's shared
+    pool exists (``cpm_infer.ort_pool``), the session runs on it.
 
     Opened by path, so ORT finds external data files beside the graph; on the CPU it memory-maps
     external tensors stored at aligned offsets (``export.onnx_weights``) instead of reading them."""
@@ -88,8 +87,6 @@ def create_session(
     providers: list[Any] = ["CPUExecutionProvider"]
     if target.is_cuda:
         providers.insert(0, ("CUDAExecutionProvider", cuda_provider_options(target.index, tf32=tf32)))
-    if shared_pool and shared_pool_size() is None:
-        raise ValueError("shared_pool: claim_shared_pool first")
     options = session_options(ort, threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if target.is_cuda:  # weights in plain device allocations, outside the arena (ORT's advice for large models)
@@ -210,7 +207,7 @@ class OrtBackend:
         self.session  # noqa: B018 - raises BackendClosedError once closed
         if self.reopen is None or self.device_kind != "cpu" or not claim_shared_pool(self.threads):
             return False
-        self._session = self.reopen(shared_pool=True)
+        self._session = self.reopen()  # session_options puts it on the pool just claimed
         log.info("onnxruntime session moved to the process's shared pool of %s threads", self.threads or "default")
         return True
 
