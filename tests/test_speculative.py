@@ -472,16 +472,21 @@ def test_every_session_of_ours_runs_on_the_shared_pool_once_it_exists(monkeypatc
 
 
 def test_the_model_is_timed_once_per_draft_not_once_per_engine():
-    """``generate`` makes an engine per call: the draft keeps the clock of its model's plain steps, so only the first
-    call spends decode steps timing it; the next one speculates from its first step."""
+    """``generate`` makes an engine per call: the draft keeps the clock of each model's plain steps, so only the first
+    call on a model spends decode steps timing it; the next one speculates from its first step. Another model the
+    same draft serves is timed by its own steps."""
     from cpm_infer.engine.generate import generate
+    from cpm_infer.engine.speculative import plain_step_clock
 
-    draft = _draft("same")
+    draft, target = _draft("same"), VerifyingBackend()
     config = GenerationConfig(temperature=0, max_new_tokens=12, ignore_eos=True)
-    first = generate(VerifyingBackend(), [[10, 11, 12]], config, HashTok(), draft=draft, draft_tokens=4)
-    timed = draft.step_clock.steps
-    assert timed >= draft.step_clock.warm
-    again = generate(VerifyingBackend(), [[10, 11, 12]], config, HashTok(), draft=draft, draft_tokens=4)
+    first = generate(target, [[10, 11, 12]], config, HashTok(), draft=draft, draft_tokens=4)
+    clock = plain_step_clock(draft, target)
+    timed = clock.steps
+    assert timed >= clock.warm
+    again = generate(target, [[10, 11, 12]], config, HashTok(), draft=draft, draft_tokens=4)
     # no new timing: at most the last step is plain (no room left for a proposal)
-    assert draft.step_clock.steps - timed < draft.step_clock.warm
+    assert clock.steps - timed < clock.warm
     assert again[0].token_ids == first[0].token_ids
+    other = VerifyingBackend()
+    assert plain_step_clock(draft, other) is not clock and plain_step_clock(draft, other).steps == 0

@@ -43,7 +43,7 @@ from cpm_infer.engine.chooser import RowChooser, TokenLogprob, choose, token_inf
 from cpm_infer.engine.detok import TextStream
 from cpm_infer.engine.prefix_cache import PrefixCache, shared_cache
 from cpm_infer.engine.processors import static_bans
-from cpm_infer.engine.speculative import Acceptance, Draft, SpeculationStats, StepClock, require_verifier
+from cpm_infer.engine.speculative import Acceptance, Draft, SpeculationStats, plain_step_clock, require_verifier
 from cpm_infer.errors import CpmError
 from cpm_infer.settings import DRAFT_TOKENS
 
@@ -214,9 +214,8 @@ class Engine:
         if draft is not None and draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.draft, self.draft_tokens = draft, draft_tokens
-        # Plain decode steps of a lone row, the yardstick of speculative passes: kept by the draft, so a model is
-        # timed once, not once per engine (``generate`` makes one per call).
-        self.plain_step = getattr(draft, "step_clock", None) or StepClock()
+        # Plain decode steps of a lone row, the yardstick of speculative passes (kept by the draft for this model).
+        self.plain_step = plain_step_clock(draft, backend)
         # Counted into (a server keeps one across the engines it makes after a failed step).
         self.speculation = speculation_stats if speculation_stats is not None else SpeculationStats()
         ops = supports_kv_ops(backend)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -76,7 +77,7 @@ class ModelDraft:
             )
         self.backend, self.name = backend, name
         self.n_positions = backend.spec.n_positions
-        self.step_clock = StepClock()  # the model's plain steps, timed once for every engine this draft serves
+        self.step_clocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see plain_step_clock
         self._key: object = None
         self._state: Any = None
         self._tokens: list[int] = []  # the tokens the draft's cache holds
@@ -162,7 +163,7 @@ class NgramDraft:
         if not 1 <= min_ngram <= max_ngram:
             raise ConfigError(f"n-gram sizes must satisfy 1 <= min <= max, got {min_ngram}..{max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        self.step_clock = StepClock()
+        self.step_clocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see plain_step_clock
 
     def propose(self, key: object, tokens: Sequence[int], k: int, chooser: RowChooser) -> Proposal:
         return Proposal(lookup(tokens, k, self.max_ngram, self.min_ngram) if k > 0 else [])
@@ -250,6 +251,19 @@ class StepClock:
     @property
     def value(self) -> float | None:
         return self.mean_s if self.known else None
+
+
+def plain_step_clock(draft: Draft | None, target: Backend) -> StepClock:
+    """The clock of ``target``'s plain steps that ``draft`` keeps for it, so a model is timed once, not once per engine
+    (``generate`` makes one per call), and each model a draft serves (``cpm bench`` lends one to several) by its own
+    steps. A new clock where the draft keeps none."""
+    clocks = getattr(draft, "step_clocks", None)
+    if clocks is None:
+        return StepClock()
+    try:
+        return clocks.setdefault(target, StepClock())
+    except TypeError:  # a target that cannot be weakly referenced
+        return StepClock()
 
 
 @dataclass
