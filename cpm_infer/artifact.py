@@ -71,12 +71,15 @@ class Manifest:
             raise ManifestError(f"manifest dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if "model" not in self.graph_files:
             raise ManifestError('manifest graph_files has no "model" entry')
-        if self.inputs != kv.input_names(n) or self.outputs != kv.output_names(n):
+        # ONNX graphs take logits_to_keep after the KV contract's inputs (those exported before it do not).
+        keep = kv.keeps_logits(self.inputs)
+        names = kv.graph_input_names(n) if keep else kv.input_names(n)
+        if self.inputs != names or self.outputs != kv.output_names(n):
             raise ManifestError(
                 f"manifest IO names do not follow the KV contract for {n} layers "
-                f"({len(self.inputs)} inputs / {len(self.outputs)} outputs, expected {3 + 2 * n} / {1 + 2 * n})"
+                f"({len(self.inputs)} inputs / {len(self.outputs)} outputs, expected {len(names)} / {1 + 2 * n})"
             )
-        if self.dynamic_axes != kv.dynamic_axes(n):
+        if self.dynamic_axes != kv.dynamic_axes(n, keep=keep):
             raise ManifestError("manifest dynamic_axes differ from the KV contract (cpm_infer.kv.dynamic_axes)")
 
     def to_dict(self) -> dict[str, Any]:

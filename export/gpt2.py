@@ -186,8 +186,17 @@ class ExportGPT2(nn.Module):
         return self.wte.dtype
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past_and_keep: torch.Tensor,
     ):
+        # The past keys and values (2 per layer), then optionally ``logits_to_keep`` (positional: the exporter
+        # names inputs in order, and parameters follow them when they are exported as inputs).
+        past, logits_to_keep = past_and_keep[: 2 * self.n_layer], None
+        if len(past_and_keep) > 2 * self.n_layer:
+            logits_to_keep = past_and_keep[2 * self.n_layer]
         seq, total = input_ids.shape[1], attention_mask.shape[1]
         # Query i sits at absolute slot total - seq + i; it sees earlier slots that are not padding.
         causal = (
@@ -201,6 +210,9 @@ class ExportGPT2(nn.Module):
             x, k, v = block(x, allowed, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         x = F.layer_norm(x.float(), self.ln_f.normalized_shape, self.ln_f.weight, self.ln_f.bias, self.eps).to(x.dtype)
+        if logits_to_keep is not None:  # (1,) int64: the head only for the last n positions, 0 = every position
+            n = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, torch.tensor(seq)), torch.tensor(seq))
+            x = torch.narrow(x, 1, seq - n[0], n[0])  # after ln_f, so the last Add + LayerNorm still fuse
         logits = F.linear(x.reshape(-1, x.shape[-1]), self.wte, self.lm_bias)  # tied LM head, (B*T, V)
         logits = logits.reshape(x.shape[0], x.shape[1], -1).float()  # (B, T, V)
         return (logits, *presents)

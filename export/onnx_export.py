@@ -239,6 +239,8 @@ def _manifest(ckpt: Checkpoint, dtype: str, graph_files: dict[str, str], source_
         generation=GenerationConfig().to_dict(),
         validation_report=REPORT,
         details=details,
+        inputs=kv.graph_input_names(ckpt.spec.n_layer),
+        dynamic_axes=kv.dynamic_axes(ckpt.spec.n_layer, keep=True),
     )
 
 
@@ -267,11 +269,11 @@ def _export_graph(module, tmp: Path, opset: int, device: str) -> None:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         torch.onnx.export(
             module,
-            (ids, mask, pos, *pasts),
+            (ids, mask, pos, *pasts, torch.ones(1, dtype=torch.int64, device=device)),  # keep: see kv
             str(raw / GRAPH),
-            input_names=kv.input_names(n),
+            input_names=kv.graph_input_names(n),
             output_names=kv.output_names(n),
-            dynamic_axes=kv.dynamic_axes(n),
+            dynamic_axes=kv.dynamic_axes(n, keep=True),
             opset_version=opset,
             do_constant_folding=True,
             export_params=False,
@@ -279,7 +281,7 @@ def _export_graph(module, tmp: Path, opset: int, device: str) -> None:
         )
     proto = load_graph(raw / GRAPH)
     shutil.rmtree(raw)
-    contract = set(kv.input_names(n))
+    contract = set(kv.graph_input_names(n))
     params = dict(module.named_parameters())
     weights = [value.name for value in proto.graph.input if value.name not in contract]
     unknown = [name for name in weights if name not in params]

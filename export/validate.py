@@ -207,12 +207,15 @@ def check_graph(session: Any, reference: Reference, spec: ModelSpec, tolerance: 
     """Every output of the raw graph (all-position logits, every present) against an eager reference."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     names = kv.present_names(spec.n_layer)
+    keep = kv.keeps_logits([i.name for i in session.get_inputs()])
     checks = []
     for steps in reference.cases:
         past = [np.zeros(kv.kv_shape(spec, steps[0].ids.shape[0], 0), dtype=np_dtype)] * len(names)
         for ref in steps:
             feeds = {kv.INPUT_IDS: ref.ids, kv.ATTENTION_MASK: ref.mask, kv.POSITION_IDS: ref.pos}
             feeds.update(zip(kv.past_names(spec.n_layer), past, strict=True))
+            if keep:  # every position (the backend checks below take the last-position path)
+                feeds[kv.LOGITS_TO_KEEP] = kv.keep_feed(last=False)
             got = session.run(None, feeds)
             assert ref.presents is not None, "graph checks need an eager reference"
             present_diffs = [_masked_max(g, r, ref.mask) for g, r in zip(got[1:], ref.presents, strict=True)]

@@ -164,7 +164,8 @@ def test_artifact_is_complete_and_manifest_matches(artifact, tiny_checkpoint):
     ckpt = open_checkpoint(tiny_checkpoint)
     assert m.spec == ckpt.spec and m.dtype == "float32" and m.details["opset"] == 17
     assert m.source_sha256 == ckpt.weights_sha256()
-    assert m.inputs == kv.input_names(2) and m.outputs == kv.output_names(2) and m.dynamic_axes == kv.dynamic_axes(2)
+    assert m.inputs == kv.graph_input_names(2) and m.outputs == kv.output_names(2)
+    assert m.dynamic_axes == kv.dynamic_axes(2, keep=True)
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m.tools)
     assert GenerationConfig.from_dict(m.generation) == GenerationConfig()
     report = json.loads((artifact / m.validation_report).read_text())
@@ -174,7 +175,7 @@ def test_artifact_is_complete_and_manifest_matches(artifact, tiny_checkpoint):
     # One graph for prefill and decode: every contract axis is symbolic in the graph.
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in session.get_inputs()} | {o.name: o.shape for o in session.get_outputs()}
-    for name, axes in kv.dynamic_axes(2).items():
+    for name, axes in kv.dynamic_axes(2, keep=True).items():
         assert all(shapes[name][i] == dim for i, dim in axes.items()), (name, shapes[name])
 
 

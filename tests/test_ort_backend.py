@@ -126,6 +126,52 @@ def test_fused_graph_across_kv_buffer_growth(backends, fused_artifact):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def _feeds(spec, ids, keep):
+    from cpm_infer import kv
+
+    mask = np.ones_like(ids)
+    empty = np.zeros(kv.kv_shape(spec, ids.shape[0], 0), dtype=np.float32)
+    feeds = {kv.INPUT_IDS: ids, kv.ATTENTION_MASK: mask, kv.POSITION_IDS: position_ids_from_mask(mask)}
+    return {**feeds, **dict.fromkeys(kv.past_names(spec.n_layer), empty), kv.LOGITS_TO_KEEP: np.array([keep])}
+
+
+@pytest.mark.parametrize("which", ["plain", "fused"])
+def test_logits_to_keep_returns_the_last_positions_of_every_position(backends, artifact, fused_artifact, which):
+    """0 = every position; n = the last n (n past the sequence: every one); the presents do not depend on it."""
+    from cpm_infer.backends.ort_backend import load
+
+    backend, _ = load(fused_artifact if which == "fused" else artifact, io_binding=False)
+    ids = np.array([[11, 12, 13, 14, 15, 16, 17], [21, 22, 23, 24, 25, 26, 27]], dtype=np.int64)
+    every = backend.session.run(None, _feeds(backend.spec, ids, 0))
+    assert every[0].shape == (2, 7, backend.spec.vocab_size)
+    for keep, positions in ((1, 1), (3, 3), (7, 7), (50, 7)):
+        got = backend.session.run(None, _feeds(backend.spec, ids, keep))
+        assert got[0].shape == (2, positions, backend.spec.vocab_size)
+        np.testing.assert_allclose(got[0], every[0][:, -positions:], atol=1e-5, rtol=1e-5)
+        for a, b in zip(got[1:], every[1:], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_graph_without_logits_to_keep_still_runs(backends, artifact, tmp_path):
+    """Artifacts exported before ``logits_to_keep`` (every position, always) load and give the same logits."""
+    from cpm_infer import kv
+    from cpm_infer.artifact import read_manifest, write_manifest
+    from cpm_infer.backends.ort_backend import load
+    from export.tensorrt.builder import engine_graph
+
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    (old / "model.onnx").write_bytes(engine_graph(artifact / "model.onnx"))  # the input made a constant 0
+    manifest = read_manifest(old)
+    manifest.inputs, manifest.dynamic_axes = kv.input_names(2), kv.dynamic_axes(2)
+    write_manifest(old, manifest)
+    for io_binding in (True, False):
+        backend, _ = load(old, io_binding=io_binding)
+        assert not backend.keep
+        for ref, got in zip(_steps(backends[1], PROMPTS, TOKENS), _steps(backend, PROMPTS, TOKENS), strict=True):
+            np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_dropping_rows_matches_eager(backends):
     torch_backend, bound, unbound, _ = backends
     rows = np.array([0, 2])

@@ -324,7 +324,10 @@ def simulated(onnx_artifact, tmp_path, monkeypatch):
     import onnxruntime as ort
 
     source = read_manifest(onnx_artifact)
-    session = ort.InferenceSession(str(onnx_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    from export.tensorrt.builder import engine_graph
+
+    # what the engine computes: the graph TensorRT parses (logits_to_keep fixed at every position)
+    session = ort.InferenceSession(engine_graph(onnx_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     fake_cuda, engines = FakeCuda(), {}
     monkeypatch.setattr(cuda, "runtime", lambda: fake_cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engines))

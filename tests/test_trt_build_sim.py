@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -102,11 +103,13 @@ def add_builder(trt, engines, spec, cuda_rt, version):
             self.network, self.errors = network, []
             trt.loggers.append(logger)
 
-        def parse_from_file(self, path):
+        def parse(self, model_bytes, path=None):
             import onnx
+            from onnx.external_data_helper import load_external_data_for_model
 
             try:  # like TensorRT's parser: external data files are named relative to the graph's directory
-                model = onnx.load(path)
+                model = onnx.load_model_from_string(bytes(model_bytes))
+                load_external_data_for_model(model, str(Path(path).parent))
             except Exception as exc:  # noqa: BLE001 - reported through get_error, like the real parser
                 self.errors.append(f"failed to load {path}: {exc}")
                 return False

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ROW_SLOTS = 4  # shared KV buffers hold rows in multiples of this: rows joining one by one reallocate every 4th time
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+# logits_to_keep feeds; module constants, so a bound input's memory outlives every run that reads it
+_KEEP_LAST, _KEEP_ALL = kv.keep_feed(last=True), kv.keep_feed(last=False)
 
 
 class OrtDeviceError(CpmError):
@@ -176,6 +178,8 @@ class OrtBackend:
         self._reserve_owner: Callable[[], OrtState | None] = lambda: None
         self.past_names = kv.past_names(spec.n_layer)
         self.present_names = kv.present_names(spec.n_layer)
+        # Graphs with logits_to_keep compute the LM head at the last position only, unless asked for every one.
+        self.keep = kv.keeps_logits([i.name for i in session.get_inputs()])
         # create_session with the arguments this session was made with (``load`` sets it): quiet_threads reopens
         self.reopen: Callable[..., Any] | None = None
         self.threads: int | None = None  # intra-op threads the session was made with (``load`` sets it)
@@ -380,6 +384,8 @@ class OrtBackend:
             kv.POSITION_IDS: pos,
             **dict.fromkeys(self.past_names, empty),
         }
+        if self.keep:
+            feeds[kv.LOGITS_TO_KEEP] = _KEEP_ALL
         return self._run(lambda: self.session.run([kv.LOGITS], feeds))[0]
 
     # -- internals ------------------------------------------------------------------------
@@ -402,10 +408,12 @@ class OrtBackend:
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))
         _batch, seq = ids.shape
         if self.io_binding:
-            logits = self._run_bound(state, ids, mask, pos)
+            logits = self._run_bound(state, ids, mask, pos, every)
         else:
             feeds = {kv.INPUT_IDS: ids, kv.ATTENTION_MASK: mask, kv.POSITION_IDS: pos}
             feeds.update(zip(self.past_names, state.arrays, strict=True))
+            if self.keep:
+                feeds[kv.LOGITS_TO_KEEP] = _KEEP_ALL if every else _KEEP_LAST
             outputs = self._run(lambda: self.session.run(None, feeds))
             logits = outputs[0]
             state.arrays = outputs[1:]
@@ -414,13 +422,19 @@ class OrtBackend:
         state.past += seq
         return np.array(logits, dtype=np.float32), state
 
-    def _run_bound(self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _run_bound(
+        self, state: OrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, every: bool
+    ) -> np.ndarray:
         io, batch, seq = state.binding, ids.shape[0], ids.shape[1]
         total = state.past + seq
         for name, array in ((kv.INPUT_IDS, ids), (kv.ATTENTION_MASK, mask), (kv.POSITION_IDS, pos)):
             io.bind_cpu_input(name, array)
+        rows = seq  # logits positions the graph returns
+        if self.keep:
+            io.bind_cpu_input(kv.LOGITS_TO_KEEP, _KEEP_ALL if every else _KEEP_LAST)
+            rows = seq if every else 1
         if self.kv_shared:
-            return self._run_shared(state, batch, seq, total)
+            return self._run_shared(state, batch, rows, total)
         past_shape = kv.kv_shape(self.spec, batch, state.past)
         present_shape = kv.kv_shape(self.spec, batch, total)
         need = int(np.prod(present_shape))
@@ -431,15 +445,16 @@ class OrtBackend:
             io.bind_input(past_name, *self._where(), self.np_dtype, past_shape, self._ptr(source))
             io.bind_output(present_name, *self._where(), self.np_dtype, present_shape, self._ptr(target))
         vocab = self.spec.vocab_size
-        if state.logits is None or state.logits.size < batch * seq * vocab:
-            state.logits = np.empty(batch * seq * vocab, dtype=np.float32)
-        io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
+        if state.logits is None or state.logits.size < batch * rows * vocab:
+            state.logits = np.empty(batch * rows * vocab, dtype=np.float32)
+        io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, rows, vocab), state.logits.ctypes.data)
         self._run(lambda: self.session.run_with_iobinding(io))
         state.current = write
-        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)
+        return state.logits[: batch * rows * vocab].reshape(batch, rows, vocab)
 
-    def _run_shared(self, state: OrtState, batch: int, seq: int, total: int) -> np.ndarray:
-        """Past and present bound to the same (B, nh, capacity, hs) buffer: the graph appends in place."""
+    def _run_shared(self, state: OrtState, batch: int, rows: int, total: int) -> np.ndarray:
+        """Past and present bound to the same (B, nh, capacity, hs) buffer: the graph appends in place.
+        ``rows``: the logits positions the graph returns."""
         io = state.binding
         if total > state.capacity:  # grow x2 (capped at the context), keeping the filled prefix: O(log n) times
             capacity = min(max(total, 2 * state.capacity, 64), max(total, self.spec.n_positions))
@@ -452,12 +467,12 @@ class OrtBackend:
             state.buffers, state.capacity = [[buffer, None] for buffer in grown], capacity
             state.bound = None
         vocab = self.spec.vocab_size
-        if state.logits is None or state.logits.size < batch * seq * vocab:
-            state.logits = np.empty(batch * seq * vocab, dtype=np.float32)
+        if state.logits is None or state.logits.size < batch * rows * vocab:
+            state.logits = np.empty(batch * rows * vocab, dtype=np.float32)
             state.bound = None
         # The KV buffers and the logits buffer stay put between steps: bind them only when they move or
         # change shape (each bind costs microseconds of host time, and there are 2 per layer).
-        where = (batch, seq, state.capacity, state.logits.ctypes.data)
+        where = (batch, rows, state.capacity, state.logits.ctypes.data)
         if state.bound != where:
             shape = kv.kv_shape(self.spec, batch, state.capacity)
             for (buffer, _), past_name, present_name in zip(
@@ -465,10 +480,10 @@ class OrtBackend:
             ):
                 io.bind_input(past_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
                 io.bind_output(present_name, "cpu", 0, self.np_dtype, shape, buffer.ctypes.data)
-            io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, seq, vocab), state.logits.ctypes.data)
+            io.bind_output(kv.LOGITS, "cpu", 0, np.float32, (batch, rows, vocab), state.logits.ctypes.data)
             state.bound = where
         self._run(lambda: self.session.run_with_iobinding(io))
-        return state.logits[: batch * seq * vocab].reshape(batch, seq, vocab)
+        return state.logits[: batch * rows * vocab].reshape(batch, rows, vocab)
 
     def _ensure(self, state: OrtState, index: int, which: int, elements: int, batch: int | None = None) -> Any:
         """Buffer ``which`` of KV tensor ``index`` with room for ``elements`` (grows x2, capped)."""

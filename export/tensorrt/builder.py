@@ -10,6 +10,9 @@ Version differences handled here:
 - ``set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)`` (8.4+; ``max_workspace_size`` is gone in 10).
 - the 8.x parser casts int64 graph inputs to int32; 10.x keeps int64. The runtime asks the engine
   for each tensor's type, so both work.
+- the graph's ``logits_to_keep`` input becomes the constant 0 (every position) before parsing
+  (``parser.parse(bytes, path)``: the path still locates the external weights), so engines keep the
+  KV contract's inputs and no shape-tensor input joins the optimization profiles.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def _build(
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_file)):
+    if not parser.parse(engine_graph(onnx_file), str(onnx_file)):
         errors = [first_line(str(parser.get_error(i))) for i in range(parser.num_errors)]
         raise BuildError(
             f"TensorRT could not parse {onnx_file.name}: {'; '.join(errors[:3]) or 'unknown parser error'}"
@@ -130,6 +133,25 @@ def _build(
         report.timing_cache = str(timing_cache)
     # A view, not a copy: a CPM-large fp32 engine is ~10 GB of host memory on its own.
     return memoryview(serialized), report
+
+
+def engine_graph(onnx_file: Path) -> bytes:
+    """The serialized graph TensorRT parses: ``onnx_file`` (its external weights left where they are, read
+    by the parser from beside it) with ``logits_to_keep``, where the graph has it, fixed at 0."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    graph = model.graph
+    kept = [value for value in graph.input if value.name != kv.LOGITS_TO_KEEP]
+    if len(kept) < len(graph.input):
+        del graph.input[:]
+        graph.input.extend(kept)
+        graph.initializer.append(numpy_helper.from_array(kv.keep_feed(last=False), kv.LOGITS_TO_KEEP))
+        for output in graph.output:
+            if output.name == kv.LOGITS:  # (batch, seq, vocab) again
+                output.type.tensor_type.shape.dim[1].dim_param = kv.SEQ
+    return model.SerializeToString()
 
 
 def _check_io(network: Any, spec: ModelSpec) -> None:
