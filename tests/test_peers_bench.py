@@ -85,6 +85,28 @@ def test_each_case_times_what_it_says(pb):
     assert pb._case_seconds(ours, "b8", decode) == pytest.approx(0.02) and ours.calls[-1] == ((8, 16), pb.NEW)
 
 
+def test_each_timed_call_of_ours_follows_an_untimed_one_of_the_same_shape(pb):
+    """llama-bench warms up before each test (its default); ours gets a warm-up call of the same case, on another
+    prompt (a repeated one would come from the prefix cache), right before each timed call, in every round."""
+    from cpm_infer.bench.runners import Timing
+
+    class Ours:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def run(self, prompts, new_tokens):
+            self.calls.append((prompts.copy(), new_tokens))
+            return Timing(first_token_s=0.125, step_s=[0.01, 0.03])
+
+    ours = Ours()
+    times = pb.time_speed({"ours-int4": ours}, 2, 100, cases=("b1", "pf128"))
+    assert times == {"ours-int4": {"b1": [0.02, 0.02], "pf128": [0.125, 0.125]}}
+    timed = ours.calls[2:]  # after the start-up warm-up of each case
+    assert len(timed) == 8  # 2 rounds x 2 cases x (warm-up, timed)
+    for (warm, warm_new), (prompt, new) in zip(timed[::2], timed[1::2], strict=True):
+        assert warm.shape == prompt.shape and not np.array_equal(warm, prompt) and warm_new == 2 and new >= 1
+
+
 def test_a_run_without_some_cases_leaves_their_columns_and_targets_out(pb):
     times = {
         "ours-int4": {"b1": [0.04, 0.05], "pf128": [0.9, 1.0]},

@@ -26,7 +26,10 @@ threads each. Cases:
   repeated one would come from our prefix cache); llama.cpp: ``llama-bench -p 128 -n 0`` (pp128).
 
 Rounds are interleaved (every engine and case once per round, after a warm-up), medians over --rounds, speed
-targets as medians of per-round ratios.
+targets as medians of per-round ratios. In every round each of llama.cpp's timed tests follows its own warm-up pass
+(``llama-bench``'s default: a prompt pass of the test's size before pp128, one generated token before tg), with the
+weights back in the caches after the other engines ran; ours gets the same: an untimed call of the same case (another
+random prompt of the same shape) right before each timed one.
 
 Why llama.cpp's numbers moved (against results before this change): llama.cpp used to be timed through
 llama-cpp-python, one ``llama_decode`` per step from a Python loop that copied each row's logits to numpy for an
@@ -251,6 +254,8 @@ def time_speed(engines: dict, rounds: int, vocab: int, cases: Sequence[str] = tu
             if case in PREFILL_CASES:  # a prompt no engine has seen: our prefix cache would serve a repeated one
                 prompts[case] = rng.integers(10, vocab, size=(batch, prompt_len), dtype=np.int64)
             for name, runner in engines.items():
+                if not isinstance(runner, NativeRunner):  # the warm-up pass llama-bench makes before each test
+                    runner.run(rng.integers(10, vocab, size=(batch, prompt_len), dtype=np.int64), 2)
                 times[name][case].append(_case_seconds(runner, case, prompts[case]))
     return times
 
