@@ -214,8 +214,8 @@ def config_for(scheme: str, recipe: str = "default", **overrides: Any) -> QuantC
     if config.algorithm not in ALGORITHMS:
         raise QuantizeError(f"unknown algorithm {config.algorithm!r}; use {' or '.join(ALGORITHMS)}")
     if config.algorithm == "k_quant":
-        if config.scheme != "int4":
-            raise QuantizeError("k-quant applies to int4")
+        if config.block_size is None:
+            raise QuantizeError("k-quant applies to block-wise quantization (MatMulNBits): it needs a block size")
         if config.symmetric:
             raise QuantizeError("k-quant searches a scale and a minimum per block: it needs zero points (asymmetric)")
     if config.int8_matrices and config.scheme != "int4":

@@ -233,6 +233,8 @@ def test_quant_config_precisions_and_refusals():
     assert kq.precision("mlp.c_fc", 0) == Precision(4, 64, True, "k_quant")
     assert kq.precision("mlp.c_proj", 3) == Precision(8, 128, False)
     assert config_for("int4", float32_matrices=["h.1.mlp.c_fc"]).precision("mlp.c_fc", 1) is None
+    kq8 = config_for("int8", algorithm="k_quant", symmetric=False, block_size=64)  # k-quant's search at 8 bits
+    assert kq8.precision("mlp.c_fc", 0) == kq8.precision("lm_head") == Precision(8, 64, True, "k_quant")
     fast = QuantizeOptions("int4", fast=True).config()
     assert fast.recipe == "fast" and fast.precision("embedding") == fast.precision("lm_head") == Precision(
         4, 128, False
@@ -241,7 +243,7 @@ def test_quant_config_precisions_and_refusals():
     for make, says in [
         (lambda: config_for("int4", algorithm="k_quant"), "needs zero points"),
         (lambda: config_for("int4", algorithm="gptq", symmetric=False), "unknown algorithm 'gptq'"),
-        (lambda: config_for("int8", algorithm="k_quant", symmetric=False), "k-quant applies to int4"),
+        (lambda: config_for("int8", algorithm="k_quant", symmetric=False, block_size=None), "needs a block size"),
         (lambda: config_for("int8", int8_matrices=["h.0"]), "8-bit matrices apply to int4"),
         (lambda: config_for("int4", int8_matrices=["h.0.mlp"]), "unknown matrix selector 'h.0.mlp'"),
         (lambda: config_for("int4", int8_block_size=48), "powers of two >= 16, got 48"),
