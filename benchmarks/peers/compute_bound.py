@@ -9,10 +9,18 @@ rows = 1, 8, 64, 256, for each format: float32 ``MatMul`` (MLAS SGEMM), int8 ``M
 of 32, the int8 default), int8 per channel (``quantize_dynamic``: ``MatMulInteger`` / ``DynamicQuantizeMatMul``)
 and int4 ``MatMulNBits`` (accuracy level 4: int8 compute), quantized with the same settings as
 ``export.quantize.CONFIGS``.
+
+    python benchmarks/peers/compute_bound.py --sweep [--json OUT]   # MatMulNBits settings at 1, 4 and 128 rows
+
+``--sweep``: the same matrix through 4- and 8-bit ``MatMulNBits`` in blocks of 32 / 64 / 128, symmetric or with zero
+points, accuracy level 0 (float32 compute) or 4 (int8 activations), at 1 row (decode), 4 rows (a speculative verify
+pass) and 128 rows (a prompt): which setting each kernel is fastest in, for each kind of pass.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -84,9 +92,45 @@ def kernel_throughput(threads: int, k: int = 768, n: int = 3072, min_seconds: fl
     return out
 
 
-def _rows_throughput(session, k: int, n: int, min_seconds: float) -> dict:
+def nbits_sweep(threads: int, k: int = 768, n: int = 3072, min_seconds: float = 0.3) -> list[dict]:
+    """Microseconds per call of one k x n ``MatMulNBits`` for each (bits, block, zero points, accuracy level), at
+    ``SWEEP_ROWS`` rows."""
+    import tempfile
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="cpm-nbits-") as scratch:
+        for scheme in ("int4", "int8"):
+            for block in (32, 64, 128):
+                for symmetric in (True, False):
+                    for level in (0, 4):
+                        name = f"{scheme}-b{block}-{'sym' if symmetric else 'zp'}-a{level}"
+                        path = _quantized(
+                            _matmul_model(k, n),
+                            scheme,
+                            k,
+                            n,
+                            Path(scratch),
+                            name,
+                            block_size=block,
+                            symmetric=symmetric,
+                            accuracy_level=level,
+                            int8_matrices=(),
+                        )
+                        flops = _rows_throughput(_session(str(path), threads), k, n, min_seconds, SWEEP_ROWS)
+                        us = {rows: 2.0 * rows * k * n / (gflops * 1e9) * 1e6 for rows, gflops in flops.items()}
+                        out.append(
+                            {"bits": 4 if scheme == "int4" else 8, "block": block, "zero_points": not symmetric}
+                            | {"accuracy_level": level, "us": us}
+                        )
+    return out
+
+
+SWEEP_ROWS = (1, 4, 128)
+
+
+def _rows_throughput(session, k: int, n: int, min_seconds: float, rows_list: tuple[int, ...] = ROWS) -> dict:
     out: dict = {}
-    for rows in ROWS:
+    for rows in rows_list:
         x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
         session.run(None, {"x": x})
         count, start = 0, time.perf_counter()
@@ -102,3 +146,25 @@ def batch_bound(t1_s: float, batch: int, flops: float, peak_gflops: float) -> fl
     """The most tokens/s at ``batch`` over batch 1 that arithmetic allows, given batch 1's step time."""
     t_batch = max(t1_s, batch * flops / (peak_gflops * 1e9))
     return batch * t1_s / t_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sweep", action="store_true", help="MatMulNBits settings at 1, 4 and 128 rows.")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    result = nbits_sweep(args.threads) if args.sweep else kernel_throughput(args.threads)
+    if args.sweep:
+        for row in result:
+            times = "  ".join(f"{rows} rows {us:8.1f} us" for rows, us in row["us"].items())
+            zp = "zero points" if row["zero_points"] else "symmetric"
+            print(f"{row['bits']}-bit blocks of {row['block']:3d}, {zp:11s}, accuracy {row['accuracy_level']}: {times}")
+    else:
+        print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "result": result}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
