@@ -19,7 +19,8 @@ dynamic axes are both derived from ``dynamic_axes`` below.
 ``logits_to_keep`` exists because generation reads one position's logits after a prefill of hundreds:
 computing the LM head at every position costs a sixth of a CPM-small float32 prefill of 128 tokens, and
 copying them out 15 MB. Scoring and speculative verification pass 0 (every position). ONNX graphs exported
-before it have no such input (every position, always); TensorRT builds fix it at 0 (``KV_INPUTS`` only).
+before it have no such input (every position, always); TensorRT builds fix it at 0, so engines take
+the KV contract's inputs only (``input_names``).
 """
 
 from __future__ import annotations
