@@ -20,6 +20,7 @@ pass) and 128 rows (a prompt): which setting each kernel is fastest in, for each
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROWS = (1, 8, 64, 256)
+SWEEP_ROWS = (1, 4, 128)  # --sweep: decode, a speculative verify pass, a prompt
 
 
 def flops_per_token(n_layer: int, n_embd: int, vocab: int) -> float:
@@ -99,36 +101,27 @@ def nbits_sweep(threads: int, k: int = 768, n: int = 3072, min_seconds: float = 
 
     out = []
     with tempfile.TemporaryDirectory(prefix="cpm-nbits-") as scratch:
-        for scheme in ("int4", "int8"):
-            for block in (32, 64, 128):
-                for symmetric in (True, False):
-                    for level in (0, 4):
-                        name = f"{scheme}-b{block}-{'sym' if symmetric else 'zp'}-a{level}"
-                        path = _quantized(
-                            _matmul_model(k, n),
-                            scheme,
-                            k,
-                            n,
-                            Path(scratch),
-                            name,
-                            block_size=block,
-                            symmetric=symmetric,
-                            accuracy_level=level,
-                            int8_matrices=(),
-                        )
-                        flops = _rows_throughput(_session(str(path), threads), k, n, min_seconds, SWEEP_ROWS)
-                        us = {rows: 2.0 * rows * k * n / (gflops * 1e9) * 1e6 for rows, gflops in flops.items()}
-                        out.append(
-                            {"bits": 4 if scheme == "int4" else 8, "block": block, "zero_points": not symmetric}
-                            | {"accuracy_level": level, "us": us}
-                        )
+        settings_grid = itertools.product(("int4", "int8"), (32, 64, 128), (True, False), (0, 4))
+        for scheme, block, symmetric, level in settings_grid:
+            name = f"{scheme}-b{block}-{'sym' if symmetric else 'zp'}-a{level}"
+            settings = {"block_size": block, "symmetric": symmetric, "accuracy_level": level, "int8_matrices": ()}
+            path = _quantized(_matmul_model(k, n), scheme, k, n, Path(scratch), name, **settings)
+            seconds = _rows_seconds(_session(str(path), threads), k, min_seconds, SWEEP_ROWS)
+            out.append(
+                {"bits": 4 if scheme == "int4" else 8, "block": block, "zero_points": not symmetric}
+                | {"accuracy_level": level, "us": {rows: t * 1e6 for rows, t in seconds.items()}}
+            )
     return out
 
 
-SWEEP_ROWS = (1, 4, 128)
+def _rows_throughput(session, k: int, n: int, min_seconds: float) -> dict:
+    """{rows: GFLOP/s} of ``session``'s k x n matmul at each of ``ROWS``."""
+    seconds = _rows_seconds(session, k, min_seconds, ROWS)
+    return {rows: 2.0 * rows * k * n / t / 1e9 for rows, t in seconds.items()}
 
 
-def _rows_throughput(session, k: int, n: int, min_seconds: float, rows_list: tuple[int, ...] = ROWS) -> dict:
+def _rows_seconds(session, k: int, min_seconds: float, rows_list: tuple[int, ...]) -> dict:
+    """{rows: seconds per call} of ``session`` on ``rows`` x k random inputs (one untimed call first)."""
     out: dict = {}
     for rows in rows_list:
         x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
@@ -137,8 +130,7 @@ def _rows_throughput(session, k: int, n: int, min_seconds: float, rows_list: tup
         while time.perf_counter() - start < min_seconds:
             session.run(None, {"x": x})
             count += 1
-        seconds = (time.perf_counter() - start) / count
-        out[rows] = 2.0 * rows * k * n / seconds / 1e9
+        out[rows] = (time.perf_counter() - start) / count
     return out
 
 
