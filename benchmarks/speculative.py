@@ -171,11 +171,8 @@ def numerics(args: argparse.Namespace) -> dict:
     """Max |logit difference| between one verify pass of k tokens and k one-token decodes after the same past."""
     backend, _ = load_backend("auto", args.target, threads=args.threads)
     rng = np.random.default_rng(args.seed)
-    vocab, ks, pasts = (
-        backend.spec.vocab_size,
-        [int(k) for k in args.k.split(",")],
-        [int(p) for p in args.pasts.split(",")],
-    )
+    vocab = backend.spec.vocab_size
+    ks, pasts = [int(k) for k in args.k.split(",")], [int(p) for p in args.pasts.split(",")]
     rows = []
     for past in pasts:
         diffs = {}
