@@ -9,6 +9,9 @@ token's key/value at its slot. This module rewrites each fused MultiHeadAttentio
     GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
                         attention_bias = 0 for real slots / -1e4 for left padding)
 
+The three projections reach it packed, as the one (B, T, 3C) tensor the qkv ``Split`` cut (query = Q | K | V,
+key and value empty): the Split, a copy of every activation, goes.
+
 ``seqlens_k`` (= total - 1 for every row: left-padded rows share one slot layout) and the total come
 from ``attention_mask``; causal masking is the op's. Without sharing (past of length P bound as a
 separate input) the op returns present = past + new like the KV contract says, so the graph validates
@@ -40,6 +43,11 @@ def share_kv(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     rewritten = 0
     for index, node in enumerate(graph.node):
         if node.op_type != "MultiHeadAttention" or node.domain != "com.microsoft" or len(node.input) < 8:
@@ -48,6 +56,9 @@ def share_kv(model: Any) -> int:
         if attrs.get("unidirectional") != 1:
             continue
         q, k, v, past_k, past_v = node.input[0], node.input[1], node.input[2], node.input[6], node.input[7]
+        packed = _packed_source(model, producers.get(q), (q, k, v), readers)
+        if packed is not None:
+            q, k, v = packed, "", ""
         gqa = helper.make_node(
             "GroupQueryAttention",
             [q, k, v, past_k, past_v, SEQLENS, TOTAL, "", "", "", BIAS],
@@ -65,6 +76,28 @@ def share_kv(model: Any) -> int:
         _prune_unused(model)
     log.info("GroupQueryAttention (shared KV buffer) in %d layers", rewritten)
     return rewritten
+
+
+def _packed_source(model: Any, split: Any, qkv: tuple[str, str, str], readers: dict[str, int]) -> str | None:
+    """The input of ``split`` when it cuts one tensor's last axis into exactly ``qkv``, three equal parts that
+    nothing else reads; None otherwise (the node then keeps its three inputs)."""
+    from onnx import helper, numpy_helper
+
+    if split is None or split.op_type != "Split" or tuple(split.output) != qkv:
+        return None
+    if any(readers.get(name, 0) != 1 for name in qkv):
+        return None
+    axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
+    if axis not in (2, -1):
+        return None
+    if len(split.input) > 1 and split.input[1]:
+        sizes = next((numpy_helper.to_array(t) for t in model.graph.initializer if t.name == split.input[1]), None)
+        if sizes is None:
+            node = next((n for n in model.graph.node if n.op_type == "Constant" and split.input[1] in n.output), None)
+            sizes = None if node is None else numpy_helper.to_array(node.attribute[0].t)
+        if sizes is None or len(set(np.asarray(sizes).reshape(-1).tolist())) != 1:
+            return None
+    return split.input[0]
 
 
 def _add_helpers(model: Any) -> None:

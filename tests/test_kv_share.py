@@ -176,3 +176,37 @@ def test_reserved_buffers_serve_one_running_batch_at_a_time(fused):
     _, taker = DecodeBatch.prefill(shared, prompts[:1], 0)
     taker.merge(shared, DecodeBatch.prefill(shared, prompts[2:], 0)[1])
     assert taker.state.buffers[0][0].ctypes.data == reserved[0]  # free again, though its last holder lives on
+
+
+@pytest.mark.parametrize(
+    ("sizes", "axis", "extra_reader", "packed"),
+    [
+        ([4, 4, 4], 2, False, True),
+        ([4, 4, 4], -1, False, True),
+        (None, 2, False, True),  # no sizes: equal parts
+        ([4, 4, 8], 2, False, False),  # unequal parts are not Q | K | V
+        ([4, 4, 4], 1, False, False),  # another axis
+        ([4, 4, 4], 2, True, False),  # k read elsewhere too: the Split must stay
+    ],
+)
+def test_packed_qkv_only_from_an_equal_last_axis_split_read_once(sizes, axis, extra_reader, packed):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.kv_share import _packed_source
+
+    inputs = ["x"] + (["sizes"] if sizes is not None else [])
+    split = helper.make_node("Split", inputs, ["q", "k", "v"], axis=axis)
+    nodes = [split, helper.make_node("Concat", ["q", "k", "v"], ["y"], axis=2)]
+    if extra_reader:
+        nodes.append(helper.make_node("Identity", ["k"], ["k2"]))
+    init = [numpy_helper.from_array(np.array(sizes, np.int64), "sizes")] if sizes is not None else []
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 12])], [], initializer=init
+    )
+    model = helper.make_model(graph)
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    got = _packed_source(model, model.graph.node[0], ("q", "k", "v"), readers)
+    assert got == ("x" if packed else None)
