@@ -2,9 +2,10 @@
 
 From onnxruntime.transformers.optimizer: tanh GELU + bias -> FastGelu, and for the GPU
 LayerNormalization + residual Add -> SkipLayerNormalization. On the CPU the residual Add and
-LayerNormalization stay two operators: in onnxruntime's profile of CPM-small's int4 128-token prompt pass the
-25 SkipLayerNormalization nodes took 6.4 ms, the Add and LayerNormalization nodes of the new graph 2.0 ms
-(benchmarks/results/peers-llamacpp-native-intel-xeon-2c/profile_prefill128.json). Its GPT-2 attention fusions do not match our graph (they expect ORT's
+LayerNormalization stay two operators: in onnxruntime's profile of CPM-small's int4 128-token prompt
+pass the 25 SkipLayerNormalization nodes took 6.4 ms, the Add and LayerNormalization nodes of the new
+graph 2.0 ms (benchmarks/results/peers-llamacpp-native-intel-xeon-2c/profile_prefill128.json).
+Its GPT-2 attention fusions do not match our graph (they expect ORT's
 own GPT-2 export with a stacked past), so ``export.attention_fusion`` rewrites each layer's attention
 into com.microsoft.MultiHeadAttention instead, for float32 graphs on the CPU provider (the kernel we
 can validate here), and ``export.kv_share`` turns that into GroupQueryAttention, whose KV cache can
