@@ -37,17 +37,15 @@ TOTAL = "kv_share_total_sequence_length"
 BIAS = "kv_share_attention_bias"
 
 
-def share_kv(model: Any) -> int:
-    """Rewrite every fused MultiHeadAttention of ``model`` (an onnx ModelProto) into GroupQueryAttention;
-    returns how many. The graph's IO names and shapes are unchanged."""
+def share_kv(onnx_model: Any) -> int:
+    """Rewrite every fused MultiHeadAttention of ``onnx_model`` (an onnxruntime.transformers OnnxModel, as
+    ``export.attention_fusion`` takes) into GroupQueryAttention; returns how many. The graph's IO names and
+    shapes are unchanged."""
     from onnx import helper
 
+    model = onnx_model.model
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producers, consumers = onnx_model.output_name_to_node(), onnx_model.input_name_to_nodes()
     rewritten = 0
     for index, node in enumerate(graph.node):
         if node.op_type != "MultiHeadAttention" or node.domain != "com.microsoft" or len(node.input) < 8:
@@ -56,7 +54,7 @@ def share_kv(model: Any) -> int:
         if attrs.get("unidirectional") != 1:
             continue
         q, k, v, past_k, past_v = node.input[0], node.input[1], node.input[2], node.input[6], node.input[7]
-        packed = _packed_source(model, producers.get(q), (q, k, v), readers)
+        packed = _packed_source(onnx_model, producers.get(q), (q, k, v), consumers)
         if packed is not None:
             q, k, v = packed, "", ""
         gqa = helper.make_node(
@@ -78,23 +76,21 @@ def share_kv(model: Any) -> int:
     return rewritten
 
 
-def _packed_source(model: Any, split: Any, qkv: tuple[str, str, str], readers: dict[str, int]) -> str | None:
+def _packed_source(onnx_model: Any, split: Any, qkv: tuple[str, str, str], consumers: dict) -> str | None:
     """The input of ``split`` when it cuts one tensor's last axis into exactly ``qkv``, three equal parts that
-    nothing else reads; None otherwise (the node then keeps its three inputs)."""
-    from onnx import helper, numpy_helper
+    nothing else reads (``consumers``: OnnxModel.input_name_to_nodes); None otherwise (the node then keeps its
+    three inputs)."""
+    from onnx import helper
 
     if split is None or split.op_type != "Split" or tuple(split.output) != qkv:
         return None
-    if any(readers.get(name, 0) != 1 for name in qkv):
+    if any(len(consumers.get(name, [])) != 1 for name in qkv):
         return None
     axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
     if axis not in (2, -1):
         return None
     if len(split.input) > 1 and split.input[1]:
-        sizes = next((numpy_helper.to_array(t) for t in model.graph.initializer if t.name == split.input[1]), None)
-        if sizes is None:
-            node = next((n for n in model.graph.node if n.op_type == "Constant" and split.input[1] in n.output), None)
-            sizes = None if node is None else numpy_helper.to_array(node.attribute[0].t)
+        sizes = onnx_model.get_constant_value(split.input[1])  # an initializer or a Constant node
         if sizes is None or len(set(np.asarray(sizes).reshape(-1).tolist())) != 1:
             return None
     return split.input[0]

@@ -75,7 +75,7 @@ def optimize_graph(
             from export.kv_share import share_kv
 
             # MultiHeadAttention -> GroupQueryAttention: the KV cache is appended in place (export.kv_share).
-            fused["GroupQueryAttention"] = share_kv(model.model)
+            fused["GroupQueryAttention"] = share_kv(model)
     if not fused:
         log.warning("no onnxruntime fusion applied to %s", source.name)
     model.topological_sort()

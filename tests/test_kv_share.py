@@ -191,6 +191,7 @@ def test_reserved_buffers_serve_one_running_batch_at_a_time(fused):
 )
 def test_packed_qkv_only_from_an_equal_last_axis_split_read_once(sizes, axis, extra_reader, packed):
     from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     from export.kv_share import _packed_source
 
@@ -203,10 +204,6 @@ def test_packed_qkv_only_from_an_equal_last_axis_split_read_once(sizes, axis, ex
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 12])], [], initializer=init
     )
-    model = helper.make_model(graph)
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    got = _packed_source(model, model.graph.node[0], ("q", "k", "v"), readers)
+    model = OnnxModel(helper.make_model(graph))
+    got = _packed_source(model, model.model.graph.node[0], ("q", "k", "v"), model.input_name_to_nodes())
     assert got == ("x" if packed else None)
