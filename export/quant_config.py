@@ -90,6 +90,7 @@ class QuantConfig:
     int8_matrices: tuple[str, ...] = ()  # int4: block matrices at 8 bits
     float32_matrices: tuple[str, ...] = field(default=())  # block matrices left unquantized
     int8_block_size: int = INT8_BLOCK  # int4: blocks of its 8-bit matrices (LM head "int8", int8_matrices)
+    lm_head_block_size: int | None = None  # int8: the LM head in symmetric round-to-nearest blocks of this size
     recipe: str = "default"  # the name of the scheme's recipe this config started from (RECIPES)
 
     @property
@@ -108,11 +109,11 @@ class QuantConfig:
         if matrix == EMBEDDING:  # GatherBlockQuantized: 4-bit round to nearest
             return None if self.embedding == "float32" else replace(body, algorithm="rtn")
         if matrix == LM_HEAD:
-            return (
-                {"float32": None, "int8": self._int8}.get(self.lm_head, body)
-                if self.scheme == "int4"
-                else (None if self.lm_head == "float32" else body)
-            )
+            if self.lm_head == "float32":
+                return None
+            if self.scheme == "int4":
+                return self._int8 if self.lm_head == "int8" else body
+            return body if self.lm_head_block_size is None else Precision(8, self.lm_head_block_size, False)
         if _selected(self.float32_matrices, matrix, layer):
             return None
         if self.scheme == "int4" and _selected(self.int8_matrices, matrix, layer):
@@ -127,6 +128,8 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["int8_matrices"], data["float32_matrices"] = list(self.int8_matrices), list(self.float32_matrices)
+        if self.lm_head_block_size is None:
+            data.pop("lm_head_block_size")
         if self.scheme == "int4" and self.lm_head == "int8":
             data["lm_head_block_size"] = self.int8_block_size
         if self.scheme != "int4" or not (self.lm_head == "int8" or self.int8_matrices):
@@ -157,11 +160,14 @@ class QuantConfig:
 
 # Decided from measurements (README: quantization table; CPM-small-shape decode on 2 AVX2 cores, batch 1,
 # and held-out perplexity of the demo model on its chapter 60):
-# - int8 in blocks of 32 (MatMulNBits), not per channel: the per-channel scheme's next-token KL from float32
-#   was 4.0x llama.cpp q8_0's on the demo model's held-out chapter (per-tensor activations), blocks of 32 0.85x
-#   (blocks of 64: 1.05x); it costs decode speed (2-core Xeon with VNNI: 5.75 vs 4.82 ms/token on CPM-small,
-#   llama.cpp's q8_0 7.14 natively; benchmarks/results/peers-llamacpp-native-recipes-intel-xeon-2c). Per channel
-#   stays available (--per-channel).
+# - int8 in blocks (MatMulNBits), not per channel: the per-channel scheme's next-token KL from float32 was 4.0x
+#   llama.cpp q8_0's on the demo model's held-out chapter (per-tensor activations), symmetric blocks of 32 0.85x
+#   (benchmarks/results/peers-llamacpp-native-recipes-intel-xeon-2c). Per channel stays available (--per-channel).
+# - int8 body in k-quant blocks of 64 with zero points, the LM head in q8_0's symmetric blocks of 32: blocks of 64
+#   are faster than 32 at every row count (nbits_kernels.json of the peer results), but round to nearest in 64s is
+#   1.05x q8_0's KL and k-quant in 64s with the head too 0.99x; the head in 32s brings it to 0.94x
+#   (benchmarks/results/peers-llamacpp-native-int8-blocks-intel-xeon-2c). Symmetric blocks of 32 throughout (the
+#   former default, 0.85x) are the peer script's ours-int8-b32.
 # - LM head quantized in both: it is the largest matrix (30000x768), and keeping it float32 made a decode
 #   step 19-28% slower for int8 (7.7-8.9 -> 9.9-10.6 ms) and 64-113% slower for int4 (4.7-5.1 -> 8.4-10.1
 #   ms), for at most 0.07% perplexity.
@@ -181,7 +187,16 @@ class QuantConfig:
 #   4.5e-4 only with k-quant blocks of 64 (71.4 MiB, 1.22-1.28x). No 4-bit LM head met the KL: the 8-bit head
 #   is the price of the new default.
 CONFIGS = {
-    "int8": QuantConfig("int8", lm_head="int8", embedding="float32", reduce_range=True, block_size=32),
+    "int8": QuantConfig(
+        "int8",
+        lm_head="int8",
+        embedding="float32",
+        reduce_range=True,
+        block_size=64,
+        symmetric=False,
+        algorithm="k_quant",
+        lm_head_block_size=INT8_BLOCK,
+    ),
     "int4": QuantConfig("int4", lm_head="int8", embedding="float32", int8_matrices=("h.0",), int8_block_size=128),
 }
 # Other recipes of a scheme, one flag away (``--fast``).
@@ -218,11 +233,13 @@ def config_for(scheme: str, recipe: str = "default", **overrides: Any) -> QuantC
             raise QuantizeError("k-quant applies to block-wise quantization (MatMulNBits): it needs a block size")
         if config.symmetric:
             raise QuantizeError("k-quant searches a scale and a minimum per block: it needs zero points (asymmetric)")
+    if config.lm_head_block_size is not None and (config.scheme != "int8" or not config.block_wise):
+        raise QuantizeError("a block size of its own for the LM head applies to int8 in blocks (int4: int8_block_size)")
     if config.int8_matrices and config.scheme != "int4":
         raise QuantizeError("8-bit matrices apply to int4 (the int8 scheme is 8-bit throughout)")
     for selector in (*config.int8_matrices, *config.float32_matrices):
         parse_selector(selector)
-    for size in (config.block_size, config.int8_block_size):
+    for size in (config.block_size, config.int8_block_size, config.lm_head_block_size):
         if size is not None and (size < 16 or size & (size - 1)):
             raise QuantizeError(f"block sizes must be powers of two >= 16, got {size}")
     return config

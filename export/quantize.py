@@ -2,8 +2,9 @@
 
 Schemes (ONNX Runtime, CPU provider), applied to the float32 graph the export validated:
 
-- ``int8``: weight-only 8-bit ``com.microsoft.MatMulNBits``, a scale per ``block_size`` (32) input rows as
-  llama.cpp's q8_0, activations quantized per block inside (``accuracy_level`` 4). ``per_channel``
+- ``int8``: weight-only 8-bit ``com.microsoft.MatMulNBits``, a scale and a zero point per ``block_size`` (64) input
+  rows from ORT's k-quant search, the LM head in symmetric blocks of ``lm_head_block_size`` (32) as llama.cpp's
+  q8_0; activations quantized per block inside (``accuracy_level`` 4). ``per_channel``
   (``--per-channel``): ``onnxruntime.quantization``'s dynamic quantization instead, weights int8 per output
   channel (MatMulInteger / DynamicQuantizeMatMul, activations quantized per tensor per call): faster, further
   from float32.
@@ -75,7 +76,8 @@ class QuantizeOptions:
                 raise QuantizeError(f"--per-channel applies to int8, not {self.scheme}")
             if self.block_size is not None:
                 raise QuantizeError("--per-channel and --block-size exclude each other")
-            overrides["block_size"] = None
+            # quantize_dynamic: no blocks, so none of the block recipe's settings
+            overrides.update(block_size=None, symmetric=True, algorithm="rtn", lm_head_block_size=None)
         if self.fast and self.scheme != "int4":
             raise QuantizeError(f"--fast applies to int4 (int8's faster scheme is --per-channel), not {self.scheme}")
         if self.int8_matrices is not None:
@@ -90,6 +92,8 @@ class QuantizeOptions:
             if self.lm_head not in ("float32", "int8", "quantized"):
                 raise QuantizeError(f"--lm-head must be float32, int8 or quantized, got {self.lm_head!r}")
             overrides["lm_head"] = self.scheme if self.lm_head == "quantized" else self.lm_head
+            if self.scheme == "int8" and self.lm_head != "int8":  # int8's "int8": its default 8-bit head
+                overrides["lm_head_block_size"] = None
         return config_for(self.scheme, "fast" if self.fast else "default", **overrides)
 
 

@@ -45,6 +45,10 @@ def test_quantized_artifact_formats_from_manifest_details():
         SMALL,
     )
     assert (head8.body_bytes, head8.head_bytes) == (pytest.approx(0.5 + 4 / 32), pytest.approx(1 + 4 / 32))
+    from export.quant_config import config_for
+
+    kq8 = artifact_format({"quantization": config_for("int8").to_dict()}, "float32", SMALL)  # the int8 default
+    assert (kq8.body_bytes, kq8.head_bytes) == (pytest.approx(1 + 5 / 64), pytest.approx(1 + 4 / 32))
     kv8 = artifact_format({"kv_dtype": "int8"}, "float32", SMALL)
     assert (kv8.body_bytes, kv8.kv_bytes) == (4, 1)
     assert artifact_format({}, "float16", SMALL) == WeightFormat("float16", 2, 2, 2)

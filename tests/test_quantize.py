@@ -155,10 +155,14 @@ def test_manifest_records_scheme_and_gate(quantized, scheme):
             "lm_head.weight_t": (8, 128, False),
         }
         assert all(b == (4, 128, False) for w, b in bits.items() if w.startswith("blocks.1."))
-    else:  # llama.cpp q8_0's layout: 8-bit blocks of 32 on every matrix, LM head included; embedding float32
-        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["lm_head"]) == (32, True, 4, "int8")
+    else:  # 8-bit k-quant blocks of 64 with zero points; the LM head q8_0's symmetric blocks of 32; embedding float32
+        assert (q["block_size"], q["symmetric"], q["accuracy_level"], q["algorithm"]) == (64, False, 4, "k_quant")
+        assert (q["lm_head"], q["lm_head_block_size"]) == ("int8", 32)
         assert "per_channel" not in q and "int8_block_size" not in q and "MatMulNBits, bits 8" in q["method"]
         assert {e["precision"] for entries in q["matrices"].values() for e in entries} == {"int8", "float32"}
+        bits = _matmul_bits(quantized[scheme])
+        assert bits.pop("lm_head.weight_t") == (8, 32, False)
+        assert set(bits.values()) == {(8, 64, True)}
     gate = q["gate"]
     assert gate["passed"] and not gate["forced"] and gate["tokens"] > 1000
     assert gate["increase"] == pytest.approx(gate["quantized_perplexity"] / gate["fp32_perplexity"] - 1)
@@ -233,8 +237,14 @@ def test_quant_config_precisions_and_refusals():
     assert kq.precision("mlp.c_fc", 0) == Precision(4, 64, True, "k_quant")
     assert kq.precision("mlp.c_proj", 3) == Precision(8, 128, False)
     assert config_for("int4", float32_matrices=["h.1.mlp.c_fc"]).precision("mlp.c_fc", 1) is None
-    kq8 = config_for("int8", algorithm="k_quant", symmetric=False, block_size=64)  # k-quant's search at 8 bits
-    assert kq8.precision("mlp.c_fc", 0) == kq8.precision("lm_head") == Precision(8, 64, True, "k_quant")
+    int8 = config_for("int8")  # k-quant's search at 8 bits; the LM head symmetric round to nearest as q8_0
+    assert int8.precision("mlp.c_fc", 0) == Precision(8, 64, True, "k_quant")
+    assert int8.precision("lm_head") == Precision(8, 32, False)
+    like_body = QuantizeOptions("int8", lm_head="quantized").config()
+    assert like_body.precision("lm_head") == Precision(8, 64, True, "k_quant")
+    assert QuantizeOptions("int8", lm_head="int8").config() == int8
+    per_channel = QuantizeOptions("int8", per_channel=True).config()
+    assert per_channel.precision("mlp.c_fc", 0) == per_channel.precision("lm_head") == Precision(8, None, False)
     fast = QuantizeOptions("int4", fast=True).config()
     assert fast.recipe == "fast" and fast.precision("embedding") == fast.precision("lm_head") == Precision(
         4, 128, False
@@ -247,6 +257,8 @@ def test_quant_config_precisions_and_refusals():
         (lambda: config_for("int8", int8_matrices=["h.0"]), "8-bit matrices apply to int4"),
         (lambda: config_for("int4", int8_matrices=["h.0.mlp"]), "unknown matrix selector 'h.0.mlp'"),
         (lambda: config_for("int4", int8_block_size=48), "powers of two >= 16, got 48"),
+        (lambda: config_for("int8", lm_head_block_size=24), "powers of two >= 16, got 24"),
+        (lambda: config_for("int4", lm_head_block_size=32), "LM head applies to int8 in blocks"),
         (lambda: config_for("int4", "turbo"), "no recipe 'turbo'"),
         (lambda: QuantizeOptions("int8", fast=True).config(), "--fast applies to int4"),
         (lambda: QuantizeOptions("int8", int8_matrices=("h.0",)).config(), "--int8-matrices applies to int4"),

@@ -79,15 +79,18 @@ from cpm_infer.bench.runners import LoopRunner
 ROOT = Path(__file__).resolve().parents[2]
 
 # Variants measured next to the defaults (export.quantize.CONFIGS), name -> (scheme, overrides): int8 per
-# channel (faster, further from float32) and in blocks of 64 or 128; int4 with smaller blocks and an 8-bit or float32
-# LM head, which trade bytes read per token for quality.
+# channel (faster, further from float32), the former int8 default (symmetric round-to-nearest blocks of 32, the head
+# as the body) and other blocks; int4 with smaller blocks and an 8-bit or float32 LM head, which trade bytes read per
+# token for quality.
+_INT8_RTN = {"symmetric": True, "algorithm": "rtn", "lm_head_block_size": None}
 VARIANTS = {
     "ours-int4-fast": ("int4", {"recipe": "fast"}),  # --quantize int4 --fast: the 4-bit head and embedding
-    "ours-int8-per-channel": ("int8", {"block_size": None}),
-    "ours-int8-b64": ("int8", {"block_size": 64}),
-    "ours-int8-b128": ("int8", {"block_size": 128}),
-    "ours-int8-b64-kq": ("int8", {"block_size": 64, "algorithm": "k_quant", "symmetric": False}),
-    "ours-int8-b128-kq": ("int8", {"block_size": 128, "algorithm": "k_quant", "symmetric": False}),
+    "ours-int8-per-channel": ("int8", {**_INT8_RTN, "block_size": None}),
+    "ours-int8-b32": ("int8", {**_INT8_RTN, "block_size": 32}),  # the int8 default before k-quant blocks of 64
+    "ours-int8-b64": ("int8", {**_INT8_RTN, "block_size": 64}),
+    "ours-int8-b128": ("int8", {**_INT8_RTN, "block_size": 128}),
+    "ours-int8-b64-kq": ("int8", {"block_size": 64, "lm_head_block_size": None}),  # the head k-quant too
+    "ours-int8-b128-kq": ("int8", {"block_size": 128, "lm_head_block_size": None}),
     "ours-int4-b32": ("int4", {"block_size": 32}),
     "ours-int4-b32-int8head": ("int4", {"block_size": 32, "lm_head": "int8"}),
     "ours-int4-b32-f32head": ("int4", {"block_size": 32, "lm_head": "float32"}),

@@ -48,8 +48,8 @@ def quantized_bytes(quantization: dict[str, Any], part: str, n_in: int) -> float
     scheme = quantization.get("scheme")
     if quantization.get(part, scheme) == "float32":
         return 4.0
-    if part == "lm_head" and quantization.get(part, scheme) != scheme:  # int4 with an 8-bit LM head in blocks
-        return 1.0 + 4.0 / int(quantization.get("lm_head_block_size", 32))
+    if part == "lm_head" and (quantization.get(part, scheme) != scheme or "lm_head_block_size" in quantization):
+        return 1.0 + 4.0 / int(quantization.get("lm_head_block_size", 32))  # an 8-bit head in symmetric blocks
     bits = {"int8": 8, "int4": 4}.get(str(scheme))
     if bits is None:
         return 4.0

@@ -31,8 +31,9 @@ QuantizeOpt = Annotated[
     str | None,
     typer.Option(
         "--quantize",
-        help="int8 (8-bit blocks, as llama.cpp's q8_0) or int4 (4-bit blocks; the LM head and the first block 8-bit, "
-        "the embedding float32) weight-only MatMulNBits for the CPU; MODEL_DIR may be a float32 artifact.",
+        help="int8 (8-bit k-quant blocks of 64, the LM head in q8_0's symmetric blocks of 32) or int4 (4-bit blocks; "
+        "the LM head and the first block 8-bit, the embedding float32) weight-only MatMulNBits for the CPU; MODEL_DIR "
+        "may be a float32 artifact.",
     ),
 ]
 GateFileOpt = Annotated[
@@ -54,8 +55,8 @@ BlockSizeOpt = Annotated[
     int | None,
     typer.Option(
         "--block-size",
-        help="Weights per scale, a power of two >= 16 (int8 default 32, as llama.cpp's q8_0; int4's 4-bit blocks "
-        "default 128, 32 is closer to float32 and larger).",
+        help="Weights per scale, a power of two >= 16 (int8's body default 64; int4's 4-bit blocks default 128, 32 is "
+        "closer to float32 and larger).",
     ),
 ]
 PerChannelOpt = Annotated[
@@ -70,9 +71,9 @@ LmHeadOpt = Annotated[
     str | None,
     typer.Option(
         "--lm-head",
-        help="float32 keeps the LM head unquantized (closer to float32, more bytes per token); int8 (int4's "
-        "default) gives it 8-bit blocks; quantized quantizes it like the rest (int8's default; with int4: 4-bit, "
-        "faster, further from float32).",
+        help="float32 keeps the LM head unquantized (closer to float32, more bytes per token); int8 (the default) "
+        "gives it symmetric 8-bit blocks (int8: of 32, int4: of 128); quantized quantizes it like the rest (with "
+        "int4: 4-bit, faster, further from float32).",
     ),
 ]
 FastOpt = Annotated[
