@@ -63,6 +63,10 @@ GRAPH = "model.onnx"
 OPTIMIZED_GRAPH = "model_optimized.onnx"
 TOKENIZER = "spiece.model"
 REPORT = "validation.json"
+# The exported graph's revision, in each manifest's details: bumped whenever the same weights and options export to a
+# different graph (fusions, operators, quantized layout), so tools that reuse artifacts (the benchmarks) can tell an
+# artifact of older code. 2: the CPU graph without SkipLayerNormalization, attention reading packed Q|K|V.
+GRAPH_FORMAT = 2
 DEFAULT_OPSET = 17
 
 
@@ -211,6 +215,7 @@ def _details(
     """The manifest's ``details`` of an ONNX artifact."""
     return {
         "opset": opset,
+        "graph_format": GRAPH_FORMAT,
         "exporter": "torch.onnx TorchScript (dynamo=False), module export.gpt2.ExportGPT2",
         "source": str(ckpt.directory.resolve()),
         "special_ids": {

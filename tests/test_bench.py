@@ -244,3 +244,25 @@ def test_gpu_peak_is_reset_per_row_and_shown_only_where_measured(tmp_path):
     assert "| 123 |" in md and md.count("| - |") >= 1
     cpu_only = report.markdown(report.with_ratios([other]), report.environment(), "cpm bench")
     assert "GPU MB" not in cpu_only
+
+
+def test_ensure_artifact_reexports_an_older_graph_format(tmp_path, tiny_checkpoint):
+    """A benchmark's work dir reuses an export of the same weights only when this code wrote its graph."""
+    from cpm_infer.artifact import read_manifest, write_manifest
+    from cpm_infer.bench.setup import ensure_artifact
+    from export.onnx_export import GRAPH_FORMAT
+
+    said: list[str] = []
+
+    def exports() -> int:
+        return sum(line.startswith(f"exporting {tmp_path}") for line in said)
+
+    art = ensure_artifact(tiny_checkpoint, tmp_path / "art", say=said.append)
+    assert exports() == 1 and read_manifest(art).details["graph_format"] == GRAPH_FORMAT
+    ensure_artifact(tiny_checkpoint, art, say=said.append)
+    assert exports() == 1  # reused
+    manifest = read_manifest(art)
+    manifest.details["graph_format"] = GRAPH_FORMAT - 1
+    write_manifest(art, manifest)
+    ensure_artifact(tiny_checkpoint, art, say=said.append)
+    assert exports() == 2 and read_manifest(art).details["graph_format"] == GRAPH_FORMAT

@@ -172,11 +172,16 @@ def quantized_artifact(fp32: Path, out: Path, scheme: str, overrides: dict | Non
 
 
 def is_current(artifact: Path, config) -> bool:
-    """``artifact`` exists and was quantized with ``config`` (a work dir may hold an older default's)."""
+    """``artifact`` exists and was quantized with ``config`` from a graph of this code's exporter (a work dir may hold
+    an older default's, or an older graph's)."""
+    from cpm_infer.artifact import read_manifest
+    from export.onnx_export import GRAPH_FORMAT
     from export.quantize import quantization_details
 
     written = quantization_details(artifact)
-    return written is not None and all(written.get(key) == value for key, value in config.to_dict().items())
+    if written is None or read_manifest(artifact).details.get("graph_format") != GRAPH_FORMAT:
+        return False
+    return all(written.get(key) == value for key, value in config.to_dict().items())
 
 
 # -- speed -----------------------------------------------------------------------------------------
@@ -303,14 +308,15 @@ def summarize_speed(times: dict) -> dict:
 def quality_files(work: Path, threads: int, tools: Tools) -> tuple[dict, dict]:
     """The demo model's ONNX artifacts (fp32, int8, int4 and the int4 variants) and GGUF files from llama.cpp's
     converter and quantizer (reused)."""
+    from cpm_infer.artifact import read_manifest
     from cpm_infer.demo import demo_model_dir
-    from export.onnx_export import export_onnx
+    from export.onnx_export import GRAPH_FORMAT, export_onnx
     from export.quantize import QuantizeOptions
 
     demo = demo_model_dir()
     art = work / "demo-fp32"
-    if not (art / "manifest.json").is_file():
-        export_onnx(demo, art, optimize=True, threads=threads, progress=say)
+    if not (art / "manifest.json").is_file() or read_manifest(art).details.get("graph_format") != GRAPH_FORMAT:
+        export_onnx(demo, art, optimize=True, force=True, threads=threads, progress=say)
     ours = {"ours-fp32": art}
     for scheme in ("int8", "int4"):
         path = work / f"demo-{scheme}"
@@ -644,7 +650,10 @@ def main() -> None:
         )
     if args.binding_from_build:
         use_binding_from_build(tools)
+    from cpm_infer.artifact import read_manifest
     from cpm_infer.bench import report as bench_report
+    from cpm_infer.errors import CpmError
+    from export.onnx_export import GRAPH_FORMAT
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.prepare_only:
@@ -662,6 +671,12 @@ def main() -> None:
         if not path or not Path(path).is_dir():
             raise SystemExit(f"error: --artifact {item}: expected NAME=DIR with an existing artifact directory")
         artifacts[engine] = Path(path)
+        try:
+            written = read_manifest(path).details.get("graph_format")
+        except CpmError as exc:
+            raise SystemExit(f"error: --artifact {item}: {exc}") from None
+        if written != GRAPH_FORMAT:
+            say(f"warning: {path} was exported by older code than this checkout's (graph format {GRAPH_FORMAT})")
     cases = ["b1", *[c for c in args.cases.split(",") if c != "b1"]]
     if any(c not in CASES for c in cases):
         raise SystemExit(f"error: --cases takes {', '.join(CASES)}")

@@ -131,11 +131,15 @@ def parity_model(
 
 
 def ensure_artifact(checkpoint: Path, artifact: Path, *, say: Callable[[str], None]) -> Path:
-    """``artifact``: the checkpoint's validated ``--optimize`` export, made unless one of these weights is there."""
-    from export.onnx_export import export_onnx
+    """``artifact``: the checkpoint's validated ``--optimize`` export, made unless one of these weights by this code's
+    exporter (``GRAPH_FORMAT``) is there."""
+    from export.onnx_export import GRAPH_FORMAT, export_onnx
 
-    fresh = (artifact / "manifest.json").is_file() and (
-        read_manifest(artifact).source_sha256 == open_checkpoint(checkpoint).weights_sha256()
+    manifest = read_manifest(artifact) if (artifact / "manifest.json").is_file() else None
+    fresh = (
+        manifest is not None
+        and manifest.source_sha256 == open_checkpoint(checkpoint).weights_sha256()
+        and manifest.details.get("graph_format") == GRAPH_FORMAT
     )
     if not fresh:
         say(f"exporting {artifact} (--optimize; validated against eager)")
