@@ -167,9 +167,14 @@ def test_one_onnx_runtime_session_at_a_time(checkpoint, gate_text, tmp_path, mon
     assert len(live) == 4 and most[0] == 1  # 2 validations + 2 gate runs, one after the other
 
 
-# int4's uniform recipe (--fast): ORT's whole-model quantizer takes one bit width, the default mixes 4 and 8 bits.
+# Uniform recipes: ORT's whole-model round-to-nearest quantizer takes one setting for every matrix, the defaults mix
+# (int4: 4 and 8 bits; int8: k-quant blocks and a round-to-nearest head; k-quant's equality: tests/test_quantize.py).
+_RTN8 = {"symmetric": True, "algorithm": "rtn", "lm_head_block_size": None}
+
+
 @pytest.mark.parametrize(
-    ("scheme", "overrides"), [("int8", {}), ("int8", {"block_size": None}), ("int4", {"recipe": "fast"})]
+    ("scheme", "overrides"),
+    [("int8", {**_RTN8, "block_size": 32}), ("int8", {**_RTN8, "block_size": None}), ("int4", {"recipe": "fast"})],
 )
 def test_streamed_quantization_equals_onnx_runtime_whole_model(checkpoint, tmp_path, scheme, overrides, monkeypatch):
     """Node-by-node quantization from memory-mapped weights gives ORT's whole-model result exactly."""
