@@ -165,9 +165,10 @@ class QuantConfig:
 #   (benchmarks/results/peers-llamacpp-native-recipes-intel-xeon-2c). Per channel stays available (--per-channel).
 # - int8 body in k-quant blocks of 64 with zero points, the LM head in q8_0's symmetric blocks of 32: blocks of 64
 #   are faster than 32 at every row count (nbits_kernels.json of the peer results), but round to nearest in 64s is
-#   1.05x q8_0's KL and k-quant in 64s with the head too 0.99x; the head in 32s brings it to 0.94x
-#   (benchmarks/results/peers-llamacpp-native-int8-blocks-intel-xeon-2c). Symmetric blocks of 32 throughout (the
-#   former default, 0.85x) are the peer script's ours-int8-b32.
+#   1.05x q8_0's KL and k-quant in 64s with the head too 0.99x (benchmarks/results/peers-llamacpp-native-int8-blocks-
+#   intel-xeon-2c); the head in 32s brings it to 0.94x, decoding CPM-small in 0.93x the time of symmetric blocks of
+#   32 throughout (the former default, 0.85x q8_0's KL, the peer script's ours-int8-b32; same run:
+#   benchmarks/results/peers-llamacpp-native-intel-xeon-2c).
 # - LM head quantized in both: it is the largest matrix (30000x768), and keeping it float32 made a decode
 #   step 19-28% slower for int8 (7.7-8.9 -> 9.9-10.6 ms) and 64-113% slower for int4 (4.7-5.1 -> 8.4-10.1
 #   ms), for at most 0.07% perplexity.

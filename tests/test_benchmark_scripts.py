@@ -148,3 +148,17 @@ def test_engine_steps(tmp_path, checkpoint):
     assert got["kv_reserved_mib"] > 0 and 0 < got["step_ms"]["p50"] <= got["step_ms"]["max"]
     phases = {name for step in got["slowest"] for name in step["phases_ms"]}
     assert {"_decode_running", "_feed", "batch.merge"} <= phases
+
+
+def test_first_token_profile(tmp_path, checkpoint):
+    """The graph run and the prefix cache's copy are found in the profile, and the rest is what is left."""
+    from cpm_infer.bench.setup import ensure_artifact
+
+    art = ensure_artifact(checkpoint, tmp_path / "art", say=lambda _: None)
+    out = tmp_path / "profile.json"
+    script = str(ROOT / "benchmarks" / "peers" / "first_token_profile.py")
+    proc = _script(script, str(art), "--prompt", "40", "--runs", "2", "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["graph_ms"] > 0 and row["prefix_cache_store_ms"] > 0  # 40 tokens: long enough to be kept
+    assert row["other_ms"] >= 0 and row["profiled_call_ms"] >= row["graph_ms"] + row["prefix_cache_store_ms"]
