@@ -676,7 +676,7 @@ def main() -> None:
         except CpmError as exc:
             raise SystemExit(f"error: --artifact {item}: {exc}") from None
         if written != GRAPH_FORMAT:
-            say(f"warning: {path} was exported by older code than this checkout's (graph format {GRAPH_FORMAT})")
+            say(f"warning: {path} records graph format {written}, this checkout exports {GRAPH_FORMAT}: an older graph")
     cases = ["b1", *[c for c in args.cases.split(",") if c != "b1"]]
     if any(c not in CASES for c in cases):
         raise SystemExit(f"error: --cases takes {', '.join(CASES)}")
