@@ -674,7 +674,7 @@ def main() -> None:
         try:
             written = read_manifest(path).details.get("graph_format")
         except CpmError as exc:
-            raise SystemExit(f"error: --artifact {item}: {exc}") from None
+            raise SystemExit(f"error: --artifact {item}: {exc}") from exc
         if written != GRAPH_FORMAT:
             say(f"warning: {path} records graph format {written}, this checkout exports {GRAPH_FORMAT}: an older graph")
     cases = ["b1", *[c for c in args.cases.split(",") if c != "b1"]]
