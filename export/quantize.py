@@ -152,7 +152,7 @@ def apply_quantization(
     fp32_graph = (source_dir or directory) / source
     target = f"model_{options.scheme}.onnx"
     say(f"quantizing {source} to {options.scheme}")
-    info = quantize_graph(fp32_graph, directory / target, spec, config)
+    info = quantize_graph(fp32_graph, directory / target, spec, config, say=say)
     gate = run_gate(
         fp32_graph,
         directory / target,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,11 @@ LM_HEAD_WEIGHT = "lm_head.weight_t"  # the untied, transposed (n_embd, vocab) co
 QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "GatherBlockQuantized")
 
 
-def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
-    """Write the quantized ``source`` graph to ``target`` (+ ``target.data``); returns what was quantized."""
+def quantize_graph(
+    source: Path, target: Path, spec: ModelSpec, config: QuantConfig, *, say: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Write the quantized ``source`` graph to ``target`` (+ ``target.data``); returns what was quantized. ``say``
+    hears how many matrices are done at each tenth of them (k-quant's search takes minutes on CPM-large)."""
     require("onnx", "export")
     require("onnxruntime", "export")
     base = source.parent
@@ -84,7 +87,7 @@ def quantize_graph(source: Path, target: Path, spec: ModelSpec, config: QuantCon
                 quantize = _PerNode(plan, config.accuracy_level)
             else:
                 quantize = _Int8(model, config)
-            written = _rewrite(model, set(targets), initializers, base, writer, quantize)
+            written = _rewrite(model, set(targets), initializers, base, writer, quantize, say=say)
             _drop_unused_initializers(model)
             # What stays float (norms, biases, position embedding...) moves into the target's data file too.
             kept = [t if t.name in written else writer.add_proto(t, base) for t in model.graph.initializer]
@@ -131,7 +134,9 @@ def _summary(roles: dict, plan: dict, *, lm_head_float32: bool) -> dict[str, lis
     return out
 
 
-def _rewrite(model, targets: set[str], initializers: dict, base: Path, writer, quantize) -> set[str]:
+def _rewrite(
+    model, targets: set[str], initializers: dict, base: Path, writer, quantize, *, say: Callable[[str], None] | None
+) -> set[str]:
     """Replace each target node by its quantized nodes, in place (nodes sharing an activation are
     quantized together, so that they share its DynamicQuantizeLinear as the whole-model quantizer does);
     returns the names of the initializers written to ``writer``."""
@@ -141,7 +146,7 @@ def _rewrite(model, targets: set[str], initializers: dict, base: Path, writer, q
             groups.setdefault(quantize.group_key(node), []).append(node)
     done: set[str] = set()
     written: set[str] = set()
-    new_nodes = []
+    new_nodes, count = [], 0
     for node in model.graph.node:
         if node.name not in targets:
             new_nodes.append(node)
@@ -159,6 +164,9 @@ def _rewrite(model, targets: set[str], initializers: dict, base: Path, writer, q
         written.update(t.name for t in tensors)
         del nodes, tensors, arrays
         release_memory()  # the scratch model's pages go back to the OS before the next group
+        count, total = count + len(group), len(targets)
+        if say is not None and count * 10 // total > (count - len(group)) * 10 // total:
+            say(f"quantized {count} of {total} matrices")
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     return written

@@ -563,3 +563,20 @@ def test_cli_int4_recipe_flags(fp32_artifact, gate_text, tmp_path, monkeypatch, 
         code, err = export("refused", *extra)
         assert code == 1 and says in err and "Traceback" not in err, err
         assert not (tmp_path / "refused").exists()
+
+
+def test_quantize_graph_says_its_progress_by_tenths(fp32_artifact, tmp_path):
+    """A long quantization (k-quant on CPM-large: minutes) reports matrices done, at most once per tenth of them."""
+    from cpm_infer.artifact import read_manifest
+    from export.quant_config import config_for
+    from export.quantize_graph import quantize_graph
+
+    said: list[str] = []
+    spec = read_manifest(fp32_artifact).spec
+    info = quantize_graph(
+        fp32_artifact / "model_optimized.onnx", tmp_path / "q.onnx", spec, config_for("int8"), say=said.append
+    )
+    total = info["quantized_nodes"]
+    done = [int(line.split()[1]) for line in said]
+    assert said[-1] == f"quantized {total} of {total} matrices" and all(f"of {total} matrices" in s for s in said)
+    assert done == sorted(set(done)) and len(done) <= 10
