@@ -70,6 +70,11 @@ GRAPH_FORMAT = 2
 DEFAULT_OPSET = 17
 
 
+def current_graph(details: dict) -> bool:
+    """Whether a manifest's ``details`` were written by this code's exporter (``GRAPH_FORMAT``)."""
+    return details.get("graph_format") == GRAPH_FORMAT
+
+
 def export_onnx(
     model_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],

@@ -146,7 +146,7 @@ def _rewrite(
             groups.setdefault(quantize.group_key(node), []).append(node)
     done: set[str] = set()
     written: set[str] = set()
-    new_nodes, count = [], 0
+    new_nodes, count, total = [], 0, len(targets)
     for node in model.graph.node:
         if node.name not in targets:
             new_nodes.append(node)
@@ -164,7 +164,7 @@ def _rewrite(
         written.update(t.name for t in tensors)
         del nodes, tensors, arrays
         release_memory()  # the scratch model's pages go back to the OS before the next group
-        count, total = count + len(group), len(targets)
+        count += len(group)
         if say is not None and count * 10 // total > (count - len(group)) * 10 // total:
             say(f"quantized {count} of {total} matrices")
     del model.graph.node[:]

@@ -175,13 +175,17 @@ def is_current(artifact: Path, config) -> bool:
     """``artifact`` exists and was quantized with ``config`` from a graph of this code's exporter (a work dir may hold
     an older default's, or an older graph's)."""
     from cpm_infer.artifact import read_manifest
-    from export.onnx_export import GRAPH_FORMAT
-    from export.quantize import quantization_details
+    from export.onnx_export import current_graph
 
-    written = quantization_details(artifact)
-    if written is None or read_manifest(artifact).details.get("graph_format") != GRAPH_FORMAT:
+    if not (artifact / "manifest.json").is_file():
         return False
-    return all(written.get(key) == value for key, value in config.to_dict().items())
+    details = read_manifest(artifact).details
+    written = details.get("quantization")
+    return (
+        isinstance(written, dict)
+        and current_graph(details)
+        and all(written.get(key) == value for key, value in config.to_dict().items())
+    )
 
 
 # -- speed -----------------------------------------------------------------------------------------
@@ -308,15 +312,13 @@ def summarize_speed(times: dict) -> dict:
 def quality_files(work: Path, threads: int, tools: Tools) -> tuple[dict, dict]:
     """The demo model's ONNX artifacts (fp32, int8, int4 and the int4 variants) and GGUF files from llama.cpp's
     converter and quantizer (reused)."""
-    from cpm_infer.artifact import read_manifest
+    from cpm_infer.bench.setup import ensure_artifact
     from cpm_infer.demo import demo_model_dir
-    from export.onnx_export import GRAPH_FORMAT, export_onnx
+    from export.onnx_export import export_onnx
     from export.quantize import QuantizeOptions
 
     demo = demo_model_dir()
-    art = work / "demo-fp32"
-    if not (art / "manifest.json").is_file() or read_manifest(art).details.get("graph_format") != GRAPH_FORMAT:
-        export_onnx(demo, art, optimize=True, force=True, threads=threads, progress=say)
+    art = ensure_artifact(demo, work / "demo-fp32", say=say)
     ours = {"ours-fp32": art}
     for scheme in ("int8", "int4"):
         path = work / f"demo-{scheme}"
@@ -653,7 +655,7 @@ def main() -> None:
     from cpm_infer.artifact import read_manifest
     from cpm_infer.bench import report as bench_report
     from cpm_infer.errors import CpmError
-    from export.onnx_export import GRAPH_FORMAT
+    from export.onnx_export import GRAPH_FORMAT, current_graph
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.prepare_only:
@@ -672,10 +674,11 @@ def main() -> None:
             raise SystemExit(f"error: --artifact {item}: expected NAME=DIR with an existing artifact directory")
         artifacts[engine] = Path(path)
         try:
-            written = read_manifest(path).details.get("graph_format")
+            details = read_manifest(path).details
         except CpmError as exc:
             raise SystemExit(f"error: --artifact {item}: {exc}") from exc
-        if written != GRAPH_FORMAT:
+        if not current_graph(details):
+            written = details.get("graph_format")
             say(f"warning: {path} records graph format {written}, this checkout exports {GRAPH_FORMAT}: an older graph")
     cases = ["b1", *[c for c in args.cases.split(",") if c != "b1"]]
     if any(c not in CASES for c in cases):

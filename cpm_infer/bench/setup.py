@@ -133,13 +133,13 @@ def parity_model(
 def ensure_artifact(checkpoint: Path, artifact: Path, *, say: Callable[[str], None]) -> Path:
     """``artifact``: the checkpoint's validated ``--optimize`` export, made unless one of these weights by this code's
     exporter (``GRAPH_FORMAT``) is there."""
-    from export.onnx_export import GRAPH_FORMAT, export_onnx
+    from export.onnx_export import current_graph, export_onnx
 
     manifest = read_manifest(artifact) if (artifact / "manifest.json").is_file() else None
     fresh = (
         manifest is not None
         and manifest.source_sha256 == open_checkpoint(checkpoint).weights_sha256()
-        and manifest.details.get("graph_format") == GRAPH_FORMAT
+        and current_graph(manifest.details)
     )
     if not fresh:
         say(f"exporting {artifact} (--optimize; validated against eager)")
